@@ -1,0 +1,3 @@
+"""pagemesh: an LLM server built around PagedAttention."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs for pagemesh's services (see generate.py)."""

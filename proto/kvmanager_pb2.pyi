@@ -1,0 +1,281 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterExecutorRequest(_message.Message):
+    __slots__ = ("executor_id", "num_blocks", "block_size", "model_fingerprint")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    num_blocks: int
+    block_size: int
+    model_fingerprint: str
+    def __init__(self, executor_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class RegisterExecutorResponse(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class AllocateRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "seq_id", "token_ids", "cache_salt", "num_lookahead_tokens")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    seq_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    cache_salt: str
+    num_lookahead_tokens: int
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ...) -> None: ...
+
+class AllocateResponse(_message.Message):
+    __slots__ = ("block_ids", "num_cached_tokens")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_cached_tokens: int
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtendEntry(_message.Message):
+    __slots__ = ("seq_id", "num_computed_tokens", "num_tokens")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    num_computed_tokens: int
+    num_tokens: int
+    def __init__(self, seq_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "entries")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    entries: _containers.RepeatedCompositeFieldContainer[ExtendEntry]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ExtendEntry, _Mapping]]] = ...) -> None: ...
+
+class BlockCopy(_message.Message):
+    __slots__ = ("src", "dst")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    src: int
+    dst: int
+    def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
+
+class SeqBlocks(_message.Message):
+    __slots__ = ("seq_id", "first_index", "block_ids")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    first_index: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., first_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("updates", "copies")
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
+    copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
+    def __init__(self, updates: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
+
+class CommitEntry(_message.Message):
+    __slots__ = ("seq_id", "block_index", "token_ids")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    block_index: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., block_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "entries")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    entries: _containers.RepeatedCompositeFieldContainer[CommitEntry]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[CommitEntry, _Mapping]]] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("num_published",)
+    NUM_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    num_published: int
+    def __init__(self, num_published: _Optional[int] = ...) -> None: ...
+
+class ForkRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "parent_seq_id", "child_seq_ids", "num_tokens")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    parent_seq_id: str
+    child_seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    num_tokens: int
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., parent_seq_id: _Optional[str] = ..., child_seq_ids: _Optional[_Iterable[str]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class ForkResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
+    def __init__(self, tables: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "seq_ids")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("num_released",)
+    NUM_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    num_released: int
+    def __init__(self, num_released: _Optional[int] = ...) -> None: ...
+
+class MatchRequest(_message.Message):
+    __slots__ = ("token_ids", "cache_salt", "executor_id")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    cache_salt: str
+    executor_id: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., executor_id: _Optional[str] = ...) -> None: ...
+
+class ExecutorMatch(_message.Message):
+    __slots__ = ("executor_id", "num_cached_tokens")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    num_cached_tokens: int
+    def __init__(self, executor_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class MatchResponse(_message.Message):
+    __slots__ = ("matches",)
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[ExecutorMatch]
+    def __init__(self, matches: _Optional[_Iterable[_Union[ExecutorMatch, _Mapping]]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("executor_id",)
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    def __init__(self, executor_id: _Optional[str] = ...) -> None: ...
+
+class HitStats(_message.Message):
+    __slots__ = ("query_tokens", "hit_tokens", "query_requests", "hit_requests", "token_hit_rate", "request_hit_rate")
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HIT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    query_tokens: int
+    hit_tokens: int
+    query_requests: int
+    hit_requests: int
+    token_hit_rate: float
+    request_hit_rate: float
+    def __init__(self, query_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., query_requests: _Optional[int] = ..., hit_requests: _Optional[int] = ..., token_hit_rate: _Optional[float] = ..., request_hit_rate: _Optional[float] = ...) -> None: ...
+
+class Residency(_message.Message):
+    __slots__ = ("count", "mean_seconds", "p50_seconds", "p99_seconds")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    mean_seconds: float
+    p50_seconds: float
+    p99_seconds: float
+    def __init__(self, count: _Optional[int] = ..., mean_seconds: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ...) -> None: ...
+
+class PoolStats(_message.Message):
+    __slots__ = ("num_blocks", "block_size", "free", "in_use", "cached", "evictions", "live_sequences")
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    block_size: int
+    free: int
+    in_use: int
+    cached: int
+    evictions: int
+    live_sequences: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., free: _Optional[int] = ..., in_use: _Optional[int] = ..., cached: _Optional[int] = ..., evictions: _Optional[int] = ..., live_sequences: _Optional[int] = ...) -> None: ...
+
+class WindowStats(_message.Message):
+    __slots__ = ("name", "hits")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hits: HitStats
+    def __init__(self, name: _Optional[str] = ..., hits: _Optional[_Union[HitStats, _Mapping]] = ...) -> None: ...
+
+class ExecutorStats(_message.Message):
+    __slots__ = ("executor_id", "epoch", "pool", "windows", "age_at_hit", "age_at_eviction")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    AGE_AT_HIT_FIELD_NUMBER: _ClassVar[int]
+    AGE_AT_EVICTION_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    pool: PoolStats
+    windows: _containers.RepeatedCompositeFieldContainer[WindowStats]
+    age_at_hit: Residency
+    age_at_eviction: Residency
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., pool: _Optional[_Union[PoolStats, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., age_at_hit: _Optional[_Union[Residency, _Mapping]] = ..., age_at_eviction: _Optional[_Union[Residency, _Mapping]] = ...) -> None: ...
+
+class TenantStats(_message.Message):
+    __slots__ = ("cache_salt_id", "windows")
+    CACHE_SALT_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    cache_salt_id: str
+    windows: _containers.RepeatedCompositeFieldContainer[WindowStats]
+    def __init__(self, cache_salt_id: _Optional[str] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("executors", "windows", "tenants", "redis_connected", "redis_pending_writes", "uptime_seconds")
+    EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    REDIS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    REDIS_PENDING_WRITES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    executors: _containers.RepeatedCompositeFieldContainer[ExecutorStats]
+    windows: _containers.RepeatedCompositeFieldContainer[WindowStats]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantStats]
+    redis_connected: bool
+    redis_pending_writes: int
+    uptime_seconds: float
+    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., redis_connected: _Optional[bool] = ..., redis_pending_writes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""The block-allocator contract between an executor and kvmanager.
+
+Two implementations satisfy `BlockAllocator`: the gRPC client (`services.kvmanager.client`) and
+the in-process allocator (`services.kvmanager.local`), which runs kvmanager's own core in the
+executor's process. Both behave identically; the in-process one exists for tests and to measure
+what the gRPC hop costs (an A/B flag on the executor).
+
+Invariants the executor may rely on:
+- A block table is append-only except for copy-on-write replacements, which kvmanager reports
+  explicitly (`TableUpdate.first_index`) together with the copies the executor must run first.
+- Allocate never reports a cached prefix that covers the last prompt token: that token's logits
+  are needed, so it is always recomputed.
+- Only blocks committed after their KV was written are ever shared with another sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class AllocatorError(Exception):
+    """Base of every error an allocator raises."""
+
+
+class OutOfBlocks(AllocatorError):
+    """Not enough free or evictable blocks; the state is unchanged (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class InvalidRequest(AllocatorError):
+    """Unknown sequence, duplicate id, bad lengths... (gRPC INVALID_ARGUMENT / NOT_FOUND)."""
+
+
+class StaleEpoch(AllocatorError):
+    """The executor re-registered since; this caller must re-register (gRPC FAILED_PRECONDITION)."""
+
+
+class AllocatorUnavailable(AllocatorError):
+    """kvmanager cannot be reached (gRPC UNAVAILABLE / DEADLINE_EXCEEDED)."""
+
+
+@dataclass(slots=True)
+class Allocation:
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+@dataclass(slots=True)
+class ExtendEntry:
+    seq_id: str
+    num_computed_tokens: int  # KV already written; this step writes from here
+    num_tokens: int  # the table must cover this many tokens afterwards
+
+
+@dataclass(slots=True)
+class TableUpdate:
+    first_index: int  # table[first_index:] is replaced by block_ids
+    block_ids: list[int]
+
+
+@dataclass(slots=True)
+class ExtendResult:
+    updates: dict[str, TableUpdate] = field(default_factory=dict)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), run before the step
+
+
+@dataclass(slots=True)
+class CommitEntry:
+    seq_id: str
+    block_index: int
+    token_ids: list[int]  # exactly block_size ids
+
+
+class BlockAllocator(Protocol):
+    """What the executor's scheduler needs from kvmanager. All calls are batched where they can
+    be, so a scheduler step makes at most one call of each kind."""
+
+    block_size: int
+
+    async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
+        """Announce the pool; returns the new epoch."""
+
+    async def allocate(
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        cache_salt: str = "",
+        num_lookahead_tokens: int = 0,
+    ) -> Allocation: ...
+
+    async def extend(self, entries: list[ExtendEntry]) -> ExtendResult: ...
+
+    async def commit(self, entries: list[CommitEntry]) -> int: ...
+
+    async def fork(
+        self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int
+    ) -> dict[str, list[int]]:
+        """Children share the parent's blocks covering num_tokens; returns each child's table."""
+
+    async def release(self, seq_ids: list[str]) -> int: ...
+
+    async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
+        """Cached prefix length on this executor, without allocating."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,45 @@
+"""Shared fixtures. Redis is real (see tests/support/redis.py); fault tests that stop and restart
+Redis use `redis_process`, which they control."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pagemesh.redis_process import RedisProcess
+from tests.support.redis import redis_url as _redis_url
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with _redis_url() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisProcess]:
+    """A local redis-server the test may stop, kill and restart (AOF persistence on)."""
+    proc = RedisProcess().start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
