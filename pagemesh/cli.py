@@ -1,10 +1,10 @@
 """The `pagemesh` command. Each service owns its subcommands: this module only gathers them.
 
-    pagemesh up           the whole mesh on one machine (pagemesh.up)
-    pagemesh kvmanager    the block allocator and prefix index (services.kvmanager.cli)
-    pagemesh kv stats     prefix-cache hit rates for operators (services.kvmanager.cli)
-    pagemesh executor     the model engine (services.executor.cli)
-    pagemesh gateway      the OpenAI-compatible HTTP API (services.gateway.cli)
+pagemesh up           the whole mesh on one machine (pagemesh.up)
+pagemesh kvmanager    the block allocator and prefix index (services.kvmanager.cli)
+pagemesh kv stats     prefix-cache hit rates for operators (services.kvmanager.cli)
+pagemesh executor     the model engine (services.executor.cli)
+pagemesh gateway      the OpenAI-compatible HTTP API (services.gateway.cli)
 """
 
 from __future__ import annotations

@@ -75,8 +75,11 @@ class RedisProcess:
             "--save", "",
             "--protected-mode", "yes",
         ]  # fmt: skip
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        if self.log_path:
+            with open(self.log_path, "ab") as log:  # Popen keeps its own copy of the fd
+                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        else:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

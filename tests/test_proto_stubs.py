@@ -13,4 +13,6 @@ def test_checked_in_stubs_match_generated(tmp_path: Path) -> None:
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             fresh = (tmp_path / "proto" / f"{stem}{suffix}").read_text()
             checked_in = (ROOT / "proto" / f"{stem}{suffix}").read_text()
-            assert fresh == checked_in, f"proto/{stem}{suffix} is stale: run python -m proto.generate"
+            assert fresh == checked_in, (
+                f"proto/{stem}{suffix} is stale: run python -m proto.generate"
+            )
