@@ -143,7 +143,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorInfo(_message.Message):
-    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width")
+    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width", "model_path")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class ExecutorInfo(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     model: str
     model_fingerprint: str
@@ -172,4 +173,5 @@ class ExecutorInfo(_message.Message):
     epoch: int
     max_num_seqs: int
     max_beam_width: int
-    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ...) -> None: ...
+    model_path: str
+    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., model_path: _Optional[str] = ...) -> None: ...
