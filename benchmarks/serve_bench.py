@@ -1,0 +1,310 @@
+"""The serving benchmark: the whole mesh driven through the streaming chat API like real clients.
+
+    python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --kvmanager 127.0.0.1:50051 \
+        --workload shared_prefix --rate inf
+
+Prints one JSON line per run: request throughput, output tokens/s, time to first token and time
+per output token (p50/p90/p99), the prefix-cache hit rate measured by kvmanager against the
+theoretical one for the workload, peak KV blocks in use, and KV memory utilization (tokens held
+by live sequences over the slots of the blocks they hold, sampled while requests run).
+
+`--start` launches the mesh itself (benchmarks/mesh_launcher.py) with `--model`, `--allocator`
+and `--no-prefix-caching`, so an A/B pair runs in one invocation (`--compare allocator` or
+`--compare prefix_caching`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import workloads
+from benchmarks.workloads import Conversation
+
+
+@dataclass(slots=True)
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    token_times: list[float] = field(default_factory=list)
+    error: str = ""
+    text: str = ""
+
+
+def percentiles(values: list[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in ps}
+    ordered = sorted(values)
+    out = {}
+    for p in ps:
+        k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+        out[f"p{p}"] = ordered[k]
+    return out
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    n: int,
+    extra: dict[str, Any],
+) -> RequestResult:
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "n": n,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "temperature": 0.0,
+        **extra,
+    }
+    start = time.perf_counter()
+    result = RequestResult(ok=False)
+    texts = [""] * n
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])
+                    return result
+                now = time.perf_counter() - start
+                for choice in chunk.get("choices", []):
+                    content = choice.get("delta", {}).get("content")
+                    if content:
+                        if not result.token_times:
+                            result.ttft = now
+                        result.token_times.append(now)
+                        texts[choice["index"]] += content
+                usage = chunk.get("usage")
+                if usage:
+                    result.output_tokens = usage["completion_tokens"]
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        result.error = repr(exc)
+        return result
+    result.latency = time.perf_counter() - start
+    result.text = texts[0]
+    result.ok = True
+    return result
+
+
+class KVStatsPoller:
+    """Samples kvmanager's GetStats while the run goes: peak blocks in use and utilization."""
+
+    def __init__(self, address: str, interval: float = 0.05) -> None:
+        import grpc
+
+        from proto import kvmanager_pb2, kvmanager_pb2_grpc
+
+        self._pb2 = kvmanager_pb2
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = kvmanager_pb2_grpc.KVManagerStub(self._channel)
+        self.interval = interval
+        self.peak_in_use = 0
+        self.util_samples: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def stats(self) -> Any:
+        return await self._stub.GetStats(self._pb2.GetStatsRequest(), timeout=5)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                s = await self.stats()
+                for ex in s.executors:
+                    self.peak_in_use = max(self.peak_in_use, ex.pool.in_use)
+                    live_tokens = getattr(ex.pool, "live_tokens", 0)
+                    if ex.pool.in_use and live_tokens:
+                        self.util_samples.append(
+                            live_tokens / (ex.pool.in_use * ex.pool.block_size)
+                        )
+            except Exception:
+                pass
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._channel.close()
+
+
+def hits_since_start(stats: Any) -> tuple[int, int]:
+    for w in stats.windows:
+        if w.name == "since_start":
+            return w.hits.hit_tokens, w.hits.query_tokens
+    return 0, 0
+
+
+async def run_workload(
+    url: str,
+    kv_address: str | None,
+    model: str,
+    name: str,
+    convs: list[Conversation],
+    rate: float,
+    tokenizer: Any,
+    block_size: int,
+    seed: int = 0,
+    warmup_first: bool = True,
+) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    poller = KVStatsPoller(kv_address) if kv_address else None
+    results: list[RequestResult] = []
+    prompts: list[list[int]] = []  # in arrival order, for the theoretical hit rate
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        before = hits_since_start(await poller.stats()) if poller else (0, 0)
+        if poller:
+            poller.start()
+
+        async def conversation(conv: Conversation) -> None:
+            replies: list[str] = []
+            for t, turn in enumerate(conv.turns):
+                messages = workloads.messages_for(conv, t, replies)
+                prompts.append(
+                    tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=True
+                    )
+                )
+                r = await stream_chat(
+                    session, url, model, messages, turn.max_tokens, conv.n, conv.extra
+                )
+                results.append(r)
+                if not r.ok:
+                    return
+                replies.append(r.text)
+
+        start = time.perf_counter()
+        rest = convs
+        if warmup_first and convs:
+            # The first request alone: its blocks are committed before the others arrive, which is
+            # what the theoretical hit rate at block granularity assumes.
+            await conversation(convs[0])
+            rest = convs[1:]
+        rng = random.Random(seed)
+        tasks = []
+        for conv in rest:
+            tasks.append(asyncio.create_task(conversation(conv)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        if poller:
+            await asyncio.sleep(0.2)
+            after = hits_since_start(await poller.stats())
+            await poller.stop()
+    ok = [r for r in results if r.ok]
+    tpot = [
+        (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1)
+        for r in ok
+        if len(r.token_times) > 1
+    ]
+    out_tokens = sum(r.output_tokens for r in ok)
+    theo_hits, theo_total = workloads.theoretical_hit_tokens(prompts, block_size)
+    report: dict[str, Any] = {
+        "workload": name,
+        "rate": "inf" if rate == float("inf") else rate,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "duration_s": round(elapsed, 3),
+        "request_throughput": round(len(ok) / elapsed, 3),
+        "output_tokens_per_s": round(out_tokens / elapsed, 1),
+        "output_tokens": out_tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_tokens_reported": sum(r.cached_tokens for r in ok),
+        "ttft_s": {k: round(v, 4) for k, v in percentiles([r.ttft for r in ok]).items()},
+        "tpot_s": {k: round(v, 5) for k, v in percentiles(tpot).items()},
+        "theoretical_hit_rate": round(theo_hits / theo_total, 4) if theo_total else 0.0,
+    }
+    if poller:
+        hit_tokens = after[0] - before[0]
+        query_tokens = after[1] - before[1]
+        report["measured_hit_rate"] = round(hit_tokens / query_tokens, 4) if query_tokens else 0.0
+        report["peak_blocks_in_use"] = poller.peak_in_use
+        if poller.util_samples:
+            report["kv_utilization_mean"] = round(
+                sum(poller.util_samples) / len(poller.util_samples), 4
+            )
+            report["kv_utilization_min"] = round(min(poller.util_samples), 4)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--kvmanager", default=None, help="HOST:PORT for GetStats")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model (dir) of the mesh")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    parser.add_argument("--workload", choices=workloads.WORKLOADS, action="append")
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=float("inf"), help="requests/s (Poisson)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    tok_path = args.tokenizer or args.model
+    if not Path(tok_path).exists():
+        from services.executor.model.loader import resolve_model
+
+        tok_path = str(resolve_model(tok_path))
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    served = args.served_model_name or Path(args.model).name
+    for name in args.workload or ["shared_prefix"]:
+        convs = workloads.build(name, tokenizer, args.num_requests, args.seed)
+        report = asyncio.run(
+            run_workload(
+                args.url,
+                args.kvmanager,
+                served,
+                name,
+                convs,
+                args.rate,
+                tokenizer,
+                args.block_size,
+                args.seed,
+            )
+        )
+        print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
