@@ -1,0 +1,79 @@
+"""The prefix-cache hash chain.
+
+A full block's hash names its contents *and* everything before it, so two sequences share a block
+only when their whole prefixes agree. The encoding is canonical (fixed byte order, explicit
+lengths), so any implementation in any language reproduces it; tests/kvmanager/test_hashing.py
+pins it with test vectors. Changing it invalidates every persisted index: bump the version tags.
+
+Encoding (all integers unsigned little-endian; `||` is concatenation; H = SHA-256):
+
+    extra_digest = H( b"pagemesh-kv-extra-v1"
+                      || u32(len(fp)) || fp          # fp   = model fingerprint, UTF-8
+                      || u32(len(salt)) || salt )    # salt = cache_salt, UTF-8 ("" = none)
+
+    block_hash_i = H( b"pagemesh-kv-block-v1"
+                      || parent                      # 32 bytes: block_hash_{i-1}; ROOT for i = 0
+                      || extra_digest                # 32 bytes
+                      || u32(n) || u32(t_0) || ... || u32(t_{n-1}) )   # the block's token ids
+
+    ROOT = 32 zero bytes
+
+Extra keys enter through their digest, so kvmanager stores (and persists) 32 opaque bytes per
+sequence instead of a tenant's salt. Token ids are < 2**32 (they are uint32 on the wire).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from array import array
+from collections.abc import Sequence
+
+ROOT = bytes(32)
+HASH_SIZE = 32
+_EXTRA_TAG = b"pagemesh-kv-extra-v1"
+_BLOCK_TAG = b"pagemesh-kv-block-v1"
+_U32 = struct.Struct("<I")
+_LITTLE = sys.byteorder == "little"
+
+
+def extra_digest(model_fingerprint: str, cache_salt: str = "") -> bytes:
+    fp = model_fingerprint.encode()
+    salt = cache_salt.encode()
+    return hashlib.sha256(
+        _EXTRA_TAG + _U32.pack(len(fp)) + fp + _U32.pack(len(salt)) + salt
+    ).digest()
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """u32 little-endian encoding of the ids (array('I') is 4 bytes on every CPython target)."""
+    arr = array("I", token_ids)  # raises OverflowError for ids outside [0, 2**32)
+    if not _LITTLE:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def block_hash(parent: bytes, extra: bytes, token_ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(
+        _BLOCK_TAG + parent + extra + _U32.pack(len(token_ids)) + token_bytes(token_ids)
+    ).digest()
+
+
+def chain(
+    extra: bytes, token_ids: Sequence[int], block_size: int, num_blocks: int, parent: bytes = ROOT
+) -> list[bytes]:
+    """Hashes of the first `num_blocks` full blocks of `token_ids`, chained from `parent`."""
+    out: list[bytes] = []
+    h = parent
+    for i in range(num_blocks):
+        h = block_hash(h, extra, token_ids[i * block_size : (i + 1) * block_size])
+        out.append(h)
+    return out
+
+
+def salt_id(cache_salt: str) -> str:
+    """A tenant's label in stats: a digest, never the salt itself ("" for no salt)."""
+    if not cache_salt:
+        return ""
+    return hashlib.sha256(b"pagemesh-kv-tenant-v1" + cache_salt.encode()).hexdigest()[:16]

@@ -1,0 +1,82 @@
+"""The in-process BlockAllocator: kvmanager's own core (`Manager`) in the executor's process.
+
+Same semantics and errors as the gRPC client (services/kvmanager/client.py), no network hop and
+no persistence: what the A/B figure of the gRPC overhead is measured against, and what unit tests
+of the scheduler use.
+"""
+
+from __future__ import annotations
+
+from services.kvmanager.api import (
+    Allocation,
+    AllocatorError,
+    CommitEntry,
+    ExtendEntry,
+    ExtendResult,
+)
+from services.kvmanager.manager import Manager
+
+
+class LocalAllocator:
+    """A `BlockAllocator` over an in-process `Manager` (one is created unless given; several
+    LocalAllocators may share one Manager to model several executors)."""
+
+    def __init__(self, executor_id: str = "local", manager: Manager | None = None) -> None:
+        self.executor_id = executor_id
+        self.manager = manager if manager is not None else Manager()
+        self.epoch = 0
+        self.block_size = 0
+
+    async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
+        self.epoch = self.manager.register(
+            self.executor_id, num_blocks, block_size, model_fingerprint
+        )
+        self.block_size = block_size
+        return self.epoch
+
+    async def allocate(
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        cache_salt: str = "",
+        num_lookahead_tokens: int = 0,
+    ) -> Allocation:
+        return self.manager.allocate(
+            self.executor_id, self.epoch, seq_id, token_ids, cache_salt, num_lookahead_tokens
+        )
+
+    async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
+        updates, copies = self.manager.extend(
+            self.executor_id,
+            self.epoch,
+            [e.seq_id for e in entries],
+            [e.num_computed_tokens for e in entries],
+            [e.num_tokens for e in entries],
+        )
+        return ExtendResult(updates, copies)
+
+    async def commit(self, entries: list[CommitEntry]) -> int:
+        return self.manager.commit(
+            self.executor_id,
+            self.epoch,
+            [(e.seq_id, e.block_index, e.token_ids) for e in entries],
+        )
+
+    async def fork(
+        self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int
+    ) -> dict[str, list[int]]:
+        return self.manager.fork(
+            self.executor_id, self.epoch, parent_seq_id, child_seq_ids, num_tokens
+        )
+
+    async def release(self, seq_ids: list[str]) -> int:
+        return self.manager.release(self.executor_id, self.epoch, seq_ids)
+
+    async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
+        try:
+            return self.manager.match(token_ids, cache_salt, self.executor_id)[self.executor_id]
+        except AllocatorError:
+            return 0  # not registered: nothing cached
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,460 @@
+"""kvmanager's core: executors, block tables, ref counts, copy-on-write and the prefix index.
+
+Synchronous and single-threaded on purpose: the gRPC server calls it from the event loop without
+awaiting anything in between, so every call is atomic, and a call that fails changes nothing
+(every method validates and counts what it needs before its first mutation).
+
+Invariants (tests/kvmanager/test_properties.py checks them after random operation sequences):
+- for each executor, the pool's ref[b] == number of live tables holding b;
+- a table never holds a block twice; a block with ref > 0 is neither free nor cached;
+- seq.hashes is the hash chain of seq.blocks[:len(seq.hashes)] (committed, in order);
+- an executor's state belongs to one epoch; re-registering replaces it entirely.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from services.kvmanager import hashing
+from services.kvmanager.api import (
+    Allocation,
+    InvalidRequest,
+    OutOfBlocks,
+    StaleEpoch,
+    TableUpdate,
+)
+from services.kvmanager.block_pool import BlockPool
+from services.kvmanager.stats import Residency, Stats
+
+MAX_BLOCK_SIZE = 4096
+MAX_NUM_BLOCKS = 1 << 24
+
+
+@dataclass(slots=True)
+class SeqState:
+    extra: bytes  # extra-keys digest (model fingerprint + cache_salt), see hashing.py
+    tenant: str  # salt digest, for stats
+    blocks: list[int]
+    hashes: list[bytes]  # chain hashes of blocks[:len(hashes)], the committed prefix
+
+
+@dataclass(slots=True)
+class ExecutorState:
+    executor_id: str
+    epoch: int
+    num_blocks: int
+    block_size: int
+    model_fingerprint: str
+    pool: BlockPool
+    seqs: dict[str, SeqState] = field(default_factory=dict)
+    age_at_hit: Residency = field(default_factory=Residency)
+    age_at_eviction: Residency = field(default_factory=Residency)
+    # salt -> (extra digest, tenant id): hashing the salt once per tenant, not per request.
+    _extras: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    dirty_seqs: set[str] | None = None  # persistence: sequences changed since the last flush
+
+    def extra_for(self, cache_salt: str) -> tuple[bytes, str]:
+        e = self._extras.get(cache_salt)
+        if e is None:
+            if len(self._extras) > 10000:  # bounded: salts are client-chosen
+                self._extras.clear()
+            e = self._extras[cache_salt] = (
+                hashing.extra_digest(self.model_fingerprint, cache_salt),
+                hashing.salt_id(cache_salt),
+            )
+        return e
+
+    def mark(self, seq_id: str) -> None:
+        if self.dirty_seqs is not None:
+            self.dirty_seqs.add(seq_id)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Manager:
+    """All executors' logical KV state. `track_changes` keeps the dirty sets persistence drains
+    (off for a purely in-process allocator, so nothing grows unboundedly)."""
+
+    def __init__(self, track_changes: bool = False) -> None:
+        self.executors: dict[str, ExecutorState] = {}
+        # Highest epoch ever handed to each executor: epochs never repeat (persisted too).
+        self.last_epoch: dict[str, int] = {}
+        self.stats = Stats()
+        self.track_changes = track_changes
+        # Persistence: executors whose descriptor changed, and old epochs whose keys to drop.
+        self.dirty_executors: set[str] = set()
+        self.dropped_epochs: list[tuple[str, int]] = []
+
+    # -- executors ------------------------------------------------------------------------------
+    def new_executor(
+        self, executor_id: str, epoch: int, num_blocks: int, block_size: int, fingerprint: str
+    ) -> ExecutorState:
+        ex = ExecutorState(
+            executor_id=executor_id,
+            epoch=epoch,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            model_fingerprint=fingerprint,
+            pool=BlockPool(num_blocks),
+        )
+        ex.pool.on_evict = ex.age_at_eviction.record
+        if self.track_changes:
+            ex.pool.dirty_blocks = set()
+            ex.pool.dirty_hashes = set()
+            ex.dirty_seqs = set()
+        return ex
+
+    def register(
+        self, executor_id: str, num_blocks: int, block_size: int, model_fingerprint: str
+    ) -> int:
+        if not executor_id:
+            raise InvalidRequest("executor_id must not be empty")
+        if not 1 <= block_size <= MAX_BLOCK_SIZE:
+            raise InvalidRequest(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+        if not 1 <= num_blocks <= MAX_NUM_BLOCKS:
+            raise InvalidRequest(f"num_blocks must be in [1, {MAX_NUM_BLOCKS}], got {num_blocks}")
+        epoch = self.last_epoch.get(executor_id, 0) + 1
+        old = self.executors.get(executor_id)
+        if old is not None:
+            # Its GPU memory is gone: nothing of the old epoch may ever be hit again.
+            self.dropped_epochs.append((executor_id, old.epoch))
+        self.last_epoch[executor_id] = epoch
+        self.executors[executor_id] = self.new_executor(
+            executor_id, epoch, num_blocks, block_size, model_fingerprint
+        )
+        self.dirty_executors.add(executor_id)
+        return epoch
+
+    def executor(self, executor_id: str, epoch: int) -> ExecutorState:
+        ex = self.executors.get(executor_id)
+        if ex is None:
+            raise StaleEpoch(f"executor {executor_id!r} is not registered: register first")
+        if epoch != ex.epoch:
+            raise StaleEpoch(
+                f"epoch {epoch} of executor {executor_id!r} is stale (current epoch {ex.epoch}):"
+                " re-register"
+            )
+        return ex
+
+    # -- allocation -----------------------------------------------------------------------------
+    def _prefix_hits(
+        self, ex: ExecutorState, extra: bytes, token_ids: Sequence[int]
+    ) -> tuple[list[int], list[bytes]]:
+        """Indexed blocks of the longest cached prefix, whole blocks only, never covering the
+        last token (its logits are needed, so it is always recomputed)."""
+        bs = ex.block_size
+        index = ex.pool.index
+        hits: list[int] = []
+        hashes: list[bytes] = []
+        h = hashing.ROOT
+        try:
+            for i in range((len(token_ids) - 1) // bs):
+                h = hashing.block_hash(h, extra, token_ids[i * bs : (i + 1) * bs])
+                b = index.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+                hashes.append(h)
+        except OverflowError as e:
+            raise InvalidRequest("token ids must be in [0, 2**32)") from e
+        return hits, hashes
+
+    def allocate(
+        self,
+        executor_id: str,
+        epoch: int,
+        seq_id: str,
+        token_ids: Sequence[int],
+        cache_salt: str = "",
+        num_lookahead_tokens: int = 0,
+    ) -> Allocation:
+        ex = self.executor(executor_id, epoch)
+        if not seq_id:
+            raise InvalidRequest("seq_id must not be empty")
+        if seq_id in ex.seqs:
+            raise InvalidRequest(f"sequence {seq_id!r} already exists (release it first)")
+        n = len(token_ids)
+        if n == 0:
+            raise InvalidRequest("token_ids must not be empty")
+        if num_lookahead_tokens < 0:
+            raise InvalidRequest("num_lookahead_tokens must be >= 0")
+        total = _ceil_div(n + num_lookahead_tokens, ex.block_size)
+        if total > ex.num_blocks:
+            raise InvalidRequest(
+                f"sequence needs {total} blocks ({n} tokens + {num_lookahead_tokens} look-ahead,"
+                f" block size {ex.block_size}) but the pool has only {ex.num_blocks}"
+            )
+        extra, tenant = ex.extra_for(cache_salt)
+        hits, hashes = self._prefix_hits(ex, extra, token_ids)
+        pool = ex.pool
+        ref = pool.ref
+        # Cached hit blocks leave the evictable queue, so they cannot also serve as fresh ones.
+        reclaimed = sum(1 for b in hits if ref[b] == 0)
+        fresh = total - len(hits)
+        if fresh > pool.num_available - reclaimed:
+            raise OutOfBlocks(
+                f"sequence {seq_id!r} needs {fresh} fresh blocks, only"
+                f" {pool.num_available - reclaimed} free or evictable of {ex.num_blocks}"
+            )
+        if hits:
+            now = time.time()
+            birth = pool.birth
+            for b in hits:
+                pool.take_hit(b)
+                ex.age_at_hit.record(now - birth[b])
+        blocks = hits + pool.take_many(fresh)
+        ex.seqs[seq_id] = SeqState(extra, tenant, blocks, hashes)
+        ex.mark(seq_id)
+        num_cached = len(hits) * ex.block_size
+        self.stats.record(executor_id, tenant, n, num_cached)
+        return Allocation(blocks, num_cached)
+
+    def extend(
+        self,
+        executor_id: str,
+        epoch: int,
+        seq_ids: Sequence[str],
+        num_computed: Sequence[int],
+        num_tokens: Sequence[int],
+    ) -> tuple[dict[str, TableUpdate], list[tuple[int, int]]]:
+        """Columnar batch (three parallel sequences, as they come off the wire). All or nothing:
+        if the pool cannot satisfy the whole batch, OutOfBlocks and no change."""
+        ex = self.executor(executor_id, epoch)
+        if not len(seq_ids) == len(num_computed) == len(num_tokens):
+            raise InvalidRequest(
+                "extend: seq_ids, num_computed_tokens, num_tokens differ in length"
+            )
+        bs = ex.block_size
+        seqs = ex.seqs
+        ref = ex.pool.ref
+        # Pass 1: validate and count. `shared_drop` simulates ref drops by earlier CoWs of this
+        # batch: of k sequences sharing a block, k-1 copy and the last writes in place.
+        need = 0
+        shared_drop: dict[int, int] = {}
+        plan: list[tuple[str, SeqState, list[int] | None, int]] = []
+        for sid, nc, nt in zip(seq_ids, num_computed, num_tokens, strict=True):
+            seq = seqs.get(sid)
+            if seq is None:
+                raise InvalidRequest(f"extend: unknown sequence {sid!r}")
+            if nt < nc or nc < 0:
+                raise InvalidRequest(
+                    f"extend {sid!r}: need 0 <= num_computed_tokens ({nc}) <= num_tokens ({nt})"
+                )
+            nb = _ceil_div(nt, bs)
+            if nb > ex.num_blocks:
+                raise InvalidRequest(
+                    f"extend {sid!r}: {nt} tokens need {nb} blocks, the pool has {ex.num_blocks}"
+                )
+            table = seq.blocks
+            have = len(table)
+            cows: list[int] | None = None
+            if nt > nc:
+                for j in range(nc // bs, min(have, nb)):
+                    b = table[j]
+                    r = ref[b]
+                    if shared_drop:
+                        r -= shared_drop.get(b, 0)
+                    if r > 1:  # shared: whoever writes first gets a private copy
+                        if cows is None:
+                            cows = []
+                        cows.append(j)
+                        shared_drop[b] = shared_drop.get(b, 0) + 1
+                        need += 1
+            grow = nb - have if nb > have else 0
+            if cows is not None or grow:
+                need += grow
+                plan.append((sid, seq, cows, grow))
+        if len(plan) > 1 and len({p[0] for p in plan}) != len(plan):
+            raise InvalidRequest("extend: a sequence appears twice in one batch")
+        pool = ex.pool
+        if need > pool.num_available:
+            raise OutOfBlocks(
+                f"extend needs {need} fresh blocks, only {pool.num_available} free or evictable"
+                f" of {ex.num_blocks}"
+            )
+        # Pass 2: apply.
+        updates: dict[str, TableUpdate] = {}
+        copies: list[tuple[int, int]] = []
+        for sid, seq, cows, grow in plan:
+            table = seq.blocks
+            first = len(table)
+            if cows is not None:
+                first = cows[0]
+                for j in cows:
+                    src = table[j]
+                    dst = pool.take()
+                    table[j] = dst
+                    pool.decref(src)  # stays >= 1: it was shared
+                    copies.append((src, dst))
+            if grow:
+                table.extend(pool.take_many(grow))
+            updates[sid] = TableUpdate(first, table[first:])
+            ex.mark(sid)
+        return updates, copies
+
+    def commit(
+        self, executor_id: str, epoch: int, entries: Iterable[tuple[str, int, Sequence[int]]]
+    ) -> int:
+        """Publishes full, written blocks. Re-committing an already committed index is a no-op;
+        skipping one is an error. Returns how many hashes entered the index."""
+        ex = self.executor(executor_id, epoch)
+        bs = ex.block_size
+        pool = ex.pool
+        new_hashes: dict[str, list[bytes]] = {}
+        plan: list[tuple[int, bytes]] = []
+        for sid, idx, tokens in entries:
+            seq = ex.seqs.get(sid)
+            if seq is None:
+                raise InvalidRequest(f"commit: unknown sequence {sid!r}")
+            if len(tokens) != bs:
+                raise InvalidRequest(
+                    f"commit {sid!r} block {idx}: {len(tokens)} token ids, expected {bs}"
+                )
+            if idx >= len(seq.blocks):
+                raise InvalidRequest(
+                    f"commit {sid!r}: block index {idx} beyond its table ({len(seq.blocks)})"
+                )
+            pending = new_hashes.get(sid)
+            done = len(seq.hashes) + (len(pending) if pending else 0)
+            if idx < done:
+                continue
+            if idx > done:
+                raise InvalidRequest(
+                    f"commit {sid!r}: block {idx} before block {done} (commit in order)"
+                )
+            parent = pending[-1] if pending else (seq.hashes[-1] if seq.hashes else hashing.ROOT)
+            try:
+                h = hashing.block_hash(parent, seq.extra, tokens)
+            except OverflowError as e:
+                raise InvalidRequest("commit: token ids must be in [0, 2**32)") from e
+            b = seq.blocks[idx]
+            held = pool.hash[b]
+            if held is not None and held != h:
+                raise InvalidRequest(
+                    f"commit {sid!r} block {idx}: block {b} is already committed with other"
+                    " contents"
+                )
+            if pending is None:
+                new_hashes[sid] = [h]
+            else:
+                pending.append(h)
+            plan.append((b, h))
+        now = time.time()
+        for sid, hs in new_hashes.items():
+            ex.seqs[sid].hashes.extend(hs)
+            ex.mark(sid)
+        return sum(pool.publish(b, h, now) for b, h in plan)
+
+    def fork(
+        self,
+        executor_id: str,
+        epoch: int,
+        parent_seq_id: str,
+        child_seq_ids: Sequence[str],
+        num_tokens: int,
+    ) -> dict[str, list[int]]:
+        ex = self.executor(executor_id, epoch)
+        parent = ex.seqs.get(parent_seq_id)
+        if parent is None:
+            raise InvalidRequest(f"fork: unknown parent sequence {parent_seq_id!r}")
+        if not child_seq_ids:
+            raise InvalidRequest("fork: no child sequence ids")
+        if len(set(child_seq_ids)) != len(child_seq_ids):
+            raise InvalidRequest("fork: duplicate child sequence ids")
+        for c in child_seq_ids:
+            if not c:
+                raise InvalidRequest("fork: empty child sequence id")
+            if c in ex.seqs:
+                raise InvalidRequest(f"fork: sequence {c!r} already exists")
+        nb = _ceil_div(num_tokens, ex.block_size)
+        if num_tokens < 0 or nb > len(parent.blocks):
+            raise InvalidRequest(
+                f"fork: {num_tokens} tokens need {nb} blocks, parent {parent_seq_id!r} holds"
+                f" {len(parent.blocks)}"
+            )
+        shared = parent.blocks[:nb]
+        hashes = parent.hashes[:nb]
+        pool = ex.pool
+        out: dict[str, list[int]] = {}
+        for c in child_seq_ids:
+            for b in shared:
+                pool.incref(b)
+            ex.seqs[c] = SeqState(parent.extra, parent.tenant, list(shared), list(hashes))
+            ex.mark(c)
+            out[c] = list(shared)
+        return out
+
+    def release(self, executor_id: str, epoch: int, seq_ids: Sequence[str]) -> int:
+        ex = self.executor(executor_id, epoch)
+        seqs = ex.seqs
+        for sid in seq_ids:
+            if sid not in seqs:
+                raise InvalidRequest(f"release: unknown sequence {sid!r} (already released?)")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidRequest("release: a sequence id appears twice")
+        pool = ex.pool
+        for sid in seq_ids:
+            seq = seqs.pop(sid)
+            # Tail first: the LRU queue then evicts a chain from its end, keeping shared
+            # prefixes (more likely reused) longest.
+            for b in reversed(seq.blocks):
+                pool.decref(b)
+            ex.mark(sid)
+        return len(seq_ids)
+
+    def match(
+        self, token_ids: Sequence[int], cache_salt: str = "", executor_id: str = ""
+    ) -> dict[str, int]:
+        """Cached prefix length (tokens) per executor, without taking references."""
+        if executor_id:
+            ex = self.executors.get(executor_id)
+            if ex is None:
+                raise InvalidRequest(f"match: executor {executor_id!r} is not registered")
+            targets = [ex]
+        else:
+            targets = list(self.executors.values())
+        out = {}
+        for ex in targets:
+            hits, _ = self._prefix_hits(ex, ex.extra_for(cache_salt)[0], token_ids)
+            out[ex.executor_id] = len(hits) * ex.block_size
+        return out
+
+    # -- inspection -----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything that defines the state (not timings): tests compare these for identity."""
+        out = {}
+        for eid, ex in sorted(self.executors.items()):
+            p = ex.pool
+            out[eid] = {
+                "epoch": ex.epoch,
+                "num_blocks": ex.num_blocks,
+                "block_size": ex.block_size,
+                "fingerprint": ex.model_fingerprint,
+                "ref": list(p.ref),
+                "hash": list(p.hash),
+                "free": list(p.free),
+                "cached": list(p.cached),
+                "index": dict(p.index),
+                "evictions": p.evictions,
+                "seqs": {
+                    sid: (s.extra, s.tenant, list(s.blocks), list(s.hashes))
+                    for sid, s in sorted(ex.seqs.items())
+                },
+            }
+        return {"executors": out, "last_epoch": dict(self.last_epoch)}
+
+    def check(self) -> None:
+        """Asserts the module invariants (tests; O(total blocks))."""
+        for ex in self.executors.values():
+            ex.pool.check()
+            counts = [0] * ex.num_blocks
+            for sid, s in ex.seqs.items():
+                assert len(set(s.blocks)) == len(s.blocks), f"{sid} holds a block twice"
+                assert len(s.hashes) <= len(s.blocks)
+                for b in s.blocks:
+                    counts[b] += 1
+            assert counts == ex.pool.ref, "ref counts differ from the tables holding the blocks"
