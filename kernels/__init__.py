@@ -1,18 +1,107 @@
 """Paged-attention kernels. Triton on CUDA tensors, the PyTorch reference elsewhere.
 
 The public functions below dispatch on the device of their inputs; both implementations share
-the signatures and the layout documented in kernels/reference.py.
+the signatures and the layout documented in kernels/reference.py. Set PAGEMESH_KERNELS=triton
+to force the Triton kernels (with TRITON_INTERPRET=1 they run on CPU tensors, which is how the
+kernel tests reach them) or PAGEMESH_KERNELS=reference to force the reference.
+
+The Triton modules are imported on first use, so CPU-only callers never import Triton.
 """
 
 from __future__ import annotations
 
-from kernels.reference import (
-    copy_blocks,
-    paged_attention,
-    paged_decode_attention,
-    paged_prefill_attention,
-    write_kv_cache,
-)
+from typing import Any
+
+import torch
+
+from kernels import reference
+from kernels._triton_utils import use_triton
+from kernels.reference import paged_attention
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """One query token per sequence. Optional kwargs (Triton path only): max_seq_len (host-side
+    bound of seq_lens, sizes the context split), num_splits, block_n, num_warps, num_stages."""
+    if use_triton(q):
+        from kernels import decode_attention
+
+        return decode_attention.paged_decode_attention(
+            q, key_cache, value_cache, block_tables, seq_lens, scale, out, **kwargs
+        )
+    return reference.paged_decode_attention(
+        q, key_cache, value_cache, block_tables, seq_lens, scale, out
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Packed new tokens attend causally to themselves and their cached prefix. Optional
+    kwargs (Triton path only): block_m, block_n, num_warps, num_stages."""
+    if use_triton(q):
+        from kernels import prefill_attention
+
+        return prefill_attention.paged_prefill_attention(
+            q,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+            out,
+            **kwargs,
+        )
+    return reference.paged_prefill_attention(
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
+    )
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if use_triton(key_cache):
+        from kernels import cache_ops
+
+        cache_ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
+    reference.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def copy_blocks(
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    block_mapping: torch.Tensor,
+) -> None:
+    caches = [*key_caches, *value_caches]
+    if caches and use_triton(caches[0]):
+        from kernels import cache_ops
+
+        cache_ops.copy_blocks(key_caches, value_caches, block_mapping.to(caches[0].device))
+        return
+    reference.copy_blocks(key_caches, value_caches, block_mapping)
+
 
 __all__ = [
     "copy_blocks",
