@@ -4,6 +4,7 @@ Redis use `redis_process`, which they control."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,11 @@ def redis_process() -> Iterator[RedisProcess]:
         yield proc
     finally:
         proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory (downloaded and converted once, then cached)."""
+    from tests.support.model import smollm2_dir
+
+    return smollm2_dir()

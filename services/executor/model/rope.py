@@ -1,0 +1,82 @@
+"""Rotary position embeddings, looked up by position from a precomputed cos/sin table.
+
+The inverse frequencies follow transformers' `modeling_rope_utils` operation for operation (same
+dtypes, same order), so the tables match transformers bit for bit in float32. A table indexed by
+`positions` has a static shape, needs no host sync and suits CUDA graphs; that is why only the
+static rope types (default, linear, llama3) are supported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from services.executor.model.config import ModelConfig
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] float32, exactly as transformers computes them."""
+    dim = config.head_dim
+    base = config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+    inv_freq = 1.0 / (base ** (exponents / dim))
+    scaling = config.rope_scaling
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        return _llama3(inv_freq, scaling.factor, scaling)
+    return inv_freq
+
+
+def _llama3(inv_freq: torch.Tensor, factor: float, scaling) -> torch.Tensor:
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / scaling.low_freq_factor
+    high_freq_wavelen = old_context_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by the factor, short ones kept, the band between interpolated.
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE (the "rotate half" convention of HF Llama checkpoints) to q and k."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.register_buffer("cos", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.empty(0, dtype=dtype), persistent=False)
+        if not self.cos.is_meta:
+            self.build(self.cos.device)
+
+    def build(self, device: torch.device | str) -> None:
+        """(Re)compute the tables on `device`: called after the module is materialised from
+        the meta device, since non-persistent buffers are not part of the checkpoint."""
+        inv_freq = rope_inv_freq(self.config, device)
+        positions = torch.arange(self.config.max_position_embeddings, device=device)
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # Cast after cos/sin, like transformers: the tables equal its per-step values.
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q [T, Hq, D], k [T, Hkv, D]; positions [T] (padding tokens should use position 0).
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
