@@ -1,0 +1,342 @@
+"""The executor's gRPC service around one LLMEngine.
+
+One task (`EngineLoop.run`) owns the engine: it runs `step()` while there is work and sleeps on
+an event otherwise. Each step's outputs are grouped by the stream that submitted the request and
+each stream gets exactly one StepOutput per step, so the token path costs one gRPC message per
+step per gateway, not one per token.
+
+A stream (Serve or Generate) that goes away aborts every request it still owns: the engine
+releases their blocks within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import executor_pb2 as pb
+from proto import executor_pb2_grpc as pb_grpc
+from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+
+log = logging.getLogger("pagemesh.executor.server")
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        n=p.n or 1,
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p > 0 else 1.0,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        max_tokens=p.max_tokens or 16,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+        return_logprobs=p.return_logprobs or p.logprobs > 0,
+        use_beam_search=p.use_beam_search,
+        beam_width=p.beam_width,
+        length_penalty=p.length_penalty or 1.0,
+        early_stopping=p.early_stopping,
+    )
+
+
+def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
+    return pb.SequenceOutput(
+        request_id=o.request_id,
+        index=o.index,
+        token_ids=o.token_ids,
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in o.logprobs
+        ],
+        finish_reason=int(o.finish_reason),
+        num_prompt_tokens=o.num_prompt_tokens,
+        num_cached_tokens=o.num_cached_tokens,
+        error=o.error,
+        cumulative_logprob=o.cumulative_logprob,
+    )
+
+
+def rejection(request_id: str, message: str) -> pb.SequenceOutput:
+    return pb.SequenceOutput(
+        request_id=request_id, finish_reason=pb.FINISH_ERROR, error=message, rejected=True
+    )
+
+
+class Sink:
+    """Where one stream's step messages go; the stream's handler drains it."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[pb.StepOutput | None] = asyncio.Queue()
+        self.owned: set[str] = set()
+        self.closing = False  # no more requests will come (half-close / single Generate)
+
+    def put(self, outputs: list[pb.SequenceOutput]) -> None:
+        self.queue.put_nowait(pb.StepOutput(outputs=outputs))
+
+    def maybe_end(self) -> None:
+        if self.closing and not self.owned:
+            self.queue.put_nowait(None)
+
+
+class EngineLoop:
+    """Owns the engine: the only place `step()` is called."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._wake = asyncio.Event()
+        self._owner: dict[str, Sink] = {}
+        self._open_choices: dict[str, set[int]] = {}
+        self.steps = 0
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._owner)
+
+    def add(self, request: pb.GenerateRequest, sink: Sink) -> None:
+        """Raises ValueError (from the engine) for a request it refuses."""
+        rid = request.request_id
+        if not rid:
+            raise ValueError("request_id must not be empty")
+        if rid in self._owner:
+            raise ValueError(f"duplicate request_id {rid!r}")
+        params = sampling_from_proto(request.params)
+        self.engine.add_request(
+            rid, list(request.prompt_token_ids), params, cache_salt=request.cache_salt
+        )
+        self._owner[rid] = sink
+        choices = params.beam_width if params.use_beam_search and params.beam_width else params.n
+        self._open_choices[rid] = set(range(max(1, choices)))
+        sink.owned.add(rid)
+        self._wake.set()
+
+    def abort(self, request_ids: list[str], sink: Sink | None = None) -> int:
+        """Aborts requests (only `sink`'s own when given); later outputs for them are dropped."""
+        n = 0
+        for rid in request_ids:
+            owner = self._owner.get(rid)
+            if owner is None or (sink is not None and owner is not sink):
+                continue
+            self.engine.abort_request(rid)
+            self._forget(rid)
+            n += 1
+        if n:
+            self._wake.set()  # the abort takes effect (blocks released) on the next step
+        return n
+
+    def _forget(self, rid: str) -> None:
+        sink = self._owner.pop(rid, None)
+        self._open_choices.pop(rid, None)
+        if sink is not None:
+            sink.owned.discard(rid)
+            sink.maybe_end()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self.engine.has_unfinished_requests():
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await self.engine.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(f"engine step failed: {exc}")
+                await asyncio.sleep(0.1)  # no hot loop if the failure repeats
+                continue
+            self.steps += 1
+            if outputs:
+                self._route(outputs)
+            # Let gRPC write this step's messages and read new requests/aborts before the next.
+            await asyncio.sleep(0)
+
+    def _route(self, outputs: list[SequenceOutput]) -> None:
+        per_sink: dict[int, tuple[Sink, list[pb.SequenceOutput]]] = {}
+        finished: list[str] = []
+        for o in outputs:
+            sink = self._owner.get(o.request_id)
+            if sink is None:
+                continue  # aborted: its stream is gone or asked for it
+            per_sink.setdefault(id(sink), (sink, []))[1].append(output_to_proto(o))
+            if o.finish_reason != FinishReason.NONE:
+                left = self._open_choices.get(o.request_id)
+                if left is not None:
+                    left.discard(o.index)
+                    if not left or o.finish_reason == FinishReason.ERROR:
+                        finished.append(o.request_id)
+        for sink, msgs in per_sink.values():
+            sink.put(msgs)
+        for rid in finished:
+            self._forget(rid)
+
+    def _fail_all(self, message: str) -> None:
+        for rid, sink in list(self._owner.items()):
+            with contextlib.suppress(Exception):
+                self.engine.abort_request(rid)
+            sink.put(
+                [pb.SequenceOutput(request_id=rid, finish_reason=pb.FINISH_ERROR, error=message)]
+            )
+            self._forget(rid)
+
+
+class ExecutorService(pb_grpc.ExecutorServicer):
+    def __init__(self, loop: EngineLoop, info: pb.ExecutorInfo) -> None:
+        self.loop = loop
+        self._info = info
+
+    async def _drain(self, sink: Sink) -> AsyncIterator[pb.StepOutput]:
+        while True:
+            msg = await sink.queue.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def Serve(
+        self, request_iterator: AsyncIterator[pb.ServeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepOutput]:
+        # Headers now: the gateway treats them as "stream accepted" before sending anything.
+        await context.send_initial_metadata(())
+        sink = Sink()
+        peer = context.peer()
+        log.info("Serve stream opened by %s", peer)
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "generate":
+                    try:
+                        self.loop.add(msg.generate, sink)
+                    except ValueError as exc:
+                        sink.put([rejection(msg.generate.request_id, str(exc))])
+                elif kind == "abort":
+                    self.loop.abort(list(msg.abort.request_ids), sink)
+            sink.closing = True  # half-closed: finish what is in flight, then end the stream
+            sink.maybe_end()
+
+        reader = asyncio.create_task(read())
+        try:
+            async for step in self._drain(sink):
+                yield step
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            n = self.loop.abort(list(sink.owned), sink)
+            log.info("Serve stream from %s closed (%d requests aborted)", peer, n)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepOutput]:
+        sink = Sink()
+        sink.closing = True
+        try:
+            self.loop.add(request, sink)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            async for step in self._drain(sink):
+                yield step
+        finally:
+            self.loop.abort(list(sink.owned), sink)
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        return pb.AbortResponse(num_aborted=self.loop.abort(list(request.request_ids)))
+
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecutorInfo:
+        info = pb.ExecutorInfo()
+        info.CopyFrom(self._info)
+        running, waiting = engine_load(self.loop.engine)
+        info.num_running = running
+        info.num_waiting = waiting
+        return info
+
+
+def engine_load(engine: Any) -> tuple[int, int]:
+    """(running, waiting) sequences, from whichever counters this engine exposes."""
+    for obj in (engine, getattr(engine, "scheduler", None)):
+        if obj is None:
+            continue
+        running = getattr(obj, "num_running", None)
+        waiting = getattr(obj, "num_waiting", None)
+        if running is not None and waiting is not None:
+            running = running() if callable(running) else running
+            waiting = waiting() if callable(waiting) else waiting
+            return int(running), int(waiting)
+        running = getattr(obj, "running", None)
+        waiting = getattr(obj, "waiting", None)
+        if running is not None and waiting is not None:
+            return len(running), len(waiting)
+    return 0, 0
+
+
+async def serve(
+    engine: Any,
+    info: pb.ExecutorInfo,
+    host: str,
+    port: int,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Runs the service until `stop` is set (or forever); the engine must be started."""
+    loop = EngineLoop(engine)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_ExecutorServicer_to_server(ExecutorService(loop, info), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Executor"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"cannot bind {host}:{port}")
+    await server.start()
+    engine_task = asyncio.create_task(loop.run(), name="engine-loop")
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", serving)
+    await health_servicer.set("pagemesh.v1.Executor", serving)
+    log.info("executor %s serving %s on %s:%d", info.executor_id, info.model, host, bound)
+    try:
+        waiters = [asyncio.create_task(server.wait_for_termination()), engine_task]
+        if stop is not None:
+            waiters.append(asyncio.create_task(stop.wait()))
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if engine_task in done and engine_task.exception() is not None:
+            raise engine_task.exception()  # type: ignore[misc]
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        engine_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await engine_task
+        for task in waiters:
+            task.cancel()

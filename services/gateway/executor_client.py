@@ -1,0 +1,194 @@
+"""The gateway's side of the executor: one `Serve` stream per gateway process.
+
+Every HTTP request becomes a GenerateRequest written up the shared stream; every StepOutput that
+comes down holds the new tokens of all this gateway's requests for one scheduler step and is
+fanned out here to per-request queues. That keeps the token path at one gRPC message per step.
+
+If the stream breaks (executor restart), every request in flight fails with
+`ExecutorUnavailable` and the stream is reopened in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto import executor_pb2 as pb
+from proto import executor_pb2_grpc as pb_grpc
+
+log = logging.getLogger("pagemesh.gateway.executor")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class ExecutorUnavailable(Exception):
+    """The executor cannot be reached or its stream broke while the request was in flight."""
+
+
+class RequestStream:
+    """The outputs of one request: one list of SequenceOutputs per scheduler step."""
+
+    def __init__(self, request_id: str, n: int) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[list[pb.SequenceOutput] | BaseException] = asyncio.Queue()
+        self._open_choices = set(range(n))
+        self.done = False
+
+    def _deliver(self, outputs: list[pb.SequenceOutput]) -> None:
+        for out in outputs:
+            if out.finish_reason != pb.FINISH_NONE:
+                self._open_choices.discard(out.index)
+            if out.rejected:
+                self._open_choices.clear()
+        if not self._open_choices:
+            self.done = True
+        self._queue.put_nowait(outputs)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.done = True
+        self._queue.put_nowait(exc)
+
+    def __aiter__(self) -> AsyncIterator[list[pb.SequenceOutput]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[list[pb.SequenceOutput]]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if self.done and self._queue.empty():
+                return
+
+
+class ExecutorClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.info: pb.ExecutorInfo | None = None
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.ExecutorStub(self._channel)
+        self._streams: dict[str, RequestStream] = {}
+        self._outbox: asyncio.Queue[pb.ServeRequest | None] | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # Unique across gateway processes and restarts: the executor serves several gateways.
+        self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
+        self._counter = itertools.count()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def new_request_id(self, kind: str) -> str:
+        return f"{kind}-{self._prefix}-{next(self._counter)}"
+
+    async def get_info(self, timeout: float = 5.0) -> pb.ExecutorInfo:
+        self.info = await self._stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+        return self.info
+
+    async def wait_for_info(self, poll: float = 0.5) -> pb.ExecutorInfo:
+        """Blocks until the executor answers (it may still be loading its model)."""
+        while True:
+            try:
+                return await self.get_info()
+            except grpc.aio.AioRpcError as exc:
+                log.info("waiting for executor at %s (%s)", self.address, exc.code().name)
+                await asyncio.sleep(poll)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="executor-serve-stream")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail_all(ExecutorUnavailable("gateway shutting down"))
+        await self._channel.close()
+
+    def submit(self, request: pb.GenerateRequest) -> RequestStream:
+        if not self.connected or self._outbox is None:
+            raise ExecutorUnavailable(f"executor at {self.address} is not connected")
+        stream = RequestStream(request.request_id, max(1, request.params.n))
+        self._streams[request.request_id] = stream
+        self._outbox.put_nowait(pb.ServeRequest(generate=request))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Fire-and-forget: the executor frees the request's blocks within one step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or self._outbox is None or not self.connected:
+            return
+        self._outbox.put_nowait(pb.ServeRequest(abort=pb.AbortRequest(request_ids=[request_id])))
+
+    async def _outgoing(self, outbox: asyncio.Queue) -> AsyncIterator[pb.ServeRequest]:
+        while True:
+            msg = await outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            outbox: asyncio.Queue[pb.ServeRequest | None] = asyncio.Queue()
+            self._outbox = outbox
+            call = self._stub.Serve(self._outgoing(outbox), wait_for_ready=True)
+            try:
+                # Metadata arrives once the server accepted the stream: only then is it usable.
+                await call.initial_metadata()
+                self._connected.set()
+                log.info("Serve stream to %s open", self.address)
+                backoff = 0.2
+                async for step in call:
+                    self._dispatch(step)
+                error: BaseException = ExecutorUnavailable("executor closed the stream")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                error = ExecutorUnavailable(f"executor stream failed: {exc.code().name}")
+            finally:
+                self._connected.clear()
+                outbox.put_nowait(None)
+            log.warning("%s; reopening in %.1fs", error, backoff)
+            call.cancel()
+            self._fail_all(error)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _dispatch(self, step: pb.StepOutput) -> None:
+        by_request: dict[str, list[pb.SequenceOutput]] = {}
+        for out in step.outputs:
+            by_request.setdefault(out.request_id, []).append(out)
+        for request_id, outputs in by_request.items():
+            stream = self._streams.get(request_id)
+            if stream is None:  # aborted here already; late outputs are dropped
+                continue
+            stream._deliver(outputs)
+            if stream.done:
+                del self._streams[request_id]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(exc)

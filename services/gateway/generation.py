@@ -1,0 +1,170 @@
+"""One request's generation: executor step outputs → per-choice text deltas.
+
+This is where the executor's token stream meets the client's view of it: detokenization, stop
+strings (a choice that meets one is finished here, and the request is aborted at the executor
+once every choice is done, so no block is held for text nobody will see), finish reasons and the
+token counts that go into `usage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from proto import executor_pb2 as pb
+from services.gateway.chat import Tokenizer
+from services.gateway.detokenizer import Detokenizer
+from services.gateway.errors import APIError
+from services.gateway.executor_client import ExecutorClient, RequestStream
+from services.gateway.validation import GenerationOptions
+
+FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_ABORT: "abort"}
+
+
+@dataclass(slots=True)
+class TokenInfo:
+    """A sampled token's logprob and the top alternatives, as text."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[TokenInfo] = field(default_factory=list)
+
+
+def build_request(
+    request_id: str, prompt_ids: list[int], options: GenerationOptions, max_tokens: int
+) -> pb.GenerateRequest:
+    params = pb.SamplingParams(
+        n=options.n,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        max_tokens=max_tokens,
+        ignore_eos=options.ignore_eos,
+        logprobs=options.top_logprobs,
+        return_logprobs=options.logprobs,
+    )
+    if options.seed is not None:
+        params.seed = options.seed
+    return pb.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_ids,
+        params=params,
+        cache_salt=options.cache_salt,
+    )
+
+
+class Generation:
+    """Drives one submitted request. Iterate `steps()`; call `close()` in a finally block: a
+    request that did not finish (client gone, error) is aborted at the executor."""
+
+    def __init__(
+        self,
+        client: ExecutorClient,
+        request: pb.GenerateRequest,
+        tokenizer: Tokenizer,
+        stop: list[str],
+    ) -> None:
+        self._client = client
+        self.request_id = request.request_id
+        self.n = max(1, request.params.n)
+        self._want_logprobs = request.params.return_logprobs
+        self._tokenizer = tokenizer
+        prompt = list(request.prompt_token_ids)
+        self._detok = [Detokenizer(tokenizer, stop, prompt) for _ in range(self.n)]
+        self.finish_reasons: list[str | None] = [None] * self.n
+        self.prompt_tokens = len(prompt)
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self._executor_done = False
+        self._stream: RequestStream = client.submit(request)
+
+    @property
+    def finished(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    def texts(self) -> list[str]:
+        return [d.text for d in self._detok]
+
+    async def first_step(self) -> list[ChoiceDelta]:
+        """The first step's deltas; raises APIError(400) when the executor refused the request,
+        before the caller has committed to a 200 response."""
+        self._iter = self._steps()
+        try:
+            return await anext(self._iter)
+        except StopAsyncIteration:
+            return []
+
+    async def steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+        async for deltas in self._iter:
+            yield deltas
+
+    async def _steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+        async for outputs in self._stream:
+            deltas = [d for out in outputs if (d := self._apply(out)) is not None]
+            if self.finished and not self._stream.done:
+                # Every choice met a stop string: stop spending blocks and compute on it.
+                self._client.abort(self.request_id)
+                self._executor_done = True
+            yield deltas
+            if self.finished:
+                break
+        self._executor_done = True
+
+    def _apply(self, out: pb.SequenceOutput) -> ChoiceDelta | None:
+        if out.rejected:
+            self._executor_done = True
+            raise APIError(out.error or "The executor rejected the request.")
+        if out.finish_reason == pb.FINISH_ERROR:
+            self._executor_done = True
+            raise APIError(
+                f"The executor failed on this request: {out.error or 'unknown error'}",
+                status=500,
+                type="server_error",
+            )
+        self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        i = out.index
+        if i >= self.n or self.finish_reasons[i] is not None:
+            return None  # a choice already cut by a stop string: the executor ran ahead
+        self.completion_tokens += len(out.token_ids)
+        detok = self._detok[i]
+        text = detok.push(list(out.token_ids))
+        logprobs = self._logprobs(out) if self._want_logprobs else []
+        if detok.stopped:
+            self.finish_reasons[i] = "stop"
+        elif out.finish_reason != pb.FINISH_NONE:
+            text += detok.finish()
+            self.finish_reasons[i] = FINISH_REASONS.get(out.finish_reason, "stop")
+        if not text and not logprobs and self.finish_reasons[i] is None:
+            return None
+        return ChoiceDelta(i, text, self.finish_reasons[i], logprobs)
+
+    def _logprobs(self, out: pb.SequenceOutput) -> list[TokenInfo]:
+        text = self._tokenizer.token_text
+        return [
+            TokenInfo(
+                text(lp.token_id), lp.logprob, [(text(t.token_id), t.logprob) for t in lp.top]
+            )
+            for lp in out.logprobs
+        ]
+
+    async def close(self) -> None:
+        if not self._executor_done and not self._stream.done:
+            self._client.abort(self.request_id)
+        self._executor_done = True
+        if hasattr(self, "_iter"):
+            with contextlib.suppress(Exception):
+                await self._iter.aclose()

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the gateway, plus kvmanager's pool and hit-rate figures (read with one
+GetStats call per scrape) so that one scrape target shows the prefix cache at work."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from proto import kvmanager_pb2 as kv_pb
+from proto import kvmanager_pb2_grpc as kv_grpc
+
+log = logging.getLogger("pagemesh.gateway.metrics")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, kvmanager: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pagemesh_gateway_requests", "HTTP API requests", ["endpoint", "status"], registry=r
+        )
+        self.in_flight = Gauge(
+            "pagemesh_gateway_requests_in_flight", "Requests being generated", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "pagemesh_gateway_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.cached_tokens = Counter(
+            "pagemesh_gateway_cached_prompt_tokens",
+            "Prompt tokens served from the prefix cache",
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "pagemesh_gateway_completion_tokens", "Generated tokens", registry=r
+        )
+        self.aborts = Counter(
+            "pagemesh_gateway_aborts", "Requests aborted before the end", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "pagemesh_gateway_time_to_first_token_seconds",
+            "Time from request to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "pagemesh_gateway_request_duration_seconds",
+            "Time from request to last byte",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_token_hit_rate = Gauge(
+            "pagemesh_kv_token_hit_rate",
+            "Prompt tokens served from the prefix cache / prompt tokens (kvmanager)",
+            ["window"],
+            registry=r,
+        )
+        self.kv_request_hit_rate = Gauge(
+            "pagemesh_kv_request_hit_rate",
+            "Requests with a prefix-cache hit / requests (kvmanager)",
+            ["window"],
+            registry=r,
+        )
+        self.kv_blocks = Gauge(
+            "pagemesh_kv_blocks",
+            "KV blocks per state (kvmanager)",
+            ["executor", "state"],
+            registry=r,
+        )
+        self.kv_evictions = Gauge(
+            "pagemesh_kv_evictions", "Cached blocks evicted since start", ["executor"], registry=r
+        )
+        self.kv_redis_connected = Gauge(
+            "pagemesh_kv_redis_connected", "1 when kvmanager reaches Redis", registry=r
+        )
+        self.kv_up = Gauge("pagemesh_kv_up", "1 when kvmanager answered this scrape", registry=r)
+        self._kv_channel = grpc.aio.insecure_channel(kvmanager) if kvmanager else None
+        self._kv = kv_grpc.KVManagerStub(self._kv_channel) if self._kv_channel else None
+
+    async def _refresh_kv(self) -> None:
+        if self._kv is None:
+            return
+        try:
+            stats = await self._kv.GetStats(kv_pb.GetStatsRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("kvmanager GetStats failed: %s", exc.code().name)
+            self.kv_up.set(0)
+            return
+        self.kv_up.set(1)
+        self.kv_redis_connected.set(1 if stats.redis_connected else 0)
+        for w in stats.windows:
+            self.kv_token_hit_rate.labels(w.name).set(w.hits.token_hit_rate)
+            self.kv_request_hit_rate.labels(w.name).set(w.hits.request_hit_rate)
+        for ex in stats.executors:
+            for state in ("free", "in_use", "cached"):
+                self.kv_blocks.labels(ex.executor_id, state).set(getattr(ex.pool, state))
+            self.kv_evictions.labels(ex.executor_id).set(ex.pool.evictions)
+
+    async def render(self) -> bytes:
+        await self._refresh_kv()
+        return generate_latest(self.registry)
+
+    async def close(self) -> None:
+        if self._kv_channel is not None:
+            await self._kv_channel.close()

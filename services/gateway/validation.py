@@ -1,0 +1,398 @@
+"""Request bodies → typed requests, or a 400 that names the offending parameter.
+
+Everything a client can get wrong is checked here, before any tokenization or executor work, so
+a bad request never costs a block. Limits that depend on the prompt (context length) are checked
+by the caller once the prompt is tokenized (`check_context`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.gateway.errors import APIError, invalid
+
+# Roles the chat template understands; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(slots=True)
+class Limits:
+    """Operator-set bounds, applied before any work is done."""
+
+    max_n: int = 8
+    max_stop: int = 4
+    max_stop_chars: int = 256
+    max_top_logprobs: int = 20
+    max_messages: int = 1024
+    max_tokens: int = 1 << 20  # absolute bound; the context length is usually tighter
+
+
+@dataclass(slots=True)
+class GenerationOptions:
+    max_tokens: int | None = None  # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    cache_salt: str = ""
+    user: str | None = None
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]  # role + plain-text content
+    stream: bool
+    include_usage: bool
+    options: GenerationOptions
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    model: str
+    prompt: str | list[int]
+    stream: bool
+    include_usage: bool
+    echo: bool
+    options: GenerationOptions
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(
+            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _type_error(name: str, expected: str, value: Any) -> APIError:
+    return invalid(
+        f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)}.",
+        param=name,
+        code="invalid_type",
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _range_error(name: str, value: Any, lo: Any, hi: Any) -> APIError:
+    return invalid(
+        f"Invalid value for '{name}': {value!r} is out of range; it must be between {lo} and {hi}.",
+        param=name,
+        code="invalid_value",
+    )
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python, but `true` is not a number in JSON.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(name, "a number", value)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise _range_error(name, value, lo, hi)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer", value)
+    if not lo <= value <= hi:
+        raise _range_error(name, value, lo, hi)
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _type_error(name, "a boolean", value)
+    return value
+
+
+def _string(body: dict, name: str, default: str | None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    return value
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if model is None:
+        raise invalid("You must provide a model parameter.", param="model", code="missing_required")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    return model
+
+
+def _stop(body: dict, limits: Limits) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _type_error("stop", "a string or an array of strings", value)
+    if len(stops) > limits.max_stop:
+        raise invalid(
+            f"Invalid value for 'stop': at most {limits.max_stop} stop sequences are allowed.",
+            param="stop",
+            code="invalid_value",
+        )
+    for s in stops:
+        if not s or len(s) > limits.max_stop_chars:
+            raise invalid(
+                f"Invalid value for 'stop': each stop sequence must be 1 to "
+                f"{limits.max_stop_chars} characters long.",
+                param="stop",
+                code="invalid_value",
+            )
+    return list(dict.fromkeys(stops))
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise _type_error("stream_options", "an object", opts)
+    if not stream:
+        raise invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    value = opts.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise _type_error("stream_options.include_usage", "a boolean", value)
+    return value
+
+
+def _common_options(body: dict, limits: Limits) -> GenerationOptions:
+    max_tokens = _integer(body, "max_completion_tokens", None, 1, limits.max_tokens)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", None, 1, limits.max_tokens)
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+    if seed is not None and seed < 0:  # the executor takes uint64; keep the caller's bits
+        seed &= (1 << 64) - 1
+    cache_salt = _string(body, "cache_salt", "") or ""
+    return GenerationOptions(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=_integer(body, "top_k", 0, -1, 1 << 20) or 0,
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        n=_integer(body, "n", 1, 1, limits.max_n) or 1,
+        stop=_stop(body, limits),
+        seed=seed,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
+        ignore_eos=_boolean(body, "ignore_eos", False),
+        cache_salt=cache_salt,
+        user=_string(body, "user", None),
+    )
+
+
+def _message_text(content: Any, where: str) -> str:
+    """Plain text of a message's content: a string or an array of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise invalid(
+                    f"Invalid content part at '{where}[{j}]': only text parts are supported.",
+                    param=f"{where}[{j}]",
+                    code="invalid_value",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _type_error(f"{where}[{j}].text", "a string", text)
+            texts.append(text)
+        return "".join(texts)
+    raise _type_error(where, "a string or an array of content parts", content)
+
+
+def _messages(body: dict, limits: Limits) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid(
+            "Missing required parameter: 'messages'.", param="messages", code="missing_required"
+        )
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+            code="empty_array",
+        )
+    if len(messages) > limits.max_messages:
+        raise invalid(
+            f"Invalid 'messages': at most {limits.max_messages} messages are allowed.",
+            param="messages",
+            code="invalid_value",
+        )
+    out: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _type_error(where, "an object", message)
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise _type_error(f"{where}.role", "a string", role)
+        if role not in CHAT_ROLES:
+            raise invalid(
+                f"Invalid value for '{where}.role': {role!r}. Supported values are: "
+                + ", ".join(repr(r) for r in CHAT_ROLES)
+                + ".",
+                param=f"{where}.role",
+                code="invalid_value",
+            )
+        if "content" not in message and role != "assistant":
+            raise invalid(
+                f"Missing required parameter: '{where}.content'.",
+                param=f"{where}.content",
+                code="missing_required",
+            )
+        text = _message_text(message.get("content"), f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    return out
+
+
+def _reject_unsupported(body: dict) -> None:
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise invalid(f"'{name}' is not supported by this server.", param=name)
+
+
+def parse_chat(body: dict, limits: Limits) -> ChatRequest:
+    model = _model(body)
+    messages = _messages(body, limits)
+    _reject_unsupported(body)
+    stream = _boolean(body, "stream", False)
+    options = _common_options(body, limits)
+    options.logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", 0, 0, limits.max_top_logprobs) or 0
+    if top and not options.logprobs:
+        raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    options.top_logprobs = top
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        options=options,
+    )
+
+
+def _prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid(
+            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required"
+        )
+    # A one-element batch is the same request; real batches would multiplex choices across
+    # prompts, which this server does not do.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise invalid("Invalid 'prompt': empty string.", param="prompt", code="invalid_value")
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise invalid(
+            "Batched prompts are not supported; send one prompt per request.", param="prompt"
+        )
+    raise _type_error("prompt", "a string or an array of token ids", prompt)
+
+
+def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
+    model = _model(body)
+    prompt = _prompt(body)
+    stream = _boolean(body, "stream", False)
+    options = _common_options(body, limits)
+    top = _integer(body, "logprobs", None, 0, min(5, limits.max_top_logprobs))
+    options.logprobs = top is not None
+    options.top_logprobs = top or 0
+    return CompletionRequest(
+        model=model,
+        prompt=prompt,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        echo=_boolean(body, "echo", False),
+        options=options,
+    )
+
+
+def check_context(options: GenerationOptions, num_prompt_tokens: int, max_model_len: int) -> int:
+    """The max_tokens to ask for, or a 400 when the prompt (plus max_tokens) does not fit."""
+    if num_prompt_tokens >= max_model_len:
+        raise invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {num_prompt_tokens} tokens, which leaves no room for a completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    room = max_model_len - num_prompt_tokens
+    if options.max_tokens is None:
+        return room
+    if options.max_tokens > room:
+        raise invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + options.max_tokens} tokens ({num_prompt_tokens} in "
+            f"the prompt, {options.max_tokens} for the completion). Please reduce the prompt or "
+            "max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return options.max_tokens
