@@ -1,0 +1,56 @@
+"""EngineConfig: everything the engine needs to know that is not in the model's own config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# CPU pools are small: 4096 blocks x 16 tokens = 64k tokens (SmolLM2-135M: ~0.75 GiB in float32).
+DEFAULT_CPU_NUM_BLOCKS = 4096
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str  # HF directory, hub id or GGUF file (resolved by model.loader.resolve_model)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    block_size: int = 16
+    # KV pool size. None: profiled on CUDA (gpu_memory_utilization), DEFAULT_CPU_NUM_BLOCKS on CPU.
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256  # sequences (choices) running at once
+    max_num_batched_tokens: int = 8192  # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True
+    # Tokens of table coverage reserved ahead of need, so the batched Extend issued while step t
+    # computes has slack and step t+1 never waits on the allocator.
+    num_lookahead_tokens: int = 8
+    use_cuda_graphs: bool = True
+    max_cuda_graph_batch_size: int = 256
+    max_beam_width: int = 8
+    max_n: int = 64  # parallel samples per request
+    executor_id: str = "executor-0"
+    seed: int = 0  # the generator of unseeded requests
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
+        if self.num_lookahead_tokens < 0:
+            raise ValueError("num_lookahead_tokens must be >= 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+        }[self.dtype]

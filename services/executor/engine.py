@@ -1,0 +1,624 @@
+"""LLMEngine: token ids in, tokens out, one scheduler step at a time (API: engine_api.py).
+
+A step: schedule (scheduler.py) -> build the batch's inputs on the device -> forward + sample
+(in a worker thread, so the event loop keeps serving while the device computes, and the
+look-ahead Extend for the next step runs concurrently) -> append tokens, finish, commit, release.
+
+Device-side state persists across steps, one row per running sequence (Sequence.row):
+- `block_tables` [rows, max_blocks] int32: updated in place, only where a table changed;
+- `token_buf` [rows, max_model_len + 1] int64: every sequence's token ids. Sampled tokens are
+  written there on the device, so a decode step's inputs are gathered on the device
+  (token_buf[row, position]) and the host only uploads one small index array per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+from services.executor.config import EngineConfig
+from services.executor.engine_api import (
+    FinishReason,
+    SamplingParams,
+    SequenceOutput,
+    TokenLogprob,
+)
+from services.executor.kv_pool import KVPool, determine_num_blocks
+from services.executor.model.attention_metadata import AttentionMetadata
+from services.executor.model.config import ModelConfig
+from services.executor.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingTensors,
+    build_sampling_tensors,
+    token_counts,
+)
+from services.executor.scheduler import Scheduler, SchedulerOutput
+from services.executor.sequence import Request, SeqStatus, Sequence
+from services.kvmanager.api import BlockAllocator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    num_seqs: int
+    logits_index: torch.Tensor  # [S] rows of hidden to sample (a forking parent: n times)
+    sample_seqs: list[Sequence]  # [S]
+    sample_rows: torch.Tensor  # [S] token_buf rows
+    sample_pos: torch.Tensor  # [S] where each sampled token goes in its row
+    forks: list[tuple[Sequence, list[Sequence]]]
+    st: SamplingTensors
+
+
+@dataclass(slots=True)
+class StepResult:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        allocator: BlockAllocator,
+        *,
+        model: torch.nn.Module | None = None,
+        model_config: ModelConfig | None = None,
+        model_fingerprint: str | None = None,
+    ) -> None:
+        """`model`/`model_config` may be given pre-built (random-weight benchmarks, tests that
+        share one loaded model); otherwise `start()` resolves and loads `config.model`."""
+        self.config = config
+        self.allocator = allocator
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.model = model
+        self.model_config = model_config
+        self.model_path = ""
+        self.model_fingerprint = model_fingerprint or ""
+        self.requests: dict[str, Request] = {}
+        self._aborts: list[str] = []
+        self.started = False
+        self.epoch = 0
+        self.num_steps = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self._load_model)
+        assert self.model is not None and self.model_config is not None
+        mc = self.model_config
+        cfg = self.config
+        self.max_model_len = min(
+            cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        self.vocab_size = mc.vocab_size
+        self.eos_token_ids = set(mc.eos_token_ids)
+        self.max_blocks = -(-self.max_model_len // cfg.block_size)
+        if not self.model_fingerprint:
+            self.model_fingerprint = hashlib.sha256(repr(mc).encode()).hexdigest()
+        # The KV layout is part of what makes blocks shareable.
+        layout = f"{self.model_fingerprint}:{self.dtype}:{cfg.block_size}"
+        self.kv_fingerprint = hashlib.sha256(layout.encode()).hexdigest()
+
+        self.sampler = Sampler(mc.vocab_size, self.device, cfg.seed)
+        num_blocks = determine_num_blocks(cfg, mc, self.dtype, self.device, self._profile_run)
+        self.pool = KVPool(mc, num_blocks, cfg.block_size, self.dtype, self.device)
+        log.info(
+            "KV pool: %d blocks x %d tokens = %d tokens (%.2f GiB, %s on %s)",
+            num_blocks,
+            cfg.block_size,
+            self.pool.num_tokens,
+            self.pool.nbytes / 2**30,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+        )
+        rows = cfg.max_num_seqs
+        self.block_tables = torch.zeros(
+            rows, self.max_blocks, dtype=torch.int32, device=self.device
+        )
+        self.token_buf = torch.zeros(
+            rows, self.max_model_len + 1, dtype=torch.int64, device=self.device
+        )
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.use_cuda_graphs:
+            from services.executor.cuda_graphs import CUDAGraphRunner
+
+            self.graphs = CUDAGraphRunner(
+                self.model,
+                self.pool.kv_caches,
+                max_batch_size=min(cfg.max_cuda_graph_batch_size, cfg.max_num_seqs),
+                max_blocks=self.max_blocks,
+                max_model_len=self.max_model_len,
+                vocab_size=mc.vocab_size,
+                device=self.device,
+            )
+            start = time.monotonic()
+            self.graphs.capture()
+            log.info(
+                "captured %d CUDA graphs in %.1f s",
+                len(self.graphs.graphs),
+                time.monotonic() - start,
+            )
+        self.epoch = await self.allocator.register(num_blocks, cfg.block_size, self.kv_fingerprint)
+        self.scheduler = Scheduler(cfg, self.allocator, self.max_model_len)
+        self.started = True
+
+    def _load_model(self) -> None:
+        from services.executor.model.loader import load_model, model_fingerprint, resolve_model
+
+        path = resolve_model(self.config.model)
+        self.model_path = str(path)
+        self.model, self.model_config = load_model(path, self.device, self.dtype)
+        self.model_fingerprint = model_fingerprint(path)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """The largest batch the scheduler can form, on a one-block dummy cache (no writes:
+        every slot is -1), then the sampler's heaviest path on max_num_seqs rows."""
+        assert self.model is not None and self.model_config is not None
+        mc, cfg = self.model_config, self.config
+        t = cfg.max_num_batched_tokens
+        b = min(cfg.max_num_seqs, t)
+        dev = self.device
+        dummy = torch.zeros(
+            1, cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=dev
+        )
+        kv = [(dummy, dummy)] * mc.num_layers
+        per_seq = t // b
+        q_lens = torch.full((b,), per_seq, dtype=torch.int32)
+        q_lens[-1] += t - per_seq * b
+        qsl = torch.zeros(b + 1, dtype=torch.int32)
+        qsl[1:] = q_lens.cumsum(0)
+        positions = torch.cat([torch.arange(int(n)) for n in q_lens]).to(dev)
+        attn = AttentionMetadata(
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(b, 1, dtype=torch.int32, device=dev),
+            seq_lens=q_lens.to(dev),
+            query_start_loc=qsl.to(dev),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(q_lens.max()),
+        )
+        # Contexts longer than one block would read past the dummy table: keep them in one block.
+        if int(q_lens.max()) > cfg.block_size:
+            attn.block_tables = torch.zeros(
+                b, -(-int(q_lens.max()) // cfg.block_size), dtype=torch.int32, device=dev
+            )
+        ids = torch.zeros(t, dtype=torch.int64, device=dev)
+        hidden = self.model(ids, positions, kv, attn)
+        logits = self.model.compute_logits(hidden[qsl[1:].to(dev).long() - 1])
+        params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)] * b
+        st = build_sampling_tensors(params, [None] * b, mc.vocab_size, dev)
+        self.sampler(logits, st)
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str = "",
+    ) -> None:
+        if not self.started:
+            raise RuntimeError("LLMEngine.start() has not been awaited")
+        self._validate(request_id, prompt_token_ids, params)
+        prompt = [int(t) for t in prompt_token_ids]
+        req = Request(request_id, params, cache_salt, len(prompt))
+        seq = self._new_seq(req, 0, prompt)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        gen = None
+        if req.params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((req.params.seed + index) % 2**63)
+        suffix = f"#{index}" if req.params.n > 1 else ""
+        seq = Sequence(
+            seq_id=f"{req.request_id}{suffix}",
+            request=req,
+            index=index,
+            token_ids=token_ids,
+            num_prompt_tokens=req.num_prompt_tokens,
+            arrival=0,
+            generator=gen,
+        )
+        req.seqs.append(seq)
+        return seq
+
+    def _validate(self, request_id: str, prompt: list[int], p: SamplingParams) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if not request_id:
+            bad("request_id must not be empty")
+        if request_id in self.requests:
+            bad(f"request_id {request_id!r} is already in use")
+        if not prompt:
+            bad("the prompt must hold at least one token")
+        if any(not 0 <= int(t) < self.vocab_size for t in prompt):
+            bad(f"prompt token ids must be in [0, {self.vocab_size})")
+        if p.use_beam_search or p.beam_width > 1:
+            bad("beam search is not supported yet")
+        if not 1 <= p.n <= min(self.config.max_n, self.config.max_num_seqs):
+            bad(f"n must be in [1, {min(self.config.max_n, self.config.max_num_seqs)}], got {p.n}")
+        if p.max_tokens < 1:
+            bad(f"max_tokens must be >= 1, got {p.max_tokens}")
+        if len(prompt) + p.max_tokens > self.max_model_len:
+            bad(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the"
+                f" context length {self.max_model_len}"
+            )
+        if (
+            not self.config.enable_chunked_prefill
+            and len(prompt) > self.config.max_num_batched_tokens
+        ):
+            bad(f"prompt longer than max_num_batched_tokens ({self.config.max_num_batched_tokens})")
+        blocks = -(-(len(prompt) + p.max_tokens) // self.config.block_size)
+        if blocks > self.pool.num_blocks:
+            bad(f"the request needs {blocks} KV blocks, the pool has {self.pool.num_blocks}")
+        if not (p.temperature >= 0.0 and p.temperature == p.temperature):
+            bad(f"temperature must be >= 0, got {p.temperature}")
+        if not 0.0 < p.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < -1:
+            bad(f"top_k must be -1, 0 (off) or positive, got {p.top_k}")
+        if not 0.0 <= p.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {p.min_p}")
+        if not -2.0 <= p.presence_penalty <= 2.0:
+            bad(f"presence_penalty must be in [-2, 2], got {p.presence_penalty}")
+        if not -2.0 <= p.frequency_penalty <= 2.0:
+            bad(f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}")
+        if not p.repetition_penalty > 0.0:
+            bad(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        if not 0 <= p.logprobs <= 20:
+            bad(f"logprobs must be in [0, 20], got {p.logprobs}")
+        if p.seed is not None and p.seed < 0:
+            bad(f"seed must be >= 0, got {p.seed}")
+        if any(not 0 <= int(t) < self.vocab_size for t in p.stop_token_ids):
+            bad(f"stop_token_ids must be in [0, {self.vocab_size})")
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self.requests:
+            self._aborts.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    async def step(self) -> list[SequenceOutput]:
+        outputs = self._process_aborts()
+        sched = await self.scheduler.schedule()
+        for seq in sched.failed:
+            outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
+        if sched.seqs:
+            with torch.inference_mode():
+                batch = self._prepare(sched)
+            lookahead = self.scheduler.issue_lookahead(sched)
+            result = await asyncio.to_thread(self._execute, batch, sched.copies)
+            outputs.extend(await self._postprocess(sched, batch, result, lookahead))
+            self.num_steps += 1
+        if not self.requests:
+            await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
+        return outputs
+
+    def _process_aborts(self) -> list[SequenceOutput]:
+        outputs: list[SequenceOutput] = []
+        if not self._aborts:
+            return outputs
+        releases = []
+        for rid in self._aborts:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if seq.is_finished:
+                    continue
+                if seq.status == SeqStatus.RUNNING:
+                    releases.append(seq.seq_id)
+                self.scheduler.finish(seq, FinishReason.ABORT)
+            indices = (
+                range(req.params.n)
+                if not req.forked
+                else [s.index for s in req.seqs if s.finish_reason == FinishReason.ABORT]
+            )
+            outputs.extend(
+                SequenceOutput(
+                    rid, i, [], FinishReason.ABORT, num_prompt_tokens=req.num_prompt_tokens
+                )
+                for i in indices
+            )
+        self._aborts.clear()
+        self.scheduler.background([], releases)
+        return outputs
+
+    def _fail(self, seq: Sequence, error: str) -> list[SequenceOutput]:
+        req = seq.request
+        # Before the fork the one sequence stands for all n choices.
+        indices = [seq.index] if req.forked else list(range(req.params.n))
+        if all(q.is_finished for q in req.seqs):
+            self.requests.pop(req.request_id, None)
+        return [
+            SequenceOutput(
+                req.request_id,
+                i,
+                [],
+                FinishReason.ERROR,
+                error=error,
+                num_prompt_tokens=req.num_prompt_tokens,
+            )
+            for i in indices
+        ]
+
+    def _prepare(self, sched: SchedulerOutput) -> Batch:
+        """Host: one pass over the scheduled sequences into small int arrays, one upload.
+        Device: token ids, slots and block tables gathered from the persistent tables."""
+        dev = self.device
+        bs = self.config.block_size
+        seqs = sched.seqs
+        b = len(seqs)
+        self._sync_tables(sched)
+
+        rows = np.fromiter((s.row for s in seqs), np.int64, b)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, b)
+        totals = np.fromiter((s.num_tokens for s in seqs), np.int64, b)
+        q_lens = np.asarray(sched.num_new_tokens, dtype=np.int64)
+        cu = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        t = int(cu[-1])
+        seq_lens = starts + q_lens
+        if t == b:
+            token_rows, positions = rows, starts
+        else:
+            token_rows = np.repeat(rows, q_lens)
+            positions = np.repeat(starts - cu[:-1], q_lens) + np.arange(t)
+        sampling = np.flatnonzero(seq_lens == totals)
+
+        # n > 1: a parent whose prefill ends now samples n tokens from its one row of logits;
+        # its n - 1 children are created here (they take reserved rows) and forked afterwards.
+        forks: list[tuple[Sequence, list[Sequence]]] = []
+        sample_seqs: list[Sequence] = []
+        logits_idx: list[int] = []
+        for i in sampling.tolist():
+            seq = seqs[i]
+            sample_seqs.append(seq)
+            logits_idx.append(int(cu[i + 1]) - 1)
+            req = seq.request
+            if req.params.n > 1 and not req.forked:
+                children = self._make_children(seq)
+                forks.append((seq, children))
+                sample_seqs.extend(children)
+                logits_idx.extend([int(cu[i + 1]) - 1] * len(children))
+        s = len(sample_seqs)
+        sample_rows = np.fromiter((q.row for q in sample_seqs), np.int64, s)
+        sample_pos = np.fromiter((q.num_tokens for q in sample_seqs), np.int64, s)
+
+        packed = np.concatenate(
+            [
+                token_rows,
+                positions,
+                rows,
+                seq_lens,
+                cu,
+                np.asarray(logits_idx, np.int64),
+                sample_rows,
+                sample_pos,
+            ]
+        )
+        dev_packed = torch.from_numpy(packed).to(dev, non_blocking=True)
+        o = 0
+        token_rows_d, o = dev_packed[o : o + t], o + t
+        positions_d, o = dev_packed[o : o + t], o + t
+        rows_d, o = dev_packed[o : o + b], o + b
+        seq_lens_d, o = dev_packed[o : o + b], o + b
+        cu_d, o = dev_packed[o : o + b + 1], o + b + 1
+        logits_idx_d, o = dev_packed[o : o + s], o + s
+        sample_rows_d, o = dev_packed[o : o + s], o + s
+        sample_pos_d = dev_packed[o : o + s]
+
+        for parent, children in forks:
+            child_rows = torch.tensor([c.row for c in children], device=dev)
+            self.token_buf[child_rows] = self.token_buf[parent.row]
+        input_ids = self.token_buf[token_rows_d, positions_d]
+        block_idx = self.block_tables[token_rows_d, positions_d // bs].long()
+        slot_mapping = block_idx * bs + positions_d % bs
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=self.block_tables.index_select(0, rows_d),
+            seq_lens=seq_lens_d.to(torch.int32),
+            query_start_loc=cu_d.to(torch.int32),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        params = [q.request.params for q in sample_seqs]
+        st = build_sampling_tensors(
+            params, [q.generator for q in sample_seqs], self.vocab_size, dev
+        )
+        return Batch(
+            input_ids=input_ids,
+            positions=positions_d,
+            attn=attn,
+            num_seqs=b,
+            logits_index=logits_idx_d,
+            sample_seqs=sample_seqs,
+            sample_rows=sample_rows_d,
+            sample_pos=sample_pos_d,
+            forks=forks,
+            st=st,
+        )
+
+    def _sync_tables(self, sched: SchedulerOutput) -> None:
+        """Write the table entries that changed since they were last uploaded, in one op."""
+        if sched.admitted:
+            rows, cols, vals = [], [], []
+            for seq in sched.admitted:
+                n = seq.num_tokens
+                rows.append(np.full(n, seq.row, np.int64))
+                cols.append(np.arange(n))
+                vals.append(np.asarray(seq.token_ids, np.int64))
+            idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)])).to(
+                self.device
+            )
+            self.token_buf[idx[0], idx[1]] = torch.from_numpy(np.concatenate(vals)).to(self.device)
+        changed = [s for s in sched.seqs if s.num_synced_blocks != len(s.block_table)]
+        if not changed:
+            return
+        rows, cols, vals = [], [], []
+        for seq in changed:
+            first = seq.num_synced_blocks
+            k = len(seq.block_table) - first
+            rows.append(np.full(k, seq.row, np.int64))
+            cols.append(np.arange(first, first + k))
+            vals.append(np.asarray(seq.block_table[first:], np.int64))
+            seq.num_synced_blocks = len(seq.block_table)
+        idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)])).to(
+            self.device
+        )
+        self.block_tables[idx[0], idx[1]] = torch.from_numpy(np.concatenate(vals)).to(
+            self.device, torch.int32
+        )
+
+    def _make_children(self, parent: Sequence) -> list[Sequence]:
+        req = parent.request
+        req.forked = True
+        self.scheduler.reserved_rows -= req.params.n - 1
+        children = []
+        for index in range(1, req.params.n):
+            child = self._new_seq(req, index, list(parent.token_ids))
+            child.row = self.scheduler.take_row()
+            child.status = SeqStatus.RUNNING
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.arrival = parent.arrival
+            children.append(child)
+        return children
+
+    @torch.inference_mode()
+    def _execute(self, batch: Batch, copies: list[tuple[int, int]]) -> StepResult:
+        """Runs in a worker thread: the device work of the step and the one sync (.tolist())."""
+        if copies:
+            mapping = torch.tensor(copies, dtype=torch.int64, device=self.device)
+            kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
+        logits = None
+        if self.graphs is not None and batch.attn.is_decode and not batch.forks:
+            logits = self.graphs.run(batch.input_ids, batch.positions, batch.attn, batch.num_seqs)
+        if logits is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn)
+            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_index))
+        elif batch.logits_index.numel() != batch.num_seqs:
+            logits = logits.index_select(0, batch.logits_index)
+        counts = None
+        if batch.st.presence is not None:
+            length = int(batch.sample_pos.max()) + 1 if batch.sample_pos.numel() else 1
+            tokens = self.token_buf[batch.sample_rows, :length]
+            prompt_lens = torch.tensor(
+                [q.num_prompt_tokens for q in batch.sample_seqs], device=self.device
+            )
+            counts = token_counts(tokens, prompt_lens, batch.sample_pos, self.vocab_size)
+        out: SamplerOutput = self.sampler(logits, batch.st, counts)
+        self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
+        return StepResult(
+            token_ids=out.token_ids.tolist(),
+            logprobs=out.logprobs.tolist() if out.logprobs is not None else None,
+            top_ids=out.top_ids.tolist() if out.top_ids is not None else None,
+            top_logprobs=out.top_logprobs.tolist() if out.top_logprobs is not None else None,
+        )
+
+    async def _postprocess(
+        self,
+        sched: SchedulerOutput,
+        batch: Batch,
+        result: StepResult,
+        lookahead: asyncio.Task | None,
+    ) -> list[SequenceOutput]:
+        sc = self.scheduler
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        await sc.finish_lookahead(lookahead)
+        commits = sc.commit_entries(sched.seqs)
+        if batch.forks:
+            # Children copy the parent's committed hashes at fork time: commit first.
+            await sc.drain()
+            if commits:
+                await self.allocator.commit(commits)
+                commits = []
+            for parent, children in batch.forks:
+                tables = await self.allocator.fork(
+                    parent.seq_id, [c.seq_id for c in children], parent.num_computed_tokens
+                )
+                parent.needs_extend = True  # its partial last block is shared now
+                for child in children:
+                    child.block_table = list(tables[child.seq_id])
+                    child.num_computed_tokens = parent.num_computed_tokens
+                    child.num_committed_blocks = parent.num_committed_blocks
+                    child.needs_extend = True
+                    sc.running.append(child)
+
+        outputs: list[SequenceOutput] = []
+        releases: list[str] = []
+        eos = self.eos_token_ids
+        for i, (seq, token) in enumerate(zip(batch.sample_seqs, result.token_ids, strict=True)):
+            seq.token_ids.append(token)
+            p = seq.params
+            lps: list[TokenLogprob] = []
+            if result.logprobs is not None and (p.return_logprobs or p.logprobs):
+                lp = result.logprobs[i]
+                seq.cumulative_logprob += lp
+                top = []
+                if p.logprobs and result.top_ids is not None and result.top_logprobs is not None:
+                    top = list(
+                        zip(
+                            result.top_ids[i][: p.logprobs],
+                            result.top_logprobs[i][: p.logprobs],
+                            strict=True,
+                        )
+                    )
+                lps.append(TokenLogprob(token, lp, top))
+            reason = FinishReason.NONE
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = FinishReason.STOP
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            req = seq.request
+            outputs.append(
+                SequenceOutput(
+                    request_id=req.request_id,
+                    index=seq.index,
+                    token_ids=[token],
+                    finish_reason=reason,
+                    logprobs=lps,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    cumulative_logprob=seq.cumulative_logprob,
+                )
+            )
+            if reason != FinishReason.NONE:
+                sc.finish(seq, reason)
+                releases.append(seq.seq_id)
+                if all(q.is_finished for q in req.seqs):
+                    self.requests.pop(req.request_id, None)
+        sc.background(commits, releases)
+        return outputs

@@ -1,0 +1,202 @@
+"""Batched sampling on the logits' device.
+
+One call samples one token for every row of a [B, V] float32 logits batch. Per-row parameters
+arrive as tensors (SamplingTensors, built once per step from the rows' SamplingParams); the work
+that no row needs (penalties, top-k/top-p sorting, min-p, logprobs) is skipped for the batch.
+
+Sampling is the exponential race: argmax(p / q) with q ~ Exp(1) draws from p exactly (Gumbel-max
+in another guise). A seeded row draws its q from its own torch.Generator, one [V] draw per step,
+so its output depends only on its seed and its own history, never on the batch it runs in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.executor.engine_api import SamplingParams
+
+_GREEDY_EPS = 1e-5  # temperatures below this are greedy
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows (unused there)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor | None  # [B] int64, V = off
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    presence: torch.Tensor | None  # [B] float32 (None: no row has any penalty)
+    frequency: torch.Tensor | None
+    repetition: torch.Tensor | None
+    generators: list[tuple[int, torch.Generator]]  # seeded rows
+    all_greedy: bool
+    num_top_logprobs: int  # max over rows; 0 = none
+    need_logprobs: bool  # some row wants its sampled token's logprob
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32: the sampled tokens' logprobs
+    top_ids: torch.Tensor | None = None  # [B, N] int64
+    top_logprobs: torch.Tensor | None = None  # [B, N] float32
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < _GREEDY_EPS
+
+
+def build_sampling_tensors(
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    vocab_size: int,
+    device: torch.device,
+) -> SamplingTensors:
+    """One pass over the rows' params; the batch flags decide which stages run at all."""
+    greedy = [is_greedy(p) for p in params]
+    all_greedy = all(greedy)
+    any_penalty = any(
+        p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+        for p in params
+    )
+    num_top = max((p.logprobs for p in params), default=0)
+    need_logprobs = num_top > 0 or any(p.return_logprobs for p in params)
+
+    def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    temperature = tensor(
+        [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], torch.float32
+    )
+    top_k = top_p = min_p = None
+    seeded: list[tuple[int, torch.Generator]] = []
+    if not all_greedy:
+        ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        if any(k < vocab_size for k in ks):
+            top_k = tensor(ks, torch.int64)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = tensor([p.top_p for p in params], torch.float32)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = tensor([p.min_p for p in params], torch.float32)
+        seeded = [
+            (i, g)
+            for i, (g, gr) in enumerate(zip(generators, greedy, strict=True))
+            if g is not None and not gr
+        ]
+    presence = frequency = repetition = None
+    if any_penalty:
+        presence = tensor([p.presence_penalty for p in params], torch.float32)
+        frequency = tensor([p.frequency_penalty for p in params], torch.float32)
+        repetition = tensor([p.repetition_penalty for p in params], torch.float32)
+    return SamplingTensors(
+        temperature=temperature,
+        greedy=tensor(greedy, torch.bool),
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        presence=presence,
+        frequency=frequency,
+        repetition=repetition,
+        generators=seeded,
+        all_greedy=all_greedy,
+        num_top_logprobs=num_top,
+        need_logprobs=need_logprobs,
+    )
+
+
+def token_counts(
+    tokens: torch.Tensor,  # [B, L] int64 (prompt + outputs, padded)
+    prompt_lens: torch.Tensor,  # [B] int64
+    seq_lens: torch.Tensor,  # [B] int64
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output token counts [B, V] float32, seen-anywhere mask [B, V] bool)."""
+    batch, length = tokens.shape
+    pos = torch.arange(length, device=tokens.device).unsqueeze(0)
+    valid = pos < seq_lens.unsqueeze(1)
+    is_output = valid & (pos >= prompt_lens.unsqueeze(1))
+    # Invalid positions go to a dump column V, dropped afterwards.
+    idx = torch.where(valid, tokens, vocab_size)
+    out_counts = torch.zeros(batch, vocab_size + 1, device=tokens.device)
+    out_counts.scatter_add_(1, idx, is_output.float())
+    seen = torch.zeros(batch, vocab_size + 1, device=tokens.device)
+    seen.scatter_(1, idx, 1.0)
+    return out_counts[:, :vocab_size], seen[:, :vocab_size] > 0
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def apply_penalties(
+        self,
+        logits: torch.Tensor,
+        st: SamplingTensors,
+        out_counts: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> torch.Tensor:
+        assert st.repetition is not None and st.frequency is not None and st.presence is not None
+        # Repetition (HF/CTRL): over prompt and outputs, divide positive logits, multiply negative.
+        rep = st.repetition.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+        # Frequency and presence (OpenAI): over the outputs only.
+        logits = logits - st.frequency.unsqueeze(1) * out_counts
+        return logits - st.presence.unsqueeze(1) * (out_counts > 0).float()
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [B, V] float32
+        st: SamplingTensors,
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SamplerOutput:
+        logits = logits[:, : self.vocab_size]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if st.need_logprobs else None
+        if st.presence is not None:
+            assert counts is not None, "penalties need token counts"
+            logits = self.apply_penalties(logits, st, *counts)
+        greedy_ids = logits.argmax(dim=-1)
+        if st.all_greedy:
+            token_ids = greedy_ids
+        else:
+            token_ids = torch.where(st.greedy, greedy_ids, self._sample(logits, st))
+        out = SamplerOutput(token_ids=token_ids)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            if st.num_top_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw_logprobs.topk(st.num_top_logprobs, dim=-1)
+        return out
+
+    def _sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        logits = logits / st.temperature.unsqueeze(1)
+        if st.top_k is not None or st.top_p is not None:
+            logits = self._top_k_top_p(logits, st.top_k, st.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if st.min_p is not None:
+            top = probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < st.min_p.unsqueeze(1) * top, 0.0)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, gen in st.generators:
+            q[row].exponential_(generator=gen)
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(
+        logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    ) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if top_k is not None:
+            rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+            sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
+        if top_p is not None:
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the mass strictly before it already reaches top_p (the first
+            # token always stays).
+            before = probs.cumsum(dim=-1) - probs
+            sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

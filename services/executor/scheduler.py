@@ -1,0 +1,319 @@
+"""Continuous batching over a paged KV pool whose logical side lives in a BlockAllocator.
+
+Each step:
+1. Running sequences first (decodes and unfinished prefill chunks), in admission order, under a
+   per-step token budget (max_num_batched_tokens); a prefill longer than what is left of the
+   budget is chunked.
+2. A running sequence whose table does not cover this step's writes (its look-ahead reservation
+   failed, or it was just forked and may hold a shared partial block) goes into one synchronous
+   batched Extend. If the pool is out of blocks, the newest running sequence is preempted (blocks
+   released, requeued at the front of the queue, recomputed later: its committed blocks stay
+   cached in kvmanager, so the recompute is mostly a prefix hit) until the Extend fits.
+3. Waiting sequences are admitted while the budget, max_num_seqs and the pool allow: one Allocate
+   each, which reports the cached prefix; only the uncached suffix is computed.
+Then, while the step computes, `issue_lookahead` reserves the blocks the next step needs in one
+batched Extend (at most one per block per sequence, so most steps make none), and after the step
+the newly full blocks are committed and finished sequences released in a background chain
+(ordered: a sequence's commits always land before its release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.executor.config import EngineConfig
+from services.executor.engine_api import FinishReason
+from services.executor.sequence import SeqStatus, Sequence
+from services.kvmanager.api import (
+    AllocatorError,
+    BlockAllocator,
+    CommitEntry,
+    ExtendEntry,
+    ExtendResult,
+    OutOfBlocks,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # got a row this step
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, run first
+    failed: list[Sequence] = field(default_factory=list)  # could never fit: finished with ERROR
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, max_model_len: int) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Rows of the engine's persistent device tables; a request with n choices holds n rows
+        # from admission on (n - 1 reserved for the children forked after its prefill).
+        self.free_rows: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
+        self.reserved_rows = 0
+        self.pending_copies: list[tuple[int, int]] = []
+        self._arrival = itertools.count()
+        self._chain: asyncio.Task | None = None  # background commits and releases, in order
+        self.num_preemptions = 0
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = next(self._arrival)
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def take_row(self) -> int:
+        return self.free_rows.pop()
+
+    def _rows_needed(self, seq: Sequence) -> int:
+        # Children of a not-yet-forked request need rows later; reserve them at admission.
+        return seq.request.params.n if not seq.request.forked else 1
+
+    def _covered(self, seq: Sequence) -> int:
+        return len(seq.block_table) * self.block_size
+
+    def _lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
+        return min(num_tokens + self.config.num_lookahead_tokens, self.max_model_len)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    async def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        out.copies, self.pending_copies = self.pending_copies, []
+        budget = self.config.max_num_batched_tokens
+        need: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget == 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+            if seq.needs_extend or self._covered(seq) < seq.num_computed_tokens + n:
+                need.append((seq, n))
+        if need:
+            await self._settle()
+            preempted = await self._extend_or_preempt(need, out)
+            out.num_preempted = len(preempted)
+            budget = self.config.max_num_batched_tokens - out.num_tokens
+        # No admission in a step that had to preempt: the pool is full.
+        if not out.num_preempted:
+            await self._admit(out, budget)
+        return out
+
+    async def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        bs = self.block_size
+        settled = False
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            rows = self._rows_needed(seq)
+            if len(self.free_rows) - self.reserved_rows < rows:
+                break
+            if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
+                break
+            if not settled:  # releases and commits of earlier steps must land first
+                await self._settle()
+                settled = True
+            try:
+                alloc = await self.allocator.allocate(
+                    seq.seq_id,
+                    seq.token_ids,
+                    seq.request.cache_salt,
+                    num_lookahead_tokens=self._lookahead_target(seq, seq.num_tokens + 1)
+                    - seq.num_tokens,
+                )
+            except OutOfBlocks:
+                if self.running or out.seqs:
+                    break  # blocks come back as running sequences finish
+                # Nothing runs and even an empty pool (cached blocks are evictable) cannot hold
+                # this sequence: it can never run.
+                self.waiting.popleft()
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = FinishReason.ERROR
+                out.failed.append(seq)
+                continue
+            self.waiting.popleft()
+            seq.block_table = list(alloc.block_ids)
+            seq.num_synced_blocks = 0
+            if seq.request.num_cached_tokens < 0:
+                seq.request.num_cached_tokens = alloc.num_cached_tokens
+            seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
+            seq.num_committed_blocks = alloc.num_cached_tokens // bs
+            seq.status = SeqStatus.RUNNING
+            seq.row = self.free_rows.pop()
+            self.reserved_rows += rows - 1
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            budget -= n
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            out.admitted.append(seq)
+
+    async def _extend_or_preempt(
+        self, need: list[tuple[Sequence, int]], out: SchedulerOutput
+    ) -> set[Sequence]:
+        """One batched Extend for the sequences whose tables fall short; preempts the newest
+        running sequences until it fits. Returns the preempted ones (already out of `out`)."""
+        preempted: set[Sequence] = set()
+        lookahead = True
+        while need:
+            entries = []
+            for seq, n in need:
+                end = seq.num_computed_tokens + n
+                target = self._lookahead_target(seq, end + 1) if lookahead else end
+                entries.append(ExtendEntry(seq.seq_id, seq.num_computed_tokens, max(target, end)))
+            try:
+                result = await self.allocator.extend(entries)
+            except OutOfBlocks:
+                if lookahead and self.config.num_lookahead_tokens:
+                    lookahead = False  # first ask only for what this step writes
+                    continue
+                victim = self.running[-1]
+                await self.preempt(victim)
+                preempted.add(victim)
+                if victim in out.seqs:
+                    i = out.seqs.index(victim)
+                    del out.seqs[i], out.num_new_tokens[i]
+                need = [(s, n) for s, n in need if s is not victim]
+                continue
+            self._apply(result)
+            out.copies.extend(result.copies)
+            for seq, _ in need:
+                seq.needs_extend = False
+            break
+        return preempted
+
+    async def preempt(self, seq: Sequence) -> None:
+        """Recompute later: release every block (the committed ones stay cached) and requeue at
+        the front. The token ids, outputs and generator state are kept."""
+        self.running.remove(seq)
+        await self.allocator.release([seq.seq_id])
+        self._free_row(seq)
+        seq.status = SeqStatus.WAITING
+        seq.block_table = []
+        seq.num_synced_blocks = 0
+        seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
+        seq.needs_extend = False
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _free_row(self, seq: Sequence) -> None:
+        self.free_rows.append(seq.row)
+        seq.row = -1
+        if not seq.request.forked and seq.request.params.n > 1:
+            # The rows reserved for children that will never be forked.
+            self.reserved_rows -= seq.request.params.n - 1
+
+    def _apply(self, result: ExtendResult) -> None:
+        if not result.updates:
+            return
+        by_id = {s.seq_id: s for s in self.running}
+        for seq_id, update in result.updates.items():
+            seq = by_id.get(seq_id)
+            if seq is not None:
+                seq.apply_update(update.first_index, list(update.block_ids))
+
+    # -- look-ahead (overlapped with the step) --------------------------------------------------
+
+    def issue_lookahead(self, out: SchedulerOutput) -> asyncio.Task | None:
+        """Reserve, in one batched Extend, what the next step needs beyond the tables: run as a
+        task while this step computes, applied by `finish_lookahead` right after it."""
+        entries = []
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            end = seq.num_computed_tokens + n
+            if end < seq.num_tokens:
+                continue  # mid-prefill: the prompt is covered since Allocate
+            # This step samples one more token; the next step writes it at position `end`.
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or end + 1 >= self.max_model_len:
+                continue  # finishes this step
+            target = self._lookahead_target(seq, end + 1)
+            if self._covered(seq) < target:
+                entries.append(ExtendEntry(seq.seq_id, end, target))
+        if not entries:
+            return None
+        return asyncio.create_task(self.allocator.extend(entries))
+
+    async def finish_lookahead(self, task: asyncio.Task | None) -> None:
+        if task is None:
+            return
+        try:
+            result = await task
+        except OutOfBlocks:
+            return  # the next schedule() retries synchronously and preempts if it must
+        except AllocatorError:
+            log.exception("look-ahead Extend failed")
+            return
+        self._apply(result)
+        # Copies for blocks this step wrote into: run before the next step.
+        self.pending_copies.extend(result.copies)
+
+    # -- after the step -------------------------------------------------------------------------
+
+    def commit_entries(self, seqs: list[Sequence]) -> list[CommitEntry]:
+        """Blocks that became full with their KV written (num_computed_tokens already advanced)."""
+        bs = self.block_size
+        entries = []
+        for seq in seqs:
+            full = seq.num_computed_tokens // bs
+            if full > seq.num_committed_blocks:
+                for i in range(seq.num_committed_blocks, full):
+                    entries.append(CommitEntry(seq.seq_id, i, seq.token_ids[i * bs : (i + 1) * bs]))
+                seq.num_committed_blocks = full
+        return entries
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.row >= 0:
+            self.running.remove(seq)
+            self._free_row(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def background(self, commits: list[CommitEntry], releases: list[str]) -> None:
+        """Commits then releases, after the previous batch, without blocking the step."""
+        if not commits and not releases:
+            return
+        self._chain = asyncio.create_task(self._run_chain(self._chain, commits, releases))
+
+    async def _run_chain(
+        self, prev: asyncio.Task | None, commits: list[CommitEntry], releases: list[str]
+    ) -> None:
+        if prev is not None:
+            await prev
+        try:
+            if commits:
+                await self.allocator.commit(commits)
+            if releases:
+                await self.allocator.release(releases)
+        except AllocatorError:
+            log.exception("background commit/release failed")
+
+    async def _settle(self) -> None:
+        """Wait for the background chain (normally long done: it overlapped the last step)."""
+        if self._chain is not None:
+            chain, self._chain = self._chain, None
+            await chain
+
+    async def drain(self) -> None:
+        await self._settle()

@@ -1,0 +1,97 @@
+"""Request and sequence state.
+
+A Request is what add_request receives; it owns n Sequences (one per choice). With n > 1 only the
+first sequence is prefilled: when its prompt is done, n - 1 children are forked from it and share
+its prompt blocks (copy-on-write). Each sequence is scheduled on its own from then on.
+
+Token accounting of a sequence (the invariant the scheduler relies on):
+    token_ids = prompt + outputs
+    num_computed_tokens <= len(token_ids): KV written for token_ids[:num_computed_tokens]
+    block_table covers at least num_computed_tokens tokens
+A step feeds token_ids[num_computed : num_computed + k]; when that reaches the end of token_ids,
+the logits of the last fed token sample the next token. A decoding sequence therefore always has
+exactly one token (the last sampled) whose KV is not written yet.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from services.executor.engine_api import FinishReason, SamplingParams, TokenLogprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    params: SamplingParams
+    cache_salt: str
+    num_prompt_tokens: int
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False  # n > 1: children exist
+    num_cached_tokens: int = -1  # of the first admission; -1 until admitted
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: str
+    request: Request
+    index: int  # choice index
+    token_ids: list[int]
+    num_prompt_tokens: int
+    arrival: int  # admission order key: preemption takes the newest first
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_committed_blocks: int = 0  # blocks of block_table whose hash kvmanager has
+    block_table: list[int] = field(default_factory=list)
+    num_synced_blocks: int = 0  # block_table[:num_synced_blocks] is in the device table row
+    row: int = -1  # row in the engine's persistent device tables while running
+    generator: torch.Generator | None = None
+    finish_reason: FinishReason = FinishReason.NONE
+    # Per-step outputs, drained by the engine.
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    reported_prompt: bool = False
+    num_preemptions: int = 0
+    # A seq whose table may hold a shared partial block (just forked): its next Extend must run
+    # before it writes, so kvmanager can answer with a copy-on-write.
+    needs_extend: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the one unwritten (last sampled) token is still to be computed."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def num_table_tokens(self, block_size: int) -> int:
+        return len(self.block_table) * block_size
+
+    def apply_update(self, first_index: int, block_ids: list[int]) -> None:
+        del self.block_table[first_index:]
+        self.block_table.extend(block_ids)
+        self.num_synced_blocks = min(self.num_synced_blocks, first_index)
