@@ -1,0 +1,221 @@
+"""The gateway against the real executor gRPC service, in one process, with a scripted engine
+standing in for the model (the e2e tests run the real one). This pins the wire behaviour: one
+StepOutput per step, fan-out to HTTP streams, OpenAI framing, aborts on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from pagemesh.redis_process import free_port
+from proto import executor_pb2 as pb
+from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from services.executor.server import serve
+from services.gateway.app import GatewayConfig, create_app
+from services.gateway.chat import Tokenizer
+
+ANSWER = "The capital of France is Paris. 🎉 It is lovely."
+
+
+class ScriptedEngine:
+    """Emits a fixed answer one token per step; honours n, max_tokens, abort and EOS."""
+
+    def __init__(self, answer_ids: list[int], eos: int, step_delay: float = 0.005) -> None:
+        self.answer = answer_ids
+        self.eos = eos
+        self.delay = step_delay
+        self.live: dict[str, tuple[SamplingParams, list[int], int]] = {}
+        self.aborted: list[str] = []
+        self.step_sizes: list[int] = []
+        self.cached = 0
+
+    def add_request(
+        self, rid: str, prompt: list[int], params: SamplingParams, cache_salt: str = ""
+    ) -> None:
+        if not prompt:
+            raise ValueError("empty prompt")
+        self.live[rid] = (params, [0] * params.n, len(prompt))
+
+    def abort_request(self, rid: str) -> None:
+        if self.live.pop(rid, None) is not None:
+            self.aborted.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.live)
+
+    async def step(self) -> list[SequenceOutput]:
+        await asyncio.sleep(self.delay)
+        outs = []
+        for rid, (params, pos, plen) in list(self.live.items()):
+            for i in range(params.n):
+                if pos[i] < 0:
+                    continue
+                script = [*self.answer, self.eos]
+                tok = script[min(pos[i], len(script) - 1)]
+                pos[i] += 1
+                reason = FinishReason.NONE
+                if tok == self.eos:
+                    reason = FinishReason.STOP
+                elif pos[i] >= params.max_tokens:
+                    reason = FinishReason.LENGTH
+                outs.append(SequenceOutput(rid, i, [tok], reason, [], plen, self.cached))
+                if reason != FinishReason.NONE:
+                    pos[i] = -1
+            if all(p < 0 for p in pos):
+                del self.live[rid]
+        self.step_sizes.append(len(outs))
+        return outs
+
+
+@pytest.fixture
+async def mesh(
+    tokenizer: Tokenizer, smollm2_path: Path
+) -> AsyncIterator[tuple[TestClient, ScriptedEngine]]:
+    eos = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
+    engine = ScriptedEngine(tokenizer.encode(ANSWER), eos)
+    port = free_port()
+    info = pb.ExecutorInfo(
+        executor_id="fake",
+        model="smol",
+        model_path=str(smollm2_path),
+        block_size=16,
+        num_blocks=64,
+        max_model_len=256,
+        vocab_size=len(tokenizer.hf),
+    )
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
+    app = create_app(GatewayConfig(executor=f"127.0.0.1:{port}", api_keys=["sekrit"]))
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(200):
+            if (await client.get("/health")).status == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield client, engine
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+
+
+AUTH = {"Authorization": "Bearer sekrit"}
+
+
+def events(body: bytes) -> list[dict | str]:
+    assert body.endswith(b"data: [DONE]\n\n")
+    frames = body.split(b"\n\n")
+    assert frames[-1] == b""
+    out: list[dict | str] = []
+    for frame in frames[:-1]:
+        assert frame.startswith(b"data: ") and b"\n" not in frame
+        data = frame[6:].decode()
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def test_auth_required(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, _ = mesh
+    resp = await client.post("/v1/chat/completions", json={})
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "invalid_api_key"
+
+
+async def test_stream_chat_framing_and_usage(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, engine = mesh
+    engine.cached = 16
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status == 200
+    evs = events(await resp.read())
+    chunks = evs[:-1]
+    assert evs[-1] == "[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert text == ANSWER
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert chunks[-1]["choices"] == []
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 16
+    assert usage["completion_tokens"] == len(engine.answer) + 1
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+async def test_non_stream_n2_stop_and_length(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, engine = mesh
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "q"}],
+        "n": 2,
+        "stop": ["Paris"],
+    }
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    data = await resp.json()
+    assert resp.status == 200, data
+    assert [c["message"]["content"] for c in data["choices"]] == ["The capital of France is "] * 2
+    assert [c["finish_reason"] for c in data["choices"]] == ["stop", "stop"]
+    await asyncio.sleep(0.05)
+    assert not engine.live  # cut by the stop string at the gateway: aborted at the executor
+    body = {"model": "smol", "prompt": "x", "max_tokens": 3}
+    data = await (await client.post("/v1/completions", json=body, headers=AUTH)).json()
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 3
+
+
+async def test_bad_requests_are_400s(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, _ = mesh
+    cases = [
+        b"{not json",
+        json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        json.dumps(
+            {"model": "smol", "messages": [{"role": "user", "content": "x " * 400}]}
+        ).encode(),
+        json.dumps(
+            {"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}
+        ).encode(),
+    ]
+    for raw in cases:
+        resp = await client.post(
+            "/v1/chat/completions", data=raw, headers={**AUTH, "Content-Type": "application/json"}
+        )
+        assert resp.status == 400, raw
+        assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_disconnect_aborts(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, engine = mesh
+    engine.delay = 0.05
+    body = {"model": "smol", "messages": [{"role": "user", "content": "q"}], "stream": True}
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    await resp.content.readuntil(b"\n\n")
+    resp.close()  # the client goes away mid-stream
+    for _ in range(100):
+        if engine.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert len(engine.aborted) == 1 and not engine.live
+
+
+async def test_models_health_metrics(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, _ = mesh
+    data = await (await client.get("/v1/models", headers=AUTH)).json()
+    assert data["data"][0]["id"] == "smol"
+    text = await (await client.get("/metrics")).text()
+    assert "pagemesh_gateway_requests_in_flight" in text
