@@ -1,0 +1,89 @@
+"""Triton paged prefill attention against the PyTorch reference (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from tests.kernels.paged import TOL, make_paged, rel_err
+
+
+def _run_prefill(
+    seq_lens: list[int],
+    q_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    paged = make_paged(seq_lens, num_kv_heads, head_dim, page, dtype, device, gen)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn((int(qsl[-1]), num_heads, head_dim), generator=gen).to(dtype).to(device)
+    scale = head_dim**-0.5
+    ref = reference.paged_prefill_attention(
+        q.cpu(),
+        paged.key_cache.cpu(),
+        paged.value_cache.cpu(),
+        paged.block_tables.cpu(),
+        paged.seq_lens.cpu(),
+        qsl,
+        scale,
+        out=torch.empty(q.shape, dtype=torch.float32),
+    )
+    out = torch.full_like(q, float("nan"))
+    got = kernels.paged_prefill_attention(
+        q,
+        paged.key_cache,
+        paged.value_cache,
+        paged.block_tables,
+        paged.seq_lens,
+        qsl.to(device),
+        scale,
+        out,
+    )
+    assert got is out
+    return rel_err(out.cpu(), ref)
+
+
+# (context length, new tokens): a whole prompt, a prefix hit of exactly one page, one past,
+# a single new token (chunked prefill's tail), a new chunk after a partial page.
+RAGGED = ([20, 32, 17, 9, 40], [20, 16, 1, 9, 23])
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads"), [(2, 2), (6, 2), (4, 1), (8, 1)], ids=["g1", "g3", "g4", "g8"]
+)
+def test_prefill_fp32_gqa(num_heads: int, num_kv_heads: int, device: torch.device) -> None:
+    err = _run_prefill(*RAGGED, num_heads, num_kv_heads, 64, 16, torch.float32, device, 21)
+    assert err <= TOL[torch.float32], err
+
+
+def test_prefill_bf16(device: torch.device) -> None:
+    err = _run_prefill(*RAGGED, 4, 2, 64, 16, torch.bfloat16, device, seed=22)
+    assert err <= TOL[torch.bfloat16], err
+
+
+def test_prefill_head_dim_96_page_32(device: torch.device) -> None:
+    err = _run_prefill([70, 33], [35, 33], 3, 1, 96, 32, torch.float32, device, seed=23)
+    assert err <= TOL[torch.float32], err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 8), (32, 32), (28, 4), (16, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_gpu_real_sizes(
+    num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    seq_lens = [2048, 1024, 1, 300, 4097, 129, 1000]
+    q_lens = [1024, 1024, 1, 17, 2049, 128, 999]
+    for head_dim, page in [(128, 16), (64, 32)]:
+        err = _run_prefill(
+            seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page, dtype, device, seed=2
+        )
+        assert err <= TOL[dtype], (head_dim, page, err)
