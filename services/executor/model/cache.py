@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CACHE_ENV = "PAGEMESH_CACHE_DIR"
+_MEMO_MIN_BYTES = 64 << 20
 
 
 def cache_dir() -> Path:
@@ -47,18 +48,24 @@ def file_sha256(path: Path) -> str:
     if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
         return real.name
     stat = real.stat()
+    if stat.st_size < _MEMO_MIN_BYTES:  # cheap to hash again; keeps the memo file small
+        return _sha256(real)
     key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
     memo_path = cache_dir() / "digests.json"
     memo = _read_json(memo_path)
     if key in memo:
         return memo[key]
-    with open(real, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = _sha256(real)
     with file_lock("digests"):
         memo = _read_json(memo_path)
         memo[key] = digest
         _write_json_atomic(memo_path, memo)
     return digest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_json(path: Path) -> dict:
