@@ -59,14 +59,20 @@ class ExtendEntry(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class ExtendRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "entries")
+    __slots__ = ("executor_id", "epoch", "entries", "seq_ids", "num_computed_tokens", "num_tokens")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     entries: _containers.RepeatedCompositeFieldContainer[ExtendEntry]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ExtendEntry, _Mapping]]] = ...) -> None: ...
+    seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    num_computed_tokens: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ExtendEntry, _Mapping]]] = ..., seq_ids: _Optional[_Iterable[str]] = ..., num_computed_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlockCopy(_message.Message):
     __slots__ = ("src", "dst")
@@ -87,12 +93,24 @@ class SeqBlocks(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., first_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExtendResponse(_message.Message):
-    __slots__ = ("updates", "copies")
+    __slots__ = ("updates", "copies", "updated_seq_ids", "first_indices", "update_counts", "update_block_ids", "copy_src", "copy_dst")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDICES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    COPY_SRC_FIELD_NUMBER: _ClassVar[int]
+    COPY_DST_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
     copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
-    def __init__(self, updates: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
+    updated_seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    first_indices: _containers.RepeatedScalarFieldContainer[int]
+    update_counts: _containers.RepeatedScalarFieldContainer[int]
+    update_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    copy_src: _containers.RepeatedScalarFieldContainer[int]
+    copy_dst: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, updates: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., updated_seq_ids: _Optional[_Iterable[str]] = ..., first_indices: _Optional[_Iterable[int]] = ..., update_counts: _Optional[_Iterable[int]] = ..., update_block_ids: _Optional[_Iterable[int]] = ..., copy_src: _Optional[_Iterable[int]] = ..., copy_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitEntry(_message.Message):
     __slots__ = ("seq_id", "block_index", "token_ids")
@@ -105,14 +123,20 @@ class CommitEntry(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., block_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "entries")
+    __slots__ = ("executor_id", "epoch", "entries", "seq_ids", "block_indices", "token_ids")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     entries: _containers.RepeatedCompositeFieldContainer[CommitEntry]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[CommitEntry, _Mapping]]] = ...) -> None: ...
+    seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    block_indices: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[CommitEntry, _Mapping]]] = ..., seq_ids: _Optional[_Iterable[str]] = ..., block_indices: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("num_published",)

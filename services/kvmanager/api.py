@@ -31,6 +31,11 @@ class InvalidRequest(AllocatorError):
     """Unknown sequence, duplicate id, bad lengths... (gRPC INVALID_ARGUMENT / NOT_FOUND)."""
 
 
+class UnknownSequence(InvalidRequest):
+    """A sequence id kvmanager does not hold (never allocated, or released already): gRPC
+    NOT_FOUND. A subclass, so `except InvalidRequest` still catches it."""
+
+
 class StaleEpoch(AllocatorError):
     """The executor re-registered since; this caller must re-register (gRPC FAILED_PRECONDITION)."""
 

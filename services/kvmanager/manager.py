@@ -24,6 +24,7 @@ from services.kvmanager.api import (
     OutOfBlocks,
     StaleEpoch,
     TableUpdate,
+    UnknownSequence,
 )
 from services.kvmanager.block_pool import BlockPool
 from services.kvmanager.stats import Residency, Stats
@@ -239,7 +240,7 @@ class Manager:
         for sid, nc, nt in zip(seq_ids, num_computed, num_tokens, strict=True):
             seq = seqs.get(sid)
             if seq is None:
-                raise InvalidRequest(f"extend: unknown sequence {sid!r}")
+                raise UnknownSequence(f"extend: unknown sequence {sid!r}")
             if nt < nc or nc < 0:
                 raise InvalidRequest(
                     f"extend {sid!r}: need 0 <= num_computed_tokens ({nc}) <= num_tokens ({nt})"
@@ -309,7 +310,7 @@ class Manager:
         for sid, idx, tokens in entries:
             seq = ex.seqs.get(sid)
             if seq is None:
-                raise InvalidRequest(f"commit: unknown sequence {sid!r}")
+                raise UnknownSequence(f"commit: unknown sequence {sid!r}")
             if len(tokens) != bs:
                 raise InvalidRequest(
                     f"commit {sid!r} block {idx}: {len(tokens)} token ids, expected {bs}"
@@ -360,7 +361,7 @@ class Manager:
         ex = self.executor(executor_id, epoch)
         parent = ex.seqs.get(parent_seq_id)
         if parent is None:
-            raise InvalidRequest(f"fork: unknown parent sequence {parent_seq_id!r}")
+            raise UnknownSequence(f"fork: unknown parent sequence {parent_seq_id!r}")
         if not child_seq_ids:
             raise InvalidRequest("fork: no child sequence ids")
         if len(set(child_seq_ids)) != len(child_seq_ids):
@@ -393,7 +394,7 @@ class Manager:
         seqs = ex.seqs
         for sid in seq_ids:
             if sid not in seqs:
-                raise InvalidRequest(f"release: unknown sequence {sid!r} (already released?)")
+                raise UnknownSequence(f"release: unknown sequence {sid!r} (already released?)")
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidRequest("release: a sequence id appears twice")
         pool = ex.pool

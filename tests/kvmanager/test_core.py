@@ -14,14 +14,7 @@ from services.kvmanager.api import (
 )
 from services.kvmanager.local import LocalAllocator
 from services.kvmanager.manager import Manager
-
-BS = 4
-
-
-async def make(num_blocks: int = 16, executor_id: str = "ex") -> LocalAllocator:
-    a = LocalAllocator(executor_id)
-    await a.register(num_blocks, BS, "model-a")
-    return a
+from tests.kvmanager.conftest import BS
 
 
 async def commit_all(a: LocalAllocator, seq_id: str, tokens: list[int]) -> int:
@@ -36,7 +29,7 @@ def pool(a: LocalAllocator):
     return a.manager.executors[a.executor_id].pool
 
 
-async def test_allocate_extend_commit_release_cycle() -> None:
+async def test_allocate_extend_commit_release_cycle(make) -> None:
     a = await make()
     prompt = list(range(10))
     r = await a.allocate("s", prompt, num_lookahead_tokens=2)
@@ -69,7 +62,9 @@ async def test_allocate_extend_commit_release_cycle() -> None:
         (8, 16, 8),  # the hit is as long as the committed chain
     ],
 )
-async def test_prefix_hit_block_granularity(committed: int, prompt_len: int, expect: int) -> None:
+async def test_prefix_hit_block_granularity(
+    make, committed: int, prompt_len: int, expect: int
+) -> None:
     a = await make()
     tokens = list(range(100, 116))
     await a.allocate("s", [*tokens[:committed], 1])
@@ -82,7 +77,7 @@ async def test_prefix_hit_block_granularity(committed: int, prompt_len: int, exp
     a.manager.check()
 
 
-async def test_sharing_across_live_sequences() -> None:
+async def test_sharing_across_live_sequences(make) -> None:
     a = await make()
     sys_prompt = list(range(8))
     r1 = await a.allocate("a", [*sys_prompt, 50, 51])
@@ -98,7 +93,7 @@ async def test_sharing_across_live_sequences() -> None:
     a.manager.check()
 
 
-async def test_divergent_suffix_only_shares_common_blocks() -> None:
+async def test_divergent_suffix_only_shares_common_blocks(make) -> None:
     a = await make()
     await a.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
     await commit_all(a, "a", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -106,7 +101,7 @@ async def test_divergent_suffix_only_shares_common_blocks() -> None:
     assert r.num_cached_tokens == 4
 
 
-async def test_fork_and_copy_on_write() -> None:
+async def test_fork_and_copy_on_write(make) -> None:
     a = await make()
     r = await a.allocate("p", list(range(6)), num_lookahead_tokens=4)  # 3 blocks, 10 slots
     tables = await a.fork("p", ["c1", "c2"], 6)
@@ -131,7 +126,7 @@ async def test_fork_and_copy_on_write() -> None:
     a.manager.check()
 
 
-async def test_lru_eviction_order() -> None:
+async def test_lru_eviction_order(make) -> None:
     a = await make(num_blocks=7)
     chains = {}
     for i, base in enumerate((100, 200, 300)):
@@ -156,7 +151,7 @@ async def test_lru_eviction_order() -> None:
     a.manager.check()
 
 
-async def test_free_blocks_go_before_cached_ones() -> None:
+async def test_free_blocks_go_before_cached_ones(make) -> None:
     a = await make(num_blocks=4)
     await a.allocate("s", [*range(8), 1])
     await commit_all(a, "s", list(range(8)))
@@ -167,7 +162,7 @@ async def test_free_blocks_go_before_cached_ones() -> None:
     assert len(r.block_ids) == 1
 
 
-async def test_cache_salt_isolation() -> None:
+async def test_cache_salt_isolation(make) -> None:
     a = await make()
     toks = list(range(9))
     await a.allocate("x", toks, cache_salt="tenant-a")
@@ -189,7 +184,7 @@ async def test_model_fingerprint_isolation() -> None:
     assert m.match(list(range(9))) == {"a": 8, "b": 0}
 
 
-async def test_duplicate_commit_keeps_existing_block() -> None:
+async def test_duplicate_commit_keeps_existing_block(make) -> None:
     a = await make()
     toks = list(range(4))
     r1 = await a.allocate("a", [*toks, 9])
@@ -206,7 +201,7 @@ async def test_duplicate_commit_keeps_existing_block() -> None:
     a.manager.check()
 
 
-async def test_recommit_is_idempotent_and_order_enforced() -> None:
+async def test_recommit_is_idempotent_and_order_enforced(make) -> None:
     a = await make()
     toks = list(range(12))
     await a.allocate("s", [*toks, 1])
@@ -219,7 +214,7 @@ async def test_recommit_is_idempotent_and_order_enforced() -> None:
     assert n == 2
 
 
-async def test_stale_epoch_entries_never_hit() -> None:
+async def test_stale_epoch_entries_never_hit(make) -> None:
     a = await make()
     toks = list(range(9))
     await a.allocate("s", toks)
@@ -237,7 +232,7 @@ async def test_stale_epoch_entries_never_hit() -> None:
         await a.release(["t"])
 
 
-async def test_out_of_blocks_leaves_state_unchanged() -> None:
+async def test_out_of_blocks_leaves_state_unchanged(make) -> None:
     a = await make(num_blocks=4)
     await a.allocate("a", [1, 2, 3])
     await a.allocate("b", [4, 5, 6])
@@ -254,7 +249,7 @@ async def test_out_of_blocks_leaves_state_unchanged() -> None:
     a.manager.check()
 
 
-async def test_hit_blocks_count_against_evictable_pool() -> None:
+async def test_hit_blocks_count_against_evictable_pool(make) -> None:
     """A prompt hitting cached blocks cannot also evict them for its fresh blocks."""
     a = await make(num_blocks=4)
     await a.allocate("s", [*range(8), 1])
@@ -294,7 +289,7 @@ async def test_hit_blocks_count_against_evictable_pool() -> None:
         (lambda a: a.release(["s", "s"]), "twice"),
     ],
 )
-async def test_bad_input_is_rejected_without_change(call, match: str) -> None:
+async def test_bad_input_is_rejected_without_change(make, call, match: str) -> None:
     a = await make()
     await a.allocate("s", [1, 2, 3, 4, 5])
     before = a.manager.snapshot()
@@ -303,7 +298,7 @@ async def test_bad_input_is_rejected_without_change(call, match: str) -> None:
     assert a.manager.snapshot() == before
 
 
-async def test_double_release() -> None:
+async def test_double_release(make) -> None:
     a = await make()
     await a.allocate("s", [1, 2, 3, 4, 5])
     assert await a.release(["s"]) == 1
@@ -324,7 +319,7 @@ async def test_register_validation() -> None:
     assert await a.match([1, 2]) == 0
 
 
-async def test_stats_windows_and_residency() -> None:
+async def test_stats_windows_and_residency(make) -> None:
     a = await make()
     toks = list(range(9))
     await a.allocate("s", toks, cache_salt="t1")

@@ -1,0 +1,431 @@
+"""Write-behind persistence of kvmanager's state in Redis, and its restore on start.
+
+Nothing on the allocation path awaits Redis: the core marks what changed in dirty sets (block
+ids, index hashes, sequence ids, executors); a background task wakes every `interval` seconds,
+swaps the dirty sets out, reads the *current* values of what they name and writes them in one
+MULTI/EXEC pipeline. Reading and swapping happen with no await in between, so each batch is a
+consistent snapshot of one moment, and since it is atomic Redis always holds such a snapshot.
+Changes coalesce: a block touched 50 times between flushes is written once.
+
+If a batch fails (Redis down, timeout), its dirty sets are gone, so the next successful flush
+rewrites everything (a full snapshot, stale keys deleted, in one MULTI/EXEC). That also covers a
+Redis that restarted and lost its last second of AOF. Meanwhile serving goes on; `connected` is
+False and the pending counter grows.
+
+Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
+  P executors          HASH  E -> JSON {epoch, num_blocks, block_size, model_fingerprint}
+  P epochs             HASH  E -> highest epoch ever handed out (epochs never repeat)
+  P stats              HASH  "*" | "ex:E" | "tenant:<salt digest>" -> "qtok,htok,qreq,hreq"
+  P ex:E:N:meta        HASH  next_stamp, evictions
+  P ex:E:N:blocks      HASH  block id -> <u32 ref, i64 stamp, f64 birth> + hash (0 or 32 bytes)
+  P ex:E:N:index       HASH  hash (32 bytes) -> block id: the prefix index
+  P ex:E:N:seqs        HASH  seq id -> <u32 nblocks, u32 nhashes> + extra digest (32 bytes)
+                             + u32 block ids + hashes (32 bytes each) + tenant digest (ASCII)
+Blocks never touched since registration (free, initial order) have no record. No prompt text,
+no salt and no token id is stored: only hashes, digests and block ids. Keys of an epoch are
+dropped when its executor registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from array import array
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.kvmanager.manager import ExecutorState, Manager, SeqState
+
+log = logging.getLogger("pagemesh.kvmanager.persistence")
+
+DEFAULT_PREFIX = "pagemesh:kv:"
+_BLOCK = struct.Struct("<Iqd")
+_SEQ = struct.Struct("<II")
+
+
+def encode_block(ref: int, stamp: int, birth: float, h: bytes | None) -> bytes:
+    return _BLOCK.pack(ref, stamp, birth) + (h or b"")
+
+
+def decode_block(raw: bytes) -> tuple[int, int, float, bytes | None]:
+    ref, stamp, birth = _BLOCK.unpack_from(raw)
+    h = raw[_BLOCK.size :]
+    return ref, stamp, birth, (h if h else None)
+
+
+def encode_seq(s: SeqState) -> bytes:
+    return b"".join(
+        (
+            _SEQ.pack(len(s.blocks), len(s.hashes)),
+            s.extra,
+            array("I", s.blocks).tobytes(),
+            *s.hashes,
+            s.tenant.encode(),
+        )
+    )
+
+
+def decode_seq(raw: bytes) -> SeqState:
+    nb, nh = _SEQ.unpack_from(raw)
+    o = _SEQ.size
+    extra = raw[o : o + 32]
+    o += 32
+    blocks = array("I")
+    blocks.frombytes(raw[o : o + 4 * nb])
+    o += 4 * nb
+    hashes = [raw[o + 32 * i : o + 32 * (i + 1)] for i in range(nh)]
+    o += 32 * nh
+    return SeqState(extra, raw[o:].decode(), blocks.tolist(), hashes)
+
+
+def _num(v: bytes | str) -> int:
+    return int(v)
+
+
+@dataclass(slots=True)
+class Counters:
+    flushes: int = 0
+    full_resyncs: int = 0
+    errors: int = 0
+    written: int = 0  # records written (HSET fields / HDELs)
+
+
+class Persistence:
+    def __init__(
+        self,
+        manager: Manager,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        interval: float = 0.002,
+        timeout: float = 1.0,
+    ) -> None:
+        assert manager.track_changes, "persistence needs Manager(track_changes=True)"
+        self.m = manager
+        self.url = url
+        self.prefix = prefix
+        self.interval = interval
+        self.redis = aioredis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=0,
+            retry_on_timeout=False,
+        )
+        self.connected = False
+        self.full_resync = True  # until a full snapshot has been written
+        self.in_flight = 0
+        self.counters = Counters()
+        self._stats_version = -1
+        self.restored = False
+        self._task: asyncio.Task | None = None
+        self.on_status_change = None  # callable(connected: bool), for health
+
+    # -- keys -----------------------------------------------------------------------------------
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def ex_key(self, eid: str, epoch: int, what: str) -> str:
+        return f"{self.prefix}ex:{eid}:{epoch}:{what}"
+
+    # -- pending --------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Changes not yet in Redis (0 means Redis holds the current state)."""
+        m = self.m
+        n = len(m.dirty_executors) + len(m.dropped_epochs) + self.in_flight
+        for ex in m.executors.values():
+            n += len(ex.pool.dirty_blocks) + len(ex.pool.dirty_hashes) + len(ex.dirty_seqs)  # type: ignore[arg-type]
+        if self.m.stats.version != self._stats_version:
+            n += 1
+        if self.full_resync:
+            n += 1 + sum(
+                len(ex.seqs) + ex.pool.num_in_use + ex.pool.num_cached
+                for ex in m.executors.values()
+            )
+        return n
+
+    # -- restore --------------------------------------------------------------------------------
+    async def restore(self) -> bool:
+        """Loads the state Redis holds into the manager. Reads everything first, then applies it
+        with no await in between; if executors registered meanwhile (a restore retried after a
+        Redis outage at start), their state wins and Redis gets a full rewrite instead."""
+        r = self.redis
+        executors = await r.hgetall(self.k("executors"))
+        epochs = await r.hgetall(self.k("epochs"))
+        stats = await r.hgetall(self.k("stats"))
+        per_ex = {}
+        for eid_b, raw in executors.items():
+            d = json.loads(raw)
+            eid = eid_b.decode()
+            keys = [self.ex_key(eid, d["epoch"], w) for w in ("blocks", "seqs", "meta")]
+            per_ex[eid] = (d, *[await r.hgetall(k) for k in keys])
+        self.restored = True
+        m = self.m
+        if m.executors:
+            log.warning("executors registered before Redis answered: rewriting Redis from memory")
+            self.full_resync = True
+            self._set_connected(True)
+            return False
+        for eid_b, n in epochs.items():
+            m.last_epoch[eid_b.decode()] = _num(n)
+        for eid, (d, blocks, seqs, meta) in per_ex.items():
+            ex = m.new_executor(
+                eid, d["epoch"], d["num_blocks"], d["block_size"], d["model_fingerprint"]
+            )
+            self._restore_executor(ex, blocks, seqs, meta)
+            m.executors[eid] = ex
+            m.last_epoch[eid] = max(m.last_epoch.get(eid, 0), ex.epoch)
+        totals = {k.decode(): tuple(int(x) for x in v.split(b",")) for k, v in stats.items()}
+        m.stats.restore_totals(totals)  # type: ignore[arg-type]
+        self._stats_version = m.stats.version
+        # What was just read is what Redis holds: nothing to write back.
+        m.dirty_executors.clear()
+        m.dropped_epochs.clear()
+        self.full_resync = False
+        self._set_connected(True)
+        log.info(
+            "restored %d executor(s) from %s%s",
+            len(m.executors),
+            self.url,
+            "".join(
+                f"; {e.executor_id} epoch {e.epoch}: {len(e.seqs)} seqs, {len(e.pool.index)} hashes"
+                for e in m.executors.values()
+            ),
+        )
+        return True
+
+    def _restore_executor(self, ex: ExecutorState, blocks: dict, seqs: dict, meta: dict) -> None:
+        records = []
+        for b_raw, raw in blocks.items():
+            b = int(b_raw)
+            if b < ex.num_blocks:
+                ref, stamp, birth, h = decode_block(raw)
+                records.append((b, ref, h, birth, stamp))
+        ex.pool.restore(records, _num(meta.get(b"next_stamp", 0)))
+        ex.pool.evictions = _num(meta.get(b"evictions", 0))
+        for sid, raw in seqs.items():
+            ex.seqs[sid.decode()] = decode_seq(raw)
+        # Ref counts are persisted, and they agree with the tables (each batch is atomic); if
+        # they ever did not, the tables are the truth.
+        counts = [0] * ex.num_blocks
+        for s in ex.seqs.values():
+            for b in s.blocks:
+                counts[b] += 1
+        if counts != ex.pool.ref:
+            log.error(
+                "executor %s: persisted ref counts disagree with tables; using tables",
+                ex.executor_id,
+            )
+            records = [
+                (b, counts[b], ex.pool.hash[b], ex.pool.birth[b], ex.pool.stamp[b])
+                for b in range(ex.num_blocks)
+            ]
+            ex.pool.index.clear()
+            ex.pool.restore(records, ex.pool.next_stamp)
+            self.full_resync = True
+        for s in (ex.pool.dirty_blocks, ex.pool.dirty_hashes, ex.dirty_seqs):
+            s.clear()  # type: ignore[union-attr]
+
+    # -- write-behind ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kvmanager-write-behind")
+
+    async def stop(self, flush: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if flush:
+            try:
+                await asyncio.wait_for(self.flush(), 2.0)
+            except (RedisError, OSError, TimeoutError) as e:
+                log.warning("final flush failed: %s", e)
+        await self.redis.aclose()
+
+    def _set_connected(self, ok: bool) -> None:
+        if ok != self.connected:
+            self.connected = ok
+            if ok:
+                log.info("redis %s: connected", self.url)
+            else:
+                log.error(
+                    "redis %s: unreachable; serving on, will resync when it returns", self.url
+                )
+            if self.on_status_change is not None:
+                self.on_status_change(ok)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.restored and not self.full_resync and self.pending == 0:
+                continue
+            try:
+                if not self.restored:  # Redis was down at start: load what it holds first
+                    await self.restore()
+                await self.flush()
+                backoff = 0.05
+            except (RedisError, OSError, TimeoutError) as e:
+                self.counters.errors += 1
+                self.full_resync = True
+                if self.connected:
+                    log.warning("redis write failed (%s: %s)", type(e).__name__, e)
+                self._set_connected(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def wait_flushed(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.pending} writes still pending")
+            await asyncio.sleep(0.002)
+
+    async def flush(self) -> None:
+        """Writes one batch (incremental, or a full snapshot after an error) in MULTI/EXEC."""
+        if self.full_resync:
+            await self._flush_full()
+        else:
+            await self._flush_incremental()
+        self.counters.flushes += 1
+        self._set_connected(True)
+
+    def _stats_fields(self) -> dict[str, bytes]:
+        return {k: ",".join(map(str, v)).encode() for k, v in self.m.stats.totals().items()}
+
+    def _executor_fields(self, ex: ExecutorState) -> bytes:
+        return json.dumps(
+            {
+                "epoch": ex.epoch,
+                "num_blocks": ex.num_blocks,
+                "block_size": ex.block_size,
+                "model_fingerprint": ex.model_fingerprint,
+            }
+        ).encode()
+
+    def _meta(self, ex: ExecutorState) -> dict[str, int]:
+        return {"next_stamp": ex.pool.next_stamp, "evictions": ex.pool.evictions}
+
+    async def _flush_incremental(self) -> None:
+        m = self.m
+        pipe = self.redis.pipeline(transaction=True)
+        n = 0
+        for eid, epoch in m.dropped_epochs:
+            pipe.delete(*(self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")))
+            n += 1
+        m.dropped_epochs = []
+        for eid in m.dirty_executors:
+            ex = m.executors[eid]
+            pipe.hset(self.k("executors"), eid, self._executor_fields(ex))
+            pipe.hset(self.k("epochs"), eid, m.last_epoch[eid])
+            pipe.hset(self.ex_key(eid, ex.epoch, "meta"), mapping=self._meta(ex))
+            n += 1
+        m.dirty_executors = set()
+        for ex in m.executors.values():
+            pool = ex.pool
+            blocks, hashes, seqs = pool.dirty_blocks, pool.dirty_hashes, ex.dirty_seqs
+            if not (blocks or hashes or seqs):
+                continue
+            pool.dirty_blocks, pool.dirty_hashes, ex.dirty_seqs = set(), set(), set()
+            eid, epoch = ex.executor_id, ex.epoch
+            if blocks:
+                ref, stamp, birth, hsh = pool.ref, pool.stamp, pool.birth, pool.hash
+                pipe.hset(
+                    self.ex_key(eid, epoch, "blocks"),
+                    mapping={b: encode_block(ref[b], stamp[b], birth[b], hsh[b]) for b in blocks},
+                )
+            if hashes:
+                index = pool.index
+                put = {h: index[h] for h in hashes if h in index}
+                gone = [h for h in hashes if h not in index]
+                if put:
+                    pipe.hset(self.ex_key(eid, epoch, "index"), mapping=put)
+                if gone:
+                    pipe.hdel(self.ex_key(eid, epoch, "index"), *gone)
+            if seqs:
+                live = ex.seqs
+                put_s = {s: encode_seq(live[s]) for s in seqs if s in live}
+                gone_s = [s for s in seqs if s not in live]
+                if put_s:
+                    pipe.hset(self.ex_key(eid, epoch, "seqs"), mapping=put_s)
+                if gone_s:
+                    pipe.hdel(self.ex_key(eid, epoch, "seqs"), *gone_s)
+            pipe.hset(self.ex_key(eid, epoch, "meta"), mapping=self._meta(ex))
+            n += len(blocks) + len(hashes) + len(seqs)  # type: ignore[arg-type]
+        if m.stats.version != self._stats_version:
+            self._stats_version = m.stats.version
+            pipe.hset(self.k("stats"), mapping=self._stats_fields())
+            n += 1
+        if not n:
+            return
+        self.in_flight = n
+        try:
+            await pipe.execute()
+        finally:
+            self.in_flight = 0
+        self.counters.written += n
+
+    async def _flush_full(self) -> None:
+        """Rewrites everything: stale keys (old epochs, unknown executors) go, in one batch."""
+        m = self.m
+        r = self.redis
+        keep: set[bytes] = set()
+        for ex in m.executors.values():
+            for w in ("meta", "blocks", "index", "seqs"):
+                keep.add(self.ex_key(ex.executor_id, ex.epoch, w).encode())
+        stale = [
+            k async for k in r.scan_iter(match=self.prefix + "ex:*", count=1000) if k not in keep
+        ]
+        # From here to the pipeline's execution nothing awaits: the snapshot is of one moment.
+        m.dropped_epochs = []
+        m.dirty_executors = set()
+        pipe = r.pipeline(transaction=True)
+        if stale:
+            pipe.delete(*stale)
+        pipe.delete(self.k("executors"), self.k("stats"))
+        if m.last_epoch:
+            pipe.hset(self.k("epochs"), mapping=dict(m.last_epoch))
+        n = 1
+        for ex in m.executors.values():
+            pool = ex.pool
+            pool.dirty_blocks, pool.dirty_hashes, ex.dirty_seqs = set(), set(), set()
+            eid, epoch = ex.executor_id, ex.epoch
+            keys = [self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")]
+            pipe.delete(*keys)
+            pipe.hset(self.k("executors"), eid, self._executor_fields(ex))
+            pipe.hset(keys[0], mapping=self._meta(ex))
+            records = {
+                b: encode_block(pool.ref[b], pool.stamp[b], pool.birth[b], pool.hash[b])
+                for b in range(ex.num_blocks)
+                if pool.ref[b] or pool.stamp[b] >= 0 or pool.hash[b] is not None
+            }
+            if records:
+                pipe.hset(keys[1], mapping=records)
+            if pool.index:
+                pipe.hset(keys[2], mapping=dict(pool.index))
+            if ex.seqs:
+                pipe.hset(keys[3], mapping={s: encode_seq(q) for s, q in ex.seqs.items()})
+            n += len(records) + len(pool.index) + len(ex.seqs)
+        self._stats_version = m.stats.version
+        fields = self._stats_fields()
+        if fields:
+            pipe.hset(self.k("stats"), mapping=fields)
+        self.full_resync = False
+        self.in_flight = n
+        try:
+            await pipe.execute()
+        except BaseException:
+            self.full_resync = True
+            raise
+        finally:
+            self.in_flight = 0
+        self.counters.full_resyncs += 1
+        self.counters.written += n
+        log.info("redis: full snapshot written (%d records)", n)
