@@ -78,8 +78,10 @@ class ExecutorClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self.info: pb.ExecutorInfo | None = None
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.ExecutorStub(self._channel)
+        # Created on first use: a grpc.aio channel binds to the event loop that is running when
+        # it is made, and the app object may be built before its loop (web.run_app).
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: pb_grpc.ExecutorStub | None = None
         self._streams: dict[str, RequestStream] = {}
         self._outbox: asyncio.Queue[pb.ServeRequest | None] | None = None
         self._connected = asyncio.Event()
@@ -95,6 +97,13 @@ class ExecutorClient:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def _stub(self) -> pb_grpc.ExecutorStub:
+        if self._stub_ is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub_ = pb_grpc.ExecutorStub(self._channel)
+        return self._stub_
 
     def new_request_id(self, kind: str) -> str:
         return f"{kind}-{self._prefix}-{next(self._counter)}"
@@ -123,7 +132,8 @@ class ExecutorClient:
                 await self._task
             self._task = None
         self._fail_all(ExecutorUnavailable("gateway shutting down"))
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     def submit(self, request: pb.GenerateRequest) -> RequestStream:
         if not self.connected or self._outbox is None:

@@ -77,12 +77,17 @@ class GatewayMetrics:
             "pagemesh_kv_redis_connected", "1 when kvmanager reaches Redis", registry=r
         )
         self.kv_up = Gauge("pagemesh_kv_up", "1 when kvmanager answered this scrape", registry=r)
-        self._kv_channel = grpc.aio.insecure_channel(kvmanager) if kvmanager else None
-        self._kv = kv_grpc.KVManagerStub(self._kv_channel) if self._kv_channel else None
+        self._kv_address = kvmanager
+        # Made on first scrape, inside the running loop (grpc.aio channels bind to their loop).
+        self._kv_channel: grpc.aio.Channel | None = None
+        self._kv: kv_grpc.KVManagerStub | None = None
 
     async def _refresh_kv(self) -> None:
-        if self._kv is None:
+        if not self._kv_address:
             return
+        if self._kv is None:
+            self._kv_channel = grpc.aio.insecure_channel(self._kv_address)
+            self._kv = kv_grpc.KVManagerStub(self._kv_channel)
         try:
             stats = await self._kv.GetStats(kv_pb.GetStatsRequest(), timeout=1.0)
         except grpc.aio.AioRpcError as exc:

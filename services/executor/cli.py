@@ -1,0 +1,144 @@
+"""`pagemesh executor`: loads a model, registers its KV pool with kvmanager (a new epoch) and
+serves the Executor gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from pagemesh.env import add_option
+
+DEFAULT_PORT = 50052
+DEFAULT_KVMANAGER = "127.0.0.1:50051"
+
+log = logging.getLogger("pagemesh.executor")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("executor", help="run the model engine (gRPC)")
+    add_option(p, "--model", "SmolLM2-135M-Instruct", "HF directory, hub id or .gguf file")
+    add_option(p, "--host", "127.0.0.1", "address to bind (internal service: loopback default)")
+    add_option(p, "--port", DEFAULT_PORT, "gRPC port", int)
+    add_option(p, "--kvmanager", DEFAULT_KVMANAGER, "kvmanager gRPC address")
+    add_option(p, "--allocator", "grpc", "grpc (kvmanager) or local (in-process, for A/B)")
+    add_option(p, "--executor-id", "executor-0", "name of this executor at kvmanager")
+    add_option(p, "--device", "auto", "auto (CUDA if present), cpu or cuda[:N]")
+    add_option(p, "--dtype", "auto", "auto, float32, float16 or bfloat16")
+    add_option(p, "--num-blocks", 0, "KV pool blocks (0: profiled on CUDA, default on CPU)", int)
+    add_option(p, "--block-size", 16, "tokens per KV block", int)
+    add_option(p, "--max-model-len", 0, "context length (0: the model's)", int)
+    add_option(p, "--max-num-seqs", 256, "sequences running at once", int)
+    add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
+    add_option(p, "--log-level", "info", "debug, info, warning or error")
+    p.set_defaults(func=run)
+
+
+def resolve_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def served_name(spec: str) -> str:
+    """The model id clients see: a hub id as is, a path's last component without `.gguf`."""
+    path = Path(spec)
+    if spec.startswith((".", "/", "~")) or path.suffix == ".gguf" or path.is_dir():
+        return path.name.removesuffix(".gguf")
+    return spec
+
+
+def make_allocator(args: argparse.Namespace) -> Any:
+    if args.allocator == "local":
+        from services.kvmanager.local import LocalAllocator
+
+        return LocalAllocator(executor_id=args.executor_id)
+    if args.allocator != "grpc":
+        raise SystemExit(f"--allocator must be grpc or local, not {args.allocator!r}")
+    from services.kvmanager.client import GrpcAllocator
+
+    return GrpcAllocator(args.kvmanager, executor_id=args.executor_id)
+
+
+def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
+    from proto import executor_pb2 as pb
+
+    cfg = engine.config
+    eos = sorted(getattr(engine, "eos_token_ids", ()) or ())
+    return pb.ExecutorInfo(
+        executor_id=cfg.executor_id,
+        model=served_name(args.model),
+        model_path=engine.model_path,
+        model_fingerprint=engine.model_fingerprint,
+        block_size=cfg.block_size,
+        num_blocks=engine.pool.num_blocks,
+        max_model_len=engine.max_model_len,
+        device=device,
+        eos_token_id=eos[0] if eos else 0,
+        vocab_size=engine.vocab_size,
+        epoch=engine.epoch,
+        max_num_seqs=cfg.max_num_seqs,
+        max_beam_width=cfg.max_beam_width,
+    )
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from services.executor.config import EngineConfig
+    from services.executor.engine import LLMEngine
+    from services.executor.server import serve
+
+    device = resolve_device(args.device)
+    config = EngineConfig(
+        model=args.model,
+        device=device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks or None,
+        max_model_len=args.max_model_len or None,
+        max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        executor_id=args.executor_id,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    allocator = make_allocator(args)
+    try:
+        engine = LLMEngine(config, allocator)
+        log.info("loading %s on %s (allocator %s)", args.model, device, args.allocator)
+        start = asyncio.create_task(engine.start())
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():  # stopped while loading
+            start.cancel()
+            return
+        waiter.cancel()
+        start.result()
+        info = executor_info(engine, args, device)
+        log.info(
+            "epoch %d: %d blocks x %d tokens, max_model_len %d",
+            info.epoch,
+            info.num_blocks,
+            info.block_size,
+            info.max_model_len,
+        )
+        await serve(engine, info, args.host, args.port, stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await allocator.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(_main(args))
+    return 0
