@@ -442,7 +442,7 @@ class LLMEngine:
 
         for parent, children in forks:
             child_rows = torch.tensor([c.row for c in children], device=dev)
-            self.token_buf[child_rows] = self.token_buf[parent.row]
+            self.token_buf[child_rows] = self.token_buf[parent.row].clone()
         input_ids = self.token_buf[token_rows_d, positions_d]
         block_idx = self.block_tables[token_rows_d, positions_d // bs].long()
         slot_mapping = block_idx * bs + positions_d % bs
