@@ -352,10 +352,13 @@ async def start_server(
             from pagemesh.redis_process import free_port
 
             mport = free_port(host)
-        out.metrics_runner = await start_metrics_server(
-            make_registry(manager, persistence), host, mport
-        )
-        out.metrics_port = mport
+        try:
+            out.metrics_runner = await start_metrics_server(
+                make_registry(manager, persistence), host, mport
+            )
+            out.metrics_port = mport
+        except OSError as e:  # metrics are auxiliary: serve allocations regardless
+            log.error("cannot serve /metrics on %s:%d: %s", host, mport, e)
     log.info(
         "kvmanager serving on %s:%d (redis: %s, metrics: %s)",
         host,

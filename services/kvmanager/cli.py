@@ -1,0 +1,229 @@
+"""`pagemesh kvmanager` (the service) and `pagemesh kv stats` (prefix-cache figures for
+operators). Every option of the service can also come from the environment (PAGEMESH_<OPTION>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+from pagemesh.env import add_option
+
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("kvmanager", help="run the block allocator and prefix index")
+    add_option(p, "--host", "127.0.0.1", "address to bind (0.0.0.0 to serve other hosts)")
+    add_option(p, "--port", DEFAULT_PORT, "gRPC port", int)
+    add_option(p, "--redis-url", "", "Redis URL for persistence (empty: state in memory only)")
+    add_option(p, "--redis-prefix", "pagemesh:kv:", "prefix of every Redis key")
+    add_option(p, "--metrics-port", 9051, "HTTP port of /metrics (0: off)", int)
+    add_option(p, "--flush-interval-ms", 2.0, "write-behind period", float)
+    add_option(p, "--log-level", "info", "debug, info, warning or error")
+    p.set_defaults(func=run_service)
+
+    kv = subparsers.add_parser("kv", help="kvmanager tools")
+    kv_sub = kv.add_subparsers(dest="kv_command", required=True)
+    s = kv_sub.add_parser("stats", help="prefix-cache hit rates, pool and Redis state")
+    add_option(s, "--address", DEFAULT_ADDRESS, "kvmanager gRPC address HOST:PORT")
+    s.add_argument("--executor", default="", help="only this executor")
+    s.add_argument("--json", action="store_true", help="print the GetStats reply as JSON")
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until interrupted",
+    )
+    s.set_defaults(func=run_stats)
+
+
+# -- the service ----------------------------------------------------------------------------------
+def run_service(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from services.kvmanager.server import start_server
+
+    server = await start_server(
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis_url or None,
+        metrics_port=args.metrics_port or None,
+        redis_prefix=args.redis_prefix,
+        flush_interval=args.flush_interval_ms / 1000,
+    )
+    # Printed for whoever started us (tests, `pagemesh up`): the port actually bound.
+    print(f"kvmanager listening on {args.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("pagemesh.kvmanager").info("shutting down (flushing to Redis)")
+    await server.stop()
+    return 0
+
+
+# -- kv stats -------------------------------------------------------------------------------------
+def run_stats(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_stats(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from proto import kvmanager_pb2 as pb
+    from proto import kvmanager_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        stub = pb_grpc.KVManagerStub(channel)
+        while True:
+            try:
+                r = await stub.GetStats(pb.GetStatsRequest(executor_id=args.executor), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                print(f"kvmanager {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+                if args.watch is None:
+                    return 1
+            else:
+                if args.json:
+                    d = MessageToDict(
+                        r,
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
+                    )
+                    print(json.dumps(d, indent=None if args.watch else 2), flush=True)
+                else:
+                    if args.watch is not None:
+                        print("\x1b[2J\x1b[H", end="")  # clear the screen
+                    print(format_stats(r, args.address), flush=True)
+            if args.watch is None:
+                return 0
+            await asyncio.sleep(args.watch)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def format_stats(r, address: str) -> str:
+    """The GetStats reply as readable tables."""
+    redis = "connected" if r.redis_connected else "NOT CONNECTED"
+    out = [
+        f"kvmanager {address}   up {r.uptime_seconds:.0f}s   redis: {redis},"
+        f" {r.redis_pending_writes} pending writes   ({time.strftime('%H:%M:%S')})",
+        "",
+        _table(
+            [
+                "executor",
+                "epoch",
+                "blocks",
+                "block size",
+                "free",
+                "in use",
+                "cached",
+                "evictions",
+                "sequences",
+            ],
+            [
+                [
+                    e.executor_id,
+                    str(e.epoch),
+                    str(e.pool.num_blocks),
+                    str(e.pool.block_size),
+                    str(e.pool.free),
+                    str(e.pool.in_use),
+                    str(e.pool.cached),
+                    str(e.pool.evictions),
+                    str(e.pool.live_sequences),
+                ]
+                for e in r.executors
+            ],
+        ),
+        "",
+    ]
+    rows = []
+    groups = [("all", r.windows)]
+    groups += [(f"executor {e.executor_id}", e.windows) for e in r.executors]
+    groups += [(f"tenant {t.cache_salt_id or '(no salt)'}", t.windows) for t in r.tenants]
+    for who, windows in groups:
+        for w in windows:
+            h = w.hits
+            rows.append(
+                [
+                    who,
+                    w.name,
+                    str(h.query_requests),
+                    _pct(h.request_hit_rate),
+                    str(h.query_tokens),
+                    str(h.hit_tokens),
+                    _pct(h.token_hit_rate),
+                ]
+            )
+    out.append(
+        _table(
+            ["prefix cache", "window", "requests", "req hit", "tokens", "hit tokens", "tok hit"],
+            rows,
+        )
+    )
+    res = []
+    for e in r.executors:
+        for what, x in (("at hit", e.age_at_hit), ("at eviction", e.age_at_eviction)):
+            res.append(
+                [
+                    e.executor_id,
+                    what,
+                    str(x.count),
+                    f"{x.mean_seconds:.1f}s",
+                    f"{x.p50_seconds:.1f}s",
+                    f"{x.p99_seconds:.1f}s",
+                ]
+            )
+    if res:
+        out += ["", _table(["block age", "when", "count", "mean", "p50", "p99"], res)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only kvmanager's commands (`python -m services.kvmanager.cli ...`), without loading the
+    other services' modules."""
+    parser = argparse.ArgumentParser(prog="pagemesh")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The gRPC surface over real loopback: status codes with clear messages and no state change,
+both message forms, health, reflection, GetStats, /metrics and `pagemesh kv stats`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from proto import kvmanager_pb2 as pb
+from proto import kvmanager_pb2_grpc as pb_grpc
+from services.kvmanager import cli
+from services.kvmanager.client import decode_extend
+from services.kvmanager.server import SERVICE_NAME, start_server
+from tests.kvmanager.test_persistence import ROOT
+
+C = grpc.StatusCode
+
+
+@pytest.fixture
+async def served():
+    server = await start_server(port=0, metrics_port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.KVManagerStub(channel)
+    epoch = (
+        await stub.RegisterExecutor(
+            pb.RegisterExecutorRequest(
+                executor_id="ex", num_blocks=8, block_size=4, model_fingerprint="fp"
+            )
+        )
+    ).epoch
+    yield server, stub, epoch
+    await channel.close()
+    await server.stop(0)
+
+
+BAD = [
+    ("Allocate", dict(seq_id="s", token_ids=[1]), C.INVALID_ARGUMENT, "already exists"),
+    ("Allocate", dict(seq_id="n", token_ids=[]), C.INVALID_ARGUMENT, "must not be empty"),
+    ("Allocate", dict(seq_id="n", token_ids=[1] * 33), C.INVALID_ARGUMENT, "pool has only 8"),
+    ("Allocate", dict(seq_id="n", token_ids=[1] * 28), C.RESOURCE_EXHAUSTED, "free or evictable"),
+    ("Allocate", dict(seq_id="n", token_ids=[1], epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
+    ("Allocate", dict(seq_id="n", token_ids=[1], executor_id="zz"), C.FAILED_PRECONDITION, "not registered"),
+    ("Extend", dict(seq_ids=["nope"], num_computed_tokens=[0], num_tokens=[1]), C.NOT_FOUND, "unknown sequence"),
+    ("Extend", dict(seq_ids=["s"], num_computed_tokens=[0], num_tokens=[]), C.INVALID_ARGUMENT, "differ in length"),
+    ("Extend", dict(seq_ids=["s"], num_computed_tokens=[5], num_tokens=[32]), C.RESOURCE_EXHAUSTED, "free or evictable"),
+    ("Commit", dict(entries=[pb.CommitEntry(seq_id="s", block_index=0, token_ids=[1])]), C.INVALID_ARGUMENT, "expected 4"),
+    ("Commit", dict(seq_ids=["s"], block_indices=[0], token_ids=[1, 2]), C.INVALID_ARGUMENT, "block_size token ids"),
+    ("Fork", dict(parent_seq_id="x", child_seq_ids=["c"], num_tokens=1), C.NOT_FOUND, "unknown parent"),
+    ("Fork", dict(parent_seq_id="s", child_seq_ids=["c"], num_tokens=99), C.INVALID_ARGUMENT, "holds"),
+    ("Release", dict(seq_ids=["x"]), C.NOT_FOUND, "already released"),
+    ("Release", dict(seq_ids=["s", "s"]), C.INVALID_ARGUMENT, "twice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "code", "text"), BAD, ids=[f"{b[0]}-{b[3]}" for b in BAD]
+)
+async def test_bad_input_status_codes(served, method, fields, code, text) -> None:
+    server, stub, epoch = served
+    for sid, toks in (("s", [1, 2, 3, 4, 5]), ("t", [9] * 4)):  # 3 of 8 blocks in use
+        await stub.Allocate(
+            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, token_ids=toks)
+        )
+    before = server.manager.snapshot()
+    fields = dict(fields)
+    req_epoch = epoch + fields.pop("epoch_delta", 0)
+    fields.setdefault("executor_id", "ex")
+    req = getattr(pb, f"{method}Request")(epoch=req_epoch, **fields)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await getattr(stub, method)(req)
+    assert e.value.code() == code
+    assert text in e.value.details()
+    assert server.manager.snapshot() == before
+
+
+async def test_extend_both_forms_agree(served) -> None:
+    server, stub, epoch = served
+    for s in ("a", "b"):
+        await stub.Allocate(
+            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=s, token_ids=[1, 2, 3])
+        )
+    await stub.Fork(
+        pb.ForkRequest(
+            executor_id="ex", epoch=epoch, parent_seq_id="a", child_seq_ids=["c"], num_tokens=3
+        )
+    )
+    r1 = await stub.Extend(
+        pb.ExtendRequest(
+            executor_id="ex",
+            epoch=epoch,
+            entries=[pb.ExtendEntry(seq_id="c", num_computed_tokens=3, num_tokens=6)],
+        )
+    )
+    r2 = await stub.Extend(
+        pb.ExtendRequest(
+            executor_id="ex",
+            epoch=epoch,
+            seq_ids=["a", "b"],
+            num_computed_tokens=[3, 3],
+            num_tokens=[5, 4],
+        )
+    )
+    assert not r2.updates and not r2.copies  # columnar in, columnar out
+    d1, d2 = decode_extend(r1), decode_extend(r2)
+    assert d1.updates["c"].first_index == 0 and len(d1.updates["c"].block_ids) == 2
+    assert len(d1.copies) == 1
+    assert list(d2.updates) == ["a"] and d2.updates["a"].first_index == 1 and d2.copies == []
+    server.manager.check()
+
+
+async def test_health_and_reflection(served) -> None:
+    server, _, _ = served
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    h = health_pb2_grpc.HealthStub(ch)
+    for name in ("", SERVICE_NAME):
+        r = await h.Check(health_pb2.HealthCheckRequest(service=name))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    responses = refl.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    async for resp in responses:
+        names = {s.name for s in resp.list_services_response.service}
+        break
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    await ch.close()
+
+
+async def _workload(stub, epoch) -> None:
+    toks = list(range(9))
+    await stub.Allocate(
+        pb.AllocateRequest(
+            executor_id="ex", epoch=epoch, seq_id="a", token_ids=toks, cache_salt="t"
+        )
+    )
+    await stub.Commit(
+        pb.CommitRequest(
+            executor_id="ex",
+            epoch=epoch,
+            seq_ids=["a", "a"],
+            block_indices=[0, 1],
+            token_ids=toks[:8],
+        )
+    )
+    r = await stub.Allocate(
+        pb.AllocateRequest(
+            executor_id="ex", epoch=epoch, seq_id="b", token_ids=toks, cache_salt="t"
+        )
+    )
+    assert r.num_cached_tokens == 8
+    m = await stub.Match(pb.MatchRequest(token_ids=toks, cache_salt="t"))
+    assert [(x.executor_id, x.num_cached_tokens) for x in m.matches] == [("ex", 8)]
+
+
+async def test_get_stats_metrics_and_cli(served, capsys) -> None:
+    server, stub, epoch = served
+    await _workload(stub, epoch)
+    st = await stub.GetStats(pb.GetStatsRequest())
+    (ex,) = st.executors
+    assert (ex.executor_id, ex.epoch, ex.pool.num_blocks, ex.pool.live_sequences) == (
+        "ex",
+        epoch,
+        8,
+        2,
+    )
+    assert ex.pool.free + ex.pool.in_use + ex.pool.cached == 8
+    since = {w.name: w.hits for w in st.windows}
+    assert set(since) == {"since_start", "last_1000_requests", "last_60s"}
+    h = since["since_start"]
+    assert (h.query_tokens, h.hit_tokens, h.query_requests, h.hit_requests) == (18, 8, 2, 1)
+    assert h.token_hit_rate == pytest.approx(8 / 18) and h.request_hit_rate == 0.5
+    (tenant,) = st.tenants
+    assert tenant.cache_salt_id and tenant.cache_salt_id != "t"
+    assert ex.age_at_hit.count == 2
+    assert not st.redis_connected and st.uptime_seconds > 0
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetStats(pb.GetStatsRequest(executor_id="nope"))
+    assert e.value.code() == C.NOT_FOUND
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{server.metrics_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    assert resp.status == 200
+    assert 'pagemesh_kv_hit_tokens_total{executor="ex"} 8.0' in text
+    assert 'pagemesh_kv_query_requests_total{executor="ex"} 2.0' in text
+    assert f'pagemesh_kv_tenant_hit_requests_total{{tenant="{tenant.cache_salt_id}"}} 1.0' in text
+    assert 'pagemesh_kv_blocks{executor="ex",state="in_use"}' in text
+    assert 'pagemesh_kv_block_age_at_hit_seconds_count{executor="ex"} 2.0' in text
+    assert "hit_rate" not in text  # counters only: rates belong to PromQL
+
+    address = f"127.0.0.1:{server.port}"
+    args = argparse.Namespace(address=address, executor="", json=True, watch=None)
+    assert await cli._stats(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["executors"][0]["pool"]["num_blocks"] == 8
+    args.json = False
+    assert await cli._stats(args) == 0
+    out = capsys.readouterr().out
+    assert "executor" in out and "since_start" in out and "44.4%" in out and "50.0%" in out
+
+
+def test_cli_entry_points() -> None:
+    """The real command line: `kv stats` against nothing answers with a clear error and rc 1."""
+    r = subprocess.run(
+        [sys.executable, "-m", "services.kvmanager.cli", "kv", "stats", "--address", "127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+    from pagemesh.env import env_default
+
+    assert env_default("NO_SUCH_OPTION_XYZ", 7, int) == 7
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    a = parser.parse_args(["kvmanager", "--port", "1234", "--redis-url", "redis://x"])
+    assert (a.port, a.redis_url, a.host, a.func) == (
+        1234,
+        "redis://x",
+        "127.0.0.1",
+        cli.run_service,
+    )
+    a = parser.parse_args(["kv", "stats", "--watch"])
+    assert a.watch == 2.0 and a.func == cli.run_stats

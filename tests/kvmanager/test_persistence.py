@@ -1,0 +1,264 @@
+"""Persistence against a real redis-server: write-behind round trips, epochs, key hygiene,
+kill -9 of a kvmanager process with identical state after restart, Redis stopped and restarted
+under traffic with no lost index entry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagemesh.redis_process import RedisProcess, free_port
+from services.kvmanager.client import KVManagerClient
+from services.kvmanager.local import LocalAllocator
+from services.kvmanager.manager import Manager
+from services.kvmanager.persistence import Persistence
+from services.kvmanager.server import REDIS_HEALTH, start_server
+from tests.kvmanager.workload import Workload
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+async def restored_snapshot(url: str, prefix: str = "pagemesh:kv:") -> dict:
+    """What a kvmanager starting now would hold: a fresh core restored from Redis."""
+    m = Manager(track_changes=True)
+    p = Persistence(m, url, prefix=prefix)
+    await p.restore()
+    await p.redis.aclose()
+    m.check()
+    return m.snapshot()
+
+
+async def run_ops(w: Workload, allocs: list, n: int) -> None:
+    for _ in range(n):
+        op = w.next_op()
+        results = [
+            await w.apply(a, op, mirror=(i == len(allocs) - 1)) for i, a in enumerate(allocs)
+        ]
+        assert all(r == results[0] for r in results), (op, results)
+
+
+async def test_write_behind_round_trip(redis_url: str) -> None:
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_url)
+    assert await p.restore()  # empty Redis: nothing to load
+    p.start()
+    a = LocalAllocator("ex1", m)
+    b = LocalAllocator("ex2", m)
+    await a.register(40, 4, "fp")
+    await b.register(8, 4, "fp")
+    wa, wb = Workload(1), Workload(2)
+    for _ in range(6):
+        await run_ops(wa, [a], 50)
+        await run_ops(wb, [b], 20)
+        await p.wait_flushed()
+        assert await restored_snapshot(redis_url) == m.snapshot()
+    assert m.executors["ex1"].pool.evictions > 0  # the workload exercised eviction
+    # Hit-rate counters survive too.
+    m2 = Manager(track_changes=True)
+    p2 = Persistence(m2, redis_url)
+    await p2.restore()
+    assert m2.stats.totals() == m.stats.totals()
+    await p2.redis.aclose()
+    await p.stop()
+
+
+async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_url, prefix="pmtest:")
+    await p.restore()
+    p.start()
+    a = LocalAllocator("ex", m)
+    await a.register(16, 4, "fp")
+    salt = "secret-tenant-salt"
+    prompt = [1000 + i for i in range(9)]
+    await a.allocate("s", prompt, salt)
+    await a.commit([])
+    from services.kvmanager.api import CommitEntry
+
+    await a.commit([CommitEntry("s", 0, prompt[:4]), CommitEntry("s", 1, prompt[4:8])])
+    await p.wait_flushed()
+    r = aioredis.from_url(redis_url)
+    keys = sorted(k.decode() for k in await r.keys("*"))
+    assert keys and all(k.startswith("pmtest:") for k in keys), keys
+    assert "pmtest:ex:ex:1:index" in keys
+    blob = b""
+    for k in keys:
+        for f, v in (await r.hgetall(k)).items():
+            blob += f + v
+    assert salt.encode() not in blob
+    assert (1000).to_bytes(4, "little") + (1001).to_bytes(4, "little") not in blob  # no token ids
+    # Re-registering drops every key of the old epoch.
+    await a.register(16, 4, "fp")
+    await p.wait_flushed()
+    keys = sorted(k.decode() for k in await r.keys("*"))
+    assert not [k for k in keys if ":ex:ex:1:" in k], keys
+    snap = await restored_snapshot(redis_url, "pmtest:")
+    assert snap["executors"]["ex"]["epoch"] == 2 and not snap["executors"]["ex"]["index"]
+    assert snap["last_epoch"] == {"ex": 2}
+    await r.aclose()
+    await p.stop()
+
+
+# -- kill -9 of a kvmanager process ---------------------------------------------------------------
+def spawn(port: int, redis_url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "services.kvmanager.cli", "kvmanager",
+            "--port", str(port), "--redis-url", redis_url,
+            "--metrics-port", "0", "--log-level", "warning",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+async def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("kvmanager did not become healthy")
+
+
+async def wait_pending_zero(client: KVManagerClient, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await client.get_stats(all_executors=True)
+        if st.redis_connected and st.redis_pending_writes == 0:
+            return
+        assert time.monotonic() < deadline, f"pending writes: {st.redis_pending_writes}"
+        await asyncio.sleep(0.005)
+
+
+async def test_kill9_and_restart_restores_identical_state(redis_url: str) -> None:
+    port = free_port()
+    proc = spawn(port, redis_url)
+    ref = LocalAllocator("ex", Manager())  # the in-process reference, fed the same operations
+    w = Workload(7)
+    try:
+        await wait_ready(proc, port)
+        client = KVManagerClient(f"127.0.0.1:{port}", "ex")
+        assert await client.register(48, 4, "fp") == await ref.register(48, 4, "fp")
+        for _ in range(3):
+            await run_ops(w, [ref, client], 120)
+            await wait_pending_zero(client)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            # Redis holds exactly the reference's state...
+            assert await restored_snapshot(redis_url) == ref.manager.snapshot()
+            # ...and a restarted kvmanager answers exactly as the reference does.
+            proc = spawn(port, redis_url)
+            await wait_ready(proc, port)
+            st = await client.get_stats()
+            pool = ref.manager.executors["ex"].pool
+            assert (st.executors[0].pool.free, st.executors[0].pool.cached) == (
+                pool.num_free,
+                pool.num_cached,
+            )
+            assert st.executors[0].epoch == ref.epoch
+            for prefix in ([*range(100, 132), 1], [7] * 25):
+                assert await client.match(prefix) == await ref.match(prefix)
+        assert ref.manager.executors["ex"].pool.evictions > 0
+        await client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- Redis stopped and restarted under traffic ----------------------------------------------------
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+async def test_redis_outage_under_traffic(redis_process: RedisProcess, crash: bool) -> None:
+    server = await start_server(port=0, redis_url=redis_process.url, restore_timeout=5)
+    client = KVManagerClient(f"127.0.0.1:{server.port}", "ex")
+    health = health_pb2_grpc.HealthStub(client.channel)
+
+    async def redis_health() -> int:
+        r = await health.Check(health_pb2.HealthCheckRequest(service=REDIS_HEALTH), timeout=2)
+        return r.status
+
+    await client.register(64, 4, "fp")
+    w = Workload(11)
+    stop = asyncio.Event()
+    done = 0
+
+    async def traffic() -> None:
+        nonlocal done
+        while not stop.is_set():
+            await run_ops(w, [client], 1)
+            done += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(traffic())
+    try:
+        await asyncio.sleep(0.3)
+        assert await redis_health() == health_pb2.HealthCheckResponse.SERVING
+        redis_process.stop(kill=crash)
+        before = done
+        deadline = time.monotonic() + 10
+        while (await client.get_stats()).redis_connected:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        assert done > before + 20  # allocation kept working while Redis was gone
+        assert await redis_health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        st = await client.get_stats()
+        assert not st.redis_connected and st.redis_pending_writes > 0
+        assert server.persistence.counters.errors > 0
+        redis_process.start()
+        deadline = time.monotonic() + 10
+        while not (await client.get_stats()).redis_connected:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # more traffic on the resynced Redis
+    finally:
+        stop.set()
+        await task
+    await wait_pending_zero(client)
+    assert await redis_health() == health_pb2.HealthCheckResponse.SERVING
+    snap = server.manager.snapshot()
+    assert snap["executors"]["ex"]["index"], "the workload published hashes"
+    assert await restored_snapshot(redis_process.url) == snap  # no index entry (or anything) lost
+    await client.close()
+    await server.stop()
+
+
+async def test_redis_down_at_start_then_restored(redis_process: RedisProcess) -> None:
+    """State written earlier comes back even when Redis only answers after kvmanager started."""
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_process.url)
+    await p.restore()
+    a = LocalAllocator("ex", m)
+    await a.register(16, 4, "fp")
+    await run_ops(Workload(3), [a], 40)
+    await p.flush()
+    expect = m.snapshot()
+    await p.redis.aclose()
+    redis_process.stop()
+    server = await start_server(port=0, redis_url=redis_process.url, restore_timeout=0.2)
+    assert not server.manager.executors and not server.persistence.connected
+    redis_process.start()
+    deadline = time.monotonic() + 10
+    while not server.persistence.connected:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert server.manager.snapshot() == expect
+    await server.stop()
