@@ -61,9 +61,9 @@ def make_allocator(args: argparse.Namespace) -> Any:
         return LocalAllocator(executor_id=args.executor_id)
     if args.allocator != "grpc":
         raise SystemExit(f"--allocator must be grpc or local, not {args.allocator!r}")
-    from services.kvmanager.client import GrpcAllocator
+    from services.kvmanager.client import KVManagerClient
 
-    return GrpcAllocator(args.kvmanager, executor_id=args.executor_id)
+    return KVManagerClient(args.kvmanager, executor_id=args.executor_id)
 
 
 def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
@@ -86,6 +86,24 @@ def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
         max_num_seqs=cfg.max_num_seqs,
         max_beam_width=cfg.max_beam_width,
     )
+
+
+async def _start_engine(engine: Any, attempts: int = 30) -> None:
+    """engine.start(), retried while kvmanager is unreachable (it may start after us under
+    compose or a supervisor); the model is loaded once, only registration is retried."""
+    from services.kvmanager.api import AllocatorUnavailable
+
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            await engine.start()
+            return
+        except AllocatorUnavailable as exc:
+            if attempt == attempts:
+                raise
+            log.warning("kvmanager unreachable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -113,7 +131,7 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         engine = LLMEngine(config, allocator)
         log.info("loading %s on %s (allocator %s)", args.model, device, args.allocator)
-        start = asyncio.create_task(engine.start())
+        start = asyncio.create_task(_start_engine(engine))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
         if not start.done():  # stopped while loading

@@ -226,7 +226,9 @@ async def _generate(
     vocab = gw.client.info.vocab_size if gw.client.info else 0
     if vocab and max(prompt_ids) >= vocab:
         raise invalid(f"Token ids must be below the vocabulary size {vocab}.", param="prompt")
-    max_tokens = check_context(req.options, len(prompt_ids), gw.max_model_len)
+    info = gw.client.info
+    max_model_len = info.max_model_len if info else gw.max_model_len
+    max_tokens = check_context(req.options, len(prompt_ids), max_model_len)
     request_id = gw.client.new_request_id(endpoint)
     grpc_req = build_request(request_id, prompt_ids, req.options, max_tokens)
     started = time.monotonic()

@@ -166,6 +166,9 @@ class ExecutorClient:
             try:
                 # Metadata arrives once the server accepted the stream: only then is it usable.
                 await call.initial_metadata()
+                # A restarted executor may have a new epoch, pool or context length.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self.get_info()
                 self._connected.set()
                 log.info("Serve stream to %s open", self.address)
                 backoff = 0.2

@@ -1,0 +1,360 @@
+"""`pagemesh up`: the whole mesh on one machine, supervised.
+
+Redis (a local redis-server unless --redis-url is given), then kvmanager, an executor and the
+gateway, each its own process started as `pagemesh <service>`, each waited for (health) before
+the next one starts. Their output is interleaved on our stdout with a prefix per service. A
+service that dies is restarted with exponential backoff and the restart is logged; Ctrl-C (or
+SIGTERM) stops them all, gateway first, so no client is left talking to a dead executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagemesh.env import add_option
+
+COLORS = {"redis": 31, "kvmanager": 36, "executor": 35, "gateway": 32, "up": 33}
+# A service that stays up this long has its backoff reset: it was a crash, not a crash loop.
+STABLE_SECONDS = 60.0
+MAX_BACKOFF = 30.0
+# Before a service was ever healthy, this many failures in a row mean a configuration error
+# (bad model, port taken): give up instead of looping.
+MAX_START_FAILURES = 3
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("up", help="run Redis, kvmanager, an executor and the gateway")
+    add_option(p, "--model", "SmolLM2-135M-Instruct", "HF directory, hub id or .gguf file")
+    add_option(p, "--model-name", "", "model id for clients (default: from the model)")
+    add_option(p, "--device", "auto", "auto (CUDA if present), cpu or cuda[:N]")
+    add_option(p, "--host", "127.0.0.1", "gateway bind address")
+    add_option(p, "--port", 8000, "gateway HTTP port", int)
+    add_option(p, "--kv-port", 50051, "kvmanager gRPC port (loopback)", int)
+    add_option(p, "--kv-metrics-port", 9051, "kvmanager /metrics port (0: off)", int)
+    add_option(p, "--executor-port", 50052, "executor gRPC port (loopback)", int)
+    add_option(p, "--redis-url", "", "use this Redis instead of starting a local one")
+    add_option(p, "--redis-port", 0, "port of the local Redis (0: a free one)", int)
+    add_option(
+        p, "--data-dir", str(Path.home() / ".cache" / "pagemesh" / "redis"), "local Redis data"
+    )
+    add_option(p, "--num-blocks", 0, "KV pool blocks (0: automatic)", int)
+    add_option(p, "--block-size", 16, "tokens per KV block", int)
+    add_option(p, "--max-model-len", 0, "context length (0: the model's)", int)
+    p.add_argument("--api-key", default=None, help="require this API key (env PAGEMESH_API_KEY)")
+    add_option(p, "--start-timeout", 1800.0, "seconds to wait for a service's health", float)
+    add_option(p, "--log-level", "info", "log level of the services")
+    p.set_defaults(func=run)
+
+
+def _set_pdeathsig() -> None:
+    """In the child: get SIGTERM if `pagemesh up` dies, so no service outlives it (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Console:
+    """Prefixed, optionally coloured lines from every service on one stdout."""
+
+    def __init__(self) -> None:
+        self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.width = max(len(n) for n in COLORS)
+
+    def prefix(self, name: str) -> bytes:
+        label = f"{name:<{self.width}} | "
+        if self.color:
+            label = f"\x1b[{COLORS.get(name, 37)}m{label}\x1b[0m"
+        return label.encode()
+
+    def write(self, name: str, data: bytes) -> None:
+        sys.stdout.buffer.write(self.prefix(name) + data)
+        sys.stdout.buffer.flush()
+
+    def say(self, message: str) -> None:
+        self.write("up", message.encode() + b"\n")
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    healthy: Callable[[], Awaitable[bool]]
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ever_healthy: bool = False
+    started_at: float = 0.0
+    pump: asyncio.Task | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    def __init__(self, console: Console, start_timeout: float) -> None:
+        self.console = console
+        self.start_timeout = start_timeout
+        self.services: list[Service] = []
+        self.stopping = asyncio.Event()
+        self._watchers: list[asyncio.Task] = []
+
+    async def _spawn(self, svc: Service) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        svc.proc = await asyncio.create_subprocess_exec(
+            *svc.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            # Own session: a terminal's Ctrl-C reaches only us, and we stop the services in
+            # order (gateway first) instead of all at once.
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,
+        )
+        svc.started_at = time.monotonic()
+        svc.pump = asyncio.create_task(self._pump(svc, svc.proc))
+
+    async def _pump(self, svc: Service, proc: asyncio.subprocess.Process) -> None:
+        """Copies the service's output, prefixing every line (and every \\r-redrawn progress
+        bar segment, so download bars still render in place)."""
+        assert proc.stdout is not None
+        pending = b""
+        while chunk := await proc.stdout.read(4096):
+            pending += chunk
+            start = 0
+            for i, byte in enumerate(pending):
+                if byte in (10, 13):  # \n, \r
+                    piece = pending[start : i + 1]
+                    if byte == 13:
+                        sys.stdout.buffer.write(b"\r" + self.console.prefix(svc.name) + piece[:-1])
+                        sys.stdout.buffer.flush()
+                    else:
+                        self.console.write(svc.name, piece)
+                    start = i + 1
+            pending = pending[start:]
+        if pending:
+            self.console.write(svc.name, pending + b"\n")
+
+    async def start(self, svc: Service) -> None:
+        """Spawns `svc` and waits for its health; retries a few times, then gives up."""
+        self.services.append(svc)
+        failures = 0
+        while True:
+            await self._spawn(svc)
+            if await self._wait_healthy(svc):
+                svc.ever_healthy = True
+                self._watchers.append(asyncio.create_task(self._watch(svc)))
+                return
+            failures += 1
+            await self._terminate(svc)
+            if failures >= MAX_START_FAILURES or self.stopping.is_set():
+                raise RuntimeError(f"{svc.name} did not become healthy ({failures} attempts)")
+            self.console.say(f"{svc.name} failed to start; retrying ({failures})")
+            await asyncio.sleep(min(2**failures, MAX_BACKOFF))
+
+    async def _wait_healthy(self, svc: Service) -> bool:
+        deadline = time.monotonic() + self.start_timeout
+        assert svc.proc is not None
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if svc.proc.returncode is not None:
+                self.console.say(f"{svc.name} exited with code {svc.proc.returncode}")
+                return False
+            with contextlib.suppress(Exception):
+                if await svc.healthy():
+                    self.console.say(
+                        f"{svc.name} healthy after {time.monotonic() - svc.started_at:.1f}s"
+                    )
+                    return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(svc.proc.wait(), 0.5)
+        return False
+
+    async def _watch(self, svc: Service) -> None:
+        """Restarts `svc` whenever it dies, with exponential backoff, until we stop."""
+        backoff = 1.0
+        while True:
+            assert svc.proc is not None
+            code = await svc.proc.wait()
+            if svc.pump is not None:
+                with contextlib.suppress(Exception):
+                    await svc.pump
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - svc.started_at > STABLE_SECONDS:
+                backoff = 1.0
+            svc.restarts += 1
+            self.console.say(
+                f"{svc.name} exited with code {code}; restart #{svc.restarts} in {backoff:.0f}s"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            if self.stopping.is_set():
+                return
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            await self._spawn(svc)
+            if await self._wait_healthy(svc):
+                self.console.say(f"{svc.name} restarted (restart #{svc.restarts})")
+
+    async def _terminate(self, svc: Service, timeout: float = 15.0) -> None:
+        proc = svc.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            self.console.say(f"{svc.name} did not stop in {timeout:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        if svc.pump is not None:
+            with contextlib.suppress(Exception):
+                await svc.pump
+
+    async def stop_all(self) -> None:
+        self.stopping.set()
+        for task in self._watchers:
+            task.cancel()
+        for svc in reversed(self.services):
+            if svc.proc is not None and svc.proc.returncode is None:
+                self.console.say(f"stopping {svc.name}")
+            await self._terminate(svc)
+
+
+# -- health probes -----------------------------------------------------------------------------
+
+
+def grpc_healthy(address: str) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return probe
+
+
+def http_healthy(url: str) -> Callable[[], Awaitable[bool]]:
+    def get() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    async def probe() -> bool:
+        return await asyncio.to_thread(get)
+
+    return probe
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pagemesh.cli", *args]
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from pagemesh.redis_process import RedisProcess
+
+    console = Console()
+    sup = Supervisor(console, args.start_timeout)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+
+    redis: RedisProcess | None = None
+    redis_url = args.redis_url
+    kv = f"127.0.0.1:{args.kv_port}"
+    executor = f"127.0.0.1:{args.executor_port}"
+    level = args.log_level
+    try:
+        if not redis_url:
+            data = Path(args.data_dir).expanduser()
+            redis = RedisProcess(
+                port=args.redis_port, data_dir=data, log_path=data / "redis-server.log"
+            )
+            await asyncio.to_thread(redis.start)
+            redis_url = redis.url
+            console.say(f"redis-server on {redis_url} (data in {data}, log redis-server.log)")
+        startup = asyncio.create_task(
+            _start_services(sup, args, redis_url, kv, executor, level, console)
+        )
+        stop = asyncio.create_task(interrupted.wait())
+        done, _ = await asyncio.wait([startup, stop], return_when=asyncio.FIRST_COMPLETED)
+        if startup in done:
+            startup.result()  # a service that never became healthy: RuntimeError
+            await stop
+        else:
+            startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await startup
+        console.say("stopping (Ctrl-C)")
+        return 0
+    except RuntimeError as exc:
+        console.say(f"error: {exc}")
+        return 1
+    finally:
+        await sup.stop_all()
+        if redis is not None:
+            console.say("stopping redis")
+            await asyncio.to_thread(redis.stop)
+        console.say("all stopped")
+
+
+async def _start_services(
+    sup: Supervisor,
+    args: argparse.Namespace,
+    redis_url: str,
+    kv: str,
+    executor: str,
+    level: str,
+    console: Console,
+) -> None:
+    # Internal services on loopback, whatever PAGEMESH_HOST says (it is the gateway's here).
+    kv_argv = _cli("kvmanager", "--host", "127.0.0.1", "--port", str(args.kv_port))
+    kv_argv += ["--redis-url", redis_url]
+    kv_argv += ["--metrics-port", str(args.kv_metrics_port), "--log-level", level]
+    await sup.start(Service("kvmanager", kv_argv, grpc_healthy(kv)))
+
+    ex_argv = _cli("executor", "--model", args.model, "--host", "127.0.0.1")
+    ex_argv += ["--port", str(args.executor_port)]
+    ex_argv += ["--kvmanager", kv, "--device", args.device, "--block-size", str(args.block_size)]
+    ex_argv += ["--log-level", level]
+    if args.num_blocks:
+        ex_argv += ["--num-blocks", str(args.num_blocks)]
+    if args.max_model_len:
+        ex_argv += ["--max-model-len", str(args.max_model_len)]
+    await sup.start(Service("executor", ex_argv, grpc_healthy(executor)))
+
+    gw_argv = _cli("gateway", "--host", args.host, "--port", str(args.port))
+    gw_argv += ["--executor", executor, "--kvmanager", kv, "--log-level", level]
+    if args.model_name:
+        gw_argv += ["--model-name", args.model_name]
+    if args.api_key:
+        gw_argv += ["--api-key", args.api_key]
+    url = f"http://{_loopback(args.host)}:{args.port}"
+    await sup.start(Service("gateway", gw_argv, http_healthy(url + "/health")))
+    console.say(f"pagemesh is up: {url}/v1  (Ctrl-C stops everything)")
+    console.say(f"hit rates: pagemesh kv stats --address {kv}   |   {url}/metrics")
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_up(args))
