@@ -74,6 +74,11 @@ class KVManagerStub:
                 request_serializer=proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pagemesh.v1.KVManager/Session',
+                request_serializer=proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
+                response_deserializer=proto_dot_kvmanager__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class KVManagerServicer:
@@ -137,6 +142,17 @@ class KVManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """The hot calls (Allocate, Extend, Commit, Fork, Release) over one long-lived stream per
+        executor: a stream message costs about half a unary call (no per-call HTTP/2 stream), which
+        matters for the per-step Extend. Requests are applied in the order sent; each reply echoes
+        its request's id and carries either the call's response or its error (the status code the
+        unary call would have returned), and the stream stays open after an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +195,11 @@ def add_KVManagerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=proto_dot_kvmanager__pb2.GetStatsRequest.FromString,
                     response_serializer=proto_dot_kvmanager__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=proto_dot_kvmanager__pb2.SessionRequest.FromString,
+                    response_serializer=proto_dot_kvmanager__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +418,33 @@ class KVManager:
             '/pagemesh.v1.KVManager/GetStats',
             proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
             proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagemesh.v1.KVManager/Session',
+            proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
+            proto_dot_kvmanager__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

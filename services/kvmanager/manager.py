@@ -233,31 +233,26 @@ class Manager:
         seqs = ex.seqs
         ref = ex.pool.ref
         # Pass 1: validate and count. `shared_drop` simulates ref drops by earlier CoWs of this
-        # batch: of k sequences sharing a block, k-1 copy and the last writes in place.
+        # batch: of k sequences sharing a block, k-1 copy and the last writes in place. This loop
+        # runs for every sequence of every decode step: keep it tight.
         need = 0
         shared_drop: dict[int, int] = {}
         plan: list[tuple[str, SeqState, list[int] | None, int]] = []
+        get = seqs.get
         for sid, nc, nt in zip(seq_ids, num_computed, num_tokens, strict=True):
-            seq = seqs.get(sid)
-            if seq is None:
-                raise UnknownSequence(f"extend: unknown sequence {sid!r}")
-            if nt < nc or nc < 0:
-                raise InvalidRequest(
-                    f"extend {sid!r}: need 0 <= num_computed_tokens ({nc}) <= num_tokens ({nt})"
-                )
-            nb = _ceil_div(nt, bs)
-            if nb > ex.num_blocks:
-                raise InvalidRequest(
-                    f"extend {sid!r}: {nt} tokens need {nb} blocks, the pool has {ex.num_blocks}"
-                )
-            table = seq.blocks
+            seq = get(sid)
+            if seq is None or nt < nc or nc < 0:
+                self._bad_extend_entry(seq, sid, nc, nt)
+            table = seq.blocks  # type: ignore[union-attr]
             have = len(table)
+            nb = -(-nt // bs)
+            lo = nc // bs
             cows: list[int] | None = None
-            if nt > nc:
-                for j in range(nc // bs, min(have, nb)):
+            if nt > nc and lo < have:  # this step writes into blocks the table already holds
+                for j in range(lo, nb if nb < have else have):
                     b = table[j]
                     r = ref[b]
-                    if shared_drop:
+                    if r > 1 and shared_drop:
                         r -= shared_drop.get(b, 0)
                     if r > 1:  # shared: whoever writes first gets a private copy
                         if cows is None:
@@ -265,10 +260,16 @@ class Manager:
                         cows.append(j)
                         shared_drop[b] = shared_drop.get(b, 0) + 1
                         need += 1
-            grow = nb - have if nb > have else 0
-            if cows is not None or grow:
-                need += grow
-                plan.append((sid, seq, cows, grow))
+            if nb > have:
+                if nb > ex.num_blocks:
+                    raise InvalidRequest(
+                        f"extend {sid!r}: {nt} tokens need {nb} blocks, the pool has"
+                        f" {ex.num_blocks}"
+                    )
+                need += nb - have
+                plan.append((sid, seq, cows, nb - have))  # type: ignore[arg-type]
+            elif cows is not None:
+                plan.append((sid, seq, cows, 0))  # type: ignore[arg-type]
         if len(plan) > 1 and len({p[0] for p in plan}) != len(plan):
             raise InvalidRequest("extend: a sequence appears twice in one batch")
         pool = ex.pool
@@ -296,6 +297,14 @@ class Manager:
             updates[sid] = TableUpdate(first, table[first:])
             ex.mark(sid)
         return updates, copies
+
+    @staticmethod
+    def _bad_extend_entry(seq: SeqState | None, sid: str, nc: int, nt: int) -> None:
+        if seq is None:
+            raise UnknownSequence(f"extend: unknown sequence {sid!r}")
+        raise InvalidRequest(
+            f"extend {sid!r}: need 0 <= num_computed_tokens ({nc}) <= num_tokens ({nt})"
+        )
 
     def commit(
         self, executor_id: str, epoch: int, entries: Iterable[tuple[str, int, Sequence[int]]]

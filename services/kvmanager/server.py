@@ -102,21 +102,21 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         )
         return pb.RegisterExecutorResponse(epoch=epoch)
 
-    async def Allocate(self, request, context):
-        try:
-            a = self.m.allocate(
-                request.executor_id,
-                request.epoch,
-                request.seq_id,
-                request.token_ids,
-                request.cache_salt,
-                request.num_lookahead_tokens,
-            )
-        except AllocatorError as e:
-            await self._fail(context, e)
-        return pb.AllocateResponse(block_ids=a.block_ids, num_cached_tokens=a.num_cached_tokens)
+    # Each _do_* fills `out` (a fresh response, or a Session reply's oneof field) and raises
+    # AllocatorError; the unary handlers and Session share them.
+    def _do_allocate(self, request, out) -> None:
+        a = self.m.allocate(
+            request.executor_id,
+            request.epoch,
+            request.seq_id,
+            request.token_ids,
+            request.cache_salt,
+            request.num_lookahead_tokens,
+        )
+        out.block_ids.extend(a.block_ids)
+        out.num_cached_tokens = a.num_cached_tokens
 
-    async def Extend(self, request, context):
+    def _do_extend(self, request, out) -> None:
         entries = request.entries
         columnar = not entries
         if columnar:
@@ -128,75 +128,101 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             ids.extend(request.seq_ids)
             nc.extend(request.num_computed_tokens)
             nt.extend(request.num_tokens)
-        try:
-            updates, copies = self.m.extend(request.executor_id, request.epoch, ids, nc, nt)
-        except AllocatorError as e:
-            await self._fail(context, e)
+        updates, copies = self.m.extend(request.executor_id, request.epoch, ids, nc, nt)
         if columnar:
-            ups = updates.values()
-            return pb.ExtendResponse(
-                updated_seq_ids=updates.keys(),
-                first_indices=[u.first_index for u in ups],
-                update_counts=[len(u.block_ids) for u in ups],
-                update_block_ids=[b for u in ups for b in u.block_ids],
-                copy_src=[s for s, _ in copies],
-                copy_dst=[d for _, d in copies],
-            )
-        return pb.ExtendResponse(
-            updates=[
-                pb.SeqBlocks(seq_id=s, first_index=u.first_index, block_ids=u.block_ids)
-                for s, u in updates.items()
-            ],
-            copies=[pb.BlockCopy(src=s, dst=d) for s, d in copies],
-        )
+            if updates:
+                ups = updates.values()
+                out.updated_seq_ids.extend(updates.keys())
+                out.first_indices.extend([u.first_index for u in ups])
+                out.update_counts.extend([len(u.block_ids) for u in ups])
+                out.update_block_ids.extend([b for u in ups for b in u.block_ids])
+            if copies:
+                out.copy_src.extend([s for s, _ in copies])
+                out.copy_dst.extend([d for _, d in copies])
+            return
+        for sid, u in updates.items():
+            out.updates.add(seq_id=sid, first_index=u.first_index, block_ids=u.block_ids)
+        for src, dst in copies:
+            out.copies.add(src=src, dst=dst)
 
-    async def Commit(self, request, context):
+    def _do_commit(self, request, out) -> None:
         entries = [(e.seq_id, e.block_index, e.token_ids) for e in request.entries]
         if request.seq_ids:
             ex = self.m.executors.get(request.executor_id)
             bs = ex.block_size if ex is not None else 0
             toks = request.token_ids
-            if len(toks) != bs * len(request.seq_ids) or len(request.block_indices) != len(
-                request.seq_ids
-            ):
-                await self._fail(
-                    context,
-                    InvalidRequest(
-                        "commit: columnar form needs one block index and block_size token ids"
-                        " per seq_id"
-                    ),
+            n = len(request.seq_ids)
+            if len(toks) != bs * n or len(request.block_indices) != n:
+                raise InvalidRequest(
+                    "commit: columnar form needs one block index and block_size token ids"
+                    " per seq_id"
                 )
             entries.extend(
                 (s, i, toks[k * bs : (k + 1) * bs])
                 for k, (s, i) in enumerate(zip(request.seq_ids, request.block_indices, strict=True))
             )
+        out.num_published = self.m.commit(request.executor_id, request.epoch, entries)
+
+    def _do_fork(self, request, out) -> None:
+        tables = self.m.fork(
+            request.executor_id,
+            request.epoch,
+            request.parent_seq_id,
+            request.child_seq_ids,
+            request.num_tokens,
+        )
+        for c, t in tables.items():
+            out.tables.add(seq_id=c, first_index=0, block_ids=t)
+
+    def _do_release(self, request, out) -> None:
+        out.num_released = self.m.release(request.executor_id, request.epoch, request.seq_ids)
+
+    async def _unary(self, do, request, out, context):
         try:
-            n = self.m.commit(request.executor_id, request.epoch, entries)
+            do(request, out)
         except AllocatorError as e:
             await self._fail(context, e)
-        return pb.CommitResponse(num_published=n)
+        return out
+
+    async def Allocate(self, request, context):
+        return await self._unary(self._do_allocate, request, pb.AllocateResponse(), context)
+
+    async def Extend(self, request, context):
+        return await self._unary(self._do_extend, request, pb.ExtendResponse(), context)
+
+    async def Commit(self, request, context):
+        return await self._unary(self._do_commit, request, pb.CommitResponse(), context)
 
     async def Fork(self, request, context):
-        try:
-            tables = self.m.fork(
-                request.executor_id,
-                request.epoch,
-                request.parent_seq_id,
-                request.child_seq_ids,
-                request.num_tokens,
-            )
-        except AllocatorError as e:
-            await self._fail(context, e)
-        return pb.ForkResponse(
-            tables=[pb.SeqBlocks(seq_id=c, first_index=0, block_ids=t) for c, t in tables.items()]
-        )
+        return await self._unary(self._do_fork, request, pb.ForkResponse(), context)
 
     async def Release(self, request, context):
-        try:
-            n = self.m.release(request.executor_id, request.epoch, request.seq_ids)
-        except AllocatorError as e:
-            await self._fail(context, e)
-        return pb.ReleaseResponse(num_released=n)
+        return await self._unary(self._do_release, request, pb.ReleaseResponse(), context)
+
+    async def Session(self, request_iterator, context):
+        do = {
+            "allocate": self._do_allocate,
+            "extend": self._do_extend,
+            "commit": self._do_commit,
+            "fork": self._do_fork,
+            "release": self._do_release,
+        }
+        async for req in request_iterator:
+            reply = pb.SessionResponse(id=req.id)
+            kind = req.WhichOneof("call")
+            if kind is None:
+                reply.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                reply.error.message = "session request without a call"
+            else:
+                out = getattr(reply, kind)
+                out.SetInParent()
+                try:
+                    do[kind](getattr(req, kind), out)
+                except AllocatorError as e:
+                    reply.ClearField(kind)
+                    reply.error.code = status_for(e).value[0]
+                    reply.error.message = str(e)
+            await context.write(reply)
 
     async def Match(self, request, context):
         try:

@@ -1,5 +1,5 @@
 """Fixtures of the kvmanager tests. `make` builds a registered allocator twice over: the
-in-process one and the gRPC client against a real in-process server on loopback, so every core
+in-process one and the gRPC client (over its Session stream, and unary) against a real in-process server on loopback, so every core
 test also checks that both behave the same. Either exposes `.manager`, the core behind it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from services.kvmanager.server import start_server
 BS = 4
 
 
-@pytest.fixture(params=["local", "grpc"])
+@pytest.fixture(params=["local", "grpc-session", "grpc-unary"])
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
     servers, clients = [], []
 
@@ -25,7 +25,11 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
         else:
             srv = await start_server(port=0)
             servers.append(srv)
-            a = KVManagerClient(f"127.0.0.1:{srv.port}", executor_id)
+            a = KVManagerClient(
+                f"127.0.0.1:{srv.port}",
+                executor_id,
+                use_session=request.param == "grpc-session",
+            )
             a.manager = srv.manager  # type: ignore[attr-defined]
             clients.append(a)
         await a.register(num_blocks, BS, "model-a")

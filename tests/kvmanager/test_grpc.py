@@ -4,6 +4,7 @@ both message forms, health, reflection, GetStats, /metrics and `pagemesh kv stat
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from proto import kvmanager_pb2 as pb
 from proto import kvmanager_pb2_grpc as pb_grpc
 from services.kvmanager import cli
+from services.kvmanager.api import InvalidRequest
 from services.kvmanager.client import decode_extend
 from services.kvmanager.server import SERVICE_NAME, start_server
 from tests.kvmanager.test_persistence import ROOT
@@ -233,3 +235,43 @@ def test_cli_entry_points() -> None:
     )
     a = parser.parse_args(["kv", "stats", "--watch"])
     assert a.watch == 2.0 and a.func == cli.run_stats
+
+
+async def test_session_concurrency_and_reconnect() -> None:
+    from pagemesh.redis_process import free_port
+    from services.kvmanager.api import AllocatorUnavailable, ExtendEntry, StaleEpoch
+    from services.kvmanager.client import KVManagerClient
+
+    port = free_port()
+    server = await start_server(port=port)
+    c = KVManagerClient(f"127.0.0.1:{port}", "ex", timeout=2.0)
+    await c.register(256, 4, "fp")
+    # Many calls in flight on one stream: each gets its own reply.
+    allocs = await asyncio.gather(*(c.allocate(f"s{i}", [i] * (i % 7 + 1)) for i in range(64)))
+    assert len({b for a in allocs for b in a.block_ids}) == sum(len(a.block_ids) for a in allocs)
+    results = await asyncio.gather(
+        *(c.extend([ExtendEntry(f"s{i}", i % 7 + 1, 9)]) for i in range(64)),
+        c.release(["nope"]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], InvalidRequest)
+    assert all(len(r.updates[f"s{i}"].block_ids) >= 1 for i, r in enumerate(results[:-1]))
+    server.manager.check()
+    # kvmanager goes away: a clear AllocatorUnavailable; once back, the stream reopens.
+    await server.stop(0)
+    with pytest.raises(AllocatorUnavailable):
+        await c.allocate("x", [1])
+    server = await start_server(port=port)
+    for _ in range(50):
+        try:
+            await c.allocate("x", [1])
+        except AllocatorUnavailable:
+            await asyncio.sleep(0.1)
+        except StaleEpoch:  # no Redis: the new process does not know this executor
+            break
+    else:
+        raise AssertionError("session did not reconnect")
+    await c.register(8, 4, "fp")
+    assert (await c.allocate("x", [1])).block_ids == [0]
+    await c.close()
+    await server.stop(0)
