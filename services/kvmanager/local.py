@@ -13,6 +13,7 @@ from services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     ExtendResult,
+    TableUpdate,
 )
 from services.kvmanager.manager import Manager
 
@@ -53,7 +54,7 @@ class LocalAllocator:
             [e.num_computed_tokens for e in entries],
             [e.num_tokens for e in entries],
         )
-        return ExtendResult(updates, copies)
+        return ExtendResult({s: TableUpdate(f, b) for s, (f, b) in updates.items()}, copies)
 
     async def commit(self, entries: list[CommitEntry]) -> int:
         return self.manager.commit(

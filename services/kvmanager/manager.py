@@ -23,7 +23,6 @@ from services.kvmanager.api import (
     InvalidRequest,
     OutOfBlocks,
     StaleEpoch,
-    TableUpdate,
     UnknownSequence,
 )
 from services.kvmanager.block_pool import BlockPool
@@ -221,9 +220,10 @@ class Manager:
         seq_ids: Sequence[str],
         num_computed: Sequence[int],
         num_tokens: Sequence[int],
-    ) -> tuple[dict[str, TableUpdate], list[tuple[int, int]]]:
+    ) -> tuple[dict[str, tuple[int, list[int]]], list[tuple[int, int]]]:
         """Columnar batch (three parallel sequences, as they come off the wire). All or nothing:
-        if the pool cannot satisfy the whole batch, OutOfBlocks and no change."""
+        if the pool cannot satisfy the whole batch, OutOfBlocks and no change. Returns
+        ({seq_id: (first_index, table[first_index:])} for changed tables, [(src, dst)] copies)."""
         ex = self.executor(executor_id, epoch)
         if not len(seq_ids) == len(num_computed) == len(num_tokens):
             raise InvalidRequest(
@@ -278,24 +278,36 @@ class Manager:
                 f"extend needs {need} fresh blocks, only {pool.num_available} free or evictable"
                 f" of {ex.num_blocks}"
             )
-        # Pass 2: apply.
-        updates: dict[str, TableUpdate] = {}
+        # Pass 2: apply. All fresh blocks in one take (the same blocks, in the same order, as
+        # taking them one by one: a CoW's decref never frees its source).
+        fresh = pool.take_many(need) if need else []
+        o = 0
+        updates: dict[str, tuple[int, list[int]]] = {}
         copies: list[tuple[int, int]] = []
+        mark = ex.dirty_seqs.add if ex.dirty_seqs is not None else None
         for sid, seq, cows, grow in plan:
             table = seq.blocks
-            first = len(table)
-            if cows is not None:
+            if cows is None:  # the common case: the table only grows
+                first = len(table)
+                new = fresh[o : o + grow]
+                o += grow
+                table.extend(new)
+                updates[sid] = (first, new)
+            else:
                 first = cows[0]
                 for j in cows:
                     src = table[j]
-                    dst = pool.take()
+                    dst = fresh[o]
+                    o += 1
                     table[j] = dst
                     pool.decref(src)  # stays >= 1: it was shared
                     copies.append((src, dst))
-            if grow:
-                table.extend(pool.take_many(grow))
-            updates[sid] = TableUpdate(first, table[first:])
-            ex.mark(sid)
+                if grow:
+                    table.extend(fresh[o : o + grow])
+                    o += grow
+                updates[sid] = (first, table[first:])
+            if mark is not None:
+                mark(sid)
         return updates, copies
 
     @staticmethod

@@ -133,15 +133,15 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             if updates:
                 ups = updates.values()
                 out.updated_seq_ids.extend(updates.keys())
-                out.first_indices.extend([u.first_index for u in ups])
-                out.update_counts.extend([len(u.block_ids) for u in ups])
-                out.update_block_ids.extend([b for u in ups for b in u.block_ids])
+                out.first_indices.extend([u[0] for u in ups])
+                out.update_counts.extend([len(u[1]) for u in ups])
+                out.update_block_ids.extend([b for u in ups for b in u[1]])
             if copies:
                 out.copy_src.extend([s for s, _ in copies])
                 out.copy_dst.extend([d for _, d in copies])
             return
-        for sid, u in updates.items():
-            out.updates.add(seq_id=sid, first_index=u.first_index, block_ids=u.block_ids)
+        for sid, (first, blocks) in updates.items():
+            out.updates.add(seq_id=sid, first_index=first, block_ids=blocks)
         for src, dst in copies:
             out.copies.add(src=src, dst=dst)
 

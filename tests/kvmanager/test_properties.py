@@ -92,9 +92,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert len(set(dsts)) == len(dsts)
         for s, _ in copies:
             assert refs[s] > 1
-        for sid, u in updates.items():
-            assert u.block_ids == self.ex.seqs[sid].blocks[u.first_index :]
-        grown = [b for u in updates.values() for b in u.block_ids if refs[b] == 0]
+        for sid, (first, blocks) in updates.items():
+            assert blocks == self.ex.seqs[sid].blocks[first:]
+        grown = [b for _, blocks in updates.values() for b in blocks if refs[b] == 0]
         self.fresh_ok(refs, grown)
         for s in sids:
             self.tokens[s] += data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k))
