@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from services.executor.model import ops
 from services.executor.model.attention_metadata import AttentionMetadata
 from services.executor.model.config import ModelConfig
 from services.executor.model.rope import RotaryEmbedding
@@ -35,13 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers (normalise in float32, cast, then scale) so that bf16
-        # results match it too, not only float32 ones.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -53,6 +54,7 @@ class Attention(nn.Module):
         self.q_size = config.q_size
         self.kv_size = config.kv_size
         self.scale = config.head_dim**-0.5
+        self.eps = config.rms_norm_eps
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias, dtype=dtype
         )
@@ -73,15 +75,18 @@ class Attention(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self._rotary[0](positions, q, k)
+        rotary = self._rotary[0]
+        q, k, v = ops.qk_norm_rope(
+            self.qkv_proj(hidden),
+            positions,
+            rotary.cos,
+            rotary.sin,
+            None if self.q_norm is None else self.q_norm.weight,
+            None if self.k_norm is None else self.k_norm.weight,
+            self.num_heads,
+            self.num_kv_heads,
+            self.eps,
+        )
         key_cache, value_cache = kv_cache
         kernels.write_kv_cache(k, v, key_cache, value_cache, attn.slot_mapping)
         if attn.is_decode:
@@ -113,8 +118,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -131,9 +135,14 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         kv_cache: KVCache,
         attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried separately so that each residual add fuses with the
+        # norm that follows it (same adds, same dtypes as transformers).
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -154,9 +163,10 @@ class LlamaModel(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, attn)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, kv_cache, attn, residual)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -46,7 +46,8 @@ def _llama3(inv_freq: torch.Tensor, factor: float, scaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE (the "rotate half" convention of HF Llama checkpoints) to q and k."""
+    """Holds the cos/sin tables [max_positions, head_dim]; ops.qk_norm_rope applies them
+    (the "rotate half" convention of HF Llama checkpoints)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -67,16 +68,3 @@ class RotaryEmbedding(nn.Module):
         # Cast after cos/sin, like transformers: the tables equal its per-step values.
         self.cos = emb.cos().to(self.dtype)
         self.sin = emb.sin().to(self.dtype)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q [T, Hq, D], k [T, Hkv, D]; positions [T] (padding tokens should use position 0).
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
