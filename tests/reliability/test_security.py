@@ -4,6 +4,7 @@ and what Redis holds (one key prefix, no prompt text, no token ids, no salt)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import socket
@@ -24,8 +25,13 @@ from tests.support.mesh import LOOPBACK, Mesh, http_get
 
 pytestmark = pytest.mark.timeout(180)
 
-LOOPBACK_IPS = {"127.0.0.1", "::1"}
 KEY_PREFIX = b"pagemesh:"
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _listening(pid: int) -> list[str]:
@@ -39,7 +45,7 @@ def test_internal_services_default_to_loopback(mesh: Mesh) -> None:
     for name in ("kvmanager", "executor", "gateway"):
         sockets = _listening(mesh.services[name].pid)
         assert sockets, f"{name} listens on nothing"
-        exposed = [s for s in sockets if s.rsplit(":", 1)[0] not in LOOPBACK_IPS]
+        exposed = [s for s in sockets if not _is_loopback(s.rsplit(":", 1)[0])]
         assert not exposed, f"{name} listens beyond loopback: {exposed}"
     # And the documented defaults agree, for every service started by hand.
     parser = build_parser()

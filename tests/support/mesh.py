@@ -12,6 +12,7 @@ Only loopback addresses are used. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -41,6 +42,10 @@ class MeshError(RuntimeError):
     """A service did not start, did not become healthy, or died; the message holds log tails."""
 
 
+class ServiceExited(MeshError):
+    """The process is gone: waiting longer cannot help (wait_for does not retry it)."""
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll `predicate` until it returns something truthy; exceptions count as 'not yet'."""
     deadline = time.monotonic() + timeout
@@ -50,6 +55,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
             value = predicate()
             if value:
                 return value
+        except ServiceExited:
+            raise
         except Exception as exc:  # a service that is still starting raises; keep polling
             last_exc = exc
         if time.monotonic() >= deadline:
@@ -76,6 +83,32 @@ def http_get(
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+SERVICE_MODULES = {
+    "kvmanager": "services.kvmanager.cli",
+    "executor": "services.executor.cli",
+    "gateway": "services.gateway.cli",
+}
+_LAUNCHER = (
+    "import argparse, importlib, sys\n"
+    "p = argparse.ArgumentParser(prog='pagemesh')\n"
+    "sub = p.add_subparsers(dest='command', required=True)\n"
+    "importlib.import_module(sys.argv[1]).add_commands(sub)\n"
+    "a = p.parse_args(sys.argv[2:])\n"
+    "sys.exit(int(a.func(a) or 0))\n"
+)
+
+
+@functools.cache
+def _full_cli_works() -> bool:
+    try:
+        from pagemesh.cli import build_parser
+
+        build_parser()
+        return True
+    except Exception:
+        return False
 
 
 @dataclass
@@ -122,7 +155,7 @@ class Service:
         def probe() -> bool:
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
-                raise MeshError(f"{self.name} exited with {code} before it was healthy")
+                raise ServiceExited(f"{self.name} exited with {code} before it was healthy")
             return self.ready()
 
         try:
@@ -207,6 +240,7 @@ class Mesh:
         self.kv_port = free_port()
         self.executor_port = free_port()
         self.gateway_port = free_port()
+        self.kv_metrics_port = free_port()  # its default (9051) would collide between meshes
         self.executor_id = ""  # known once the executor answers GetInfo
         self._channels: dict[str, grpc.Channel] = {}
         env = dict(os.environ)
@@ -214,6 +248,7 @@ class Mesh:
             {
                 "PYTHONUNBUFFERED": "1",
                 "CUDA_VISIBLE_DEVICES": "",
+                "TQDM_DISABLE": "1",  # progress bars would fill the logs
                 "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             }
         )
@@ -247,7 +282,11 @@ class Mesh:
 
     @staticmethod
     def _cli(*args: str) -> list[str]:
-        return [sys.executable, "-m", "pagemesh.cli", *args]
+        if _full_cli_works():
+            return [sys.executable, "-m", "pagemesh.cli", *args]
+        # The same subcommand through its own module only, while another module of the CLI
+        # (e.g. `pagemesh up`) is missing or broken in this tree.
+        return [sys.executable, "-c", _LAUNCHER, SERVICE_MODULES[args[0]], *args]
 
     def _host_args(self) -> list[str]:
         host = self.config.internal_host
@@ -258,7 +297,8 @@ class Mesh:
             "kvmanager",
             "--port", str(self.kv_port),
             "--redis-url", self.redis.url,
-            "--log-level", "INFO",
+            "--metrics-port", str(self.kv_metrics_port),
+            "--log-level", "info",
             *self._host_args(),
             *self.config.kvmanager_args,
         )  # fmt: skip
