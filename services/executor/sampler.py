@@ -22,8 +22,8 @@ _GREEDY_EPS = 1e-5  # temperatures below this are greedy
 
 @dataclass(slots=True)
 class SamplingTensors:
-    temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows (unused there)
-    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor | None  # [B] float32, 1.0 on greedy rows (None: all greedy)
+    greedy: torch.Tensor | None  # [B] bool (None: all greedy)
     top_k: torch.Tensor | None  # [B] int64, V = off
     top_p: torch.Tensor | None  # [B] float32
     min_p: torch.Tensor | None  # [B] float32
@@ -67,12 +67,12 @@ def build_sampling_tensors(
     def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    temperature = tensor(
-        [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], torch.float32
-    )
-    top_k = top_p = min_p = None
+    temperature = greedy_mask = top_k = top_p = min_p = None
     seeded: list[tuple[int, torch.Generator]] = []
     if not all_greedy:
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+        temperature = tensor(temps, torch.float32)
+        greedy_mask = tensor(greedy, torch.bool)
         ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         if any(k < vocab_size for k in ks):
             top_k = tensor(ks, torch.int64)
@@ -92,7 +92,7 @@ def build_sampling_tensors(
         repetition = tensor([p.repetition_penalty for p in params], torch.float32)
     return SamplingTensors(
         temperature=temperature,
-        greedy=tensor(greedy, torch.bool),
+        greedy=greedy_mask,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
@@ -164,6 +164,7 @@ class Sampler:
         if st.all_greedy:
             token_ids = greedy_ids
         else:
+            assert st.greedy is not None
             token_ids = torch.where(st.greedy, greedy_ids, self._sample(logits, st))
         out = SamplerOutput(token_ids=token_ids)
         if raw_logprobs is not None:
@@ -173,6 +174,7 @@ class Sampler:
         return out
 
     def _sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        assert st.temperature is not None
         logits = logits / st.temperature.unsqueeze(1)
         if st.top_k is not None or st.top_p is not None:
             logits = self._top_k_top_p(logits, st.top_k, st.top_p)
