@@ -148,8 +148,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
     def _do_commit(self, request, out) -> None:
         entries = [(e.seq_id, e.block_index, e.token_ids) for e in request.entries]
         if request.seq_ids:
-            ex = self.m.executors.get(request.executor_id)
-            bs = ex.block_size if ex is not None else 0
+            bs = self.m.executor(request.executor_id, request.epoch).block_size  # or StaleEpoch
             toks = request.token_ids
             n = len(request.seq_ids)
             if len(toks) != bs * n or len(request.block_indices) != n:

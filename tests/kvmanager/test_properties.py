@@ -11,9 +11,15 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from services.kvmanager.api import OutOfBlocks
 from services.kvmanager.manager import Manager
@@ -28,12 +34,22 @@ class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.m = Manager(track_changes=True)
-        self.num_blocks = 24
+        self.num_blocks = 12
         self.epoch = self.m.register(EX, self.num_blocks, BS, "fp")
         self.tokens: dict[str, list[int]] = {}  # written tokens of each live sequence
         self.salt: dict[str, str] = {}
         self.content: dict[int, list[int]] = {}  # committed block -> its full-prefix tokens
         self.n = 0
+
+    @initialize(prefix=st.sampled_from(PREFIXES))
+    def warm(self, prefix) -> None:
+        """Start with a committed, released prefix in the cache, so hits and eviction come early."""
+        self.m.allocate(EX, self.epoch, "w", prefix)
+        self.tokens["w"] = list(prefix)
+        self.salt["w"] = ""
+        self.commit_seq("w")
+        self.m.release(EX, self.epoch, ["w"])
+        del self.tokens["w"]
 
     @property
     def ex(self):
@@ -63,8 +79,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             r = self.m.allocate(EX, self.epoch, sid, prompt, salt, lookahead)
         except OutOfBlocks:
             assert self.m.snapshot() == before
+            event("allocate: out of blocks")
             return
         nh = r.num_cached_tokens // BS
+        event("allocate: prefix hit" if nh else "allocate: miss")
         assert r.num_cached_tokens < len(prompt) and r.num_cached_tokens % BS == 0
         for i, b in enumerate(r.block_ids[:nh]):
             # A hit block holds exactly this prompt's prefix (same salt: extra keys match).
@@ -87,7 +105,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             updates, copies = self.m.extend(EX, self.epoch, sids, nc, nt)
         except OutOfBlocks:
             assert self.m.snapshot() == before
+            event("extend: out of blocks")
             return
+        if copies:
+            event("extend: copy-on-write")
         dsts = [d for _, d in copies]
         assert len(set(dsts)) == len(dsts)
         for s, _ in copies:
@@ -102,7 +123,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @precondition(lambda self: self.tokens)
     def commit(self, data) -> None:
-        sid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.commit_seq(data.draw(st.sampled_from(sorted(self.tokens))))
+
+    def commit_seq(self, sid: str) -> None:
         toks = self.tokens[sid]
         seq = self.ex.seqs[sid]
         entries = [(sid, i, toks[i * BS : (i + 1) * BS]) for i in range(len(toks) // BS)]
@@ -144,6 +167,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def invariants(self) -> None:
         self.m.check()
         p = self.ex.pool
+        if p.evictions:
+            event("evictions happened")
         assert p.num_free + p.num_in_use + p.num_cached == self.num_blocks
         # Forget contents of evicted blocks (they may be reused for anything).
         for b in [b for b in self.content if p.hash[b] is None]:
@@ -151,9 +176,42 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 AllocatorMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=100,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestAllocator = AllocatorMachine.TestCase
+
+
+async def test_long_random_runs_keep_invariants() -> None:
+    """Longer seeded runs than hypothesis explores, through the allocator API, with the
+    invariants checked after every operation and every interesting path visited."""
+    from services.kvmanager.local import LocalAllocator
+    from tests.kvmanager.workload import Workload
+
+    seen: dict[str, int] = {}
+    for seed in range(4):
+        a = LocalAllocator("ex", Manager(track_changes=True))
+        await a.register(40, 4, "fp")
+        w = Workload(seed)
+        pool = a.manager.executors["ex"].pool
+        for _ in range(600):
+            op = w.next_op()
+            refs = list(pool.ref)
+            r = await w.apply(a, op)
+            a.manager.check()
+            if r == ("error", "OutOfBlocks"):
+                seen["out of blocks"] = seen.get("out of blocks", 0) + 1
+            elif op[0] == "allocate":
+                blocks, cached = r
+                nh = cached // 4
+                assert all(refs[b] == 0 for b in blocks[nh:])  # fresh blocks were unreferenced
+                key = "hit" if cached else "miss"
+                seen[key] = seen.get(key, 0) + 1
+            elif op[0] == "extend" and r[1]:
+                seen["copy-on-write"] = seen.get("copy-on-write", 0) + 1
+        seen["evictions"] = seen.get("evictions", 0) + pool.evictions
+    assert all(
+        seen.get(k, 0) > 5 for k in ("out of blocks", "hit", "miss", "copy-on-write", "evictions")
+    ), seen
