@@ -202,7 +202,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gw.check_model(req.model)
     assert gw.tokenizer is not None
     if isinstance(req.prompt, str):
-        prompt_ids = await gw.tokenizer.encode_async(req.prompt)
+        prompt_ids = await gw.tokenizer.encode_async(req.prompt, add_special_tokens=True)
         prompt_text = req.prompt
     else:
         prompt_ids = req.prompt

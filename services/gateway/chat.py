@@ -49,10 +49,10 @@ class Tokenizer:
         except Exception as exc:  # jinja raises its own errors (e.g. alternation checks)
             raise PromptError(f"The chat template rejected these messages: {exc}") from None
 
-    def encode(self, text: str) -> list[int]:
-        # The chat template already holds any BOS the model wants; adding special tokens again
-        # would double it.
-        return list(self.hf.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # Chat: the template already holds any BOS the model wants, adding it again would
+        # double it. Plain completions: the tokenizer's own BOS rule applies.
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self.render_chat(messages))
@@ -62,7 +62,7 @@ class Tokenizer:
             return self.encode_chat(messages)
         return await asyncio.to_thread(self.encode_chat, messages)
 
-    async def encode_async(self, text: str) -> list[int]:
+    async def encode_async(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if len(text) < INLINE_TOKENIZE_CHARS:
-            return self.encode(text)
-        return await asyncio.to_thread(self.encode, text)
+            return self.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.encode, text, add_special_tokens)

@@ -50,11 +50,12 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held at the end (an incomplete character decodes as U+FFFD)."""
+        """Whatever is still held at the end. A character whose bytes were cut off (max_tokens
+        in the middle of it) would decode as U+FFFD; it is dropped rather than sent broken."""
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text) :]
+        return full_text[len(prefix_text) :].rstrip("\ufffd")
 
 
 def _held_suffix_len(text: str, stops: list[str]) -> int:

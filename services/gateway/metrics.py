@@ -53,30 +53,35 @@ class GatewayMetrics:
             registry=r,
         )
         self.kv_token_hit_rate = Gauge(
-            "pagemesh_kv_token_hit_rate",
+            "pagemesh_gateway_kv_token_hit_rate",
             "Prompt tokens served from the prefix cache / prompt tokens (kvmanager)",
             ["window"],
             registry=r,
         )
         self.kv_request_hit_rate = Gauge(
-            "pagemesh_kv_request_hit_rate",
+            "pagemesh_gateway_kv_request_hit_rate",
             "Requests with a prefix-cache hit / requests (kvmanager)",
             ["window"],
             registry=r,
         )
         self.kv_blocks = Gauge(
-            "pagemesh_kv_blocks",
+            "pagemesh_gateway_kv_blocks",
             "KV blocks per state (kvmanager)",
             ["executor", "state"],
             registry=r,
         )
         self.kv_evictions = Gauge(
-            "pagemesh_kv_evictions", "Cached blocks evicted since start", ["executor"], registry=r
+            "pagemesh_gateway_kv_evictions",
+            "Cached blocks evicted since start",
+            ["executor"],
+            registry=r,
         )
         self.kv_redis_connected = Gauge(
-            "pagemesh_kv_redis_connected", "1 when kvmanager reaches Redis", registry=r
+            "pagemesh_gateway_kv_redis_connected", "1 when kvmanager reaches Redis", registry=r
         )
-        self.kv_up = Gauge("pagemesh_kv_up", "1 when kvmanager answered this scrape", registry=r)
+        self.kv_up = Gauge(
+            "pagemesh_gateway_kv_up", "1 when kvmanager answered this scrape", registry=r
+        )
         self._kv_address = kvmanager
         # Made on first scrape, inside the running loop (grpc.aio channels bind to their loop).
         self._kv_channel: grpc.aio.Channel | None = None
