@@ -119,23 +119,30 @@ async def _stats(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.watch)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    for r in rows:
-        lines.append(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    return "\n".join(lines)
+def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first `left` columns (names) left-aligned, the
+    rest (figures) right-aligned."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}min"
 
 
 def format_stats(r, address: str) -> str:
@@ -196,6 +203,7 @@ def format_stats(r, address: str) -> str:
         _table(
             ["prefix cache", "window", "requests", "req hit", "tokens", "hit tokens", "tok hit"],
             rows,
+            left=2,
         )
     )
     res = []
@@ -206,13 +214,13 @@ def format_stats(r, address: str) -> str:
                     e.executor_id,
                     what,
                     str(x.count),
-                    f"{x.mean_seconds:.1f}s",
-                    f"{x.p50_seconds:.1f}s",
-                    f"{x.p99_seconds:.1f}s",
+                    _age(x.mean_seconds),
+                    _age(x.p50_seconds),
+                    _age(x.p99_seconds),
                 ]
             )
     if res:
-        out += ["", _table(["block age", "when", "count", "mean", "p50", "p99"], res)]
+        out += ["", _table(["block age", "when", "count", "mean", "p50", "p99"], res, left=2)]
     return "\n".join(out)
 
 
