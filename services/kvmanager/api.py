@@ -36,6 +36,13 @@ class UnknownSequence(InvalidRequest):
     NOT_FOUND. A subclass, so `except InvalidRequest` still catches it."""
 
 
+class SequenceTooLarge(OutOfBlocks, InvalidRequest):
+    """The sequence needs more blocks than the whole pool holds, so it can never fit (gRPC
+    OUT_OF_RANGE). Both an OutOfBlocks (a scheduler that fails a request when OutOfBlocks comes
+    with nothing running stays correct) and an InvalidRequest (one that checks for it can fail
+    the request at once instead of waiting). The state is unchanged."""
+
+
 class StaleEpoch(AllocatorError):
     """The executor re-registered since; this caller must re-register (gRPC FAILED_PRECONDITION)."""
 

@@ -22,6 +22,7 @@ from services.kvmanager.api import (
     Allocation,
     InvalidRequest,
     OutOfBlocks,
+    SequenceTooLarge,
     StaleEpoch,
     UnknownSequence,
 )
@@ -184,7 +185,7 @@ class Manager:
             raise InvalidRequest("num_lookahead_tokens must be >= 0")
         total = _ceil_div(n + num_lookahead_tokens, ex.block_size)
         if total > ex.num_blocks:
-            raise InvalidRequest(
+            raise SequenceTooLarge(
                 f"sequence needs {total} blocks ({n} tokens + {num_lookahead_tokens} look-ahead,"
                 f" block size {ex.block_size}) but the pool has only {ex.num_blocks}"
             )
@@ -262,7 +263,7 @@ class Manager:
                         need += 1
             if nb > have:
                 if nb > ex.num_blocks:
-                    raise InvalidRequest(
+                    raise SequenceTooLarge(
                         f"extend {sid!r}: {nt} tokens need {nb} blocks, the pool has"
                         f" {ex.num_blocks}"
                     )

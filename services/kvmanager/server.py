@@ -5,6 +5,7 @@ Handlers call the synchronous core with no await before they answer, so every RP
 respect to the others and Redis never sits on the allocation path. Errors map to status codes:
   OutOfBlocks -> RESOURCE_EXHAUSTED   UnknownSequence -> NOT_FOUND
   InvalidRequest -> INVALID_ARGUMENT  StaleEpoch -> FAILED_PRECONDITION
+  SequenceTooLarge (bigger than the whole pool) -> OUT_OF_RANGE
 Health: "" and "pagemesh.v1.KVManager" are SERVING while the server runs (allocation works with
 or without Redis); "pagemesh.v1.KVManager.redis" is SERVING only while Redis is reachable.
 """
@@ -27,6 +28,7 @@ from services.kvmanager.api import (
     AllocatorError,
     InvalidRequest,
     OutOfBlocks,
+    SequenceTooLarge,
     StaleEpoch,
     UnknownSequence,
 )
@@ -42,6 +44,8 @@ MAX_MESSAGE = 64 << 20
 
 
 def status_for(e: AllocatorError) -> grpc.StatusCode:
+    if isinstance(e, SequenceTooLarge):
+        return grpc.StatusCode.OUT_OF_RANGE
     if isinstance(e, OutOfBlocks):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, UnknownSequence):

@@ -298,6 +298,18 @@ async def test_bad_input_is_rejected_without_change(make, call, match: str) -> N
     assert a.manager.snapshot() == before
 
 
+async def test_sequence_too_large_is_both_kinds(make) -> None:
+    from services.kvmanager.api import SequenceTooLarge
+
+    a = await make()
+    with pytest.raises(SequenceTooLarge) as e:
+        await a.allocate("big", [1] * 65)
+    assert isinstance(e.value, OutOfBlocks) and isinstance(e.value, InvalidRequest)
+    await a.allocate("s", [1])
+    with pytest.raises(SequenceTooLarge):
+        await a.extend([ExtendEntry("s", 1, 65)])
+
+
 async def test_double_release(make) -> None:
     a = await make()
     await a.allocate("s", [1, 2, 3, 4, 5])

@@ -46,7 +46,7 @@ async def served():
 BAD = [
     ("Allocate", dict(seq_id="s", token_ids=[1]), C.INVALID_ARGUMENT, "already exists"),
     ("Allocate", dict(seq_id="n", token_ids=[]), C.INVALID_ARGUMENT, "must not be empty"),
-    ("Allocate", dict(seq_id="n", token_ids=[1] * 33), C.INVALID_ARGUMENT, "pool has only 8"),
+    ("Allocate", dict(seq_id="n", token_ids=[1] * 33), C.OUT_OF_RANGE, "pool has only 8"),
     ("Allocate", dict(seq_id="n", token_ids=[1] * 28), C.RESOURCE_EXHAUSTED, "free or evictable"),
     ("Allocate", dict(seq_id="n", token_ids=[1], epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
     ("Allocate", dict(seq_id="n", token_ids=[1], executor_id="zz"), C.FAILED_PRECONDITION, "not registered"),
