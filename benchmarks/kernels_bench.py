@@ -253,20 +253,27 @@ def bench_decode_config(
 
     if sweep:
         sw: dict[str, Any] = {}
+
+        def point(label: str, **kw: Any) -> None:
+            t = try_time(lambda: ours(max_seq_len=max_len, **kw), reps, gpu)
+            sw[label] = figures(t).get("frac_read", figures(t).get("error"))
+
         for splits in [1, 2, 4, 8, 16, 32, 64]:
-            if splits > 1 and max_len // splits < 64:
-                continue
-            t = try_time(lambda sp=splits: ours(max_seq_len=max_len, num_splits=sp), reps, gpu)
-            sw[f"splits{splits}"] = figures(t).get("frac_read", figures(t).get("error"))
-        for bn, warps, stages in [(32, 4, 3), (64, 4, 4), (128, 4, 2), (64, 8, 3), (32, 4, 5)]:
-            t = try_time(
-                lambda bn=bn, w=warps, st=stages: ours(
-                    max_seq_len=max_len, block_n=bn, num_warps=w, num_stages=st
-                ),
-                reps,
-                gpu,
-            )
-            sw[f"bn{bn}_w{warps}_s{stages}"] = figures(t).get("frac_read", figures(t).get("error"))
+            if splits == 1 or max_len // splits >= 64:
+                point(f"splits{splits}", num_splits=splits)
+        point("auto_two_kernel_merge", fused_merge=False)
+        for bn, warps, stages in [(32, 4, 3), (32, 4, 5), (64, 4, 4), (128, 4, 2), (128, 4, 3)]:
+            point(f"bn{bn}_w{warps}_s{stages}", block_n=bn, num_warps=warps, num_stages=stages)
+        if batch <= 8:  # latency-bound: try deeper pipelines with more slices
+            for splits in [16, 32, 64]:
+                for bn, warps, stages in [(32, 4, 5), (128, 4, 2), (32, 4, 3)]:
+                    point(
+                        f"splits{splits}_bn{bn}_w{warps}_s{stages}",
+                        num_splits=splits,
+                        block_n=bn,
+                        num_warps=warps,
+                        num_stages=stages,
+                    )
         res["sweep_frac_read"] = sw
 
     # Check: our output against cuDNN's on the same data laid out contiguously (uniform lengths
@@ -368,12 +375,12 @@ def bench_prefill(
     if sweep:
         sw = {}
         for bm, bn, w, st in [
-            (128, 64, 4, 3),
+            (128, 64, 8, 3),
             (64, 64, 4, 3),
-            (128, 128, 8, 3),
+            (128, 128, 8, 2),
+            (128, 128, 4, 3),
+            (64, 128, 4, 3),
             (128, 32, 4, 4),
-            (128, 64, 8, 4),
-            (128, 64, 8, 2),
         ]:
             t = try_time(
                 lambda bm=bm, bn=bn, w=w, st=st: ours(

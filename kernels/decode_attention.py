@@ -42,6 +42,7 @@ def _decode_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
+    counters_ptr,
     scale_log2,
     tokens_per_split,
     stride_qb,
@@ -63,6 +64,8 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
     kvh = tl.program_id(0)
@@ -72,8 +75,9 @@ def _decode_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * tokens_per_split
     if NUM_SPLITS > 1:  # noqa: SIM102 (constexpr test, kept apart from the runtime one)
-        # Slices past the end have nothing to do; the merge kernel never reads their rows.
-        if start >= seq_len:
+        # Slices past the end have nothing to do; the merge never reads their rows. Slice 0
+        # always runs, so that a sequence of length 0 still gets its output (zeros) written.
+        if (split > 0) & (start >= seq_len):
             return
     end = tl.minimum(start + tokens_per_split, seq_len)
 
@@ -147,6 +151,48 @@ def _decode_kernel(
         )
         tl.store(part_ml_ptr + row_id * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row_id * 2 + 1, l_i, mask=g_mask)
+        if FUSED_MERGE:
+            # The last slice of this (sequence, KV head) to finish merges all of them, which
+            # saves the merge kernel's launch and its gap (a large share of the time of a
+            # small, latency-bound batch). The barrier orders every thread's partial stores
+            # before the counter update (acq_rel at GPU scope publishes them to the merging
+            # program); the merging program reads them through L2 (.cg), never a stale L1.
+            n_active = tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1)
+            counter = counters_ptr + b * NUM_KV_HEADS + kvh
+            tl.debug_barrier()
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == n_active - 1:
+                tl.store(counter, 0)  # self-resetting: ready for the next launch (or replay)
+                row0 = (b * num_heads + heads).to(tl.int64) * NUM_SPLITS
+                m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                l_all = tl.zeros([GROUP_PAD], tl.float32)
+                o_all = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+                for sp in range(0, n_active):
+                    r = row0 + sp
+                    m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=0.0, cache_modifier=".cg")
+                    l_s = tl.load(
+                        part_ml_ptr + r * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg"
+                    )
+                    a_s = tl.load(
+                        part_acc_ptr + r[:, None] * HEAD_PAD + offs_d[None, :],
+                        mask=g_mask[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    m_new = tl.maximum(m_all, m_s)
+                    # An empty slice (length-0 sequence) has m = -inf: keep exponents finite.
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    w_old = tl.exp2(m_all - m_safe)
+                    w_s = tl.exp2(m_s - m_safe)
+                    l_all = l_all * w_old + l_s * w_s
+                    o_all = o_all * w_old[:, None] + a_s * w_s[:, None]
+                    m_all = m_new
+                l_safe = tl.where(l_all > 0.0, l_all, 1.0)
+                tl.store(
+                    out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                    (o_all / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+                    mask=qd_mask,
+                )
 
 
 @triton.jit
@@ -167,7 +213,7 @@ def _merge_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    n_active = tl.cdiv(seq_len, tokens_per_split)
+    n_active = tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1)
     offs_s = tl.arange(0, SPLIT_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
     s_mask = offs_s < n_active
@@ -175,6 +221,7 @@ def _merge_kernel(
     m = tl.load(part_ml_ptr + (row0 + offs_s) * 2, mask=s_mask, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + (row0 + offs_s) * 2 + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # only empty slices (length 0)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     acc = tl.load(
         part_acc_ptr + (row0 + offs_s)[:, None] * HEAD_PAD + offs_d[None, :],
@@ -189,6 +236,22 @@ def _merge_kernel(
         (num / den).to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
+
+
+# Arrival counters of the fused merge, one per (sequence, KV head), zero between launches (the
+# merging program resets its own). Allocated once per device outside any graph capture:
+# 64K counters cover batch x KV heads of any real model; a larger call gets fresh zeros.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_NUM_COUNTERS = 1 << 16
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
+    if needed > _NUM_COUNTERS:
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(_NUM_COUNTERS, dtype=torch.int32, device=device)
+    return buf
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
@@ -225,12 +288,15 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Triton paged decode attention; same contract as kernels.reference.paged_decode_attention.
 
     max_seq_len: an upper bound of seq_lens known on the host (defaults to the block table's
     capacity); it only sizes the split. num_splits/block_n/num_warps/num_stages override the
-    heuristics (benchmarks sweep them)."""
+    heuristics (benchmarks sweep them). fused_merge=False merges the slices in a second kernel
+    instead of in the last slice to finish (calls that share the counters must not run
+    concurrently on two streams)."""
     batch, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -260,6 +326,8 @@ def paged_decode_attention(
         part_ml = torch.empty((batch, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
+    fused = fused_merge and splits > 1
+    counters = _counters(q.device, batch * num_kv_heads) if fused else seq_lens  # else unused
     # float32 caches get exact (IEEE) dots: Triton's default for float32 is tf32, far from the
     # 1e-5 the tests ask. The interpreter's bfloat16 dot is broken (Triton 3.9 + NumPy), so
     # under the interpreter 16-bit operands are upcast before the dot as well.
@@ -273,6 +341,7 @@ def paged_decode_attention(
         out,
         part_acc,
         part_ml,
+        counters,
         scale * LOG2E,
         tokens_per_split,
         q.stride(0),
@@ -294,11 +363,13 @@ def paged_decode_attention(
         PAGE=page,
         BLOCK_N=bn,
         NUM_SPLITS=splits,
+        NUM_KV_HEADS=num_kv_heads,
+        FUSED_MERGE=fused,
         F32_DOT=f32_dot,
         num_warps=warps,
         num_stages=stages,
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _merge_kernel[(batch, num_heads)](
             part_acc,
             part_ml,

@@ -193,14 +193,15 @@ def _prefill_kernel(
 
 
 def _launch_config(elem_size: int, head_pad: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 128 x 64 tiles with 8 warps are the usual
-    flash-attention forward shape for 16-bit head dim <= 128 on Hopper; float32 and larger
-    heads halve the tiles to stay inside shared memory and registers."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). For 16-bit heads up to 128, 128 x 128 tiles
+    with 8 warps measured best on an H100 (batch 8, 1024 cached + 1024 new: 327 TFLOP/s
+    against 300 for 128 x 64; benchmarks/RESULTS.md); float32 and larger heads take smaller
+    tiles to stay inside shared memory and registers."""
     if interpreting():
         return 16, 16, 4, 1
     if elem_size >= 4 or head_pad > 128:
         return 64, 32, 4, 2
-    return 128, 64, 8, 3
+    return 128, 128, 8, 3
 
 
 def paged_prefill_attention(

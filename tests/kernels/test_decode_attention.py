@@ -56,9 +56,11 @@ RAGGED = [17, 1, 32, 5, 33, 16]
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads"), [(2, 2), (6, 2), (8, 2), (8, 1)], ids=["g1", "g3", "g4", "g8"]
 )
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(
+    ("num_splits", "fused_merge"), [(1, True), (3, True), (3, False)], ids=["s1", "s3", "s3k2"]
+)
 def test_decode_fp32_gqa(
-    num_heads: int, num_kv_heads: int, num_splits: int, device: torch.device
+    num_heads: int, num_kv_heads: int, num_splits: int, fused_merge: bool, device: torch.device
 ) -> None:
     err = _run_decode(
         RAGGED,
@@ -70,6 +72,7 @@ def test_decode_fp32_gqa(
         device,
         seed=num_heads * 7 + num_splits,
         num_splits=num_splits,
+        fused_merge=fused_merge,
     )
     assert err <= TOL[torch.float32], err
 
@@ -97,3 +100,39 @@ def test_decode_gpu_real_sizes(
     for head_dim, page in [(128, 16), (64, 32)]:
         err = _run_decode(lens, num_heads, num_kv_heads, head_dim, page, dtype, device, seed=1)
         assert err <= TOL[dtype], (head_dim, page, err)
+
+
+def test_decode_empty_sequence_and_repeat(device: torch.device) -> None:
+    """A length-0 row (padding of a captured batch) gets zeros, and a second launch gives the
+    same output (the fused merge's arrival counters reset themselves)."""
+    gen = torch.Generator().manual_seed(9)
+    paged = make_paged([40, 1, 33], 1, 32, 16, torch.float32, device, gen)
+    paged.seq_lens[1] = 0
+    q = torch.randn((3, 4, 32), generator=gen).to(device)
+    outs = []
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        kernels.paged_decode_attention(
+            q, paged.key_cache, paged.value_cache, paged.block_tables, paged.seq_lens, 0.2, out,
+            num_splits=3,
+        )  # fmt: skip
+        outs.append(out.cpu())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))
+    assert torch.isfinite(outs[0]).all()
+
+
+@pytest.mark.gpu
+def test_decode_gpu_fused_merge_repeatable(device: torch.device) -> None:
+    """Many slices finishing together: 200 launches must agree bit for bit with the first and
+    with the two-kernel merge (a race in the arrival counters or the partials shows here)."""
+    gen = torch.Generator().manual_seed(4)
+    lens = [8192, 1, 4000, 16, 8191, 777]
+    paged = make_paged(lens, 8, 128, 16, torch.bfloat16, device, gen)
+    q = torch.randn((len(lens), 32, 128), generator=gen).to(torch.bfloat16).to(device)
+    args = (q, paged.key_cache, paged.value_cache, paged.block_tables, paged.seq_lens, 0.088)
+    first = kernels.paged_decode_attention(*args, num_splits=64)
+    two_kernel = kernels.paged_decode_attention(*args, num_splits=64, fused_merge=False)
+    torch.testing.assert_close(first, two_kernel, rtol=0, atol=1e-2)
+    for _ in range(200):
+        assert torch.equal(kernels.paged_decode_attention(*args, num_splits=64), first)
