@@ -70,7 +70,7 @@ async def wait_ready(port: int) -> None:
 
 async def bench_grpc(port: int, n_alloc: int, n_steps: int, session: bool = True) -> dict:
     c = KVManagerClient(f"127.0.0.1:{port}", f"bench-{session}", use_session=session)
-    await c.register(1 << 16, BS, "bench-model")
+    await c.register(1 << 18, BS, "bench-model")
     rng = random.Random(0)
     shared = [rng.randrange(32000) for _ in range(256)]
     # Allocate latency.

@@ -210,22 +210,30 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             "fork": self._do_fork,
             "release": self._do_release,
         }
-        async for req in request_iterator:
-            reply = pb.SessionResponse(id=req.id)
-            kind = req.WhichOneof("call")
-            if kind is None:
-                reply.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                reply.error.message = "session request without a call"
-            else:
-                out = getattr(reply, kind)
-                out.SetInParent()
-                try:
-                    do[kind](getattr(req, kind), out)
-                except AllocatorError as e:
-                    reply.ClearField(kind)
-                    reply.error.code = status_for(e).value[0]
-                    reply.error.message = str(e)
-            await context.write(reply)
+        try:
+            async for req in request_iterator:
+                await context.write(self._session_reply(req, do))
+        except asyncio.CancelledError:
+            # The executor went away (or cancelled the stream): the RPC is over, nothing to
+            # answer; every call it sent was applied atomically or not at all.
+            log.debug("session stream cancelled")
+
+    def _session_reply(self, req: pb.SessionRequest, do: dict) -> pb.SessionResponse:
+        reply = pb.SessionResponse(id=req.id)
+        kind = req.WhichOneof("call")
+        if kind is None:
+            reply.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            reply.error.message = "session request without a call"
+            return reply
+        out = getattr(reply, kind)
+        out.SetInParent()
+        try:
+            do[kind](getattr(req, kind), out)
+        except AllocatorError as e:
+            reply.ClearField(kind)
+            reply.error.code = status_for(e).value[0]
+            reply.error.message = str(e)
+        return reply
 
     async def Match(self, request, context):
         try:

@@ -275,3 +275,32 @@ async def test_session_concurrency_and_reconnect() -> None:
     assert (await c.allocate("x", [1])).block_ids == [0]
     await c.close()
     await server.stop(0)
+
+
+async def test_session_raw_stream_errors_keep_it_open(served) -> None:
+    """Over the raw Session stream: an error reply carries the unary status code and the stream
+    goes on; replies echo ids in order."""
+    _, stub, epoch = served
+    call = stub.Session()
+    await call.write(pb.SessionRequest(id=1))  # no call at all
+    await call.write(
+        pb.SessionRequest(
+            id=2, release=pb.ReleaseRequest(executor_id="ex", epoch=epoch, seq_ids=["x"])
+        )
+    )
+    await call.write(
+        pb.SessionRequest(
+            id=3,
+            allocate=pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id="a", token_ids=[1]),
+        )
+    )
+    replies = [await call.read() for _ in range(3)]
+    assert [r.id for r in replies] == [1, 2, 3]
+    assert replies[0].error.code == C.INVALID_ARGUMENT.value[0]
+    assert (
+        replies[1].error.code == C.NOT_FOUND.value[0]
+        and "unknown sequence" in replies[1].error.message
+    )
+    assert not replies[2].HasField("error") and list(replies[2].allocate.block_ids) == [0]
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
