@@ -158,4 +158,7 @@ def test_qwen2_bias_and_qwen3_norm_flags() -> None:
     qwen3 = ModelConfig.from_dict({**TINY, "model_type": "qwen3", "head_dim": 128})
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.q_size) == (False, True, 128, 256)
     raw = json.loads(json.dumps({**TINY, "model_type": "mistral", "sliding_window": 4096}))
-    assert ModelConfig.from_dict(raw).sliding_window == 4096
+    mistral = ModelConfig.from_dict(raw)
+    assert (mistral.sliding_window, mistral.max_model_len) == (4096, 64)
+    mistral = ModelConfig.from_dict({**raw, "max_position_embeddings": 32768})
+    assert mistral.max_model_len == 4096

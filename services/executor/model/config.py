@@ -64,6 +64,14 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest context served exactly: attention is always full, so a sliding-window
+        model (Mistral v0.1: 4096 of 32768) is exact only up to its window."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
