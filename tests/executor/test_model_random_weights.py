@@ -52,6 +52,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         dict(rope_scaling=dict(rope_type="linear", factor=2.0), num_key_value_heads=4),
     ),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen2_yarn": (
+        "Qwen2Config",
+        dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)),
+    ),
     "qwen3": ("Qwen3Config", dict(head_dim=32, num_key_value_heads=1)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
 }

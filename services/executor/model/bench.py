@@ -47,7 +47,9 @@ def _copy_bandwidth() -> float:
     return 2 * x.numel() / (ms / 1e3)  # bytes read + written per second
 
 
-def bench(batch: int, context: int, model: LlamaForCausalLM, config: ModelConfig) -> dict:
+def bench(
+    batch: int, context: int, model: LlamaForCausalLM, config: ModelConfig, profile: bool
+) -> dict:
     dev = "cuda"
     blocks_per_seq = (context + BLOCK_SIZE) // BLOCK_SIZE + 1
     num_blocks = batch * blocks_per_seq
@@ -78,6 +80,15 @@ def bench(batch: int, context: int, model: LlamaForCausalLM, config: ModelConfig
 
     with torch.inference_mode():
         eager_ms = _time_ms(step, 20)
+        if profile:
+            import cProfile
+            import pstats
+
+            with cProfile.Profile() as prof_cpu:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            pstats.Stats(prof_cpu).sort_stats("tottime").print_stats(15)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -108,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 64, 256])
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--profile", action="store_true", help="cProfile 10 eager steps")
     args = parser.parse_args()
     config = ModelConfig.from_dict(LLAMA_1B)
     torch.manual_seed(0)
@@ -118,7 +130,7 @@ def main() -> None:
             p.normal_(0, 0.02)
     model.eval()
     for batch in args.batch:
-        print(json.dumps(bench(batch, args.context, model, config)), flush=True)
+        print(json.dumps(bench(batch, args.context, model, config, args.profile)), flush=True)
 
 
 if __name__ == "__main__":

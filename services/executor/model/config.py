@@ -18,7 +18,7 @@ import torch
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Rope types whose inverse frequencies are static (no dependence on the sequence length): the
 # only ones a CUDA-graph friendly position lookup can serve exactly.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,6 +29,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn (None: derived as transformers derives it)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 @dataclass(slots=True)
@@ -149,6 +156,16 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     known = set(RopeScaling.__dataclass_fields__)
     kwargs = {k: v for k, v in params.items() if k in known and v is not None}
+    if rope_type in ("llama3", "yarn"):
+        # transformers: a top-level original_max_position_embeddings wins, then the scaling
+        # dict's, then max_position_embeddings.
+        max_pos = raw.get("max_position_embeddings", 2048)
+        original = raw.get("original_max_position_embeddings") or kwargs.get(
+            "original_max_position_embeddings", max_pos
+        )
+        kwargs["original_max_position_embeddings"] = int(original)
+        if rope_type == "yarn" and "factor" not in kwargs:
+            kwargs["factor"] = max_pos / kwargs["original_max_position_embeddings"]
     return theta, RopeScaling(rope_type=rope_type, **kwargs)
 
 

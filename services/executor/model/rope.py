@@ -3,7 +3,7 @@
 The inverse frequencies follow transformers' `modeling_rope_utils` operation for operation (same
 dtypes, same order), so the tables match transformers bit for bit in float32. A table indexed by
 `positions` has a static shape, needs no host sync and suits CUDA graphs; that is why only the
-static rope types (default, linear, llama3) are supported.
+static rope types (default, linear, llama3, yarn) are supported.
 """
 
 from __future__ import annotations
@@ -27,7 +27,50 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
         return inv_freq / scaling.factor
     if scaling.rope_type == "llama3":
         return _llama3(inv_freq, scaling.factor, scaling)
+    if scaling.rope_type == "yarn":
+        return _yarn(base ** (exponents / dim), dim, base, scaling)
     return inv_freq
+
+
+def rope_attention_scaling(config: ModelConfig) -> float:
+    """The factor transformers multiplies cos and sin by (yarn's mscale; 1 otherwise)."""
+    scaling = config.rope_scaling
+    if scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return float(
+            get_mscale(scaling.factor, scaling.mscale)
+            / get_mscale(scaling.factor, scaling.mscale_all_dim)
+        )
+    return get_mscale(scaling.factor)
+
+
+def _yarn(pos_freqs: torch.Tensor, dim: int, base: float, scaling) -> torch.Tensor:
+    def correction_dim(num_rotations: float) -> float:
+        original = scaling.original_max_position_embeddings
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = correction_dim(scaling.beta_fast or 32)
+    high = correction_dim(scaling.beta_slow or 1)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # prevent a division by zero, as transformers does
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = (1 - ramp).to(pos_freqs.device)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (scaling.factor * pos_freqs)
+    return (
+        inv_freq_interpolation * (1 - extrapolation_factor)
+        + inv_freq_extrapolation * extrapolation_factor
+    )
 
 
 def _llama3(inv_freq: torch.Tensor, factor: float, scaling) -> torch.Tensor:
@@ -65,6 +108,7 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.config.max_position_embeddings, device=device)
         freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        # Cast after cos/sin, like transformers: the tables equal its per-step values.
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        scale = rope_attention_scaling(self.config)
+        # Scale and cast after cos/sin, like transformers: the tables equal its per-step values.
+        self.cos = (emb.cos() * scale).to(self.dtype)
+        self.sin = (emb.sin() * scale).to(self.dtype)
