@@ -132,15 +132,17 @@ class EngineLoop:
         sink.owned.add(rid)
         self._wake.set()
 
-    def abort(self, request_ids: list[str], sink: Sink | None = None) -> int:
-        """Aborts requests (only `sink`'s own when given); later outputs for them are dropped."""
+    def abort(self, request_ids: list[str], sink: Sink | None = None, forget: bool = True) -> int:
+        """Aborts requests (only `sink`'s own when given). `forget`: the stream is gone, drop
+        whatever comes later; otherwise the engine's final ABORT outputs still reach it."""
         n = 0
         for rid in request_ids:
             owner = self._owner.get(rid)
             if owner is None or (sink is not None and owner is not sink):
                 continue
             self.engine.abort_request(rid)
-            self._forget(rid)
+            if forget:
+                self._forget(rid)
             n += 1
         if n:
             self._wake.set()  # the abort takes effect (blocks released) on the next step
@@ -233,7 +235,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                     except ValueError as exc:
                         sink.put([rejection(msg.generate.request_id, str(exc))])
                 elif kind == "abort":
-                    self.loop.abort(list(msg.abort.request_ids), sink)
+                    self.loop.abort(list(msg.abort.request_ids), sink, forget=False)
             sink.closing = True  # half-closed: finish what is in flight, then end the stream
             sink.maybe_end()
 
@@ -266,7 +268,8 @@ class ExecutorService(pb_grpc.ExecutorServicer):
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
-        return pb.AbortResponse(num_aborted=self.loop.abort(list(request.request_ids)))
+        n = self.loop.abort(list(request.request_ids), forget=False)
+        return pb.AbortResponse(num_aborted=n)
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -436,3 +436,37 @@ def test_kv_stats_cli_shows_the_expected_hit_rate(mesh: Mesh) -> None:
     conn.close()
     assert 'pagemesh_gateway_kv_token_hit_rate{window="since_start"}' in metrics
     assert "pagemesh_gateway_kv_redis_connected 1.0" in metrics
+
+
+# ----- the executor's own gRPC API ------------------------------------------------------------
+
+
+def test_executor_generate_abort_and_info(mesh: Mesh) -> None:
+    from proto import executor_pb2 as pb
+
+    base = idle_pool(mesh)
+    stub = mesh.executor_stub()
+    info = stub.GetInfo(pb.GetInfoRequest(), timeout=5)
+    assert info.block_size == 16 and info.num_blocks == base.num_blocks and info.model_path
+    prompt = list(range(2000, 2040))
+    params = pb.SamplingParams(n=1, temperature=0, max_tokens=3, ignore_eos=True)
+    steps = list(
+        stub.Generate(
+            pb.GenerateRequest(request_id="e2e-g1", prompt_token_ids=prompt, params=params),
+            timeout=60,
+        )
+    )
+    assert all(len(s.outputs) == 1 and s.outputs[0].request_id == "e2e-g1" for s in steps)
+    assert sum(len(s.outputs[0].token_ids) for s in steps) == 3
+    assert steps[-1].outputs[0].finish_reason == pb.FINISH_LENGTH
+    # Abort by id: the caller still gets its ABORT end, and the blocks go back.
+    params.max_tokens = 500
+    call = stub.Generate(
+        pb.GenerateRequest(request_id="e2e-g2", prompt_token_ids=prompt, params=params), timeout=60
+    )
+    first = next(call)
+    assert first.outputs[0].request_id == "e2e-g2"
+    assert stub.Abort(pb.AbortRequest(request_ids=["e2e-g2"]), timeout=5).num_aborted == 1
+    rest = list(call)
+    assert rest and rest[-1].outputs[-1].finish_reason == pb.FINISH_ABORT
+    wait_released(mesh, base.in_use)

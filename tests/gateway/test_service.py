@@ -10,14 +10,16 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from pagemesh.redis_process import free_port
 from proto import executor_pb2 as pb
+from proto import executor_pb2_grpc as pb_grpc
 from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
 from services.executor.server import serve
-from services.gateway.app import GatewayConfig, create_app
+from services.gateway.app import GATEWAY, GatewayConfig, create_app
 from services.gateway.chat import Tokenizer
 
 ANSWER = "The capital of France is Paris. 🎉 It is lovely."
@@ -32,6 +34,7 @@ class ScriptedEngine:
         self.delay = step_delay
         self.live: dict[str, tuple[SamplingParams, list[int], int]] = {}
         self.aborted: list[str] = []
+        self._aborts: list[str] = []
         self.step_sizes: list[int] = []
         self.cached = 0
 
@@ -43,8 +46,8 @@ class ScriptedEngine:
         self.live[rid] = (params, [0] * params.n, len(prompt))
 
     def abort_request(self, rid: str) -> None:
-        if self.live.pop(rid, None) is not None:
-            self.aborted.append(rid)
+        if rid in self.live and rid not in self._aborts:
+            self._aborts.append(rid)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.live)
@@ -52,6 +55,17 @@ class ScriptedEngine:
     async def step(self) -> list[SequenceOutput]:
         await asyncio.sleep(self.delay)
         outs = []
+        # Like the real engine: aborts are taken at the next step, each open choice ending
+        # with an ABORT output.
+        for rid in self._aborts:
+            params, pos, plen = self.live.pop(rid)
+            outs += [
+                SequenceOutput(rid, i, [], FinishReason.ABORT, [], plen)
+                for i in range(params.n)
+                if pos[i] >= 0
+            ]
+            self.aborted.append(rid)
+        self._aborts.clear()
         for rid, (params, pos, plen) in list(self.live.items()):
             for i in range(params.n):
                 if pos[i] < 0:
@@ -211,6 +225,41 @@ async def test_disconnect_aborts(mesh: tuple[TestClient, ScriptedEngine]) -> Non
             break
         await asyncio.sleep(0.02)
     assert len(engine.aborted) == 1 and not engine.live
+
+
+async def test_generate_abort_and_info_rpcs(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, engine = mesh
+    engine.delay = 0.02
+    gw = client.server.app[GATEWAY]
+    stub = pb_grpc.ExecutorStub(gw.client._channel)
+    info = await stub.GetInfo(pb.GetInfoRequest())
+    assert (info.executor_id, info.max_model_len, info.num_blocks) == ("fake", 256, 64)
+    # Generate: one StepOutput per step, holding only this request, ending with its finish.
+    req = pb.GenerateRequest(
+        request_id="g1", prompt_token_ids=[1, 2, 3], params=pb.SamplingParams(n=2, max_tokens=3)
+    )
+    steps = [s async for s in stub.Generate(req)]
+    assert len(steps) == 3 and all(len(s.outputs) == 2 for s in steps)
+    assert {o.request_id for s in steps for o in s.outputs} == {"g1"}
+    assert [o.finish_reason for o in steps[-1].outputs] == [pb.FINISH_LENGTH] * 2
+    # Abort: the Generate caller gets the ABORT ends, then the stream closes.
+    req = pb.GenerateRequest(
+        request_id="g2", prompt_token_ids=[1], params=pb.SamplingParams(max_tokens=1000)
+    )
+    call = stub.Generate(req)
+    first = await call.read()
+    assert first.outputs[0].request_id == "g2"
+    assert (await stub.Abort(pb.AbortRequest(request_ids=["g2", "nope"]))).num_aborted == 1
+    rest = []
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        rest.append(msg)
+    assert rest[-1].outputs[-1].finish_reason == pb.FINISH_ABORT
+    assert "g2" in engine.aborted and not engine.live
+    # Bad input is INVALID_ARGUMENT on Generate.
+    with pytest.raises(grpc.aio.AioRpcError) as info_err:
+        async for _ in stub.Generate(pb.GenerateRequest(request_id="g3")):
+            pass
+    assert info_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_models_health_metrics(mesh: tuple[TestClient, ScriptedEngine]) -> None:
