@@ -39,6 +39,13 @@ class SeqState:
     tenant: str  # salt digest, for stats
     blocks: list[int]
     hashes: list[bytes]  # chain hashes of blocks[:len(hashes)], the committed prefix
+    # Persistence bookkeeping, so a flush writes only what changed (tables only grow, except
+    # copy-on-write replacements, and hashes only grow): whether Redis has this sequence at all,
+    # how much of each list it has, and the lowest table index replaced since the last flush.
+    saved: bool = False
+    saved_blocks: int = 0
+    saved_hashes: int = 0
+    replaced_from: int = 1 << 62
 
 
 @dataclass(slots=True)
@@ -88,7 +95,7 @@ class Manager:
         self.track_changes = track_changes
         # Persistence: executors whose descriptor changed, and old epochs whose keys to drop.
         self.dirty_executors: set[str] = set()
-        self.dropped_epochs: list[tuple[str, int]] = []
+        self.dropped_epochs: list[tuple[str, int, list[str]]] = []  # (id, epoch, its seq ids)
 
     # -- executors ------------------------------------------------------------------------------
     def new_executor(
@@ -122,7 +129,9 @@ class Manager:
         old = self.executors.get(executor_id)
         if old is not None:
             # Its GPU memory is gone: nothing of the old epoch may ever be hit again.
-            self.dropped_epochs.append((executor_id, old.epoch))
+            # Released-but-unflushed sequences may still have keys: drop those too.
+            seq_ids = set(old.seqs) | (old.dirty_seqs or set())
+            self.dropped_epochs.append((executor_id, old.epoch, sorted(seq_ids)))
         self.last_epoch[executor_id] = epoch
         self.executors[executor_id] = self.new_executor(
             executor_id, epoch, num_blocks, block_size, model_fingerprint
@@ -296,6 +305,8 @@ class Manager:
                 updates[sid] = (first, new)
             else:
                 first = cows[0]
+                if first < seq.replaced_from:
+                    seq.replaced_from = first
                 for j in cows:
                     src = table[j]
                     dst = fresh[o]

@@ -19,9 +19,13 @@ Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
   P ex:E:N:meta        HASH  next_stamp, evictions
   P ex:E:N:blocks      HASH  block id -> <u32 ref, i64 stamp, f64 birth> + hash (0 or 32 bytes)
   P ex:E:N:index       HASH  hash (32 bytes) -> block id: the prefix index
-  P ex:E:N:seqs        HASH  seq id -> <u32 nblocks, u32 nhashes> + extra digest (32 bytes)
-                             + u32 block ids + hashes (32 bytes each) + tenant digest (ASCII)
-Blocks never touched since registration (free, initial order) have no record. No prompt text,
+  P ex:E:N:seqs        HASH  seq id -> extra digest (32 bytes) + tenant digest (ASCII)
+  P ex:E:N:t:<seq id>  STRING the block table: u32 block ids
+  P ex:E:N:h:<seq id>  STRING the committed chain hashes, 32 bytes each
+Tables only grow (or have blocks replaced by copy-on-write) and hash chains only grow, so a
+flush writes a changed sequence with one SETRANGE from its first changed entry: a decode step
+costs bytes per sequence, not its whole table. Blocks never touched since registration (free,
+initial order) have no record. No prompt text,
 no salt and no token id is stored: only hashes, digests and block ids. Keys of an epoch are
 dropped when its executor registers again.
 """
@@ -33,6 +37,7 @@ import contextlib
 import json
 import logging
 import struct
+import sys
 import time
 from array import array
 from dataclasses import dataclass
@@ -40,13 +45,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.kvmanager import hashing
 from services.kvmanager.manager import ExecutorState, Manager, SeqState
 
 log = logging.getLogger("pagemesh.kvmanager.persistence")
 
 DEFAULT_PREFIX = "pagemesh:kv:"
 _BLOCK = struct.Struct("<Iqd")
-_SEQ = struct.Struct("<II")
 
 
 def encode_block(ref: int, stamp: int, birth: float, h: bytes | None) -> bytes:
@@ -59,29 +64,29 @@ def decode_block(raw: bytes) -> tuple[int, int, float, bytes | None]:
     return ref, stamp, birth, (h if h else None)
 
 
-def encode_seq(s: SeqState) -> bytes:
-    return b"".join(
-        (
-            _SEQ.pack(len(s.blocks), len(s.hashes)),
-            s.extra,
-            array("I", s.blocks).tobytes(),
-            *s.hashes,
-            s.tenant.encode(),
-        )
-    )
+def encode_seq_meta(s: SeqState) -> bytes:
+    return s.extra + s.tenant.encode()
 
 
-def decode_seq(raw: bytes) -> SeqState:
-    nb, nh = _SEQ.unpack_from(raw)
-    o = _SEQ.size
-    extra = raw[o : o + 32]
-    o += 32
+def u32_bytes(ids: list[int]) -> bytes:
+    return hashing.token_bytes(ids)  # the same canonical little-endian u32 encoding
+
+
+def decode_seq(meta: bytes, table: bytes | None, hashes: bytes | None) -> SeqState:
     blocks = array("I")
-    blocks.frombytes(raw[o : o + 4 * nb])
-    o += 4 * nb
-    hashes = [raw[o + 32 * i : o + 32 * (i + 1)] for i in range(nh)]
-    o += 32 * nh
-    return SeqState(extra, raw[o:].decode(), blocks.tolist(), hashes)
+    blocks.frombytes(table or b"")
+    if sys.byteorder != "little":
+        blocks.byteswap()
+    hs = hashes or b""
+    return SeqState(
+        meta[:32],
+        meta[32:].decode(),
+        blocks.tolist(),
+        [hs[i : i + 32] for i in range(0, len(hs), 32)],
+        saved=True,
+        saved_blocks=len(blocks),
+        saved_hashes=len(hs) // 32,
+    )
 
 
 def _num(v: bytes | str) -> int:
@@ -208,7 +213,18 @@ class Persistence:
             d = json.loads(raw)
             eid = eid_b.decode()
             keys = [self.ex_key(eid, d["epoch"], w) for w in ("blocks", "seqs", "meta")]
-            per_ex[eid] = (d, *[await r.hgetall(k) for k in keys])
+            blocks, seqs, meta = [await r.hgetall(k) for k in keys]
+            sids = [sid.decode() for sid in seqs]
+            tables, hashes = [], []
+            for i in range(0, len(sids), 1000):
+                chunk = sids[i : i + 1000]
+                tables += await r.mget([self.ex_key(eid, d["epoch"], "t:" + x) for x in chunk])
+                hashes += await r.mget([self.ex_key(eid, d["epoch"], "h:" + x) for x in chunk])
+            seq_states = {
+                sid: decode_seq(seqs[sid.encode()], t, h)
+                for sid, t, h in zip(sids, tables, hashes, strict=True)
+            }
+            per_ex[eid] = (d, blocks, seq_states, meta)
         self.restored = True
         m = self.m
         if m.executors:
@@ -253,8 +269,7 @@ class Persistence:
                 records.append((b, ref, h, birth, stamp))
         ex.pool.restore(records, _num(meta.get(b"next_stamp", 0)))
         ex.pool.evictions = _num(meta.get(b"evictions", 0))
-        for sid, raw in seqs.items():
-            ex.seqs[sid.decode()] = decode_seq(raw)
+        ex.seqs.update(seqs)
         # Ref counts are persisted, and they agree with the tables (each batch is atomic); if
         # they ever did not, the tables are the truth.
         counts = [0] * ex.num_blocks
@@ -341,6 +356,38 @@ class Persistence:
         self.counters.flushes += 1
         self._set_connected(True)
 
+    def _seq_keys(self, eid: str, epoch: int, sids: list[str]) -> list[str]:
+        return [self.ex_key(eid, epoch, f"{w}:{sid}") for sid in sids for w in ("t", "h")]
+
+    def _epoch_keys(self, eid: str, epoch: int, sids: list[str]) -> list[str]:
+        fixed = [self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")]
+        return fixed + self._seq_keys(eid, epoch, sids)
+
+    def _write_seq(self, batch: Batch, eid: str, epoch: int, sid: str, seq: SeqState) -> None:
+        """A new sequence whole (SET: a released one of the same id may have left longer
+        values); a known one from its first changed entry (SETRANGE)."""
+        tkey = self.ex_key(eid, epoch, "t:" + sid).encode()
+        hkey = self.ex_key(eid, epoch, "h:" + sid).encode()
+        blocks, hashes = seq.blocks, seq.hashes
+        if not seq.saved:
+            batch.hset(self.ex_key(eid, epoch, "seqs"), {sid.encode(): encode_seq_meta(seq)})
+            batch.cmd(b"SET", tkey, u32_bytes(blocks))
+            batch.cmd(b"SET", hkey, b"".join(hashes))
+            batch.records += 2
+        else:
+            lo = min(seq.replaced_from, seq.saved_blocks)
+            if lo < len(blocks):
+                batch.cmd(b"SETRANGE", tkey, b"%d" % (4 * lo), u32_bytes(blocks[lo:]))
+                batch.records += 1
+            if seq.saved_hashes < len(hashes):
+                new = b"".join(hashes[seq.saved_hashes :])
+                batch.cmd(b"SETRANGE", hkey, b"%d" % (32 * seq.saved_hashes), new)
+                batch.records += 1
+        seq.saved = True
+        seq.saved_blocks = len(blocks)
+        seq.saved_hashes = len(hashes)
+        seq.replaced_from = 1 << 62
+
     def _stats_fields(self) -> dict[bytes, bytes]:
         return {
             k.encode(): ",".join(map(str, v)).encode() for k, v in self.m.stats.totals().items()
@@ -384,8 +431,8 @@ class Persistence:
     async def _flush_incremental(self) -> None:
         m = self.m
         batch = Batch()
-        for eid, epoch in m.dropped_epochs:
-            batch.delete(*(self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")))
+        for eid, epoch, sids in m.dropped_epochs:
+            batch.delete(*self._epoch_keys(eid, epoch, sids))
         m.dropped_epochs = []
         for eid in m.dirty_executors:
             ex = m.executors[eid]
@@ -414,9 +461,13 @@ class Persistence:
                 batch.hdel(key, [h for h in hashes if h not in index])
             if seqs:
                 live = ex.seqs
-                key = self.ex_key(eid, epoch, "seqs")
-                batch.hset(key, {s.encode(): encode_seq(live[s]) for s in seqs if s in live})
-                batch.hdel(key, [s.encode() for s in seqs if s not in live])
+                gone = [s for s in seqs if s not in live]
+                batch.hdel(self.ex_key(eid, epoch, "seqs"), [s.encode() for s in gone])
+                batch.delete(*self._seq_keys(eid, epoch, gone))
+                for sid in seqs:
+                    seq = live.get(sid)
+                    if seq is not None:
+                        self._write_seq(batch, eid, epoch, sid, seq)
             batch.hset(self.ex_key(eid, epoch, "meta"), self._meta(ex))
         if m.stats.version != self._stats_version:
             self._stats_version = m.stats.version
@@ -437,9 +488,9 @@ class Persistence:
         found = [k async for k in r.scan_iter(match=self.prefix + "ex:*", count=1000)]
         # From here to the batch's execution nothing awaits: the snapshot is of one moment.
         keep = {
-            self.ex_key(ex.executor_id, ex.epoch, w).encode()
+            k.encode()
             for ex in m.executors.values()
-            for w in ("meta", "blocks", "index", "seqs")
+            for k in self._epoch_keys(ex.executor_id, ex.epoch, list(ex.seqs))
         }
         m.dropped_epochs = []
         m.dirty_executors = set()
@@ -464,7 +515,9 @@ class Persistence:
                 },
             )
             batch.hset(keys[2], {h: b"%d" % b for h, b in pool.index.items()})
-            batch.hset(keys[3], {s.encode(): encode_seq(q) for s, q in ex.seqs.items()})
+            for sid, seq in ex.seqs.items():
+                seq.saved = False  # written whole
+                self._write_seq(batch, eid, epoch, sid, seq)
         self._stats_version = m.stats.version
         batch.hset(self.k("stats"), self._stats_fields())
         self.full_resync = False
