@@ -32,22 +32,29 @@ from tests.reliability.workload import (
     streaming_chat_maker,
     wait_redis_synced,
 )
-from tests.support.mesh import Mesh, assert_pool_consistent
+from tests.support.mesh import Mesh, assert_pool_consistent, grpc_health_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+REDIS_HEALTH = "pagemesh.v1.KVManager.redis"  # kvmanager's health entry for its Redis link
 OUTAGE_S = float(os.environ.get("PAGEMESH_REDIS_OUTAGE_S", "30"))
 
 BEFORE = "Before the outage: how long from Aldgate to Epsom on a Sunday morning service?"
 DURING = "During the outage: how many platforms does Guildford station have in total today?"
 
 
-def _index_keys(mesh: Mesh) -> set[bytes]:
-    """Every key kvmanager keeps in Redis, less those that change with each request (counters
-    and live sequences are not index entries; the comparison is over everything else)."""
+def _redis_entries(mesh: Mesh) -> set[tuple[bytes, bytes]]:
+    """Every key kvmanager keeps in Redis, and every prefix-index entry (key, block hash): the
+    index is a hash per executor epoch ("...:index", block hash -> block id), so an entry lost
+    inside it would not show in the key set alone."""
     client = mesh.redis_client()
     try:
-        return set(client.scan_iter(count=1000))
+        entries: set[tuple[bytes, bytes]] = set()
+        for key in client.scan_iter(count=1000):
+            entries.add((key, b""))
+            if key.endswith(b":index"):
+                entries.update((key, field) for field in client.hkeys(key))
+        return entries
     finally:
         client.close()
 
@@ -60,7 +67,7 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
         await cached_tokens_of(mesh, http, probe_before)
         mesh.wait_idle(30)
         await asyncio.to_thread(wait_redis_synced, mesh)
-        keys_before = await asyncio.to_thread(_index_keys, mesh)
+        keys_before = await asyncio.to_thread(_redis_entries, mesh)
         assert keys_before, "kvmanager wrote nothing to Redis"
         evictions_before = mesh.executor_stats().pool.evictions
 
@@ -73,11 +80,14 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
 
         mesh.stop_redis()
         stopped_at = time.monotonic()
-        kv_degraded = gw_degraded = False
+        kv_degraded = health_degraded = gw_degraded = False
+        overall_serving = True
         during_cached = 0
         while time.monotonic() - stopped_at < OUTAGE_S:
             stats = await asyncio.to_thread(mesh.stats)
             kv_degraded |= not stats.redis_connected
+            health_degraded |= await asyncio.to_thread(_redis_health, mesh) == "NOT_SERVING"
+            overall_serving &= await asyncio.to_thread(_redis_health, mesh, "") == "SERVING"
             _, health = await asyncio.to_thread(mesh.gateway_health)
             gw_degraded |= _says_degraded(health)
             if not during_cached:
@@ -100,8 +110,9 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
             completed=counts[COMPLETED],
             failed_cleanly=counts[CLEAN_ERROR],
             lost=counts[LOST],
-            kv_reported_degraded=kv_degraded,
-            gateway_reported_degraded=gw_degraded,
+            stats_said_disconnected=kv_degraded,
+            grpc_health_said_degraded=health_degraded,
+            gateway_health_said_degraded=gw_degraded,
             redis_resync_s=round(synced_s, 2),
         )
         # Serving went on: not even a clean failure is acceptable for a Redis outage.
@@ -110,19 +121,27 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
         )
         assert len(report.results) > 0
         assert kv_degraded, "GetStats.redis_connected stayed true while Redis was down"
-        assert gw_degraded, "the gateway's /health never said degraded while Redis was down"
-        health_status, health = mesh.gateway_health()
-        assert health_status == 200 and not _says_degraded(health), f"still degraded: {health}"
+        # kvmanager's gRPC health reports Redis as its own service ("<KVManager>.redis"), while
+        # the service as a whole stays SERVING: degraded, not down. (The gateway's /health
+        # only covers the gateway and its executor; what it said is recorded above.)
+        assert health_degraded, "kvmanager's Redis health never said NOT_SERVING"
+        assert overall_serving, "kvmanager's overall health left SERVING during a Redis outage"
+        assert _redis_health(mesh) == "SERVING"
+        health_status, _ = mesh.gateway_health()
+        assert health_status == 200
 
         pool = mesh.wait_idle(30)
         assert_pool_consistent(pool)
         await asyncio.to_thread(wait_redis_synced, mesh)
-        keys_after = await asyncio.to_thread(_index_keys, mesh)
-        if mesh.executor_stats().pool.evictions == evictions_before:
-            missing = keys_before - keys_after
-            assert not missing, (
-                f"{len(missing)} of {len(keys_before)} Redis keys lost: {sorted(missing)[:10]}"
-            )
+        keys_after = await asyncio.to_thread(_redis_entries, mesh)
+        # An eviction legitimately drops one index entry; nothing else may go missing.
+        evicted = mesh.executor_stats().pool.evictions - evictions_before
+        missing = keys_before - keys_after
+        assert len(missing) <= evicted, (
+            f"{len(missing)} of {len(keys_before)} Redis entries lost ({evicted} evictions): "
+            f"{sorted(missing)[:5]}"
+        )
+        assert any(k.endswith(b":index") and f for k, f in keys_after)
 
         # kvmanager restarted from Redis alone still knows both prompts.
         mesh.kill("kvmanager")
@@ -130,6 +149,10 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
         for body in (probe_before, chat_body(DURING, 4, system=SYSTEM)):
             what = f"a prefix hit for {body['messages'][-1]['content']!r} after the restart"
             await async_wait_for(lambda b=body: cached_tokens_of(mesh, http, b), 60, what, 1.0)
+
+
+def _redis_health(mesh: Mesh, service: str = REDIS_HEALTH) -> str:
+    return grpc_health_status(mesh.kv_address, 2.0, service)
 
 
 def _says_degraded(health: dict) -> bool:
