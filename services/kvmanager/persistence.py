@@ -51,6 +51,7 @@ from services.kvmanager.manager import ExecutorState, Manager, SeqState
 log = logging.getLogger("pagemesh.kvmanager.persistence")
 
 DEFAULT_PREFIX = "pagemesh:kv:"
+PING_INTERVAL = 1.0  # seconds: how soon an idle kvmanager notices Redis going or coming back
 _BLOCK = struct.Struct("<Iqd")
 
 
@@ -172,6 +173,8 @@ class Persistence:
         self.counters = Counters()
         self._stats_version = -1
         self.restored = False
+        self._conn = None  # the write connection (see _connection)
+        self._run_id: bytes | None = None
         self._task: asyncio.Task | None = None
         self.on_status_change = None  # callable(connected: bool), for health
 
@@ -306,6 +309,8 @@ class Persistence:
                 await asyncio.wait_for(self.flush(), 2.0)
             except (RedisError, OSError, TimeoutError) as e:
                 log.warning("final flush failed: %s", e)
+        if self._conn is not None:
+            await self._conn.disconnect()
         await self.redis.aclose()
 
     def _set_connected(self, ok: bool) -> None:
@@ -322,14 +327,20 @@ class Persistence:
 
     async def _run(self) -> None:
         backoff = 0.05
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)
-            if self.restored and not self.full_resync and self.pending == 0:
+            idle = self.restored and not self.full_resync and self.pending == 0
+            if idle and time.monotonic() - last_ok < PING_INTERVAL:
                 continue
             try:
                 if not self.restored:  # Redis was down at start: load what it holds first
                     await self.restore()
-                await self.flush()
+                if idle:
+                    await self.ping()  # notices an outage, or a restarted Redis, while idle
+                else:
+                    await self.flush()
+                last_ok = time.monotonic()
                 backoff = 0.05
             except (RedisError, OSError, TimeoutError) as e:
                 self.counters.errors += 1
@@ -340,6 +351,46 @@ class Persistence:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
+    async def _connection(self):
+        """The dedicated write connection. On every (re)connect the server's run_id is checked:
+        a different one means Redis restarted and may have lost recent writes (AOF fsyncs once a
+        second), or came back empty, so the next flush rewrites everything."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.redis.connection_pool.make_connection()
+        if not conn.is_connected:
+            try:
+                await conn.connect()
+                await conn.send_packed_command(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                info = await conn.read_response()
+            except BaseException:
+                await conn.disconnect()
+                raise
+            run_id = next(
+                (
+                    ln.split(b":", 1)[1].strip()
+                    for ln in info.splitlines()
+                    if ln.startswith(b"run_id:")
+                ),
+                b"",
+            )
+            if run_id != self._run_id:
+                if self._run_id is not None:
+                    log.warning("redis restarted (new run_id): rewriting the full state")
+                    self.full_resync = True
+                self._run_id = run_id
+        return conn
+
+    async def ping(self) -> None:
+        conn = await self._connection()
+        try:
+            await conn.send_packed_command(b"*1\r\n$4\r\nPING\r\n", check_health=False)
+            await conn.read_response()
+        except BaseException:
+            await conn.disconnect()
+            raise
+        self._set_connected(True)
+
     async def wait_flushed(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while self.pending:
@@ -348,11 +399,18 @@ class Persistence:
             await asyncio.sleep(0.002)
 
     async def flush(self) -> None:
-        """Writes one batch (incremental, or a full snapshot after an error) in MULTI/EXEC."""
-        if self.full_resync:
-            await self._flush_full()
-        else:
-            await self._flush_incremental()
+        """Writes one batch (incremental, or a full snapshot after an error) in MULTI/EXEC.
+        Any failure, cancellation included, leaves a full rewrite for the next flush: the
+        failed batch's dirty sets are gone."""
+        try:
+            conn = await self._connection()  # may ask for a full rewrite
+            if self.full_resync:
+                await self._flush_full(conn)
+            else:
+                await self._flush_incremental(conn)
+        except BaseException:
+            self.full_resync = True
+            raise
         self.counters.flushes += 1
         self._set_connected(True)
 
@@ -406,10 +464,8 @@ class Persistence:
     def _meta(self, ex: ExecutorState) -> dict[bytes, bytes]:
         return {b"next_stamp": _b(ex.pool.next_stamp), b"evictions": _b(ex.pool.evictions)}
 
-    async def _execute(self, batch: Batch) -> None:
+    async def _execute(self, conn, batch: Batch) -> None:
         """Sends MULTI, the batch and EXEC in one write; raises on any error reply."""
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
         try:
             await conn.send_packed_command(
                 [b"*1\r\n$5\r\nMULTI\r\n", *batch.parts, b"*1\r\n$4\r\nEXEC\r\n"],
@@ -419,8 +475,6 @@ class Persistence:
         except BaseException:
             await conn.disconnect()
             raise
-        finally:
-            await pool.release(conn)
         result = replies[-1]
         if result is None:
             raise RedisError("MULTI/EXEC aborted")
@@ -428,7 +482,7 @@ class Persistence:
             if isinstance(r, Exception):
                 raise r
 
-    async def _flush_incremental(self) -> None:
+    async def _flush_incremental(self, conn) -> None:
         m = self.m
         batch = Batch()
         for eid, epoch, sids in m.dropped_epochs:
@@ -476,12 +530,12 @@ class Persistence:
             return
         self.in_flight = batch.records
         try:
-            await self._execute(batch)
+            await self._execute(conn, batch)
         finally:
             self.in_flight = 0
         self.counters.written += batch.records
 
-    async def _flush_full(self) -> None:
+    async def _flush_full(self, conn) -> None:
         """Rewrites everything: stale keys (old epochs, unknown executors) go, in one batch."""
         m = self.m
         r = self.redis
@@ -523,7 +577,7 @@ class Persistence:
         self.full_resync = False
         self.in_flight = batch.records + 1
         try:
-            await self._execute(batch)
+            await self._execute(conn, batch)
         except BaseException:
             self.full_resync = True
             raise

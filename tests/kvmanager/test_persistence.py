@@ -288,3 +288,32 @@ async def test_redis_down_at_start_then_restored(redis_process: RedisProcess) ->
         await asyncio.sleep(0.02)
     assert server.manager.snapshot() == expect
     await server.stop()
+
+
+async def test_idle_redis_coming_back_empty_is_rewritten(redis_process: RedisProcess) -> None:
+    """Redis crashes while kvmanager is idle and comes back with no data at all: the idle ping
+    notices, the new run_id forces a full rewrite, and Redis holds the whole state again."""
+    server = await start_server(port=0, redis_url=redis_process.url)
+    client = KVManagerClient(f"127.0.0.1:{server.port}", "ex")
+    await client.register(48, 4, "fp")
+    await run_ops(Workload(13), [client], 80)
+    await wait_pending_zero(client)
+    expect = server.manager.snapshot()
+    assert expect["executors"]["ex"]["index"]
+    redis_process.stop(kill=True)
+    for f in sorted(redis_process.data_dir.rglob("*"), reverse=True):  # type: ignore[union-attr]
+        f.unlink() if f.is_file() else f.rmdir()
+    redis_process.start()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if await restored_snapshot(redis_process.url) == expect:
+                break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "Redis was not rewritten"
+        await asyncio.sleep(0.2)
+    assert server.persistence.counters.full_resyncs >= 1
+    assert server.manager.snapshot() == expect
+    await client.close()
+    await server.stop()
