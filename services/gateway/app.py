@@ -50,6 +50,8 @@ class GatewayConfig:
     tokenizer: str | None = None  # None: the executor's model_path
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 4 << 20
+    # Generations in flight at once; more get a 429 instead of queueing without bound.
+    max_concurrent: int = 1024
     limits: Limits = field(default_factory=Limits)
 
 
@@ -64,6 +66,7 @@ class Gateway:
         self.model_name = config.model_name or ""
         self.max_model_len = 0
         self.created = int(time.time())
+        self.in_flight = 0
         self._prepare_task: asyncio.Task | None = None
 
     @property
@@ -229,6 +232,13 @@ async def _generate(
     info = gw.client.info
     max_model_len = info.max_model_len if info else gw.max_model_len
     max_tokens = check_context(req.options, len(prompt_ids), max_model_len)
+    if gw.in_flight >= gw.config.max_concurrent:
+        raise APIError(
+            f"Too many requests in flight (limit {gw.config.max_concurrent}); retry shortly.",
+            status=429,
+            type="requests",
+            code="rate_limit_exceeded",
+        )
     request_id = gw.client.new_request_id(endpoint)
     grpc_req = build_request(request_id, prompt_ids, req.options, max_tokens)
     started = time.monotonic()
@@ -237,6 +247,7 @@ async def _generate(
         gen = Generation(gw.client, grpc_req, gw.tokenizer, req.options.stop)
     except ExecutorUnavailable as exc:
         raise APIError(str(exc), status=503, type="server_error") from None
+    gw.in_flight += 1
     gw.metrics.in_flight.inc()
     status = "error"
     try:
@@ -260,6 +271,7 @@ async def _generate(
         raise
     finally:
         await gen.close()
+        gw.in_flight -= 1
         gw.metrics.in_flight.dec()
         gw.metrics.requests.labels(endpoint, status).inc()
         gw.metrics.duration.observe(time.monotonic() - started)

@@ -27,6 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "none: no authentication",
     )
     add_option(p, "--max-body-bytes", 4 << 20, "largest accepted request body", int)
+    add_option(p, "--max-concurrent", 1024, "generations in flight before 429s", int)
     add_option(p, "--max-n", 8, "largest accepted n (parallel samples)", int)
     add_option(p, "--max-stop", 4, "most stop strings per request", int)
     add_option(p, "--max-tokens-limit", 1 << 20, "largest accepted max_tokens", int)
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer or None,
         api_keys=_api_keys(args),
         max_body_bytes=args.max_body_bytes,
+        max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
     )
     logging.getLogger("pagemesh.gateway").info(

@@ -268,3 +268,13 @@ async def test_models_health_metrics(mesh: tuple[TestClient, ScriptedEngine]) ->
     assert data["data"][0]["id"] == "smol"
     text = await (await client.get("/metrics")).text()
     assert "pagemesh_gateway_requests_in_flight" in text
+
+
+async def test_too_many_in_flight_is_a_429(mesh: tuple[TestClient, ScriptedEngine]) -> None:
+    client, engine = mesh
+    client.server.app[GATEWAY].config.max_concurrent = 0
+    body = {"model": "smol", "messages": [{"role": "user", "content": "q"}]}
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+    assert not engine.live
