@@ -62,6 +62,8 @@ class ExecutorState:
     # salt -> (extra digest, tenant id): hashing the salt once per tenant, not per request.
     _extras: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     dirty_seqs: set[str] | None = None  # persistence: sequences changed since the last flush
+    # persistence: released sequences -> (blocks, hashes) Redis holds of them, to delete
+    released: dict[str, tuple[int, int]] | None = None
 
     def extra_for(self, cache_salt: str) -> tuple[bytes, str]:
         e = self._extras.get(cache_salt)
@@ -95,7 +97,7 @@ class Manager:
         self.track_changes = track_changes
         # Persistence: executors whose descriptor changed, and old epochs whose keys to drop.
         self.dirty_executors: set[str] = set()
-        self.dropped_epochs: list[tuple[str, int, list[str]]] = []  # (id, epoch, its seq ids)
+        self.dropped_epochs: list[tuple[str, int]] = []
 
     # -- executors ------------------------------------------------------------------------------
     def new_executor(
@@ -114,6 +116,7 @@ class Manager:
             ex.pool.dirty_blocks = set()
             ex.pool.dirty_hashes = set()
             ex.dirty_seqs = set()
+            ex.released = {}
         return ex
 
     def register(
@@ -129,9 +132,7 @@ class Manager:
         old = self.executors.get(executor_id)
         if old is not None:
             # Its GPU memory is gone: nothing of the old epoch may ever be hit again.
-            # Released-but-unflushed sequences may still have keys: drop those too.
-            seq_ids = set(old.seqs) | (old.dirty_seqs or set())
-            self.dropped_epochs.append((executor_id, old.epoch, sorted(seq_ids)))
+            self.dropped_epochs.append((executor_id, old.epoch))
         self.last_epoch[executor_id] = epoch
         self.executors[executor_id] = self.new_executor(
             executor_id, epoch, num_blocks, block_size, model_fingerprint
@@ -431,8 +432,12 @@ class Manager:
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidRequest("release: a sequence id appears twice")
         pool = ex.pool
+        released = ex.released
         for sid in seq_ids:
             seq = seqs.pop(sid)
+            if released is not None and seq.saved:
+                prev = released.get(sid, (0, 0))
+                released[sid] = (max(prev[0], seq.saved_blocks), max(prev[1], seq.saved_hashes))
             # Tail first: the LRU queue then evicts a chain from its end, keeping shared
             # prefixes (more likely reused) longest.
             for b in reversed(seq.blocks):

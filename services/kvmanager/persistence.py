@@ -20,11 +20,12 @@ Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
   P ex:E:N:blocks      HASH  block id -> <u32 ref, i64 stamp, f64 birth> + hash (0 or 32 bytes)
   P ex:E:N:index       HASH  hash (32 bytes) -> block id: the prefix index
   P ex:E:N:seqs        HASH  seq id -> extra digest (32 bytes) + tenant digest (ASCII)
-  P ex:E:N:t:<seq id>  STRING the block table: u32 block ids
-  P ex:E:N:h:<seq id>  STRING the committed chain hashes, 32 bytes each
+  P ex:E:N:tables      HASH  "<seq id>|t<k>" -> block ids [64k, 64k+64) of its table, u32 each
+                             "<seq id>|h<k>" -> its chain hashes [8k, 8k+8), 32 bytes each
 Tables only grow (or have blocks replaced by copy-on-write) and hash chains only grow, so a
-flush writes a changed sequence with one SETRANGE from its first changed entry: a decode step
-costs bytes per sequence, not its whole table. Blocks never touched since registration (free,
+flush rewrites a changed sequence's chunks from its first changed entry on (a few hundred bytes,
+not its whole table), and every sequence of a batch goes into one HSET: a batch is a constant
+number of commands however many sequences changed. Blocks never touched since registration (free,
 initial order) have no record. No prompt text,
 no salt and no token id is stored: only hashes, digests and block ids. Keys of an epoch are
 dropped when its executor registers again.
@@ -65,6 +66,10 @@ def decode_block(raw: bytes) -> tuple[int, int, float, bytes | None]:
     return ref, stamp, birth, (h if h else None)
 
 
+TABLE_CHUNK = 64  # block ids per tables field
+HASH_CHUNK = 8  # chain hashes per tables field
+
+
 def encode_seq_meta(s: SeqState) -> bytes:
     return s.extra + s.tenant.encode()
 
@@ -73,21 +78,47 @@ def u32_bytes(ids: list[int]) -> bytes:
     return hashing.token_bytes(ids)  # the same canonical little-endian u32 encoding
 
 
-def decode_seq(meta: bytes, table: bytes | None, hashes: bytes | None) -> SeqState:
-    blocks = array("I")
-    blocks.frombytes(table or b"")
-    if sys.byteorder != "little":
-        blocks.byteswap()
-    hs = hashes or b""
-    return SeqState(
-        meta[:32],
-        meta[32:].decode(),
-        blocks.tolist(),
-        [hs[i : i + 32] for i in range(0, len(hs), 32)],
-        saved=True,
-        saved_blocks=len(blocks),
-        saved_hashes=len(hs) // 32,
-    )
+def seq_fields(
+    sid: bytes, seq: SeqState, blocks_from: int, hashes_from: int, out: dict[bytes, bytes]
+) -> None:
+    """The tables fields holding seq's blocks from `blocks_from` and hashes from `hashes_from`."""
+    blocks, hashes = seq.blocks, seq.hashes
+    for c in range(blocks_from // TABLE_CHUNK, -(-len(blocks) // TABLE_CHUNK)):
+        out[b"%s|t%d" % (sid, c)] = u32_bytes(blocks[c * TABLE_CHUNK : (c + 1) * TABLE_CHUNK])
+    for c in range(hashes_from // HASH_CHUNK, -(-len(hashes) // HASH_CHUNK)):
+        out[b"%s|h%d" % (sid, c)] = b"".join(hashes[c * HASH_CHUNK : (c + 1) * HASH_CHUNK])
+
+
+def decode_seqs(metas: dict[bytes, bytes], tables: dict[bytes, bytes]) -> dict[str, SeqState]:
+    chunks: dict[bytes, dict[bytes, bytes]] = {}
+    for field, value in tables.items():
+        sid, _, spec = field.rpartition(b"|")  # a seq id may hold "|"; the spec never does
+        chunks.setdefault(sid, {})[spec] = value
+    out = {}
+    for sid, meta in metas.items():
+        parts = chunks.get(sid, {})
+        blocks = array("I")
+        blocks.frombytes(b"".join(parts[b"t%d" % c] for c in range(_count(parts, b"t"))))
+        if sys.byteorder != "little":
+            blocks.byteswap()
+        hs = b"".join(parts[b"h%d" % c] for c in range(_count(parts, b"h")))
+        out[sid.decode()] = SeqState(
+            meta[:32],
+            meta[32:].decode(),
+            blocks.tolist(),
+            [hs[i : i + 32] for i in range(0, len(hs), 32)],
+            saved=True,
+            saved_blocks=len(blocks),
+            saved_hashes=len(hs) // 32,
+        )
+    return out
+
+
+def _count(parts: dict[bytes, bytes], kind: bytes) -> int:
+    n = 0
+    while kind + b"%d" % n in parts:
+        n += 1
+    return n
 
 
 def _num(v: bytes | str) -> int:
@@ -217,16 +248,7 @@ class Persistence:
             eid = eid_b.decode()
             keys = [self.ex_key(eid, d["epoch"], w) for w in ("blocks", "seqs", "meta")]
             blocks, seqs, meta = [await r.hgetall(k) for k in keys]
-            sids = [sid.decode() for sid in seqs]
-            tables, hashes = [], []
-            for i in range(0, len(sids), 1000):
-                chunk = sids[i : i + 1000]
-                tables += await r.mget([self.ex_key(eid, d["epoch"], "t:" + x) for x in chunk])
-                hashes += await r.mget([self.ex_key(eid, d["epoch"], "h:" + x) for x in chunk])
-            seq_states = {
-                sid: decode_seq(seqs[sid.encode()], t, h)
-                for sid, t, h in zip(sids, tables, hashes, strict=True)
-            }
+            seq_states = decode_seqs(seqs, await r.hgetall(self.ex_key(eid, d["epoch"], "tables")))
             per_ex[eid] = (d, blocks, seq_states, meta)
         self.restored = True
         m = self.m
@@ -414,36 +436,22 @@ class Persistence:
         self.counters.flushes += 1
         self._set_connected(True)
 
-    def _seq_keys(self, eid: str, epoch: int, sids: list[str]) -> list[str]:
-        return [self.ex_key(eid, epoch, f"{w}:{sid}") for sid in sids for w in ("t", "h")]
+    def _epoch_keys(self, eid: str, epoch: int) -> list[str]:
+        return [self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs", "tables")]
 
-    def _epoch_keys(self, eid: str, epoch: int, sids: list[str]) -> list[str]:
-        fixed = [self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")]
-        return fixed + self._seq_keys(eid, epoch, sids)
-
-    def _write_seq(self, batch: Batch, eid: str, epoch: int, sid: str, seq: SeqState) -> None:
-        """A new sequence whole (SET: a released one of the same id may have left longer
-        values); a known one from its first changed entry (SETRANGE)."""
-        tkey = self.ex_key(eid, epoch, "t:" + sid).encode()
-        hkey = self.ex_key(eid, epoch, "h:" + sid).encode()
-        blocks, hashes = seq.blocks, seq.hashes
+    @staticmethod
+    def _seq_writes(sid: str, seq: SeqState, metas: dict, fields: dict) -> None:
+        """A new sequence whole; a known one from its first changed chunk on."""
+        sid_b = sid.encode()
         if not seq.saved:
-            batch.hset(self.ex_key(eid, epoch, "seqs"), {sid.encode(): encode_seq_meta(seq)})
-            batch.cmd(b"SET", tkey, u32_bytes(blocks))
-            batch.cmd(b"SET", hkey, b"".join(hashes))
-            batch.records += 2
+            metas[sid_b] = encode_seq_meta(seq)
+            seq_fields(sid_b, seq, 0, 0, fields)
         else:
             lo = min(seq.replaced_from, seq.saved_blocks)
-            if lo < len(blocks):
-                batch.cmd(b"SETRANGE", tkey, b"%d" % (4 * lo), u32_bytes(blocks[lo:]))
-                batch.records += 1
-            if seq.saved_hashes < len(hashes):
-                new = b"".join(hashes[seq.saved_hashes :])
-                batch.cmd(b"SETRANGE", hkey, b"%d" % (32 * seq.saved_hashes), new)
-                batch.records += 1
+            seq_fields(sid_b, seq, lo, seq.saved_hashes, fields)
         seq.saved = True
-        seq.saved_blocks = len(blocks)
-        seq.saved_hashes = len(hashes)
+        seq.saved_blocks = len(seq.blocks)
+        seq.saved_hashes = len(seq.hashes)
         seq.replaced_from = 1 << 62
 
     def _stats_fields(self) -> dict[bytes, bytes]:
@@ -485,8 +493,8 @@ class Persistence:
     async def _flush_incremental(self, conn) -> None:
         m = self.m
         batch = Batch()
-        for eid, epoch, sids in m.dropped_epochs:
-            batch.delete(*self._epoch_keys(eid, epoch, sids))
+        for eid, epoch in m.dropped_epochs:
+            batch.delete(*self._epoch_keys(eid, epoch))
         m.dropped_epochs = []
         for eid in m.dirty_executors:
             ex = m.executors[eid]
@@ -513,15 +521,26 @@ class Persistence:
                 key = self.ex_key(eid, epoch, "index")
                 batch.hset(key, {h: b"%d" % index[h] for h in hashes if h in index})
                 batch.hdel(key, [h for h in hashes if h not in index])
+            released, ex.released = ex.released, {}
             if seqs:
                 live = ex.seqs
-                gone = [s for s in seqs if s not in live]
-                batch.hdel(self.ex_key(eid, epoch, "seqs"), [s.encode() for s in gone])
-                batch.delete(*self._seq_keys(eid, epoch, gone))
+                metas: dict[bytes, bytes] = {}
+                fields: dict[bytes, bytes] = {}
+                stale: list[bytes] = []
+                for sid, (nb, nh) in released.items():  # type: ignore[union-attr]
+                    sid_b = sid.encode()
+                    stale += [b"%s|t%d" % (sid_b, c) for c in range(-(-nb // TABLE_CHUNK))]
+                    stale += [b"%s|h%d" % (sid_b, c) for c in range(-(-nh // HASH_CHUNK))]
                 for sid in seqs:
                     seq = live.get(sid)
                     if seq is not None:
-                        self._write_seq(batch, eid, epoch, sid, seq)
+                        self._seq_writes(sid, seq, metas, fields)
+                key = self.ex_key(eid, epoch, "seqs")
+                batch.hdel(key, [s.encode() for s in seqs if s not in live])
+                batch.hset(key, metas)
+                key = self.ex_key(eid, epoch, "tables")
+                batch.hdel(key, stale)  # before the HSET: a re-used id rewrites its fields
+                batch.hset(key, fields)
             batch.hset(self.ex_key(eid, epoch, "meta"), self._meta(ex))
         if m.stats.version != self._stats_version:
             self._stats_version = m.stats.version
@@ -544,7 +563,7 @@ class Persistence:
         keep = {
             k.encode()
             for ex in m.executors.values()
-            for k in self._epoch_keys(ex.executor_id, ex.epoch, list(ex.seqs))
+            for k in self._epoch_keys(ex.executor_id, ex.epoch)
         }
         m.dropped_epochs = []
         m.dirty_executors = set()
@@ -556,7 +575,7 @@ class Persistence:
             pool = ex.pool
             pool.dirty_blocks, pool.dirty_hashes, ex.dirty_seqs = set(), set(), set()
             eid, epoch = ex.executor_id, ex.epoch
-            keys = [self.ex_key(eid, epoch, w) for w in ("meta", "blocks", "index", "seqs")]
+            keys = self._epoch_keys(eid, epoch)
             batch.delete(*keys)
             batch.hset(self.k("executors"), {eid.encode(): self._executor_fields(ex)})
             batch.hset(keys[0], self._meta(ex))
@@ -569,9 +588,14 @@ class Persistence:
                 },
             )
             batch.hset(keys[2], {h: b"%d" % b for h, b in pool.index.items()})
+            metas: dict[bytes, bytes] = {}
+            fields: dict[bytes, bytes] = {}
             for sid, seq in ex.seqs.items():
                 seq.saved = False  # written whole
-                self._write_seq(batch, eid, epoch, sid, seq)
+                self._seq_writes(sid, seq, metas, fields)
+            batch.hset(keys[3], metas)
+            batch.hset(keys[4], fields)
+            ex.released = {}
         self._stats_version = m.stats.version
         batch.hset(self.k("stats"), self._stats_fields())
         self.full_resync = False

@@ -111,7 +111,7 @@ async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
     keys = sorted(k.decode() for k in await r.keys("*"))
     assert keys and all(k.startswith("pmtest:") for k in keys), keys
     assert "pmtest:ex:ex:1:index" in keys
-    assert {"pmtest:ex:ex:1:t:s", "pmtest:ex:ex:1:h:s"} <= set(keys)
+    assert {"pmtest:ex:ex:1:seqs", "pmtest:ex:ex:1:tables"} <= set(keys)
     blob = b""
     for k in keys:
         if await r.type(k) == b"hash":
@@ -119,7 +119,9 @@ async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
                 blob += f + v
         else:
             blob += await r.get(k)
-    assert len(await r.get("pmtest:ex:ex:1:h:s")) == 64  # two committed hashes
+    assert len(await r.hget("pmtest:ex:ex:1:tables", "s|h0")) == 64  # two committed hashes
+    table = await r.hget("pmtest:ex:ex:1:tables", "s|t0")
+    assert table == b"".join(b.to_bytes(4, "little") for b in (0, 1, 2))  # block ids, u32 LE
     assert salt.encode() not in blob
     assert (1000).to_bytes(4, "little") + (1001).to_bytes(4, "little") not in blob  # no token ids
     # Re-registering drops every key of the old epoch.
@@ -317,3 +319,29 @@ async def test_idle_redis_coming_back_empty_is_rewritten(redis_process: RedisPro
     assert server.manager.snapshot() == expect
     await client.close()
     await server.stop()
+
+
+async def test_reused_sequence_id_leaves_no_stale_chunks(redis_url: str) -> None:
+    from services.kvmanager.api import CommitEntry
+
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_url)
+    await p.restore()
+    a = LocalAllocator("ex", m)
+    await a.register(128, 4, "fp")
+    toks = list(range(300))  # 75 blocks: two table chunks
+    await a.allocate("r", toks)
+    await a.commit([CommitEntry("r", i, toks[4 * i : 4 * i + 4]) for i in range(40)])  # 5 chunks
+    await p.flush()
+    await a.release(["r"])
+    await a.allocate("r", [1, 2, 3, 4, 5])  # same id, shorter, before the next flush
+    await p.flush()
+    r = aioredis.from_url(redis_url)
+    assert sorted(await r.hkeys("pagemesh:kv:ex:ex:1:tables")) == [b"r|t0"]
+    assert await restored_snapshot(redis_url) == m.snapshot()
+    await a.release(["r"])
+    await p.flush()
+    assert await r.hlen("pagemesh:kv:ex:ex:1:tables") == 0
+    assert await r.hlen("pagemesh:kv:ex:ex:1:seqs") == 0
+    await r.aclose()
+    await p.stop()
