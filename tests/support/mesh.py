@@ -35,6 +35,9 @@ from proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where the services' code comes from: this checkout, or (PAGEMESH_MESH_ROOT) another tree, e.g.
+# an export of a commit, to run the suite against code that is not being edited meanwhile.
+SERVICE_ROOT = Path(os.environ.get("PAGEMESH_MESH_ROOT") or REPO_ROOT).resolve()
 T = TypeVar("T")
 
 
@@ -141,7 +144,7 @@ class Service:
             # A new session: a SIGKILL of the service never reaches the test runner's group.
             self.proc = subprocess.Popen(
                 self.argv,
-                cwd=REPO_ROOT,
+                cwd=SERVICE_ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -249,7 +252,7 @@ class Mesh:
                 "PYTHONUNBUFFERED": "1",
                 "CUDA_VISIBLE_DEVICES": "",
                 "TQDM_DISABLE": "1",  # progress bars would fill the logs
-                "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+                "PYTHONPATH": str(SERVICE_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             }
         )
         env.update(config.env)
