@@ -20,10 +20,10 @@ Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
   P ex:E:N:blocks      HASH  block id -> <u32 ref, i64 stamp, f64 birth> + hash (0 or 32 bytes)
   P ex:E:N:index       HASH  hash (32 bytes) -> block id: the prefix index
   P ex:E:N:seqs        HASH  seq id -> extra digest (32 bytes) + tenant digest (ASCII)
-  P ex:E:N:tables      HASH  "<seq id>|t<k>" -> block ids [64k, 64k+64) of its table, u32 each
-                             "<seq id>|h<k>" -> its chain hashes [8k, 8k+8), 32 bytes each
+  P ex:E:N:tables      HASH  "<seq id>|t<k>" -> block ids [16k, 16k+16) of its table, u32 each
+                             "<seq id>|h<k>" -> its chain hashes [4k, 4k+4), 32 bytes each
 Tables only grow (or have blocks replaced by copy-on-write) and hash chains only grow, so a
-flush rewrites a changed sequence's chunks from its first changed entry on (a few hundred bytes,
+flush rewrites a changed sequence's chunks from its first changed entry on (tens of bytes,
 not its whole table), and every sequence of a batch goes into one HSET: a batch is a constant
 number of commands however many sequences changed. Blocks never touched since registration (free,
 initial order) have no record. No prompt text,
@@ -66,8 +66,8 @@ def decode_block(raw: bytes) -> tuple[int, int, float, bytes | None]:
     return ref, stamp, birth, (h if h else None)
 
 
-TABLE_CHUNK = 64  # block ids per tables field
-HASH_CHUNK = 8  # chain hashes per tables field
+TABLE_CHUNK = 16  # block ids per tables field (64 bytes: what an append rewrites)
+HASH_CHUNK = 4  # chain hashes per tables field (128 bytes)
 
 
 def encode_seq_meta(s: SeqState) -> bytes:
