@@ -14,6 +14,7 @@ Device-side state persists across steps, one row per running sequence (Sequence.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import time
@@ -34,6 +35,7 @@ from services.executor.kv_pool import KVPool, determine_num_blocks
 from services.executor.model.attention_metadata import AttentionMetadata
 from services.executor.model.config import ModelConfig
 from services.executor.sampler import (
+    ALL_GREEDY,
     Sampler,
     SamplerOutput,
     SamplingTensors,
@@ -59,6 +61,7 @@ class Batch:
     sample_pos: torch.Tensor  # [S] where each sampled token goes in its row
     forks: list[tuple[Sequence, list[Sequence]]]
     st: SamplingTensors
+    lookahead_seqs: list[Sequence]  # for Scheduler.issue_lookahead
 
 
 @dataclass(slots=True)
@@ -90,6 +93,11 @@ class LLMEngine:
         self.model_path = ""
         self.model_fingerprint = model_fingerprint or ""
         self.requests: dict[str, Request] = {}
+        # Requests whose sampling is not plain greedy / that still have to fork: while both
+        # sets are empty, a step takes the fast paths (no per-row sampling tensors, no forks).
+        self._special: set[str] = set()
+        self._unforked: set[str] = set()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._aborts: list[str] = []
         self.started = False
         self.epoch = 0
@@ -221,6 +229,17 @@ class LLMEngine:
         req = Request(request_id, params, cache_salt, len(prompt))
         seq = self._new_seq(req, 0, prompt)
         self.requests[request_id] = req
+        if params.n > 1:
+            self._unforked.add(request_id)
+        if not (
+            params.temperature < 1e-5
+            and not params.logprobs
+            and not params.return_logprobs
+            and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+            and params.repetition_penalty == 1.0
+        ):
+            self._special.add(request_id)
         self.scheduler.add(seq)
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
@@ -318,9 +337,16 @@ class LLMEngine:
         if sched.seqs:
             with torch.inference_mode():
                 batch = self._prepare(sched)
-            lookahead = self.scheduler.issue_lookahead(sched)
-            result = await asyncio.to_thread(self._execute, batch, sched.copies)
-            outputs.extend(await self._postprocess(sched, batch, result, lookahead))
+            # Submit the device work first; the bookkeeping below overlaps it (the worker thread
+            # spends the step waiting on the device with the GIL released).
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
+            for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+                seq.num_computed_tokens += n
+            lookahead = self.scheduler.issue_lookahead(batch.lookahead_seqs)
+            commits = self.scheduler.commit_entries(sched.seqs)
+            result = await future
+            outputs.extend(await self._postprocess(batch, result, lookahead, commits))
             self.num_steps += 1
         if not self.requests:
             await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
@@ -332,7 +358,7 @@ class LLMEngine:
             return outputs
         releases = []
         for rid in self._aborts:
-            req = self.requests.pop(rid, None)
+            req = self._drop(rid)
             if req is None:
                 continue
             for seq in req.seqs:
@@ -356,12 +382,17 @@ class LLMEngine:
         self.scheduler.background([], releases)
         return outputs
 
+    def _drop(self, request_id: str) -> Request | None:
+        self._special.discard(request_id)
+        self._unforked.discard(request_id)
+        return self.requests.pop(request_id, None)
+
     def _fail(self, seq: Sequence, error: str) -> list[SequenceOutput]:
         req = seq.request
         # Before the fork the one sequence stands for all n choices.
         indices = [seq.index] if req.forked else list(range(req.params.n))
         if all(q.is_finished for q in req.seqs):
-            self.requests.pop(req.request_id, None)
+            self._drop(req.request_id)
         return [
             SequenceOutput(
                 req.request_id,
@@ -382,6 +413,7 @@ class LLMEngine:
         seqs = sched.seqs
         b = len(seqs)
         self._sync_tables(sched)
+        bs = self.config.block_size
 
         rows = np.fromiter((s.row for s in seqs), np.int64, b)
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, b)
@@ -396,26 +428,40 @@ class LLMEngine:
         else:
             token_rows = np.repeat(rows, q_lens)
             positions = np.repeat(starts - cu[:-1], q_lens) + np.arange(t)
-        sampling = np.flatnonzero(seq_lens == totals)
+        sampling = seq_lens == totals
+        sample_idx = np.flatnonzero(sampling)
+        # Sampling sequences whose tables fall short of the look-ahead target after this step.
+        covered = np.fromiter((len(q.block_table) for q in seqs), np.int64, b) * bs
+        target = np.minimum(seq_lens + 1 + self.config.num_lookahead_tokens, self.max_model_len)
+        lookahead_seqs = [seqs[i] for i in np.flatnonzero(sampling & (covered < target)).tolist()]
 
-        # n > 1: a parent whose prefill ends now samples n tokens from its one row of logits;
-        # its n - 1 children are created here (they take reserved rows) and forked afterwards.
         forks: list[tuple[Sequence, list[Sequence]]] = []
-        sample_seqs: list[Sequence] = []
-        logits_idx: list[int] = []
-        for i in sampling.tolist():
-            seq = seqs[i]
-            sample_seqs.append(seq)
-            logits_idx.append(int(cu[i + 1]) - 1)
-            req = seq.request
-            if req.params.n > 1 and not req.forked:
-                children = self._make_children(seq)
-                forks.append((seq, children))
-                sample_seqs.extend(children)
-                logits_idx.extend([int(cu[i + 1]) - 1] * len(children))
+        if not self._unforked:
+            sample_seqs = [seqs[i] for i in sample_idx.tolist()]
+            logits_idx = cu[sample_idx + 1] - 1
+            sample_rows = rows[sample_idx]
+            sample_pos = totals[sample_idx]
+        else:
+            # n > 1: a parent whose prefill ends now samples n tokens from its one row of
+            # logits; its n - 1 children are created here (they take reserved rows) and forked
+            # after the step.
+            sample_seqs = []
+            idx: list[int] = []
+            for i in sample_idx.tolist():
+                seq = seqs[i]
+                sample_seqs.append(seq)
+                idx.append(int(cu[i + 1]) - 1)
+                req = seq.request
+                if req.params.n > 1 and not req.forked:
+                    children = self._make_children(seq)
+                    forks.append((seq, children))
+                    sample_seqs.extend(children)
+                    idx.extend([int(cu[i + 1]) - 1] * len(children))
+            n_s = len(sample_seqs)
+            logits_idx = np.asarray(idx, np.int64)
+            sample_rows = np.fromiter((q.row for q in sample_seqs), np.int64, n_s)
+            sample_pos = np.fromiter((len(q.token_ids) for q in sample_seqs), np.int64, n_s)
         s = len(sample_seqs)
-        sample_rows = np.fromiter((q.row for q in sample_seqs), np.int64, s)
-        sample_pos = np.fromiter((q.num_tokens for q in sample_seqs), np.int64, s)
 
         packed = np.concatenate(
             [
@@ -424,7 +470,7 @@ class LLMEngine:
                 rows,
                 seq_lens,
                 cu,
-                np.asarray(logits_idx, np.int64),
+                logits_idx,
                 sample_rows,
                 sample_pos,
             ]
@@ -454,10 +500,12 @@ class LLMEngine:
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
-        params = [q.request.params for q in sample_seqs]
-        st = build_sampling_tensors(
-            params, [q.generator for q in sample_seqs], self.vocab_size, dev
-        )
+        if self._special:
+            params = [q.request.params for q in sample_seqs]
+            gens = [q.generator for q in sample_seqs]
+            st = build_sampling_tensors(params, gens, self.vocab_size, dev)
+        else:
+            st = ALL_GREEDY
         return Batch(
             input_ids=input_ids,
             positions=positions_d,
@@ -469,6 +517,7 @@ class LLMEngine:
             sample_pos=sample_pos_d,
             forks=forks,
             st=st,
+            lookahead_seqs=lookahead_seqs,
         )
 
     def _sync_tables(self, sched: SchedulerOutput) -> None:
@@ -505,6 +554,7 @@ class LLMEngine:
     def _make_children(self, parent: Sequence) -> list[Sequence]:
         req = parent.request
         req.forked = True
+        self._unforked.discard(req.request_id)
         self.scheduler.reserved_rows -= req.params.n - 1
         children = []
         for index in range(1, req.params.n):
@@ -549,16 +599,13 @@ class LLMEngine:
 
     async def _postprocess(
         self,
-        sched: SchedulerOutput,
         batch: Batch,
         result: StepResult,
         lookahead: asyncio.Task | None,
+        commits: list,
     ) -> list[SequenceOutput]:
         sc = self.scheduler
-        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
         await sc.finish_lookahead(lookahead)
-        commits = sc.commit_entries(sched.seqs)
         if batch.forks:
             # Children copy the parent's committed hashes at fork time: commit first.
             await sc.drain()
@@ -580,45 +627,46 @@ class LLMEngine:
         outputs: list[SequenceOutput] = []
         releases: list[str] = []
         eos = self.eos_token_ids
+        max_len = self.max_model_len
+        lps_all, top_ids, top_lps = result.logprobs, result.top_ids, result.top_logprobs
         for i, (seq, token) in enumerate(zip(batch.sample_seqs, result.token_ids, strict=True)):
-            seq.token_ids.append(token)
-            p = seq.params
+            tokens = seq.token_ids
+            tokens.append(token)
+            req = seq.request
+            p = req.params
             lps: list[TokenLogprob] = []
-            if result.logprobs is not None and (p.return_logprobs or p.logprobs):
-                lp = result.logprobs[i]
+            if lps_all is not None and (p.return_logprobs or p.logprobs):
+                lp = lps_all[i]
                 seq.cumulative_logprob += lp
                 top = []
-                if p.logprobs and result.top_ids is not None and result.top_logprobs is not None:
-                    top = list(
-                        zip(
-                            result.top_ids[i][: p.logprobs],
-                            result.top_logprobs[i][: p.logprobs],
-                            strict=True,
-                        )
-                    )
+                if p.logprobs and top_ids is not None and top_lps is not None:
+                    k = p.logprobs
+                    top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True))
                 lps.append(TokenLogprob(token, lp, top))
             reason = FinishReason.NONE
-            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+            if (token in eos and not p.ignore_eos) or (
+                p.stop_token_ids and token in p.stop_token_ids
+            ):
                 reason = FinishReason.STOP
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif len(tokens) - seq.num_prompt_tokens >= p.max_tokens or len(tokens) >= max_len:
                 reason = FinishReason.LENGTH
-            req = seq.request
             outputs.append(
                 SequenceOutput(
-                    request_id=req.request_id,
-                    index=seq.index,
-                    token_ids=[token],
-                    finish_reason=reason,
-                    logprobs=lps,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    num_cached_tokens=max(req.num_cached_tokens, 0),
-                    cumulative_logprob=seq.cumulative_logprob,
+                    req.request_id,
+                    seq.index,
+                    [token],
+                    reason,
+                    lps,
+                    req.num_prompt_tokens,
+                    req.num_cached_tokens if req.num_cached_tokens > 0 else 0,
+                    "",
+                    seq.cumulative_logprob,
                 )
             )
             if reason != FinishReason.NONE:
                 sc.finish(seq, reason)
                 releases.append(seq.seq_id)
                 if all(q.is_finished for q in req.seqs):
-                    self.requests.pop(req.request_id, None)
+                    self._drop(req.request_id)
         sc.background(commits, releases)
         return outputs

@@ -202,3 +202,20 @@ class Sampler:
             before = probs.cumsum(dim=-1) - probs
             sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+# The batch of a step whose every row is plain greedy: no per-row tensors at all.
+ALL_GREEDY = SamplingTensors(
+    temperature=None,
+    greedy=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    presence=None,
+    frequency=None,
+    repetition=None,
+    generators=[],
+    all_greedy=True,
+    num_top_logprobs=0,
+    need_logprobs=False,
+)

@@ -99,15 +99,18 @@ class Scheduler:
         out = SchedulerOutput()
         out.copies, self.pending_copies = self.pending_copies, []
         budget = self.config.max_num_batched_tokens
+        bs = self.block_size
         need: list[tuple[Sequence, int]] = []
+        seqs, num_new = out.seqs, out.num_new_tokens
         for seq in self.running:
             if budget == 0:
                 break
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            start = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - start, budget)
+            seqs.append(seq)
+            num_new.append(n)
             budget -= n
-            if seq.needs_extend or self._covered(seq) < seq.num_computed_tokens + n:
+            if seq.needs_extend or len(seq.block_table) * bs < start + n:
                 need.append((seq, n))
         if need:
             await self._settle()
@@ -235,19 +238,20 @@ class Scheduler:
 
     # -- look-ahead (overlapped with the step) --------------------------------------------------
 
-    def issue_lookahead(self, out: SchedulerOutput) -> asyncio.Task | None:
-        """Reserve, in one batched Extend, what the next step needs beyond the tables: run as a
-        task while this step computes, applied by `finish_lookahead` right after it."""
+    def issue_lookahead(self, seqs: list[Sequence]) -> asyncio.Task | None:
+        """Reserve, in one batched Extend, what the next step needs beyond the tables of `seqs`
+        (this step's sequences that sample a token and whose tables fall short of the look-ahead
+        target; num_computed_tokens already counts this step). Runs as a task while this step
+        computes; applied by `finish_lookahead` right after it."""
         entries = []
-        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
-            end = seq.num_computed_tokens + n
-            if end < seq.num_tokens:
-                continue  # mid-prefill: the prompt is covered since Allocate
-            # This step samples one more token; the next step writes it at position `end`.
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens or end + 1 >= self.max_model_len:
+        for seq in seqs:
+            end = seq.num_computed_tokens  # the next step writes the sampled token here
+            if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
                 continue  # finishes this step
+            if end + 1 >= self.max_model_len:
+                continue
             target = self._lookahead_target(seq, end + 1)
-            if self._covered(seq) < target:
+            if len(seq.block_table) * self.block_size < target:
                 entries.append(ExtendEntry(seq.seq_id, end, target))
         if not entries:
             return None
