@@ -9,6 +9,9 @@ its Session stream (the default); the `unary_*` figures are the same calls as un
   steps grow every sequence by one token (about 1 in 16 needs a block), "all_grow" steps give
   every sequence a new block;
 - the same Extend with Redis write-behind on (the persistence is not on the request path);
+- CPU per decode-step Extend, client and server process (user + system): unlike latencies,
+  barely inflated by other tenants of a shared machine (the server's includes its
+  write-behind work when Redis is on);
 - in-process throughput: raw block allocations + frees per second (BlockPool), and Manager
   allocate+release of 16-block sequences (blocks per second).
 
@@ -68,7 +71,15 @@ async def wait_ready(port: int) -> None:
     raise TimeoutError("kvmanager did not start")
 
 
-async def bench_grpc(port: int, n_alloc: int, n_steps: int, session: bool = True) -> dict:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: a figure the other tenants of a shared
+    machine do not inflate the way they inflate latencies."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_grpc(port: int, pid: int, n_alloc: int, n_steps: int, session: bool = True) -> dict:
     c = KVManagerClient(f"127.0.0.1:{port}", f"bench-{session}", use_session=session)
     await c.register(1 << 18, BS, "bench-model")
     rng = random.Random(0)
@@ -103,15 +114,22 @@ async def bench_grpc(port: int, n_alloc: int, n_steps: int, session: bool = True
         await c.allocate(s, [rng.randrange(32000) for _ in range(n)])
         lens[s] = n
     dec = []
+    client_cpu = 0.0
     for step in range(n_steps + 20):
+        if step == 20:
+            server_cpu0 = proc_cpu(pid)
         entries = [ExtendEntry(s, lens[s], lens[s] + 1) for s in seqs]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         await c.extend(entries)
         dt = time.perf_counter() - t0
         if step >= 20:
             dec.append(dt)
+            client_cpu += time.process_time() - c0
         for s in seqs:
             lens[s] += 1
+    await asyncio.sleep(0.05)  # let the write-behind of the last steps finish
+    server_cpu = proc_cpu(pid) - server_cpu0
     grow = []
     for _ in range(max(20, n_steps // 4)):
         # Every sequence crosses into a new block: 256 fresh blocks per call.
@@ -128,6 +146,8 @@ async def bench_grpc(port: int, n_alloc: int, n_steps: int, session: bool = True
     out.update(
         extend_256seq_decode_p50_us=pct(dec, 0.5),
         extend_256seq_decode_p99_us=pct(dec, 0.99),
+        extend_256seq_decode_client_cpu_us=round(client_cpu / len(dec) * 1e6, 1),
+        extend_256seq_decode_server_cpu_us=round(server_cpu / len(dec) * 1e6, 1),
         extend_256seq_all_grow_p50_us=pct(grow, 0.5),
         extend_256seq_all_grow_p99_us=pct(grow, 0.99),
     )
@@ -184,8 +204,8 @@ async def main() -> None:
     proc = spawn(port, None)
     try:
         await wait_ready(port)
-        result.update(await bench_grpc(port, n_alloc, n_steps, session=True))
-        r = await bench_grpc(port, n_alloc // 2, n_steps // 2, session=False)
+        result.update(await bench_grpc(port, proc.pid, n_alloc, n_steps, session=True))
+        r = await bench_grpc(port, proc.pid, n_alloc // 2, n_steps // 2, session=False)
         result.update({f"unary_{k}": v for k, v in r.items() if k != "redis_connected"})
     finally:
         proc.terminate()
@@ -196,7 +216,7 @@ async def main() -> None:
         proc = spawn(port, redis.url)
         try:
             await wait_ready(port)
-            r = await bench_grpc(port, n_alloc // 2, n_steps // 2)
+            r = await bench_grpc(port, proc.pid, n_alloc // 2, n_steps // 2)
             result.update({f"with_redis_{k}": v for k, v in r.items()})
         finally:
             proc.terminate()
@@ -210,6 +230,7 @@ async def main() -> None:
         grpcio=grpc.__version__,
         protobuf=google.protobuf.__version__,
         cpus=os.cpu_count(),
+        loadavg_1min_at_end=os.getloadavg()[0],
     )
     print(json.dumps(result))
 
