@@ -250,6 +250,9 @@ def bench_decode_config(
     res["auto_splits"] = auto_splits
     t_ours = try_time(lambda: ours(max_seq_len=max_len), reps, gpu)
     res["ours"] = figures(t_ours)
+    other = not decode_attention.FUSED_MERGE_DEFAULT
+    t = try_time(lambda: ours(max_seq_len=max_len, fused_merge=other), reps, gpu)
+    res["ours_fused_merge" if other else "ours_two_kernel_merge"] = figures(t)
 
     if sweep:
         sw: dict[str, Any] = {}
@@ -261,7 +264,6 @@ def bench_decode_config(
         for splits in [1, 2, 4, 8, 16, 32, 64]:
             if splits == 1 or max_len // splits >= 64:
                 point(f"splits{splits}", num_splits=splits)
-        point("auto_two_kernel_merge", fused_merge=False)
         for bn, warps, stages in [(32, 4, 3), (32, 4, 5), (64, 4, 4), (128, 4, 2), (128, 4, 3)]:
             point(f"bn{bn}_w{warps}_s{stages}", block_n=bn, num_warps=warps, num_stages=stages)
         if batch <= 8:  # latency-bound: try deeper pipelines with more slices
@@ -442,6 +444,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter run, tiny shapes")
     ap.add_argument("--sweep", action="store_true", help="also sweep splits and tile configs")
+    ap.add_argument(
+        "--sweep-max-batch", type=int, default=None, help="sweep only decode batches up to this"
+    )
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--only", default=None, help="comma-separated config names")
     args = ap.parse_args()
@@ -492,7 +497,8 @@ def main() -> None:
     decode = {}
     for name, lens in configs.items():
         t1 = time.time()
-        decode[name] = bench_decode_config(name, lens, dev, gpu, read_tbs, l2, args.sweep, reps)
+        sweep = args.sweep and (args.sweep_max_batch is None or len(lens) <= args.sweep_max_batch)
+        decode[name] = bench_decode_config(name, lens, dev, gpu, read_tbs, l2, sweep, reps)
         log(f"decode {name}: {json.dumps(decode[name])} ({time.time() - t1:.0f}s)")
         if gpu:
             torch.cuda.empty_cache()
@@ -500,7 +506,8 @@ def main() -> None:
 
     t1 = time.time()
     if gpu:
-        info["prefill"] = bench_prefill(dev, gpu, 8, 1024, 1024, args.sweep, reps)
+        sweep = args.sweep and args.sweep_max_batch is None
+        info["prefill"] = bench_prefill(dev, gpu, 8, 1024, 1024, sweep, reps)
     else:
         info["prefill"] = bench_prefill(dev, gpu, 2, 20, 12, args.sweep, reps)
     log(f"prefill: {json.dumps(info['prefill'])} ({time.time() - t1:.0f}s)")

@@ -26,10 +26,17 @@ LOG2E = 1.4426950408889634
 # A split slice is never shorter than this many tokens: below it the partial results (written
 # and re-read in float32) and the merge kernel cost more than the extra parallelism buys.
 MIN_TOKENS_PER_SPLIT = 256
-# Aim for this many programs per SM: memory latency is hidden by several resident programs
-# each with loads in flight, and more, smaller programs even out ragged sequence lengths.
-PROGRAMS_PER_SM = 4
+# Aim for about this many (KV head, sequence, slice) programs per SM: enough resident programs
+# with loads in flight to hide memory latency. Measured on an H100 (benchmarks/RESULTS.md):
+# batch 64 x 8 KV heads (3.9 programs per SM unsplit) ran best unsplit with uniform lengths
+# (92% of the read ceiling against 87-89% with 2 slices), while batch 8 needs ~8 slices.
+# Ragged batches would like more slices (better balance), but the split is chosen from static
+# shapes only, so uniform batches decide.
+PROGRAMS_PER_SM = 3
 MAX_SPLITS = 64
+# Merge the slices inside the decode kernel (the last slice of each (sequence, KV head) to
+# finish merges) rather than in a second kernel. See benchmarks/RESULTS.md for both measured.
+FUSED_MERGE_DEFAULT = False
 
 
 @triton.jit
@@ -66,6 +73,8 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
     kvh = tl.program_id(0)
@@ -163,30 +172,34 @@ def _decode_kernel(
             done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if done == n_active - 1:
                 tl.store(counter, 0)  # self-resetting: ready for the next launch (or replay)
+                # Weights of all slices at once ([group, slices]: a few KB), then the partial
+                # outputs MERGE_UNROLL slices per step with independent loads, so the merge
+                # costs a few L2 round trips rather than one per slice (a serial loop measured
+                # slower than the separate merge kernel).
                 row0 = (b * num_heads + heads).to(tl.int64) * NUM_SPLITS
-                m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                l_all = tl.zeros([GROUP_PAD], tl.float32)
+                offs_s = tl.arange(0, SPLIT_PAD)
+                gs_mask = g_mask[:, None] & (offs_s[None, :] < n_active)
+                ml = part_ml_ptr + (row0[:, None] + offs_s[None, :]) * 2
+                m_s = tl.load(ml, mask=gs_mask, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(ml + 1, mask=gs_mask, other=0.0, cache_modifier=".cg")
+                m_max = tl.max(m_s, 1)
+                # Padding rows and empty slices have m = -inf: keep the exponents finite.
+                m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+                w = tl.where(gs_mask, tl.exp2(m_s - m_max[:, None]), 0.0)
+                l_all = tl.sum(w * l_s, 1)
                 o_all = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-                for sp in range(0, n_active):
-                    r = row0 + sp
-                    m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=0.0, cache_modifier=".cg")
-                    l_s = tl.load(
-                        part_ml_ptr + r * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg"
-                    )
-                    a_s = tl.load(
-                        part_acc_ptr + r[:, None] * HEAD_PAD + offs_d[None, :],
-                        mask=g_mask[:, None],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    m_new = tl.maximum(m_all, m_s)
-                    # An empty slice (length-0 sequence) has m = -inf: keep exponents finite.
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    w_old = tl.exp2(m_all - m_safe)
-                    w_s = tl.exp2(m_s - m_safe)
-                    l_all = l_all * w_old + l_s * w_s
-                    o_all = o_all * w_old[:, None] + a_s * w_s[:, None]
-                    m_all = m_new
+                for s0 in range(0, n_active, MERGE_UNROLL):
+                    for j in tl.static_range(MERGE_UNROLL):
+                        sp = s0 + j
+                        w_s = tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), 1)
+                        a_s = tl.load(
+                            part_acc_ptr + (row0 + sp)[:, None] * HEAD_PAD + offs_d[None, :],
+                            # Rows of the group, none when sp is past the last active slice.
+                            mask=offs_g[:, None] < tl.where(sp < n_active, GROUP, 0),
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        o_all += a_s * w_s[:, None]
                 l_safe = tl.where(l_all > 0.0, l_all, 1.0)
                 tl.store(
                     out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -264,13 +277,18 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return max(1, min(want, cap, MAX_SPLITS))
 
 
-def _launch_config(elem_size: int, head_pad: int) -> tuple[int, int, int]:
+def _launch_config(elem_size: int, head_pad: int, slice_tokens: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). A 64-token tile of 16-bit K and V at head dim 128 is
-    2 x 16 KB per stage; three stages keep enough loads in flight per program on Hopper."""
+    2 x 16 KB per stage; three stages keep enough loads in flight per program on Hopper. Short
+    slices (a small batch split many ways) spend most of their time filling the pipeline:
+    32-token tiles five stages deep issue the same bytes sooner (batch 1 x 8192 tokens on an
+    H100: 53% of the read ceiling against 46-49% with 64 x 3)."""
     if interpreting():
         return 16, 4, 1
     if elem_size >= 4 or head_pad > 128:
         return 32, 4, 2
+    if slice_tokens <= 256:
+        return 32, 4, 5
     return 64, 4, 3
 
 
@@ -288,7 +306,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fused_merge: bool = True,
+    fused_merge: bool = FUSED_MERGE_DEFAULT,
 ) -> torch.Tensor:
     """Triton paged decode attention; same contract as kernels.reference.paged_decode_attention.
 
@@ -308,14 +326,15 @@ def paged_decode_attention(
         return out
     head_pad = next_pow2(head_dim)
     group_pad = max(16, next_pow2(group))
-    bn, warps, stages = _launch_config(key_cache.element_size(), head_pad)
-    bn = block_n or bn
-    warps = num_warps or warps
-    stages = num_stages or stages
-
     max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
     max_context = max(1, max_context)
     splits = num_splits or choose_num_splits(batch, num_kv_heads, max_context, q.device)
+    bn, warps, stages = _launch_config(
+        key_cache.element_size(), head_pad, cdiv(max_context, splits)
+    )
+    bn = block_n or bn
+    warps = num_warps or warps
+    stages = num_stages or stages
     tokens_per_split = cdiv(cdiv(max_context, splits), bn) * bn
     splits = cdiv(max_context, tokens_per_split)
 
@@ -365,6 +384,8 @@ def paged_decode_attention(
         NUM_SPLITS=splits,
         NUM_KV_HEADS=num_kv_heads,
         FUSED_MERGE=fused,
+        SPLIT_PAD=next_pow2(splits),
+        MERGE_UNROLL=4,
         F32_DOT=f32_dot,
         num_warps=warps,
         num_stages=stages,

@@ -102,7 +102,8 @@ def test_decode_gpu_real_sizes(
         assert err <= TOL[dtype], (head_dim, page, err)
 
 
-def test_decode_empty_sequence_and_repeat(device: torch.device) -> None:
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_decode_empty_sequence_and_repeat(fused_merge: bool, device: torch.device) -> None:
     """A length-0 row (padding of a captured batch) gets zeros, and a second launch gives the
     same output (the fused merge's arrival counters reset themselves)."""
     gen = torch.Generator().manual_seed(9)
@@ -114,7 +115,7 @@ def test_decode_empty_sequence_and_repeat(device: torch.device) -> None:
         out = torch.full_like(q, float("nan"))
         kernels.paged_decode_attention(
             q, paged.key_cache, paged.value_cache, paged.block_tables, paged.seq_lens, 0.2, out,
-            num_splits=3,
+            num_splits=3, fused_merge=fused_merge,
         )  # fmt: skip
         outs.append(out.cpu())
     assert torch.equal(outs[0], outs[1])
@@ -131,8 +132,9 @@ def test_decode_gpu_fused_merge_repeatable(device: torch.device) -> None:
     paged = make_paged(lens, 8, 128, 16, torch.bfloat16, device, gen)
     q = torch.randn((len(lens), 32, 128), generator=gen).to(torch.bfloat16).to(device)
     args = (q, paged.key_cache, paged.value_cache, paged.block_tables, paged.seq_lens, 0.088)
-    first = kernels.paged_decode_attention(*args, num_splits=64)
+    first = kernels.paged_decode_attention(*args, num_splits=64, fused_merge=True)
     two_kernel = kernels.paged_decode_attention(*args, num_splits=64, fused_merge=False)
     torch.testing.assert_close(first, two_kernel, rtol=0, atol=1e-2)
     for _ in range(200):
-        assert torch.equal(kernels.paged_decode_attention(*args, num_splits=64), first)
+        again = kernels.paged_decode_attention(*args, num_splits=64, fused_merge=True)
+        assert torch.equal(again, first)
