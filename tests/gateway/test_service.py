@@ -278,3 +278,29 @@ async def test_too_many_in_flight_is_a_429(mesh: tuple[TestClient, ScriptedEngin
     assert resp.status == 429
     assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
     assert not engine.live
+
+
+async def test_one_step_message_carries_every_request(
+    mesh: tuple[TestClient, ScriptedEngine],
+) -> None:
+    """Concurrent HTTP requests share the gateway's one Serve stream: each scheduler step comes
+    down as a single StepOutput holding the new tokens of all of them."""
+    client, engine = mesh
+    engine.delay = 0.02
+    gw = client.server.app[GATEWAY]
+    seen: list[set[str]] = []
+    dispatch = gw.client._dispatch
+
+    def spy(step: pb.StepOutput) -> None:
+        seen.append({o.request_id for o in step.outputs})
+        dispatch(step)
+
+    gw.client._dispatch = spy  # type: ignore[method-assign]
+    body = {"model": "smol", "messages": [{"role": "user", "content": "q"}], "max_tokens": 6}
+    engine.step_sizes.clear()
+    resps = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=body, headers=AUTH) for _ in range(3))
+    )
+    assert [r.status for r in resps] == [200, 200, 200]
+    assert len(seen) == sum(1 for n in engine.step_sizes if n)  # one message per step
+    assert max(len(ids) for ids in seen) == 3  # ... carrying all three requests
