@@ -18,7 +18,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 ]
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
