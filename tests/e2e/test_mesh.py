@@ -255,6 +255,38 @@ def test_raw_sse_framing_byte_for_byte(mesh: Mesh) -> None:
     assert "Paris" in text
 
 
+def test_logprobs_seed_and_completions_stream(mesh: Mesh) -> None:
+    resp = client(mesh).chat.completions.create(
+        model=MODEL, messages=CAPITAL, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for tok in content:
+        assert tok.logprob <= 0 and len(tok.top_logprobs) == 2
+        assert tok.top_logprobs[0].logprob >= tok.top_logprobs[1].logprob
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    # A seed makes sampling at temperature 1 reproducible.
+    texts = {
+        client(mesh)
+        .chat.completions.create(
+            model=MODEL, messages=CAPITAL, temperature=1.0, seed=1234, max_tokens=8
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
+    assert len(texts) == 1
+    # Plain completions stream text_completion chunks.
+    chunks = list(
+        client(mesh).completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "Paris" in "".join(c.choices[0].text for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
 # ----- bad input ------------------------------------------------------------------------------
 
 
