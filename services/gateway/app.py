@@ -226,10 +226,10 @@ async def _generate(
 ) -> web.StreamResponse:
     if not prompt_ids:
         raise invalid("The prompt is empty after tokenization.", param="prompt")
-    vocab = gw.client.info.vocab_size if gw.client.info else 0
+    info = gw.client.info  # refreshed whenever the Serve stream reopens (executor restart)
+    vocab = info.vocab_size if info else 0
     if vocab and max(prompt_ids) >= vocab:
         raise invalid(f"Token ids must be below the vocabulary size {vocab}.", param="prompt")
-    info = gw.client.info
     max_model_len = info.max_model_len if info else gw.max_model_len
     max_tokens = check_context(req.options, len(prompt_ids), max_model_len)
     if gw.in_flight >= gw.config.max_concurrent:
