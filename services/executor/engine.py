@@ -24,6 +24,13 @@ import numpy as np
 import torch
 
 import kernels
+from services.executor import beam_search
+from services.executor.beam_engine import (
+    BeamBatch,
+    BeamCandidates,
+    BeamSearchRunner,
+    candidates,
+)
 from services.executor.config import EngineConfig
 from services.executor.engine_api import (
     FinishReason,
@@ -62,6 +69,7 @@ class Batch:
     forks: list[tuple[Sequence, list[Sequence]]]
     st: SamplingTensors
     lookahead_seqs: list[Sequence]  # for Scheduler.issue_lookahead
+    beam: BeamBatch | None = None  # beam search rows of sample_seqs (beam_engine.py)
 
 
 @dataclass(slots=True)
@@ -70,6 +78,7 @@ class StepResult:
     logprobs: list[float] | None
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
+    beam: BeamCandidates | None = None
 
 
 class LLMEngine:
@@ -99,6 +108,7 @@ class LLMEngine:
         self._unforked: set[str] = set()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._aborts: list[str] = []
+        self.beams = BeamSearchRunner(self)  # beam search requests (beam_engine.py)
         self.started = False
         self.epoch = 0
         self.num_steps = 0
@@ -229,7 +239,9 @@ class LLMEngine:
         req = Request(request_id, params, cache_salt, len(prompt))
         seq = self._new_seq(req, 0, prompt)
         self.requests[request_id] = req
-        if params.n > 1:
+        if params.use_beam_search:
+            self.beams.add(req)  # beams fork after each round, not after the prefill
+        elif params.n > 1:
             self._unforked.add(request_id)
         if not (
             params.temperature < 1e-5
@@ -272,8 +284,7 @@ class LLMEngine:
             bad("the prompt must hold at least one token")
         if any(not 0 <= int(t) < self.vocab_size for t in prompt):
             bad(f"prompt token ids must be in [0, {self.vocab_size})")
-        if p.use_beam_search or p.beam_width > 1:
-            bad("beam search is not supported yet")
+        beam_search.validate(p, self.config.max_beam_width)
         if not 1 <= p.n <= min(self.config.max_n, self.config.max_num_seqs):
             bad(f"n must be in [1, {min(self.config.max_n, self.config.max_num_seqs)}], got {p.n}")
         if p.max_tokens < 1:
@@ -369,7 +380,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, FinishReason.ABORT)
             indices = (
                 range(req.params.n)
-                if not req.forked
+                if not req.forked or req.beam is not None
                 else [s.index for s in req.seqs if s.finish_reason == FinishReason.ABORT]
             )
             outputs.extend(
@@ -389,6 +400,8 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, error: str) -> list[SequenceOutput]:
         req = seq.request
+        if req.beam is not None:
+            return self.beams.fail(req, error)
         # Before the fork the one sequence stands for all n choices.
         indices = [seq.index] if req.forked else list(range(req.params.n))
         if all(q.is_finished for q in req.seqs):
@@ -452,7 +465,7 @@ class LLMEngine:
                 sample_seqs.append(seq)
                 idx.append(int(cu[i + 1]) - 1)
                 req = seq.request
-                if req.params.n > 1 and not req.forked:
+                if req.params.n > 1 and not req.forked and req.beam is None:
                     children = self._make_children(seq)
                     forks.append((seq, children))
                     sample_seqs.extend(children)
@@ -518,6 +531,7 @@ class LLMEngine:
             forks=forks,
             st=st,
             lookahead_seqs=lookahead_seqs,
+            beam=self.beams.batch(sample_seqs),
         )
 
     def _sync_tables(self, sched: SchedulerOutput) -> None:
@@ -588,6 +602,9 @@ class LLMEngine:
                 [q.num_prompt_tokens for q in batch.sample_seqs], device=self.device
             )
             counts = token_counts(tokens, prompt_lens, batch.sample_pos, self.vocab_size)
+        beam = None
+        if batch.beam is not None:
+            beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
         self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
         return StepResult(
@@ -595,6 +612,7 @@ class LLMEngine:
             logprobs=out.logprobs.tolist() if out.logprobs is not None else None,
             top_ids=out.top_ids.tolist() if out.top_ids is not None else None,
             top_logprobs=out.top_logprobs.tolist() if out.top_logprobs is not None else None,
+            beam=beam,
         )
 
     async def _postprocess(
@@ -630,6 +648,8 @@ class LLMEngine:
         max_len = self.max_model_len
         lps_all, top_ids, top_lps = result.logprobs, result.top_ids, result.top_logprobs
         for i, (seq, token) in enumerate(zip(batch.sample_seqs, result.token_ids, strict=True)):
+            if seq.request.beam is not None:
+                continue  # beams: after the loop
             tokens = seq.token_ids
             tokens.append(token)
             req = seq.request
@@ -668,5 +688,8 @@ class LLMEngine:
                 releases.append(seq.seq_id)
                 if all(q.is_finished for q in req.seqs):
                     self._drop(req.request_id)
+        if batch.beam is not None and result.beam is not None:
+            done, commits = await self.beams.postprocess(batch.beam, result.beam, commits, releases)
+            outputs.extend(done)
         sc.background(commits, releases)
         return outputs

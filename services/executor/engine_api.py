@@ -48,7 +48,7 @@ class SamplingParams:
     use_beam_search: bool = False
     beam_width: int = 0
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | str = False  # True, False or "never", as transformers' beam search
 
 
 @dataclass(slots=True)

@@ -85,7 +85,7 @@ class Scheduler:
 
     def _rows_needed(self, seq: Sequence) -> int:
         # Children of a not-yet-forked request need rows later; reserve them at admission.
-        return seq.request.params.n if not seq.request.forked else 1
+        return seq.request.num_rows if not seq.request.forked else 1
 
     def _covered(self, seq: Sequence) -> int:
         return len(seq.block_table) * self.block_size
@@ -107,6 +107,8 @@ class Scheduler:
                 break
             start = seq.num_computed_tokens
             n = min(len(seq.token_ids) - start, budget)
+            if n == 0:
+                continue  # a beam parked until its siblings' logits are in (beam_engine.py)
             seqs.append(seq)
             num_new.append(n)
             budget -= n
@@ -223,9 +225,9 @@ class Scheduler:
     def _free_row(self, seq: Sequence) -> None:
         self.free_rows.append(seq.row)
         seq.row = -1
-        if not seq.request.forked and seq.request.params.n > 1:
-            # The rows reserved for children that will never be forked.
-            self.reserved_rows -= seq.request.params.n - 1
+        if not seq.request.forked and seq.request.num_rows > 1:
+            # The rows reserved for children (or beams) that will never be forked.
+            self.reserved_rows -= seq.request.num_rows - 1
 
     def _apply(self, result: ExtendResult) -> None:
         if not result.updates:

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.executor.engine_api import FinishReason, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from services.executor.beam_engine import BeamState
 
 
 class SeqStatus(enum.Enum):
@@ -36,8 +40,14 @@ class Request:
     cache_salt: str
     num_prompt_tokens: int
     seqs: list[Sequence] = field(default_factory=list)
-    forked: bool = False  # n > 1: children exist
+    forked: bool = False  # n > 1: children exist (beam search: the first round is done)
     num_cached_tokens: int = -1  # of the first admission; -1 until admitted
+    beam: BeamState | None = None  # beam search (beam_engine.py)
+
+    @property
+    def num_rows(self) -> int:
+        """Sequences the request runs at once after its prefill: n, or the beam width."""
+        return self.params.beam_width if self.beam is not None else self.params.n
 
 
 @dataclass(slots=True, eq=False)

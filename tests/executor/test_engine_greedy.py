@@ -151,7 +151,7 @@ async def test_abort_releases_blocks(smollm2_path: Path) -> None:
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"logprobs": 100}, "logprobs"),
-        ({"use_beam_search": True}, "not supported yet"),
+        ({"use_beam_search": True}, "beam_width must be"),
         ({"stop_token_ids": [10**9]}, "stop_token_ids"),
     ],
 )

@@ -1,0 +1,184 @@
+"""Beam search scoring, HF-compatible: candidate selection, finished hypotheses, length penalty,
+early stopping. Pure bookkeeping over small host arrays; the engine side (sequences, rows, KV
+blocks shared by fork and copy-on-write) is in beam_engine.py.
+
+It reproduces transformers' `GenerationMixin._beam_search` (generation/utils.py) step for step,
+float32 arithmetic included, so that the same logits give the same beams:
+
+- Each round, every running beam's log-softmax row is added to its running score (float32) and
+  the best K = max(2, 1 + #stop tokens) * width candidates over all beams are kept. K > width
+  guarantees `width` candidates that do not end the beam (each beam has at most #stop stop
+  tokens among its candidates).
+- A candidate "hits" when its token is a stop token or it reaches the length limit. The next
+  running beams are the best `width` candidates that do not hit.
+- Only hits ranked among the first `width` candidates become finished hypotheses, scored
+  sum(logprobs) / generated_length ** length_penalty, where generated_length counts the new
+  tokens including the stop token. The best `width` hypotheses are kept.
+- Early stopping (checked after each round, sticky): once `width` hypotheses are finished, the
+  search stops when the best running beam cannot beat the worst of them, judged at the current
+  generated length (early_stopping False), or at the longest possible length when
+  early_stopping is "never" and length_penalty > 0. early_stopping True stops as soon as `width`
+  hypotheses are finished.
+- The search also stops when every kept candidate hits (the length limit).
+- The `n` best hypotheses are returned, best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from services.executor.engine_api import SamplingParams
+
+EarlyStopping = bool | Literal["never"]
+
+_F32 = np.float32
+
+
+def validate(p: SamplingParams, max_beam_width: int) -> None:
+    """ValueError with a clear message for beam-search parameters that make no sense, or that
+    contradict beam search (which is deterministic and scores raw log-probabilities)."""
+    if not p.use_beam_search:
+        if p.beam_width > 1:
+            raise ValueError(f"beam_width {p.beam_width} needs use_beam_search")
+        return
+    if not 1 <= p.beam_width <= max_beam_width:
+        raise ValueError(f"beam_width must be in [1, {max_beam_width}], got {p.beam_width}")
+    if p.n > p.beam_width:
+        raise ValueError(
+            f"n ({p.n}) must not exceed beam_width ({p.beam_width}): beam search returns at most"
+            " beam_width beams"
+        )
+    if not np.isfinite(p.length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {p.length_penalty}")
+    if p.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be true, false or 'never', got {p.early_stopping!r}")
+    # Sampling parameters would change which tokens are scored: beam search is deterministic.
+    conflicts = []
+    if p.temperature != 0.0:
+        conflicts.append(f"temperature={p.temperature} (must be 0)")
+    if p.top_p != 1.0:
+        conflicts.append(f"top_p={p.top_p}")
+    if p.top_k not in (0, -1):
+        conflicts.append(f"top_k={p.top_k}")
+    if p.min_p != 0.0:
+        conflicts.append(f"min_p={p.min_p}")
+    if p.seed is not None:
+        conflicts.append(f"seed={p.seed}")
+    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+        conflicts.append("presence/frequency/repetition penalties")
+    if p.logprobs or p.return_logprobs:
+        conflicts.append("logprobs")
+    if conflicts:
+        raise ValueError(
+            "beam search is deterministic and cannot be combined with sampling parameters: "
+            + ", ".join(conflicts)
+        )
+
+
+@dataclass(slots=True)
+class Hypothesis:
+    token_ids: list[int]  # the generated tokens, stop token included
+    cumulative_logprob: float
+    score: float  # cumulative_logprob / len(token_ids) ** length_penalty (float32)
+    stopped: bool  # ended on a stop token (else on the length limit)
+
+
+@dataclass(slots=True)
+class NextBeam:
+    parent: int  # index of the running beam it extends
+    token_id: int
+    cumulative_logprob: float  # float32 value
+
+
+@dataclass(slots=True)
+class BeamSearch:
+    """One request's search. `round()` takes the running beams' top candidates and returns the
+    beams of the next round, or None when the search is over (then `best()`)."""
+
+    width: int
+    num_return: int
+    length_penalty: float
+    early_stopping: EarlyStopping
+    stop_token_ids: frozenset[int]
+    max_new_tokens: int  # the length limit, in generated tokens
+    finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
+    num_generated: int = 0  # tokens generated by the running beams
+    improvable: bool = True  # HF's is_early_stop_heuristic_unsatisfied (sticky)
+
+    @property
+    def num_candidates(self) -> int:
+        return max(2, 1 + len(self.stop_token_ids)) * self.width
+
+    def round(
+        self,
+        scores: Sequence[float],
+        top_logprobs: np.ndarray,
+        top_ids: np.ndarray,
+        histories: Sequence[Sequence[int]],
+    ) -> list[NextBeam] | None:
+        """scores[b]: running beam b's cumulative logprob; top_logprobs/top_ids [b, >= K]: its
+        best next tokens, best first; histories[b]: its generated tokens (for hypotheses)."""
+        k = self.width
+        num_keep = self.num_candidates
+        cand = (top_logprobs[:, :num_keep].astype(_F32) + np.asarray(scores, _F32)[:, None]).ravel()
+        ids = top_ids[:, :num_keep].ravel()
+        per_beam = min(num_keep, top_logprobs.shape[1])
+        # Stable: among equal scores the lower beam comes first, as in a flat [beam, vocab] topk.
+        order = np.argsort(-cand, kind="stable")[:num_keep]
+        length = self.num_generated + 1
+        at_limit = length >= self.max_new_tokens
+        stop = self.stop_token_ids
+
+        running: list[NextBeam] = []
+        hits: list[bool] = []
+        new: list[Hypothesis] = []
+        full_and_done = self.early_stopping is True and len(self.finished) == k
+        denom = _F32(float(length) ** self.length_penalty)
+        for rank, j in enumerate(order.tolist()):
+            token = int(ids[j])
+            parent = j // per_beam
+            hit = at_limit or token in stop
+            hits.append(hit)
+            if not hit:
+                if len(running) < k:
+                    running.append(NextBeam(parent, token, float(cand[j])))
+            elif rank < k and self.improvable and not full_and_done:
+                new.append(
+                    Hypothesis(
+                        [*histories[parent], token],
+                        float(cand[j]),
+                        float(_F32(cand[j]) / denom),
+                        token in stop,
+                    )
+                )
+        if new:
+            # Stable: a hypothesis already kept wins a tie against a new one.
+            merged = self.finished + new
+            merged.sort(key=lambda h: -h.score)
+            self.finished = merged[:k]
+        self.num_generated = length
+
+        if running and len(self.finished) == k and self.improvable:
+            if self.early_stopping == "never" and self.length_penalty > 0.0:
+                best_length = self.max_new_tokens
+            else:
+                best_length = length
+            best = _F32(running[0].cumulative_logprob) / _F32(
+                float(best_length) ** self.length_penalty
+            )
+            if not best > _F32(self.finished[-1].score):
+                self.improvable = False
+        if (
+            all(hits)
+            or not self.improvable
+            or (self.early_stopping is True and len(self.finished) == k)
+        ):
+            return None
+        return running
+
+    def best(self) -> list[Hypothesis]:
+        return self.finished[: self.num_return]
