@@ -231,7 +231,8 @@ async def _generate(
     if vocab and max(prompt_ids) >= vocab:
         raise invalid(f"Token ids must be below the vocabulary size {vocab}.", param="prompt")
     max_model_len = info.max_model_len if info else gw.max_model_len
-    max_tokens = check_context(req.options, len(prompt_ids), max_model_len)
+    capacity = info.num_blocks * info.block_size if info else 0
+    max_tokens = check_context(req.options, len(prompt_ids), max_model_len, capacity)
     if gw.in_flight >= gw.config.max_concurrent:
         raise APIError(
             f"Too many requests in flight (limit {gw.config.max_concurrent}); retry shortly.",

@@ -45,7 +45,8 @@ def build_request(
     params = pb.SamplingParams(
         n=options.n,
         temperature=options.temperature,
-        top_p=options.top_p,
+        # proto3 reads 0 as "unset" (= 1, off); OpenAI's top_p=0 means "only the top token".
+        top_p=options.top_p or 1e-6,
         top_k=options.top_k,
         min_p=options.min_p,
         presence_penalty=options.presence_penalty,

@@ -374,8 +374,16 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     )
 
 
-def check_context(options: GenerationOptions, num_prompt_tokens: int, max_model_len: int) -> int:
-    """The max_tokens to ask for, or a 400 when the prompt (plus max_tokens) does not fit."""
+def check_context(
+    options: GenerationOptions, num_prompt_tokens: int, max_model_len: int, capacity: int = 0
+) -> int:
+    """The max_tokens to ask for, or a 400 when the prompt (plus max_tokens) does not fit.
+
+    `capacity` is the executor's whole KV pool in tokens: a sequence longer than that could
+    never run, so it bounds the context too (a small CPU pool is often below max_model_len).
+    """
+    if capacity:
+        max_model_len = min(max_model_len, capacity)
     if num_prompt_tokens >= max_model_len:
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, your "

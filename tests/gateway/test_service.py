@@ -35,6 +35,7 @@ class ScriptedEngine:
         self.live: dict[str, tuple[SamplingParams, list[int], int]] = {}
         self.aborted: list[str] = []
         self._aborts: list[str] = []
+        self.capacity = 1 << 30
         self.step_sizes: list[int] = []
         self.cached = 0
 
@@ -43,6 +44,8 @@ class ScriptedEngine:
     ) -> None:
         if not prompt:
             raise ValueError("empty prompt")
+        if len(prompt) + params.max_tokens > self.capacity:  # as the real engine's pool check
+            raise ValueError(f"the request needs more than the pool's {self.capacity} tokens")
         self.live[rid] = (params, [0] * params.n, len(prompt))
 
     def abort_request(self, rid: str) -> None:
@@ -304,3 +307,30 @@ async def test_one_step_message_carries_every_request(
     assert [r.status for r in resps] == [200, 200, 200]
     assert len(seen) == sum(1 for n in engine.step_sizes if n)  # one message per step
     assert max(len(ids) for ids in seen) == 3  # ... carrying all three requests
+
+
+async def test_oversized_body_is_refused_before_reading(
+    mesh: tuple[TestClient, ScriptedEngine],
+) -> None:
+    client, engine = mesh
+    client.server.app[GATEWAY].config.max_body_bytes = 1000
+    body = {"model": "smol", "messages": [{"role": "user", "content": "x" * 2000}]}
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status == 413
+    err = (await resp.json())["error"]
+    assert err["type"] == "invalid_request_error" and "1000 bytes" in err["message"]
+    assert not engine.live
+
+
+async def test_omitted_max_tokens_fits_a_small_pool(
+    mesh: tuple[TestClient, ScriptedEngine],
+) -> None:
+    """max_tokens defaults to what fits in the context AND the KV pool, so a small pool does
+    not turn every request without max_tokens into a refusal."""
+    client, engine = mesh
+    gw = client.server.app[GATEWAY]
+    gw.client.info.num_blocks = 4  # 64 tokens of pool, below max_model_len 256
+    engine.capacity = 64
+    body = {"model": "smol", "messages": [{"role": "user", "content": "q"}]}
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status == 200, await resp.text()

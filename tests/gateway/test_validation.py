@@ -215,3 +215,7 @@ def test_context_checks() -> None:
     with pytest.raises(APIError) as info:
         check_context(GenerationOptions(), 100, 100)
     assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+    # A KV pool smaller than the context bounds it too.
+    assert check_context(GenerationOptions(), 10, 100, capacity=64) == 54
+    with pytest.raises(APIError):
+        check_context(GenerationOptions(max_tokens=60), 10, 100, capacity=64)
