@@ -314,6 +314,9 @@ BAD_INPUT = [
     ("max_tokens past the context", _chat(max_tokens=8180), "max_tokens"),
     ("max_tokens absurd", _chat(max_tokens=10**12), "max_tokens"),
     ("n too large", _chat(n=100), "n"),
+    # Within the gateway's limit but past the executor's (--max-num-seqs 2): refused by the
+    # engine's own validation, still a 400 and still no block.
+    ("n past the executor", _chat(n=3), None),
     (
         "unknown role",
         json.dumps({"model": MODEL, "messages": [{"role": "oracle", "content": "hi"}]}).encode(),
