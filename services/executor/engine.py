@@ -73,6 +73,12 @@ class Batch:
 
 
 @dataclass(slots=True)
+class _Pending:
+    out: SamplerOutput  # on the device, possibly not computed yet
+    beam: BeamCandidates | None
+
+
+@dataclass(slots=True)
 class StepResult:
     token_ids: list[int]
     logprobs: list[float] | None
@@ -351,12 +357,23 @@ class LLMEngine:
             # Submit the device work first; the bookkeeping below overlaps it (the worker thread
             # spends the step waiting on the device with the GIL released).
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
+            if self.device.type == "cuda":
+                # Launch from this thread (a graph replay is one call), then wait for the device
+                # in the worker, which holds no GIL meanwhile: no thread contends with the
+                # bookkeeping below.
+                pending = self._launch(batch, sched.copies)
+                done = torch.cuda.Event()
+                done.record()
+                future = loop.run_in_executor(self._worker, done.synchronize)
+            else:
+                future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
             for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
                 seq.num_computed_tokens += n
             lookahead = self.scheduler.issue_lookahead(batch.lookahead_seqs)
             commits = self.scheduler.commit_entries(sched.seqs)
             result = await future
+            if self.device.type == "cuda":
+                result = self._collect(pending)
             outputs.extend(await self._postprocess(batch, result, lookahead, commits))
             self.num_steps += 1
         if not self.requests:
@@ -426,11 +443,10 @@ class LLMEngine:
         seqs = sched.seqs
         b = len(seqs)
         self._sync_tables(sched)
-        bs = self.config.block_size
 
         rows = np.fromiter((s.row for s in seqs), np.int64, b)
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, b)
-        totals = np.fromiter((s.num_tokens for s in seqs), np.int64, b)
+        totals = np.fromiter((len(s.token_ids) for s in seqs), np.int64, b)
         q_lens = np.asarray(sched.num_new_tokens, dtype=np.int64)
         cu = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
@@ -582,7 +598,12 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _execute(self, batch: Batch, copies: list[tuple[int, int]]) -> StepResult:
-        """Runs in a worker thread: the device work of the step and the one sync (.tolist())."""
+        """CPU: the whole step in the worker thread (the forward is host compute)."""
+        return self._collect(self._launch(batch, copies))
+
+    @torch.inference_mode()
+    def _launch(self, batch: Batch, copies: list[tuple[int, int]]) -> _Pending:
+        """Queue the step's device work (on CUDA nothing here waits for the device)."""
         if copies:
             mapping = torch.tensor(copies, dtype=torch.int64, device=self.device)
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
@@ -607,6 +628,12 @@ class LLMEngine:
             beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
         self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
+        return _Pending(out, beam)
+
+    @staticmethod
+    def _collect(pending: _Pending) -> StepResult:
+        """The step's one device-to-host transfer."""
+        out, beam = pending.out, pending.beam
         return StepResult(
             token_ids=out.token_ids.tolist(),
             logprobs=out.logprobs.tolist() if out.logprobs is not None else None,
