@@ -127,8 +127,8 @@ class EngineLoop:
             rid, list(request.prompt_token_ids), params, cache_salt=request.cache_salt
         )
         self._owner[rid] = sink
-        choices = params.beam_width if params.use_beam_search and params.beam_width else params.n
-        self._open_choices[rid] = set(range(max(1, choices)))
+        # One final output per choice; beam search returns its n best beams the same way.
+        self._open_choices[rid] = set(range(max(1, params.n)))
         sink.owned.add(rid)
         self._wake.set()
 
