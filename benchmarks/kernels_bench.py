@@ -74,9 +74,14 @@ def time_calls(fns: list[Callable[[], Any]], reps: int, use_graph: bool) -> floa
     with torch.cuda.graph(graph):
         for fn in fns:
             fn()
-    for _ in range(3):
+    # Warm up for ~50 ms of replays: after the host-side setup the GPU has idled and its clocks
+    # have dropped, which otherwise penalizes whichever variant is timed first.
+    t_end = time.perf_counter() + 0.05
+    for _ in range(1000):
         graph.replay()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        if time.perf_counter() > t_end:
+            break
     times = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
