@@ -505,3 +505,16 @@ def test_executor_generate_abort_and_info(mesh: Mesh) -> None:
     rest = list(call)
     assert rest and rest[-1].outputs[-1].finish_reason == pb.FINISH_ABORT
     wait_released(mesh, base.in_use)
+    # Beam search (gRPC only): the n best beams come back whole, then the stream ends. (Width
+    # 2: the mesh runs --max-num-seqs 2.)
+    beams = pb.SamplingParams(n=2, use_beam_search=True, beam_width=2, max_tokens=3)
+    steps = list(
+        stub.Generate(
+            pb.GenerateRequest(request_id="e2e-g3", prompt_token_ids=prompt, params=beams),
+            timeout=60,
+        )
+    )
+    final = [o for s in steps for o in s.outputs if o.finish_reason != pb.FINISH_NONE]
+    assert sorted(o.index for o in final) == [0, 1]
+    assert all(o.token_ids for o in final)
+    wait_released(mesh, base.in_use)
