@@ -1,0 +1,134 @@
+"""The batched sampler on random logits: each stage against its definition."""
+
+from __future__ import annotations
+
+import torch
+
+from services.executor.engine_api import SamplingParams
+from services.executor.sampler import Sampler, build_sampling_tensors, token_counts
+
+V = 50
+
+
+def _sample(params, logits, gens=None, counts=None, seed=0):
+    st = build_sampling_tensors(params, gens or [None] * len(params), V, torch.device("cpu"))
+    return Sampler(V, torch.device("cpu"), seed)(logits, st, counts)
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(6, V)
+    out = _sample([SamplingParams(temperature=0.0)] * 6, logits)
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+    assert out.logprobs is None
+
+
+def test_degenerate_filters_equal_greedy() -> None:
+    logits = torch.randn(8, V)
+    params = [
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=2.0, top_p=1e-6),
+        SamplingParams(temperature=1.0, min_p=1.0),
+        SamplingParams(temperature=0.0),
+    ] * 2
+    for seed in range(5):
+        out = _sample(params, logits, seed=seed)
+        assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_and_top_p_keep_their_sets() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, V).repeat(400, 1)
+    allowed_k = set(logits[0].topk(5).indices.tolist())
+    out = _sample([SamplingParams(temperature=1.0, top_k=5)] * 400, logits)
+    assert set(out.token_ids.tolist()) <= allowed_k
+    assert len(set(out.token_ids.tolist())) > 1
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    mass = probs[order].cumsum(0)
+    nucleus = set(order[: int((mass < 0.5).sum()) + 1].tolist())
+    out = _sample([SamplingParams(temperature=1.0, top_p=0.5)] * 400, logits)
+    assert set(out.token_ids.tolist()) <= nucleus
+
+
+def test_min_p_drops_unlikely_tokens() -> None:
+    logits = torch.randn(1, V).repeat(300, 1)
+    probs = torch.softmax(logits[0], -1)
+    keep = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+    out = _sample([SamplingParams(temperature=1.0, min_p=0.3)] * 300, logits)
+    assert set(out.token_ids.tolist()) <= keep
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.full((4000, V), -30.0)
+    logits[:, :4] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    out = _sample([SamplingParams(temperature=1.0)] * 4000, logits)
+    freq = torch.bincount(out.token_ids, minlength=V)[:4].float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.04)
+
+
+def test_temperature_sharpens() -> None:
+    logits = torch.zeros(2000, V)
+    logits[:, 0] = 1.0
+    cold = _sample([SamplingParams(temperature=0.1)] * 2000, logits)
+    hot = _sample([SamplingParams(temperature=10.0)] * 2000, logits)
+    assert (cold.token_ids == 0).float().mean() > 0.99
+    assert (hot.token_ids == 0).float().mean() < 0.1
+
+
+def test_seeded_rows_do_not_depend_on_the_batch() -> None:
+    logits = torch.randn(5, V)
+    p = SamplingParams(temperature=1.0, seed=7)
+    alone = [_sample([p], logits[2:3], [_gen(7)]).token_ids.item() for _ in range(3)]
+    batch = [
+        _sample(
+            [SamplingParams(temperature=1.0)] * 2 + [p] * 3,
+            logits,
+            [None, None, _gen(7), None, None],
+            seed=s,
+        )
+        .token_ids[2]
+        .item()
+        for s in range(3)
+    ]
+    assert alone == batch
+    # a run of draws from one generator is reproducible too
+    g1, g2 = _gen(11), _gen(11)
+    a = [_sample([p], logits[:1], [g1]).token_ids.item() for _ in range(20)]
+    b = [_sample([p], logits[:1], [g2]).token_ids.item() for _ in range(20)]
+    assert a == b
+
+
+def test_logprobs_and_top_n() -> None:
+    logits = torch.randn(3, V)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=4),
+        SamplingParams(temperature=0.0, return_logprobs=True),
+        SamplingParams(temperature=0.0),
+    ]
+    out = _sample(params, logits)
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(out.logprobs, ref.max(-1).values)
+    assert out.top_ids.shape == (3, 4)
+    assert out.top_ids[:, 0].tolist() == out.token_ids.tolist()
+    assert torch.allclose(out.top_logprobs, ref.topk(4, -1).values)
+
+
+def test_penalties() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0] + [-9.0] * (V - 4)])
+    tokens = torch.tensor([[1, 0, 0, 2]])  # prompt [1], outputs [0, 0, 2]
+    counts = token_counts(tokens, torch.tensor([1]), torch.tensor([4]), V)
+    assert counts[0][0, :4].tolist() == [2.0, 0.0, 1.0, 0.0]
+    assert counts[1][0, :4].tolist() == [True, True, True, False]
+    p = SamplingParams(
+        temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0
+    )
+    st = build_sampling_tensors([p], [None], V, torch.device("cpu"))
+    got = Sampler(V, torch.device("cpu")).apply_penalties(logits.clone(), st, *counts)
+    # token 0: 2/2 - 0.25*2 - 0.5 = 0; token 1 (prompt only): -1*2 = -2; token 2: 0.5/2 - 0.25 - 0.5
+    assert torch.allclose(got[0, :4], torch.tensor([0.0, -2.0, -0.5, 0.0]))

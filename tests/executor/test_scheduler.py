@@ -1,0 +1,133 @@
+"""The scheduler over the in-process allocator, without a model: token budget and chunked
+prefill, look-ahead reservations (no step waits on the allocator), prefix hits, preemption."""
+
+from __future__ import annotations
+
+from services.executor.config import EngineConfig
+from services.executor.engine_api import SamplingParams
+from services.executor.scheduler import Scheduler
+from services.executor.sequence import Request, SeqStatus, Sequence
+from services.kvmanager.local import LocalAllocator
+
+BS = 16
+
+
+class CountingAllocator(LocalAllocator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extends = 0
+
+    async def extend(self, entries):
+        self.extends += 1
+        return await super().extend(entries)
+
+
+async def _scheduler(num_blocks: int = 64, **kw) -> tuple[Scheduler, CountingAllocator]:
+    alloc = CountingAllocator()
+    await alloc.register(num_blocks, BS, "test-model")
+    cfg = EngineConfig(model="none", device="cpu", block_size=BS, **kw)
+    return Scheduler(cfg, alloc, max_model_len=4096), alloc
+
+
+def _seq(rid: str, tokens: list[int], max_tokens: int = 1000) -> Sequence:
+    req = Request(rid, SamplingParams(max_tokens=max_tokens), "", len(tokens))
+    seq = Sequence(rid, req, 0, list(tokens), len(tokens), arrival=0)
+    req.seqs.append(seq)
+    return seq
+
+
+async def _step(sc: Scheduler, token: int = 7):
+    """What the engine does around the forward: advance, look ahead, sample, commit."""
+    out = await sc.schedule()
+    sampling = []
+    for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+        assert len(seq.block_table) * BS >= seq.num_computed_tokens + n, "table must cover writes"
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == len(seq.token_ids):
+            sampling.append(seq)
+    task = sc.issue_lookahead(sampling)
+    await sc.finish_lookahead(task)
+    for seq in sampling:
+        seq.token_ids.append(token)
+    sc.background(sc.commit_entries(out.seqs), [])
+    return out
+
+
+async def test_token_budget_chunks_prefill() -> None:
+    sc, _ = await _scheduler(max_num_batched_tokens=64, max_num_seqs=4)
+    a, b = _seq("a", list(range(100))), _seq("b", list(range(200, 260)))
+    sc.add(a)
+    sc.add(b)
+    out = await _step(sc)
+    assert [(s.seq_id, n) for s, n in zip(out.seqs, out.num_new_tokens, strict=True)] == [("a", 64)]
+    out = await _step(sc)
+    assert [(s.seq_id, n) for s, n in zip(out.seqs, out.num_new_tokens, strict=True)] == [
+        ("a", 36),
+        ("b", 28),
+    ]
+    out = await _step(sc)  # a decodes, b finishes its prompt
+    assert [(s.seq_id, n) for s, n in zip(out.seqs, out.num_new_tokens, strict=True)] == [
+        ("a", 1),
+        ("b", 32),
+    ]
+    assert len(a.token_ids) == 102 and len(b.token_ids) == 61
+
+
+async def test_lookahead_one_extend_per_block_and_no_sync_extend() -> None:
+    sc, alloc = await _scheduler(num_lookahead_tokens=8)
+    seqs = [_seq(f"s{i}", [i] * (20 + i)) for i in range(4)]
+    for s in seqs:
+        sc.add(s)
+    await _step(sc)
+    sync_calls = lookahead_calls = 0
+    for _ in range(64):
+        before = alloc.extends
+        out = await sc.schedule()
+        sync_calls += alloc.extends - before  # a step waiting on the allocator
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        before = alloc.extends
+        await sc.finish_lookahead(sc.issue_lookahead(out.seqs))
+        lookahead_calls += alloc.extends - before
+        for seq in out.seqs:
+            seq.token_ids.append(1)
+    assert sync_calls == 0
+    # 4 sequences x 64 tokens = 16 blocks of growth: batched, at most one call per step, and
+    # most steps make none.
+    assert 4 <= lookahead_calls <= 17, lookahead_calls
+
+
+async def test_prefix_hit_skips_cached_tokens() -> None:
+    sc, _ = await _scheduler()
+    prompt = list(range(1000, 1050))
+    a = _seq("a", prompt)
+    sc.add(a)
+    await _step(sc)
+    sc.finish(a, a.finish_reason)
+    sc.background([], ["a"])
+    b = _seq("b", [*prompt[:40], 1, 2, 3])
+    sc.add(b)
+    out = await sc.schedule()
+    assert b.num_cached_tokens == 32  # two full committed blocks of the shared 40 tokens
+    assert out.num_new_tokens == [len(b.token_ids) - 32]
+
+
+async def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
+    sc, alloc = await _scheduler(num_blocks=8, num_lookahead_tokens=0)
+    seqs = [_seq(f"p{i}", [i + 1] * 30) for i in range(3)]  # 2 blocks each + growth
+    for s in seqs:
+        sc.add(s)
+    await _step(sc)
+    assert all(s.status == SeqStatus.RUNNING for s in seqs)
+    preempted = 0
+    for _ in range(40):
+        out = await _step(sc)
+        preempted += out.num_preempted
+        if preempted:
+            break
+    assert preempted
+    assert sc.waiting[0] is seqs[2], "the newest running sequence goes first, back to the front"
+    assert seqs[2].num_computed_tokens == 0 and not seqs[2].block_table
+    assert sc.num_preemptions == 1
+    ex = alloc.manager.executors[alloc.executor_id]
+    assert "p2" not in ex.seqs
