@@ -72,7 +72,7 @@ def _attend_tile(
     if F32_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q.to(k.dtype), tl.trans(k))
     s = s * scale_log2
     if MASKED:
         visible = (tok[None, :] <= q_pos[:, None]) & n_mask[None, :]

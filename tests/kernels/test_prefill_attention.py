@@ -87,3 +87,23 @@ def test_prefill_gpu_real_sizes(
             seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page, dtype, device, seed=2
         )
         assert err <= TOL[dtype], (head_dim, page, err)
+
+
+def test_int64_metadata_and_strided_q(device: torch.device) -> None:
+    """Metadata as int64 and q as a view into a fused qkv buffer, for prefill and decode."""
+    gen = torch.Generator().manual_seed(24)
+    paged = make_paged([20, 5, 33], 2, 32, 16, torch.float32, device, gen)
+    tables, lens = paged.block_tables.long(), paged.seq_lens.long()
+    qkv = torch.randn((10, 8, 32), generator=gen).to(device)
+    qsl = torch.tensor([0, 4, 9, 10], dtype=torch.int64, device=device)
+    caches = (paged.key_cache, paged.value_cache)
+    q = qkv[:, :4]
+    ref = reference.paged_prefill_attention(q.cpu(), *[c.cpu() for c in caches],
+                                            tables.cpu(), lens.cpu(), qsl.cpu(), 0.17)  # fmt: skip
+    got = kernels.paged_prefill_attention(q, *caches, tables, lens, qsl, 0.17)
+    assert rel_err(got.cpu(), ref) <= TOL[torch.float32]
+    q = qkv[:3, :4]
+    ref = reference.paged_decode_attention(q.cpu(), *[c.cpu() for c in caches],
+                                           tables.cpu(), lens.cpu(), 0.17)  # fmt: skip
+    got = kernels.paged_decode_attention(q, *caches, tables, lens, 0.17, num_splits=2)
+    assert rel_err(got.cpu(), ref) <= TOL[torch.float32]
