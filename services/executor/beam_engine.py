@@ -41,6 +41,7 @@ from services.kvmanager.api import CommitEntry
 
 if TYPE_CHECKING:
     from services.executor.engine import LLMEngine
+    from services.executor.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -63,16 +64,17 @@ class BeamBatch:
 
 @dataclass(slots=True)
 class BeamCandidates:
-    logprobs: np.ndarray  # [m, k] float32, best first
-    token_ids: np.ndarray  # [m, k] int64
+    logprobs: torch.Tensor  # [m, k] float32, best first (on the device until postprocess)
+    token_ids: torch.Tensor  # [m, k] int64
 
 
 def candidates(logits: torch.Tensor, batch: BeamBatch, vocab_size: int) -> BeamCandidates:
-    """Executor thread: each beam row's best k next tokens by log-softmax (float32, like HF).
-    The best K of all beams of a request are among the rows' own best K."""
+    """With the step's device work: each beam row's best k next tokens by log-softmax (float32,
+    like HF). The best K of all beams of a request are among the rows' own best K. Nothing
+    here waits for the device."""
     rows = logits.index_select(0, batch.index)[:, :vocab_size].float()
     values, ids = torch.log_softmax(rows, dim=-1).topk(batch.k, dim=-1)
-    return BeamCandidates(values.cpu().numpy(), ids.cpu().numpy())
+    return BeamCandidates(values, ids)
 
 
 @dataclass(slots=True)
@@ -123,10 +125,13 @@ class BeamSearchRunner:
         """Records the beams' candidates; decides every round that is complete. Returns the
         outputs of finished searches and the commits still to send (forks need them first)."""
         ready: list[Request] = []
+        logprobs = cands.logprobs.cpu().numpy()  # the step is done: no wait
+        token_ids = cands.token_ids.cpu().numpy()
         for i, seq in enumerate(batch.seqs):
             st = seq.request.beam
             assert st is not None
-            st.reports[seq] = (cands.logprobs[i], cands.token_ids[i])
+            k = st.search.num_candidates  # the batch's k is the largest of its requests'
+            st.reports[seq] = (logprobs[i, :k], token_ids[i, :k])
             if seq.request not in ready and all(b in st.reports for b in st.beams):
                 ready.append(seq.request)
         if not ready:
@@ -334,3 +339,30 @@ class BeamSearchRunner:
             )
             for i in range(req.params.n)
         ]
+
+
+async def unstall(sc: Scheduler, out: SchedulerOutput) -> None:
+    """Called by the scheduler when a step schedules nothing although sequences run and wait:
+    every running sequence is a parked beam (waiting for a preempted sibling) and the queue's
+    head does not fit. Preempts the newest other request's beams, queued behind the head's
+    request, which must become whole to make progress; if the head's own beams are all that
+    holds the pool, they can never be resident together and the head fails (engine._fail ends
+    its whole request)."""
+    if any(len(s.token_ids) > s.num_computed_tokens for s in sc.running):
+        return
+    head = sc.waiting[0].request
+    others = [s for s in sc.running if s.request is not head]
+    await sc.drain()
+    if not others:
+        seq = sc.waiting.popleft()
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = FinishReason.ERROR
+        out.failed.append(seq)
+        return
+    victim = others[-1].request
+    for s in [s for s in sc.running if s.request is victim][::-1]:
+        await sc.preempt(s)
+    first = [s for s in sc.waiting if s.request is head]
+    rest = [s for s in sc.waiting if s.request is not head]
+    sc.waiting.clear()
+    sc.waiting.extend(first + rest)

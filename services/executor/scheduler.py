@@ -25,6 +25,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.executor.beam_engine import unstall
 from services.executor.config import EngineConfig
 from services.executor.engine_api import FinishReason
 from services.executor.sequence import SeqStatus, Sequence
@@ -122,6 +123,8 @@ class Scheduler:
         # No admission in a step that had to preempt: the pool is full.
         if not out.num_preempted:
             await self._admit(out, budget)
+            if not out.seqs and self.running and self.waiting:
+                await unstall(self, out)  # only parked beams run (beam_engine.py)
         return out
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
