@@ -8,7 +8,8 @@ arithmetic only, and decode is bound by memory, not arithmetic.
 
 Split-K. A batch of few sequences has too few (KV head, sequence) pairs to fill the GPU, so
 the context is cut into `num_splits` slices, each reduced to a partial (max, sum, weighted V)
-in float32, and a second small kernel merges the slices (log-sum-exp rescaling). The split is
+in float32, and a second small kernel merges the slices (log-sum-exp rescaling; merging in the
+last slice to finish instead, `fused_merge=True`, measured no faster). The split is
 chosen on the host from static shapes only (batch, KV heads, the block table's width, SM
 count): reading seq_lens would force a device sync and break CUDA-graph capture.
 """
@@ -33,6 +34,7 @@ MIN_TOKENS_PER_SPLIT = 256
 # Ragged batches would like more slices (better balance), but the split is chosen from static
 # shapes only, so uniform batches decide.
 PROGRAMS_PER_SM = 3
+# The merge holds [slices, head dim] float32 partials in registers: cap the slices there.
 MAX_SPLITS = 64
 # Merge the slices inside the decode kernel (the last slice of each (sequence, KV head) to
 # finish merges) rather than in a second kernel. See benchmarks/RESULTS.md for both measured.
