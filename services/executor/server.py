@@ -53,8 +53,8 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         return_logprobs=p.return_logprobs or p.logprobs > 0,
         use_beam_search=p.use_beam_search,
         beam_width=p.beam_width,
-        length_penalty=p.length_penalty or 1.0,
-        early_stopping=p.early_stopping,
+        length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
+        early_stopping="never" if p.early_stopping_never else p.early_stopping,
     )
 
 
