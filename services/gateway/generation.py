@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from proto import executor_pb2 as pb
+from services.gateway.beam import apply_beam
 from services.gateway.chat import Tokenizer
 from services.gateway.detokenizer import Detokenizer
 from services.gateway.errors import APIError
@@ -59,6 +60,7 @@ def build_request(
     )
     if options.seed is not None:
         params.seed = options.seed
+    apply_beam(params, options.beam)
     return pb.GenerateRequest(
         request_id=request_id,
         prompt_token_ids=prompt_ids,

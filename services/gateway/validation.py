@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.gateway.beam import BeamOptions, parse_beam
 from services.gateway.errors import APIError, invalid
 
 # Roles the chat template understands; "developer" is OpenAI's newer name for "system".
@@ -28,6 +29,7 @@ class Limits:
     max_top_logprobs: int = 20
     max_messages: int = 1024
     max_tokens: int = 1 << 20  # absolute bound; the context length is usually tighter
+    max_beam_width: int = 8  # the executor's own limit is checked there too
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     cache_salt: str = ""
     user: str | None = None
+    beam: BeamOptions | None = None  # use_beam_search (beam.py)
 
 
 @dataclass(slots=True)
@@ -215,7 +218,7 @@ def _common_options(body: dict, limits: Limits) -> GenerationOptions:
     if seed is not None and seed < 0:  # the executor takes uint64; keep the caller's bits
         seed &= (1 << 64) - 1
     cache_salt = _string(body, "cache_salt", "") or ""
-    return GenerationOptions(
+    options = GenerationOptions(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
@@ -231,6 +234,8 @@ def _common_options(body: dict, limits: Limits) -> GenerationOptions:
         cache_salt=cache_salt,
         user=_string(body, "user", None),
     )
+    options.beam = parse_beam(body, options.n, limits.max_beam_width)
+    return options
 
 
 def _message_text(content: Any, where: str) -> str:
