@@ -21,8 +21,9 @@ the scheduler skips sequences with nothing to compute. A preempted beam is recom
 token ids (mostly a prefix hit) and reports again; its children, if any, start as waiting
 sequences the same way.
 
-When the search ends, the `n` best hypotheses go out as one output each (index = rank,
-token_ids = the whole beam), and every remaining beam is released.
+Outputs: one empty output after the prompt's round (the request is accepted, a stream can
+start; prompt and cached token counts), then, when the search ends, the `n` best hypotheses as
+one final output each (index = rank, token_ids = the whole beam); every beam left is released.
 """
 
 from __future__ import annotations
@@ -150,6 +151,18 @@ class BeamSearchRunner:
                 [b.token_ids[b.num_prompt_tokens :] for b in st.beams],
             )
             st.reports = {}
+            if not req.forked:
+                # The prompt is in: one empty output, so the caller learns that the request was
+                # accepted (a stream can start) and how much of the prompt was cached.
+                outputs.append(
+                    SequenceOutput(
+                        req.request_id,
+                        0,
+                        [],
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        num_cached_tokens=max(req.num_cached_tokens, 0),
+                    )
+                )
             if plan is None:
                 outputs.extend(self._finish(req, releases))
             else:

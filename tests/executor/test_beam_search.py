@@ -88,7 +88,9 @@ def hf_beams(
 def _check_against_hf(path: Path, run, rid: str, prompt: list[int], case: tuple) -> None:
     _, _, width, n, lp, es = case
     beams, scores = hf_beams(path, tuple(prompt), width, n, lp, es)
-    outs = sorted((o for o in run.outputs if o.request_id == rid), key=lambda o: o.index)
+    outs = sorted(
+        (o for o in run.outputs if o.request_id == rid and o.finished), key=lambda o: o.index
+    )
     assert [o.index for o in outs] == list(range(n)), "one final output per returned beam"
     for rank, (o, ref, score) in enumerate(zip(outs, beams, scores, strict=True)):
         assert o.token_ids == ref, f"{rid} beam {rank}: {o.token_ids} != transformers' {ref}"
@@ -188,8 +190,11 @@ async def test_beam_abort_releases_every_block(smollm2_path: Path) -> None:
     engine = await make_engine(smollm2_path)
     prompt = _ids(smollm2_path, CASES[2][0], False)
     engine.add_request("a", prompt, _params(8, 3, 1.0, False, max_tokens=40))
-    for _ in range(6):
-        assert not await engine.step()  # beams stream nothing until the end
+    steps = [await engine.step() for _ in range(6)]
+    # Beams stream nothing until the end, past one empty output once the prompt is in.
+    assert [[(o.index, o.token_ids, o.finished) for o in s] for s in steps if s] == [
+        [(0, [], False)]
+    ]
     assert len(engine.requests["a"].seqs) == 8
     engine.abort_request("a")
     outputs = await engine.step()
