@@ -27,6 +27,9 @@ class EngineConfig:
     # computes has slack and step t+1 never waits on the allocator.
     num_lookahead_tokens: int = 8
     use_cuda_graphs: bool = True
+    # Launch step t before landing step t-1, so the host's bookkeeping hides behind the device
+    # (outputs come one step later). None: on for CUDA.
+    async_scheduling: bool | None = None
     max_cuda_graph_batch_size: int = 256
     max_beam_width: int = 8
     max_n: int = 64  # parallel samples per request
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
 

@@ -50,8 +50,8 @@ from services.executor.sampler import (
     token_counts,
 )
 from services.executor.scheduler import Scheduler, SchedulerOutput
-from services.executor.sequence import Request, SeqStatus, Sequence
-from services.kvmanager.api import BlockAllocator
+from services.executor.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from services.kvmanager.api import BlockAllocator, CommitEntry
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Batch:
     forks: list[tuple[Sequence, list[Sequence]]]
     st: SamplingTensors
     lookahead_seqs: list[Sequence]  # for Scheduler.issue_lookahead
+    sample_pos_host: list[int]  # where each sampled token goes in its sequence's token_ids
     beam: BeamBatch | None = None  # beam search rows of sample_seqs (beam_engine.py)
 
 
@@ -76,6 +77,17 @@ class Batch:
 class _Pending:
     out: SamplerOutput  # on the device, possibly not computed yet
     beam: BeamCandidates | None
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to("cpu", non_blocking=True)  # pinned, asynchronous
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch: Batch
+    future: asyncio.Future  # CPU: the StepResult; CUDA: the device is done
+    pending: _Pending | None  # CUDA: the sampler's device outputs
 
 
 @dataclass(slots=True)
@@ -114,6 +126,7 @@ class LLMEngine:
         self._unforked: set[str] = set()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._aborts: list[str] = []
+        self._inflight: _InFlight | None = None  # async scheduling: the step not landed yet
         self.beams = BeamSearchRunner(self)  # beam search requests (beam_engine.py)
         self.started = False
         self.epoch = 0
@@ -334,7 +347,7 @@ class LLMEngine:
             self._aborts.append(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     @property
     def num_running(self) -> int:
@@ -347,38 +360,96 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     async def step(self) -> list[SequenceOutput]:
+        if self.config.async_scheduling and not self.beams.active:
+            return await self._step_async()
+        outputs = []
+        if self._inflight is not None:  # leaving async mode (a beam request came): land it
+            outputs = await self._complete(self._inflight)
+            self._inflight = None
+        return outputs + await self._step_sync()
+
+    async def _step_sync(self) -> list[SequenceOutput]:
+        """Schedule, run, and return this step's tokens."""
         outputs = self._process_aborts()
         sched = await self.scheduler.schedule()
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         if sched.seqs:
-            with torch.inference_mode():
-                batch = self._prepare(sched)
-            # Submit the device work first; the bookkeeping below overlaps it (the worker thread
-            # spends the step waiting on the device with the GIL released).
-            loop = asyncio.get_running_loop()
-            if self.device.type == "cuda":
-                # Launch from this thread (a graph replay is one call), then wait for the device
-                # in the worker, which holds no GIL meanwhile: no thread contends with the
-                # bookkeeping below.
-                pending = self._launch(batch, sched.copies)
-                done = torch.cuda.Event()
-                done.record()
-                future = loop.run_in_executor(self._worker, done.synchronize)
-            else:
-                future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
-            for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-                seq.num_computed_tokens += n
-            lookahead = self.scheduler.issue_lookahead(batch.lookahead_seqs)
+            flight, lookahead = self._launch_step(sched)
+            # Overlapped with the device: commits of the blocks this step fills.
             commits = self.scheduler.commit_entries(sched.seqs)
-            result = await future
-            if self.device.type == "cuda":
-                result = self._collect(pending)
-            outputs.extend(await self._postprocess(batch, result, lookahead, commits))
+            outputs.extend(await self._complete(flight, lookahead, commits))
             self.num_steps += 1
         if not self.requests:
             await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
         return outputs
+
+    async def _step_async(self) -> list[SequenceOutput]:
+        """Schedule and launch step t, then land step t-1 while t computes; returns t-1's
+        tokens. Step t's inputs need no host value of t-1's tokens: they are gathered from
+        token_buf on the device, where t-1's sampler wrote them (stream order). A sequence that
+        t-1 finishes (EOS, stop id) has run one wasted token in t, dropped when t lands; one
+        that finishes by length is not scheduled again (scheduler.py)."""
+        outputs = self._process_aborts()
+        sched = await self.scheduler.schedule()
+        for seq in sched.failed:
+            outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
+        flight = lookahead = None
+        if sched.seqs:
+            if self.device.type != "cuda" and self._inflight is not None:
+                # No stream orders host compute: let t-1 finish before t touches the buffers
+                # (the landing order, which is what this mode changes, stays the same).
+                await self._inflight.future
+            flight, lookahead = self._launch_step(sched)
+        prev, self._inflight = self._inflight, flight
+        if prev is not None:
+            outputs.extend(await self._complete(prev))
+        if flight is not None:
+            sc = self.scheduler
+            await sc.finish_lookahead(lookahead)
+            # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
+            # any later reader on the stream).
+            sc.background(sc.commit_entries([q for q in sched.seqs if not q.is_finished]), [])
+            self.num_steps += 1
+        if not self.requests and self._inflight is None:
+            await self.scheduler.drain()
+        return outputs
+
+    def _launch_step(self, sched: SchedulerOutput) -> tuple[_InFlight, asyncio.Task | None]:
+        """Prepare and submit the step's device work; then, overlapped with it, advance the
+        sequences and reserve the next step's blocks. Each sampling sequence gets a
+        placeholder token until the step lands."""
+        with torch.inference_mode():
+            batch = self._prepare(sched)
+        loop = asyncio.get_running_loop()
+        pending = None
+        if self.device.type == "cuda":
+            # Launch from this thread (a graph replay is one call), then wait for the device in
+            # the worker, which holds no GIL meanwhile: nothing contends with the bookkeeping.
+            pending = self._launch(batch, sched.copies)
+            done = torch.cuda.Event()
+            done.record()
+            future = loop.run_in_executor(self._worker, done.synchronize)
+        else:
+            future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        lookahead = self.scheduler.issue_lookahead(batch.lookahead_seqs)
+        for seq in batch.sample_seqs:
+            if seq.request.beam is None:  # beams append their own tokens (beam_engine.py)
+                seq.token_ids.append(PLACEHOLDER)
+        return _InFlight(batch, future, pending), lookahead
+
+    async def _complete(
+        self,
+        flight: _InFlight,
+        lookahead: asyncio.Task | None = None,
+        commits: list | None = None,
+    ) -> list[SequenceOutput]:
+        result = await flight.future
+        if flight.pending is not None:
+            result = self._collect(flight.pending)
+        return await self._postprocess(flight.batch, result, lookahead, commits or [])
 
     def _process_aborts(self) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []
@@ -392,9 +463,9 @@ class LLMEngine:
             for seq in req.seqs:
                 if seq.is_finished:
                     continue
-                if seq.status == SeqStatus.RUNNING:
+                if seq.status == SeqStatus.RUNNING and seq.block_table:
                     releases.append(seq.seq_id)
-                self.scheduler.finish(seq, FinishReason.ABORT)
+                self._finish(seq, FinishReason.ABORT)
             indices = (
                 range(req.params.n)
                 if not req.forked or req.beam is not None
@@ -409,6 +480,17 @@ class LLMEngine:
         self._aborts.clear()
         self.scheduler.background([], releases)
         return outputs
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.row >= 0 and not seq.block_table:
+            # A child created for a fork that has not happened yet (async scheduling): it holds
+            # a row but is in no queue.
+            self.scheduler.free_rows.append(seq.row)
+            seq.row = -1
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = reason
+            return
+        self.scheduler.finish(seq, reason)
 
     def _drop(self, request_id: str) -> Request | None:
         self._special.discard(request_id)
@@ -547,6 +629,7 @@ class LLMEngine:
             forks=forks,
             st=st,
             lookahead_seqs=lookahead_seqs,
+            sample_pos_host=sample_pos.tolist(),
             beam=self.beams.batch(sample_seqs),
         )
 
@@ -628,6 +711,12 @@ class LLMEngine:
             beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
         self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
+        if out.token_ids.is_cuda:
+            # Queue the copies to (pinned) host memory now, ahead of whatever is launched next:
+            # landing this step must not wait for the next one.
+            out = SamplerOutput(
+                *(_to_host(t) for t in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+            )
         return _Pending(out, beam)
 
     @staticmethod
@@ -642,6 +731,37 @@ class LLMEngine:
             beam=beam,
         )
 
+    async def _fork(self, forks: list[tuple[Sequence, list[Sequence]]], commits: list) -> None:
+        """n > 1: the children share the parent's prompt blocks (copy-on-write). A child copies
+        the parent's committed hashes at fork time, so the prompt's full blocks are committed
+        first (and only those: a block past the prompt holds the parent's own tokens)."""
+        sc = self.scheduler
+        bs = self.config.block_size
+        await sc.drain()
+        if commits:
+            await self.allocator.commit(commits)
+        for parent, children in forks:
+            if parent.is_finished:
+                continue  # aborted before its fork: the children were finished with it
+            full = parent.num_prompt_tokens // bs
+            entries = [
+                CommitEntry(parent.seq_id, i, parent.token_ids[i * bs : (i + 1) * bs])
+                for i in range(parent.num_committed_blocks, full)
+            ]
+            if entries:
+                await self.allocator.commit(entries)
+                parent.num_committed_blocks = full
+            tables = await self.allocator.fork(
+                parent.seq_id, [c.seq_id for c in children], parent.num_prompt_tokens
+            )
+            parent.needs_extend = True  # its partial last block is shared now
+            for child in children:
+                child.block_table = list(tables[child.seq_id])
+                child.num_computed_tokens = parent.num_prompt_tokens
+                child.num_committed_blocks = min(parent.num_committed_blocks, full)
+                child.needs_extend = True
+                sc.running.append(child)
+
     async def _postprocess(
         self,
         batch: Batch,
@@ -652,33 +772,22 @@ class LLMEngine:
         sc = self.scheduler
         await sc.finish_lookahead(lookahead)
         if batch.forks:
-            # Children copy the parent's committed hashes at fork time: commit first.
-            await sc.drain()
-            if commits:
-                await self.allocator.commit(commits)
-                commits = []
-            for parent, children in batch.forks:
-                tables = await self.allocator.fork(
-                    parent.seq_id, [c.seq_id for c in children], parent.num_computed_tokens
-                )
-                parent.needs_extend = True  # its partial last block is shared now
-                for child in children:
-                    child.block_table = list(tables[child.seq_id])
-                    child.num_computed_tokens = parent.num_computed_tokens
-                    child.num_committed_blocks = parent.num_committed_blocks
-                    child.needs_extend = True
-                    sc.running.append(child)
-
+            await self._fork(batch.forks, commits)
+            commits = []
         outputs: list[SequenceOutput] = []
         releases: list[str] = []
         eos = self.eos_token_ids
         max_len = self.max_model_len
         lps_all, top_ids, top_lps = result.logprobs, result.top_ids, result.top_logprobs
+        positions = batch.sample_pos_host
         for i, (seq, token) in enumerate(zip(batch.sample_seqs, result.token_ids, strict=True)):
             if seq.request.beam is not None:
                 continue  # beams: after the loop
+            if seq.is_finished:
+                continue  # aborted, or finished by an earlier token while this one computed
+            pos = positions[i]
             tokens = seq.token_ids
-            tokens.append(token)
+            tokens[pos] = token
             req = seq.request
             p = req.params
             lps: list[TokenLogprob] = []
@@ -695,7 +804,7 @@ class LLMEngine:
                 p.stop_token_ids and token in p.stop_token_ids
             ):
                 reason = FinishReason.STOP
-            elif len(tokens) - seq.num_prompt_tokens >= p.max_tokens or len(tokens) >= max_len:
+            elif pos + 1 - seq.num_prompt_tokens >= p.max_tokens or pos + 1 >= max_len:
                 reason = FinishReason.LENGTH
             outputs.append(
                 SequenceOutput(
@@ -711,8 +820,10 @@ class LLMEngine:
                 )
             )
             if reason != FinishReason.NONE:
-                sc.finish(seq, reason)
-                releases.append(seq.seq_id)
+                del tokens[pos + 1 :]  # a placeholder of a step that ran past the end
+                if seq.status == SeqStatus.RUNNING:  # (a preempted one holds no blocks)
+                    releases.append(seq.seq_id)
+                self._finish(seq, reason)
                 if all(q.is_finished for q in req.seqs):
                     self._drop(req.request_id)
         if batch.beam is not None and result.beam is not None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from services.executor.beam_engine import unstall
 from services.executor.config import EngineConfig
 from services.executor.engine_api import FinishReason
-from services.executor.sequence import SeqStatus, Sequence
+from services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
 from services.kvmanager.api import (
     AllocatorError,
     BlockAllocator,
@@ -106,8 +106,14 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
+            tokens = seq.token_ids
+            if tokens[-1] == PLACEHOLDER and (
+                len(tokens) - seq.num_prompt_tokens >= seq.request.params.max_tokens
+                or len(tokens) >= self.max_model_len
+            ):
+                continue  # its last token is in flight and ends it (async scheduling)
             start = seq.num_computed_tokens
-            n = min(len(seq.token_ids) - start, budget)
+            n = min(len(tokens) - start, budget)
             if n == 0:
                 continue  # a beam parked until its siblings' logits are in (beam_engine.py)
             seqs.append(seq)
@@ -132,6 +138,8 @@ class Scheduler:
         settled = False
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seq.token_ids[-1] == PLACEHOLDER:
+                break  # preempted while its last token was in flight: admit once it lands
             rows = self._rows_needed(seq)
             if len(self.free_rows) - self.reserved_rows < rows:
                 break

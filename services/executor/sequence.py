@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from services.executor.beam_engine import BeamState
 
 
+# A sampled token still on its way from the device (async scheduling): token_ids holds this
+# until the step that sampled it lands.
+PLACEHOLDER = -1
+
+
 class SeqStatus(enum.Enum):
     WAITING = 0
     RUNNING = 1

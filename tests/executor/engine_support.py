@@ -4,6 +4,7 @@ engines on an in-process allocator, and a driver that runs an engine until it is
 from __future__ import annotations
 
 import functools
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def hf_greedy(path: Path, prompt: tuple[int, ...], max_new_tokens: int) -> list[
 async def make_engine(path: Path, **overrides) -> LLMEngine:
     model, config = ours(path)
     kwargs = {"model": str(path), "device": "cpu", "num_blocks": 512, **overrides}
+    if os.environ.get("PAGEMESH_TEST_ASYNC") and "async_scheduling" not in overrides:
+        kwargs["async_scheduling"] = True
     engine = LLMEngine(EngineConfig(**kwargs), LocalAllocator(), model=model, model_config=config)
     await engine.start()
     return engine
