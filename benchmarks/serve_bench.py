@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -120,37 +122,48 @@ async def stream_chat(
 
 
 class KVStatsPoller:
-    """Samples kvmanager's GetStats while the run goes: peak blocks in use and utilization."""
+    """Samples kvmanager's GetStats (peak blocks in use) and the executor's GetInfo (tokens held
+    by live sequences over the slots of the blocks they hold) while the run goes."""
 
-    def __init__(self, address: str, interval: float = 0.05) -> None:
+    def __init__(self, address: str, executor_address: str | None, interval: float = 0.05) -> None:
         import grpc
 
-        from proto import kvmanager_pb2, kvmanager_pb2_grpc
+        from proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
 
-        self._pb2 = kvmanager_pb2
-        self._channel = grpc.aio.insecure_channel(address)
-        self._stub = kvmanager_pb2_grpc.KVManagerStub(self._channel)
+        self._kv_pb2 = kvmanager_pb2
+        self._ex_pb2 = executor_pb2
+        self._channels = [grpc.aio.insecure_channel(address)]
+        self._kv = kvmanager_pb2_grpc.KVManagerStub(self._channels[0])
+        self._ex = None
+        if executor_address:
+            self._channels.append(grpc.aio.insecure_channel(executor_address))
+            self._ex = executor_pb2_grpc.ExecutorStub(self._channels[1])
         self.interval = interval
         self.peak_in_use = 0
         self.util_samples: list[float] = []
         self._task: asyncio.Task | None = None
 
     async def stats(self) -> Any:
-        return await self._stub.GetStats(self._pb2.GetStatsRequest(), timeout=5)
+        return await self._kv.GetStats(self._kv_pb2.GetStatsRequest(), timeout=5)
+
+    async def _sample(self) -> None:
+        s = await self.stats()
+        for ex in s.executors:
+            self.peak_in_use = max(self.peak_in_use, ex.pool.in_use)
+        if self._ex is not None:
+            info = await self._ex.GetInfo(self._ex_pb2.GetInfoRequest(), timeout=5)
+            # Only samples with a full batch running: a lone tail request's last partial block
+            # says little about how well a loaded server packs its memory.
+            if info.kv_blocks_held and info.num_running >= 8:
+                self.util_samples.append(
+                    info.kv_tokens_held / (info.kv_blocks_held * info.block_size)
+                )
 
     async def _run(self) -> None:
         while True:
-            try:
-                s = await self.stats()
-                for ex in s.executors:
-                    self.peak_in_use = max(self.peak_in_use, ex.pool.in_use)
-                    live_tokens = getattr(ex.pool, "live_tokens", 0)
-                    if ex.pool.in_use and live_tokens:
-                        self.util_samples.append(
-                            live_tokens / (ex.pool.in_use * ex.pool.block_size)
-                        )
-            except Exception:
-                pass
+            # A sample lost to a timeout is no reason to stop the run.
+            with contextlib.suppress(Exception):
+                await self._sample()
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -159,7 +172,8 @@ class KVStatsPoller:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        await self._channel.close()
+        for ch in self._channels:
+            await ch.close()
 
 
 def hits_since_start(stats: Any) -> tuple[int, int]:
@@ -180,10 +194,11 @@ async def run_workload(
     block_size: int,
     seed: int = 0,
     warmup_first: bool = True,
+    executor_address: str | None = None,
 ) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=0)
-    poller = KVStatsPoller(kv_address) if kv_address else None
+    poller = KVStatsPoller(kv_address, executor_address) if kv_address else None
     results: list[RequestResult] = []
     prompts: list[list[int]] = []  # in arrival order, for the theoretical hit rate
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -264,10 +279,160 @@ async def run_workload(
     return report
 
 
+async def offline_engine_tok_s(
+    model_dir: str, prompts: list[list[int]], max_tokens: list[int], device: str
+) -> dict[str, Any]:
+    """The engine alone, in this process, on the same prompts: the figure the mesh is held to."""
+    from services.executor.config import EngineConfig
+    from services.executor.engine import LLMEngine
+    from services.executor.engine_api import SamplingParams
+    from services.kvmanager.local import LocalAllocator
+
+    engine = LLMEngine(EngineConfig(model=model_dir, device=device), LocalAllocator())
+    await engine.start()
+
+    async def drain(reqs: list[tuple[list[int], int]], tag: str) -> tuple[int, float]:
+        for i, (ids, mt) in enumerate(reqs):
+            engine.add_request(
+                f"{tag}-{i}", ids, SamplingParams(temperature=0.0, max_tokens=mt, ignore_eos=True)
+            )
+        tokens = 0
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            for out in await engine.step():
+                tokens += len(out.token_ids)
+        return tokens, time.perf_counter() - t0
+
+    await drain(list(zip(prompts[:8], [16] * 8, strict=True)), "warm")
+    tokens, elapsed = await drain(list(zip(prompts, max_tokens, strict=True)), "run")
+    info = {
+        "output_tokens": tokens,
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens_per_s": round(tokens / elapsed, 1),
+    }
+    return info  # the engine and its pool go with this frame; run_suite frees the memory
+
+
+def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
+    """Issue 7's figures in one invocation: the offline engine, then one mesh whose executor is
+    restarted for each A/B arm (prefix caching off, in-process allocator)."""
+    from tests.support.mesh import Mesh, MeshConfig
+
+    model_dir = str(Path(args.model).resolve())
+    served = args.served_model_name or "bench"
+    mixed = workloads.build("mixed", tokenizer, args.num_requests, args.seed)
+    mixed_prompts = [
+        tokenizer.apply_chat_template(
+            workloads.messages_for(c, 0, []), add_generation_prompt=True, tokenize=True
+        )
+        for c in mixed
+    ]
+    offline = asyncio.run(
+        offline_engine_tok_s(
+            model_dir, mixed_prompts, [c.turns[0].max_tokens for c in mixed], args.device
+        )
+    )
+    print(json.dumps({"run": "offline_engine", "workload": "mixed", **offline}), flush=True)
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the mesh's executor sizes its pool from what is free
+
+    base_exec = [
+        "--device",
+        args.device,
+        "--num-blocks",
+        "0",
+        "--max-num-seqs",
+        "256",
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
+    ]
+    arms = {
+        "grpc": [],
+        "no_prefix_caching": ["--no-prefix-caching"],
+        "local_allocator": ["--allocator", "local"],
+    }
+    plan = [
+        ("grpc", "shared_prefix"),
+        ("grpc", "multi_turn"),
+        ("grpc", "mixed"),
+        ("grpc", "parallel"),
+        ("no_prefix_caching", "shared_prefix"),
+        ("no_prefix_caching", "multi_turn"),
+        ("local_allocator", "mixed"),
+    ]
+    env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    workdir = Path(args.workdir)
+    reports: dict[tuple[str, str], dict[str, Any]] = {}
+    config = MeshConfig(
+        model=model_dir, model_name=served, executor_args=base_exec, env=env, start_timeout=600.0
+    )
+    with Mesh(workdir, config) as mesh:
+        mesh.start()
+        current = "grpc"
+        for arm, name in plan:
+            if arm != current:
+                mesh.services["executor"].argv = mesh._executor_argv() + arms[arm]
+                mesh.restart("executor", kill=False, timeout=600.0)
+                current = arm
+            convs = mixed if name == "mixed" else workloads.build(name, tokenizer, None, args.seed)
+            report = asyncio.run(
+                run_workload(
+                    mesh.url,
+                    mesh.kv_address,
+                    served,
+                    name,
+                    convs,
+                    args.rate,
+                    tokenizer,
+                    args.block_size,
+                    args.seed,
+                    warmup_first=name != "mixed",
+                    executor_address=mesh.executor_address,
+                )
+            )
+            report["arm"] = arm
+            reports[(arm, name)] = report
+            print(json.dumps(report), flush=True)
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else float("nan")
+
+    summary = {
+        "run": "summary",
+        "shared_prefix_ttft_p50_off_over_on": ratio(
+            reports["no_prefix_caching", "shared_prefix"]["ttft_s"]["p50"],
+            reports["grpc", "shared_prefix"]["ttft_s"]["p50"],
+        ),
+        "multi_turn_ttft_p50_off_over_on": ratio(
+            reports["no_prefix_caching", "multi_turn"]["ttft_s"]["p50"],
+            reports["grpc", "multi_turn"]["ttft_s"]["p50"],
+        ),
+        "grpc_over_local_output_tok_s": ratio(
+            reports["grpc", "mixed"]["output_tokens_per_s"],
+            reports["local_allocator", "mixed"]["output_tokens_per_s"],
+        ),
+        "mesh_over_offline_output_tok_s": ratio(
+            reports["grpc", "mixed"]["output_tokens_per_s"], offline["output_tokens_per_s"]
+        ),
+        "shared_prefix_hit_rate": [
+            reports["grpc", "shared_prefix"].get("measured_hit_rate"),
+            reports["grpc", "shared_prefix"]["theoretical_hit_rate"],
+        ],
+        "mixed_kv_utilization": reports["grpc", "mixed"].get("kv_utilization_mean"),
+    }
+    print(json.dumps(summary), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--kvmanager", default=None, help="HOST:PORT for GetStats")
+    parser.add_argument("--executor", default=None, help="HOST:PORT for GetInfo (KV utilization)")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model (dir) of the mesh")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
@@ -276,6 +441,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=float("inf"), help="requests/s (Poisson)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="start the mesh and run every figure of issue 7 (A/B arms included)",
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--workdir", default="/tmp/pagemesh-serve-bench")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -286,6 +459,9 @@ def main() -> int:
 
         tok_path = str(resolve_model(tok_path))
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    if args.suite:
+        run_suite(args, tokenizer)
+        return 0
     served = args.served_model_name or Path(args.model).name
     for name in args.workload or ["shared_prefix"]:
         convs = workloads.build(name, tokenizer, args.num_requests, args.seed)
@@ -300,6 +476,8 @@ def main() -> int:
                 tokenizer,
                 args.block_size,
                 args.seed,
+                warmup_first=name != "mixed",
+                executor_address=args.executor,
             )
         )
         print(json.dumps(report), flush=True)
