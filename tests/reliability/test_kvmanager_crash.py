@@ -26,6 +26,8 @@ from tests.support.mesh import Mesh, assert_pool_consistent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+DOWN_S = 3.0
+
 
 async def test_kvmanager_sigkill_under_streaming_load(mesh: Mesh, figures) -> None:
     async with session() as http:
