@@ -282,11 +282,18 @@ async def main() -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
     )
     engine = LLMEngine(config, LocalAllocator(), model=model, model_config=mconf)
+    async_default = config.async_scheduling
     t0 = time.perf_counter()
     await engine.start()
     log(f"engine started in {time.perf_counter() - t0:.1f} s: {engine.pool.num_blocks} blocks")
     # Warm-up (Triton compiles, allocator caches): a few requests of the workload's shapes.
     await run_engine(engine, workload(8, args.seed + 1), "warm")
+    # A/B in the same process: synchronous steps (land each step before scheduling the next).
+    config.async_scheduling = False
+    s_tokens, s_elapsed, _ = await run_engine(engine, reqs, "run_sync")
+    result["pagemesh_sync_scheduling_tok_s"] = round(s_tokens / s_elapsed, 1)
+    log(f"pagemesh sync scheduling: {s_tokens / s_elapsed:.1f} tok/s")
+    config.async_scheduling = async_default
     tokens, elapsed, steps = await run_engine(engine, reqs, "run")
     ours = tokens / elapsed
     result["pagemesh"] = {
@@ -298,6 +305,7 @@ async def main() -> None:
         "num_blocks": engine.pool.num_blocks,
         "max_num_batched_tokens": config.max_num_batched_tokens,
         "cuda_graphs": config.use_cuda_graphs,
+        "async_scheduling": config.async_scheduling,
     }
     log(f"pagemesh: {result['pagemesh']}")
 
@@ -342,8 +350,10 @@ async def decode_floor(engine: LLMEngine, model, mconf, result: dict) -> None:
     kv_per_token = 2 * mconf.num_layers * mconf.num_kv_heads * mconf.head_dim * 2
     result["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
     result["decode"] = []
-    for batch in (64, 256):
-        d = await decode_step_time(engine, batch, 512, f"d{batch}_")
+    for batch, mode in ((64, True), (256, True), (64, False), (256, False)):
+        engine.config.async_scheduling = mode
+        d = await decode_step_time(engine, batch, 512, f"d{batch}{mode}_")
+        d["async_scheduling"] = mode
         floor = (weight_bytes + d["context_tokens_total"] * kv_per_token) / bw
         d["floor_ms"] = round(floor * 1e3, 3)
         d["step_over_floor"] = round(d["step_ms"] / (floor * 1e3), 2)

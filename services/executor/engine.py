@@ -586,7 +586,7 @@ class LLMEngine:
                 sample_pos,
             ]
         )
-        dev_packed = torch.from_numpy(packed).to(dev, non_blocking=True)
+        dev_packed = self._h2d(packed)
         o = 0
         token_rows_d, o = dev_packed[o : o + t], o + t
         positions_d, o = dev_packed[o : o + t], o + t
@@ -598,7 +598,7 @@ class LLMEngine:
         sample_pos_d = dev_packed[o : o + s]
 
         for parent, children in forks:
-            child_rows = torch.tensor([c.row for c in children], device=dev)
+            child_rows = self._h2d(np.asarray([c.row for c in children], np.int64))
             self.token_buf[child_rows] = self.token_buf[parent.row].clone()
         input_ids = self.token_buf[token_rows_d, positions_d]
         block_idx = self.block_tables[token_rows_d, positions_d // bs].long()
@@ -633,6 +633,16 @@ class LLMEngine:
             beam=self.beams.batch(sample_seqs),
         )
 
+    def _h2d(self, array: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor without waiting for the device: a blocking (or
+        pageable) copy would stall the host until the queued steps finish, which async
+        scheduling must never do. Pinned memory is recycled by PyTorch's caching host
+        allocator once the copy is done."""
+        t = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _sync_tables(self, sched: SchedulerOutput) -> None:
         """Write the table entries that changed since they were last uploaded, in one op."""
         if sched.admitted:
@@ -642,10 +652,8 @@ class LLMEngine:
                 rows.append(np.full(n, seq.row, np.int64))
                 cols.append(np.arange(n))
                 vals.append(np.asarray(seq.token_ids, np.int64))
-            idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)])).to(
-                self.device
-            )
-            self.token_buf[idx[0], idx[1]] = torch.from_numpy(np.concatenate(vals)).to(self.device)
+            idx = self._h2d(np.stack([np.concatenate(rows), np.concatenate(cols)]))
+            self.token_buf[idx[0], idx[1]] = self._h2d(np.concatenate(vals))
         changed = [s for s in sched.seqs if s.num_synced_blocks != len(s.block_table)]
         if not changed:
             return
@@ -657,12 +665,8 @@ class LLMEngine:
             cols.append(np.arange(first, first + k))
             vals.append(np.asarray(seq.block_table[first:], np.int64))
             seq.num_synced_blocks = len(seq.block_table)
-        idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)])).to(
-            self.device
-        )
-        self.block_tables[idx[0], idx[1]] = torch.from_numpy(np.concatenate(vals)).to(
-            self.device, torch.int32
-        )
+        idx = self._h2d(np.stack([np.concatenate(rows), np.concatenate(cols)]))
+        self.block_tables[idx[0], idx[1]] = self._h2d(np.concatenate(vals).astype(np.int32))
 
     def _make_children(self, parent: Sequence) -> list[Sequence]:
         req = parent.request
@@ -688,7 +692,7 @@ class LLMEngine:
     def _launch(self, batch: Batch, copies: list[tuple[int, int]]) -> _Pending:
         """Queue the step's device work (on CUDA nothing here waits for the device)."""
         if copies:
-            mapping = torch.tensor(copies, dtype=torch.int64, device=self.device)
+            mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
         logits = None
         if self.graphs is not None and batch.attn.is_decode and not batch.forks:
@@ -700,11 +704,9 @@ class LLMEngine:
             logits = logits.index_select(0, batch.logits_index)
         counts = None
         if batch.st.presence is not None:
-            length = int(batch.sample_pos.max()) + 1 if batch.sample_pos.numel() else 1
+            length = max(batch.sample_pos_host, default=0) + 1
             tokens = self.token_buf[batch.sample_rows, :length]
-            prompt_lens = torch.tensor(
-                [q.num_prompt_tokens for q in batch.sample_seqs], device=self.device
-            )
+            prompt_lens = self._h2d(np.asarray([q.num_prompt_tokens for q in batch.sample_seqs]))
             counts = token_counts(tokens, prompt_lens, batch.sample_pos, self.vocab_size)
         beam = None
         if batch.beam is not None:

@@ -65,7 +65,10 @@ def build_sampling_tensors(
     need_logprobs = num_top > 0 or any(p.return_logprobs for p in params)
 
     def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":  # pinned: the copy never waits for queued device work
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
 
     temperature = greedy_mask = top_k = top_p = min_p = None
     seeded: list[tuple[int, torch.Generator]] = []
