@@ -195,9 +195,13 @@ async def run_load(
     total: int | None = None,
     duration: float | None = None,
     stop: asyncio.Event | None = None,
+    error_pause: float = 0.25,
 ) -> LoadReport:
     """`concurrency` workers issue requests until `total` have been sent, `duration` seconds have
-    passed, or `stop` is set, whichever comes first (at least one of them must bound it)."""
+    passed, or `stop` is set, whichever comes first (at least one of them must bound it).
+
+    A worker whose request failed waits `error_pause` before the next, as a real client backs
+    off: a fault that fails requests instantly would otherwise turn the load into a busy loop."""
     assert total is not None or duration is not None, "an unbounded load loop"
     report = LoadReport()
     deadline = time.monotonic() + duration if duration is not None else float("inf")
@@ -207,7 +211,10 @@ async def run_load(
         for i in counter:
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return
-            report.results.append(await make_request(i))
+            result = await make_request(i)
+            report.results.append(result)
+            if result.outcome != COMPLETED:
+                await asyncio.sleep(error_pause)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     report.finished = time.monotonic()
