@@ -34,6 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--max-model-len", 0, "context length (0: the model's)", int)
     add_option(p, "--max-num-seqs", 256, "sequences running at once", int)
     add_option(p, "--max-num-batched-tokens", 8192, "tokens per step (prefill chunk budget)", int)
+    add_option(p, "--max-beam-width", 8, "widest beam search a request may ask for", int)
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     p.set_defaults(func=run)
@@ -122,6 +123,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len or None,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_beam_width=args.max_beam_width,
         gpu_memory_utilization=args.gpu_memory_utilization,
         executor_id=args.executor_id,
     )
