@@ -147,7 +147,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorInfo(_message.Message):
-    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width", "model_path")
+    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width", "model_path", "kv_tokens_held", "kv_blocks_held", "prefix_caching")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,9 @@ class ExecutorInfo(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_HELD_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     model: str
     model_fingerprint: str
@@ -178,4 +181,7 @@ class ExecutorInfo(_message.Message):
     max_num_seqs: int
     max_beam_width: int
     model_path: str
-    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., model_path: _Optional[str] = ...) -> None: ...
+    kv_tokens_held: int
+    kv_blocks_held: int
+    prefix_caching: bool
+    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., model_path: _Optional[str] = ..., kv_tokens_held: _Optional[int] = ..., kv_blocks_held: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...

@@ -36,6 +36,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--max-num-batched-tokens", 8192, "tokens per step (prefill chunk budget)", int)
     add_option(p, "--max-beam-width", 8, "widest beam search a request may ask for", int)
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
+    add_option(
+        p, "--prefix-caching", True, "share cached prompt blocks (--no-prefix-caching: A/B)", bool
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     p.set_defaults(func=run)
 
@@ -126,6 +129,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_beam_width=args.max_beam_width,
         gpu_memory_utilization=args.gpu_memory_utilization,
         executor_id=args.executor_id,
+        enable_prefix_caching=args.prefix_caching,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

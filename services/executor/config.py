@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # off: no block is published, every prompt runs cold
     # Tokens of table coverage reserved ahead of need, so the batched Extend issued while step t
     # computes has slack and step t+1 never waits on the allocator.
     num_lookahead_tokens: int = 8

@@ -41,6 +41,7 @@ from services.executor.engine_api import (
 from services.executor.kv_pool import KVPool, determine_num_blocks
 from services.executor.model.attention_metadata import AttentionMetadata
 from services.executor.model.config import ModelConfig
+from services.executor.prefix_caching import CommitsDropped
 from services.executor.sampler import (
     ALL_GREEDY,
     Sampler,
@@ -112,7 +113,8 @@ class LLMEngine:
         """`model`/`model_config` may be given pre-built (random-weight benchmarks, tests that
         share one loaded model); otherwise `start()` resolves and loads `config.model`."""
         self.config = config
-        self.allocator = allocator
+        # Prefix caching off: nothing is ever published to the index (see prefix_caching.py).
+        self.allocator = allocator if config.enable_prefix_caching else CommitsDropped(allocator)
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.model = model

@@ -279,7 +279,23 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         running, waiting = engine_load(self.loop.engine)
         info.num_running = running
         info.num_waiting = waiting
+        info.kv_tokens_held, info.kv_blocks_held = kv_occupancy(self.loop.engine)
+        config = getattr(self.loop.engine, "config", None)
+        info.prefix_caching = bool(getattr(config, "enable_prefix_caching", True))
         return info
+
+
+def kv_occupancy(engine: Any) -> tuple[int, int]:
+    """(tokens, distinct blocks) held by the running sequences: what KV memory utilization is
+    measured on (tokens held for live requests over the slots of the blocks they hold)."""
+    scheduler = getattr(engine, "scheduler", None)
+    running = getattr(scheduler, "running", None) or []
+    tokens = 0
+    blocks: set[int] = set()
+    for seq in list(running):
+        tokens += len(seq.token_ids)
+        blocks.update(seq.block_table)
+    return tokens, len(blocks)
 
 
 def engine_load(engine: Any) -> tuple[int, int]:

@@ -1,0 +1,25 @@
+"""Prefix caching off (`pagemesh executor --no-prefix-caching`), for A/B figures.
+
+The switch sits at the allocator boundary: an allocator that never publishes a block to the
+prefix index (commits are dropped) can never be hit, so every prompt is computed cold, while
+allocation, copy-on-write and release behave exactly as with caching on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.kvmanager.api import BlockAllocator, CommitEntry
+
+
+class CommitsDropped:
+    """Wraps a BlockAllocator; every call but `commit` passes through unchanged."""
+
+    def __init__(self, inner: BlockAllocator) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def commit(self, entries: list[CommitEntry]) -> int:
+        return 0
