@@ -206,9 +206,12 @@ async def test_beam_abort_releases_every_block(smollm2_path: Path) -> None:
 
 async def test_beam_search_ignore_eos_runs_to_max_tokens(smollm2_path: Path) -> None:
     engine = await make_engine(smollm2_path)
+    watch = Watch(engine)
     prompt = _ids(smollm2_path, "Say hi.", True)
     engine.add_request("x", prompt, _params(4, 4, 1.0, False, ignore_eos=True, max_tokens=12))
     run = await run_all(engine)
+    # Beams were dropped (released) mid-search, not only the last 4 at the end.
+    assert watch.releases > 4 and watch.forks > 1
     assert all(len(run.tokens[("x", i)]) == 12 for i in range(4))
     assert all(run.finish[("x", i)] == FinishReason.LENGTH for i in range(4))
     assert_all_free_or_cached(engine)
