@@ -1,8 +1,13 @@
 """LLMEngine: token ids in, tokens out, one scheduler step at a time (API: engine_api.py).
 
-A step: schedule (scheduler.py) -> build the batch's inputs on the device -> forward + sample
-(in a worker thread, so the event loop keeps serving while the device computes, and the
-look-ahead Extend for the next step runs concurrently) -> append tokens, finish, commit, release.
+A step: schedule (scheduler.py) -> build the batch's inputs on the device -> launch forward +
+sample -> (overlapped with the device) advance the sequences and reserve the next step's blocks
+in one batched Extend -> land the tokens: finish, commit, release (in the background).
+On CUDA the launch is asynchronous and the worker thread only waits for the device; on CPU the
+forward itself runs in the worker thread, so the event loop keeps serving either way.
+With async scheduling (the CUDA default) step t is launched before step t-1 lands, which hides
+the host's per-step work behind the device; sampled tokens are placeholders on the host until
+their step lands (sequence.PLACEHOLDER), and outputs come one step later.
 
 Device-side state persists across steps, one row per running sequence (Sequence.row):
 - `block_tables` [rows, max_blocks] int32: updated in place, only where a table changed;

@@ -184,3 +184,22 @@ async def _shared_engine(path: Path):
     if path not in _ENGINES:
         _ENGINES[path] = await make_engine(path, num_blocks=64)
     return _ENGINES[path]
+
+
+async def test_async_scheduling_equals_transformers(smollm2_path: Path) -> None:
+    # The CUDA default, run on CPU: launch step t before landing t-1, under preemption, with
+    # n > 1; the tokens must not change.
+    engine = await make_engine(
+        smollm2_path, num_blocks=10, num_lookahead_tokens=0, async_scheduling=True
+    )
+    prompts = [_ids(smollm2_path, p + " Explain in detail, step by step:") for p in PROMPTS]
+    for i, prompt in enumerate(prompts[:3]):
+        engine.add_request(f"p{i}", prompt, greedy(28))
+    engine.add_request("n2", prompts[3], greedy(28, n=2))
+    run = await run_all(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(prompts[:3]):
+        assert run.tokens[(f"p{i}", 0)] == hf_greedy(smollm2_path, tuple(prompt), 28)
+    ref = hf_greedy(smollm2_path, tuple(prompts[3]), 28)
+    assert run.tokens[("n2", 0)] == ref and run.tokens[("n2", 1)] == ref
+    assert_all_free_or_cached(engine)
