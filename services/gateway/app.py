@@ -309,7 +309,11 @@ async def _stream(
             await sse.send_many([c for d in deltas for c in fmt.delta_chunks(d)])
     except (APIError, ExecutorUnavailable) as exc:
         # Headers are gone already: report in-band the way OpenAI does, then end the stream.
-        err = exc if isinstance(exc, APIError) else APIError(str(exc), 503, type="server_error")
+        err = (
+            exc
+            if isinstance(exc, APIError)
+            else APIError(str(exc), status=503, type="server_error")
+        )
         await sse.response.write(encode_event(err.body()))
         await sse.response.write_eof()
         return sse.response
