@@ -75,7 +75,7 @@ class CompletionRequest:
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise invalid(
             f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from None
