@@ -31,11 +31,13 @@ from services.executor.engine_api import FinishReason
 from services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
 from services.kvmanager.api import (
     AllocatorError,
+    AllocatorUnavailable,
     BlockAllocator,
     CommitEntry,
     ExtendEntry,
     ExtendResult,
     OutOfBlocks,
+    UnknownSequence,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Scheduler:
         self.pending_copies: list[tuple[int, int]] = []
         self._arrival = itertools.count()
         self._chain: asyncio.Task | None = None  # background commits and releases, in order
+        self._pending_releases: list[str] = []  # releases kvmanager could not take yet
         self.num_preemptions = 0
 
     # -- queues ---------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ class Scheduler:
 
     def background(self, commits: list[CommitEntry], releases: list[str]) -> None:
         """Commits then releases, after the previous batch, without blocking the step."""
-        if not commits and not releases:
+        if not commits and not releases and not self._pending_releases:
             return
         self._chain = asyncio.create_task(self._run_chain(self._chain, commits, releases))
 
@@ -318,13 +321,33 @@ class Scheduler:
     ) -> None:
         if prev is not None:
             await prev
-        try:
-            if commits:
+        if commits:
+            try:
                 await self.allocator.commit(commits)
-            if releases:
-                await self.allocator.release(releases)
+            except AllocatorError:  # those blocks stay unshared; the releases must still go
+                log.exception("background commit failed")
+        # A release kvmanager could not take is retried until it does: dropping it would leak
+        # the sequence's blocks for good once kvmanager restores its tables from Redis.
+        releases = self._pending_releases + releases
+        self._pending_releases = []
+        if releases:
+            await self._release(releases)
+        if self._pending_releases:
+            log.warning("kvmanager unreachable: %d releases deferred", len(self._pending_releases))
+            asyncio.get_running_loop().call_later(0.5, self.background, [], [])
+
+    async def _release(self, seq_ids: list[str]) -> None:
+        try:
+            await self.allocator.release(seq_ids)
+        except AllocatorUnavailable:
+            self._pending_releases.extend(seq_ids)
+        except UnknownSequence:
+            if len(seq_ids) == 1:
+                return  # kvmanager lost it (crash before its write-behind flush): nothing held
+            for sid in seq_ids:  # one unknown id fails the whole batch: settle them one by one
+                await self._release([sid])
         except AllocatorError:
-            log.exception("background commit/release failed")
+            log.exception("background release failed")
 
     async def _settle(self) -> None:
         """Wait for the background chain (normally long done: it overlapped the last step)."""
