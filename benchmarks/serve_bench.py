@@ -210,11 +210,7 @@ async def run_workload(
             replies: list[str] = []
             for t, turn in enumerate(conv.turns):
                 messages = workloads.messages_for(conv, t, replies)
-                prompts.append(
-                    tokenizer.apply_chat_template(
-                        messages, add_generation_prompt=True, tokenize=True
-                    )
-                )
+                prompts.append(workloads.chat_token_ids(tokenizer, messages))
                 r = await stream_chat(
                     session, url, model, messages, turn.max_tokens, conv.n, conv.extra
                 )
@@ -303,7 +299,7 @@ async def offline_engine_tok_s(
                 tokens += len(out.token_ids)
         return tokens, time.perf_counter() - t0
 
-    await drain(list(zip(prompts[:8], [16] * 8, strict=True)), "warm")
+    await drain([(p, 16) for p in prompts[:8]], "warm")
     tokens, elapsed = await drain(list(zip(prompts, max_tokens, strict=True)), "run")
     info = {
         "output_tokens": tokens,
@@ -311,6 +307,30 @@ async def offline_engine_tok_s(
         "output_tokens_per_s": round(tokens / elapsed, 1),
     }
     return info  # the engine and its pool go with this frame; run_suite frees the memory
+
+
+def wait_until_serving(url: str, model: str, timeout: float = 300.0) -> None:
+    """Until a one-token chat succeeds: after an executor restart the gateway needs a moment to
+    reconnect its Serve stream, and answers 503 meanwhile."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    ).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
@@ -322,10 +342,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
     served = args.served_model_name or "bench"
     mixed = workloads.build("mixed", tokenizer, args.num_requests, args.seed)
     mixed_prompts = [
-        tokenizer.apply_chat_template(
-            workloads.messages_for(c, 0, []), add_generation_prompt=True, tokenize=True
-        )
-        for c in mixed
+        workloads.chat_token_ids(tokenizer, workloads.messages_for(c, 0, [])) for c in mixed
     ]
     offline = asyncio.run(
         offline_engine_tok_s(
@@ -372,14 +389,18 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
         model=model_dir, model_name=served, executor_args=base_exec, env=env, start_timeout=600.0
     )
     with Mesh(workdir, config) as mesh:
-        mesh.start()
         current = "grpc"
         for arm, name in plan:
             if arm != current:
                 mesh.services["executor"].argv = mesh._executor_argv() + arms[arm]
                 mesh.restart("executor", kill=False, timeout=600.0)
+                wait_until_serving(mesh.url, served)
                 current = arm
-            convs = mixed if name == "mixed" else workloads.build(name, tokenizer, None, args.seed)
+            convs = (
+                mixed
+                if name == "mixed"
+                else workloads.build(name, tokenizer, args.num_requests, args.seed)
+            )
             report = asyncio.run(
                 run_workload(
                     mesh.url,
@@ -449,6 +470,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--workdir", default="/tmp/pagemesh-serve-bench")
+    parser.add_argument(
+        "--smoke", action="store_true", help="4 requests a workload, 8 tokens each (CPU check)"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -459,6 +483,9 @@ def main() -> int:
 
         tok_path = str(resolve_model(tok_path))
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    if args.smoke:
+        args.num_requests = args.num_requests or 4
+        workloads.MAX_TOKENS_CAP = 8
     if args.suite:
         run_suite(args, tokenizer)
         return 0

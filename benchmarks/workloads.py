@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WORKLOADS = ("mixed", "shared_prefix", "multi_turn", "parallel")
+MAX_TOKENS_CAP: int | None = None  # smoke runs cap every output length
 
 
 @dataclass(slots=True)
 class Turn:
     user: str
     max_tokens: int
+
+    def __post_init__(self) -> None:
+        if MAX_TOKENS_CAP is not None:
+            self.max_tokens = min(self.max_tokens, MAX_TOKENS_CAP)
 
 
 @dataclass(slots=True)
@@ -102,6 +107,12 @@ def messages_for(conv: Conversation, turn_index: int, replies: list[str]) -> lis
         if i < turn_index:
             messages.append({"role": "assistant", "content": replies[i]})
     return messages
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt token ids the gateway builds for `messages` (template, then encode)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def theoretical_hit_tokens(prompts: list[list[int]], block_size: int) -> tuple[int, int]:

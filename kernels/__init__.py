@@ -1,6 +1,7 @@
-"""Paged-attention kernels. Triton on CUDA tensors, the PyTorch reference elsewhere.
+"""Paged-attention kernels. Triton on CUDA tensors, the CPU path (kernels/cpu.py: the same
+functions on PyTorch's fused SDPA) elsewhere, the plain reference when asked for.
 
-The public functions below dispatch on the device of their inputs; both implementations share
+The public functions below dispatch on the device of their inputs; every implementation shares
 the signatures and the layout documented in kernels/reference.py. Set PAGEMESH_KERNELS=triton
 to force the Triton kernels (with TRITON_INTERPRET=1 they run on CPU tensors, which is how the
 kernel tests reach them) or PAGEMESH_KERNELS=reference to force the reference.
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
-from kernels import reference
-from kernels._triton_utils import use_triton
+from kernels import cpu, reference
+from kernels._triton_utils import use_reference, use_triton
 from kernels.reference import paged_attention
 
 
@@ -37,7 +38,8 @@ def paged_decode_attention(
         return decode_attention.paged_decode_attention(
             q, key_cache, value_cache, block_tables, seq_lens, scale, out, **kwargs
         )
-    return reference.paged_decode_attention(
+    impl = reference if use_reference() else cpu
+    return impl.paged_decode_attention(
         q, key_cache, value_cache, block_tables, seq_lens, scale, out
     )
 
@@ -69,7 +71,8 @@ def paged_prefill_attention(
             out,
             **kwargs,
         )
-    return reference.paged_prefill_attention(
+    impl = reference if use_reference() else cpu
+    return impl.paged_attention(
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
     )
 
@@ -86,7 +89,8 @@ def write_kv_cache(
 
         cache_ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
         return
-    reference.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    impl = reference if use_reference() else cpu
+    impl.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def copy_blocks(

@@ -22,6 +22,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def use_reference() -> bool:
+    """PAGEMESH_KERNELS=reference: the plain reference instead of the CPU path."""
+    return os.environ.get(ENV_VAR, "auto").lower() == "reference"
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

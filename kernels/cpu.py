@@ -1,0 +1,89 @@
+"""The CPU serving path: the same functions as kernels/reference.py, built on PyTorch's fused
+`scaled_dot_product_attention` and `index_copy_` instead of the reference's explicit
+matmul / mask / softmax, which costs several passes per layer on a CPU. The reference stays the
+plain, obviously-right ground truth; tests/kernels/test_cpu_path.py holds this path to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if slot_mapping.numel() == 0 or int(slot_mapping.min()) < 0:
+        # Padding slots: rare on CPU (no CUDA graphs pad batches), so the reference handles it.
+        reference.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    slots = slot_mapping.long()
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(value_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
+    block_size = key_cache.shape[1]
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
+        k = key_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)
+        v = value_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)
+        qb = q[q_start:q_end].transpose(0, 1)  # [Hq, q_len, D]
+        mask = None
+        is_causal = False
+        if q_len == seq_len:
+            is_causal = True  # no cached prefix: plain causal
+        elif q_len > 1:
+            # New tokens sit at the end of the context: query i sees keys 0 .. seq_len-q_len+i.
+            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+            mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
+        ob = F.scaled_dot_product_attention(
+            qb,
+            k.to(qb.dtype),
+            v.to(qb.dtype),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        out[q_start:q_end] = ob.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return paged_attention(
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
+    )
