@@ -186,6 +186,26 @@ async def test_beam_search_under_preemption_and_split_budget(smollm2_path: Path)
         assert_all_free_or_cached(engine)
 
 
+async def test_beam_search_with_async_scheduling(smollm2_path: Path) -> None:
+    """The engine leaves async scheduling while beams run (their tokens are chosen on the host
+    after each step) and takes it up again after: greedy requests around them are unaffected."""
+    engine = await make_engine(smollm2_path, async_scheduling=True)
+    plain = _ids(smollm2_path, "Once upon a time, in a small village by the sea,", False)
+    engine.add_request("g1", plain, greedy(MAX_NEW))
+    early = [o for _ in range(3) for o in await engine.step()]  # g1 runs async
+    case = CASES[1]
+    prompt = _ids(smollm2_path, case[0], case[1])
+    engine.add_request("b", prompt, _params(*case[2:]))
+    run = await run_all(engine)
+    _check_against_hf(smollm2_path, run, "b", prompt, case)
+    g1 = [t for o in early for t in o.token_ids] + run.tokens[("g1", 0)]
+    assert g1 == hf_greedy(smollm2_path, tuple(plain), MAX_NEW)
+    engine.add_request("g2", plain, greedy(MAX_NEW))
+    run2 = await run_all(engine)
+    assert run2.tokens[("g2", 0)] == hf_greedy(smollm2_path, tuple(plain), MAX_NEW)
+    assert_all_free_or_cached(engine)
+
+
 async def test_beam_abort_releases_every_block(smollm2_path: Path) -> None:
     engine = await make_engine(smollm2_path)
     prompt = _ids(smollm2_path, CASES[2][0], False)
