@@ -310,7 +310,8 @@ class LLMEngine:
             bad("the prompt must hold at least one token")
         if any(not 0 <= int(t) < self.vocab_size for t in prompt):
             bad(f"prompt token ids must be in [0, {self.vocab_size})")
-        beam_search.validate(p, self.config.max_beam_width)
+        # A search runs its beams at once: each needs a row.
+        beam_search.validate(p, min(self.config.max_beam_width, self.config.max_num_seqs))
         if not 1 <= p.n <= min(self.config.max_n, self.config.max_num_seqs):
             bad(f"n must be in [1, {min(self.config.max_n, self.config.max_num_seqs)}], got {p.n}")
         if p.max_tokens < 1:
