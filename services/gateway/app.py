@@ -80,8 +80,11 @@ class Gateway:
         # The HTTP port is open from the start (health says 503) while the executor loads.
         info = await self.client.wait_for_info()
         self.max_model_len = info.max_model_len
-        if info.max_beam_width:  # beam.py checks beam_width against the executor's limit
-            self.config.limits.max_beam_width = info.max_beam_width
+        if info.max_beam_width:  # beam.py checks beam_width against the executor's limits
+            width = info.max_beam_width
+            if info.max_num_seqs:  # each beam runs as a sequence of its own
+                width = min(width, info.max_num_seqs)
+            self.config.limits.max_beam_width = width
         if not self.model_name:
             self.model_name = info.model
         path = self.config.tokenizer or info.model_path or info.model
