@@ -168,6 +168,20 @@ class LoadReport:
     def counts(self) -> Counter[str]:
         return Counter(r.outcome for r in self.results)
 
+    def figures(self) -> dict[str, int]:
+        """Counts for RESULTS.md: failures split into streams cut by an error event after they
+        had started, and requests refused up front (an error status) while the fault lasted."""
+        c = self.counts()
+        mid = sum(1 for r in self.results if r.outcome == CLEAN_ERROR and r.status == 200)
+        return {
+            "requests": len(self.results),
+            "completed": c[COMPLETED],
+            "failed_cleanly": c[CLEAN_ERROR],
+            "failed_mid_stream": mid,
+            "refused": c[CLEAN_ERROR] - mid,
+            "lost": c[LOST],
+        }
+
     def lost(self) -> list[StreamResult]:
         return [r for r in self.results if r.outcome == LOST]
 
@@ -195,7 +209,7 @@ async def run_load(
     total: int | None = None,
     duration: float | None = None,
     stop: asyncio.Event | None = None,
-    error_pause: float = 0.25,
+    error_pause: float = 1.0,
 ) -> LoadReport:
     """`concurrency` workers issue requests until `total` have been sent, `duration` seconds have
     passed, or `stop` is set, whichever comes first (at least one of them must bound it).

@@ -80,7 +80,9 @@ async def test_executor_restart_under_load(mesh: Mesh, figures) -> None:
 
         stop = asyncio.Event()
         make = streaming_chat_maker(mesh, http, max_tokens=32, seed=2, ignore_eos=True)
-        load = asyncio.create_task(run_load(make, concurrency=8, total=300, duration=90, stop=stop))
+        load = asyncio.create_task(
+            run_load(make, concurrency=8, total=1000, duration=90, stop=stop)
+        )
         await asyncio.sleep(4)
         in_flight = mesh.executor_info().num_running
         mesh.kill("executor")
@@ -94,10 +96,7 @@ async def test_executor_restart_under_load(mesh: Mesh, figures) -> None:
 
         figures.record(
             "executor SIGKILL under load",
-            requests=len(report.results),
-            completed=counts[COMPLETED],
-            failed_cleanly=counts[CLEAN_ERROR],
-            lost=counts[LOST],
+            **report.figures(),
             in_flight_at_kill=in_flight,
             executor_ready_s=round(ready_s, 2),
             recover_s=round(recovered_at - killed_at, 2),

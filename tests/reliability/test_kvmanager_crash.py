@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.reliability.client import CLEAN_ERROR, COMPLETED, LOST, chat_body, run_load, session
+from tests.reliability.client import COMPLETED, LOST, chat_body, run_load, session
 from tests.reliability.workload import (
     STREAM_TIMEOUT,
     SYSTEM,
@@ -42,15 +42,15 @@ async def test_kvmanager_sigkill_under_streaming_load(mesh: Mesh, figures) -> No
         baseline_in_use = before.pool.in_use
 
         stop = asyncio.Event()
-        make = streaming_chat_maker(mesh, http, max_tokens=24, seed=1, ignore_eos=True)
-        load = asyncio.create_task(
-            run_load(make, concurrency=12, total=400, duration=60, stop=stop)
-        )
+        # Short streams, so that sequences start, extend and finish (release) while kvmanager
+        # is down: each of those calls fails and must be made good once it is back.
+        make = streaming_chat_maker(mesh, http, max_tokens=8, seed=1, ignore_eos=True)
+        load = asyncio.create_task(run_load(make, concurrency=8, total=400, duration=60, stop=stop))
         await asyncio.sleep(4)  # streams in every phase: queued, prefilling, decoding
 
         mesh.kill("kvmanager")
         killed_at = time.monotonic()
-        await asyncio.sleep(1.0)  # a real outage, not just a blip
+        await asyncio.sleep(DOWN_S)  # a real outage, not just a blip
         ready_s = await asyncio.to_thread(mesh.start_service, "kvmanager")
         after_restart = mesh.executor_stats()
 
@@ -63,10 +63,7 @@ async def test_kvmanager_sigkill_under_streaming_load(mesh: Mesh, figures) -> No
         counts = report.counts()
         figures.record(
             "kvmanager SIGKILL under load",
-            requests=len(report.results),
-            completed=counts[COMPLETED],
-            failed_cleanly=counts[CLEAN_ERROR],
-            lost=counts[LOST],
+            **report.figures(),
             kvmanager_ready_s=round(ready_s, 2),
             recover_s=round(recovered_at - killed_at, 2),
         )

@@ -106,10 +106,7 @@ async def test_redis_outage_under_load(mesh: Mesh, figures, restart: str) -> Non
 
         figures.record(
             f"Redis stopped {OUTAGE_S:.0f}s under load, restarted {restart}",
-            requests=len(report.results),
-            completed=counts[COMPLETED],
-            failed_cleanly=counts[CLEAN_ERROR],
-            lost=counts[LOST],
+            **report.figures(),
             stats_said_disconnected=kv_degraded,
             grpc_health_said_degraded=health_degraded,
             gateway_health_said_degraded=gw_degraded,
