@@ -28,6 +28,7 @@ one final output each (index = rank, token_ids = the whole beam); every beam lef
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -205,6 +206,7 @@ class BeamSearchRunner:
         put_rows: list[int] = []  # then the new token of every running beam
         put_pos: list[int] = []
         put_tok: list[int] = []
+        forks: list[tuple[Sequence, list[Sequence]]] = []
         for mv in moves:
             req = mv.req
             st = req.beam
@@ -217,11 +219,9 @@ class BeamSearchRunner:
             for pi, group in kids.items():
                 parent = parents[pi]
                 length = len(parent.token_ids)
-                forked = group[1:]
                 # Extra candidates: new sequences sharing the parent's blocks (fork).
-                on_rows = parent.status == SeqStatus.RUNNING
-                children: list[Sequence] = []
-                for j, nb in forked:
+                with_row: list[Sequence] = []
+                for j, nb in group[1:]:
                     child = Sequence(
                         seq_id=f"{req.request_id}#b{st.next_id}",
                         request=req,
@@ -232,38 +232,23 @@ class BeamSearchRunner:
                         cumulative_logprob=nb.cumulative_logprob,
                     )
                     st.next_id += 1
-                    children.append(child)
                     new_beams[j] = child
                     req.seqs.append(child)
-                with_row = []
-                for child in children:
-                    if on_rows and len(sc.free_rows) > sc.reserved_rows:
+                    if parent.status == SeqStatus.RUNNING and len(sc.free_rows) > sc.reserved_rows:
+                        child.row = sc.take_row()
                         with_row.append(child)
+                        copy_src.append(parent.row)
+                        copy_dst.append(child.row)
+                        put_rows.append(child.row)
+                        put_pos.append(length)
+                        put_tok.append(nb.token_id)
                     else:
                         # No KV to share (the parent was preempted) or no row free: recompute
                         # later, mostly a prefix hit on the blocks the beams committed.
                         child.status = SeqStatus.WAITING
                         sc.waiting.appendleft(child)
-                        child.row = -1
                 if with_row:
-                    tables = await alloc.fork(
-                        parent.seq_id, [c.seq_id for c in with_row], parent.num_computed_tokens
-                    )
-                    parent.needs_extend = True  # its partial last block is shared now
-                    for child in with_row:
-                        child.row = sc.take_row()
-                        child.status = SeqStatus.RUNNING
-                        child.block_table = list(tables[child.seq_id])
-                        child.num_computed_tokens = parent.num_computed_tokens
-                        child.num_cached_tokens = parent.num_cached_tokens
-                        child.num_committed_blocks = parent.num_committed_blocks
-                        child.needs_extend = True
-                        sc.running.append(child)
-                        copy_src.append(parent.row)
-                        copy_dst.append(child.row)
-                        put_rows.append(child.row)
-                        put_pos.append(length)
-                        put_tok.append(child.token_ids[-1])
+                    forks.append((parent, with_row))
                 # The best candidate of this parent continues in the parent itself.
                 j0, nb0 = group[0]
                 parent.token_ids.append(nb0.token_id)
@@ -274,6 +259,24 @@ class BeamSearchRunner:
                     put_pos.append(length)
                     put_tok.append(nb0.token_id)
             st.beams = [b for b in new_beams if b is not None]
+        # One fork per parent, all in flight at once (independent sequences). A parent's
+        # num_computed_tokens is what its KV covers: the token just appended is not written.
+        tables = await asyncio.gather(
+            *(
+                alloc.fork(p.seq_id, [c.seq_id for c in cs], p.num_computed_tokens)
+                for p, cs in forks
+            )
+        )
+        for (parent, children), table in zip(forks, tables, strict=True):
+            parent.needs_extend = True  # its partial last block is shared now
+            for child in children:
+                child.status = SeqStatus.RUNNING
+                child.block_table = list(table[child.seq_id])
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.num_cached_tokens = parent.num_cached_tokens
+                child.num_committed_blocks = parent.num_committed_blocks
+                child.needs_extend = True
+                sc.running.append(child)
         self._write_tokens(copy_src, copy_dst, put_rows, put_pos, put_tok)
         return commits
 
