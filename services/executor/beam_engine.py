@@ -192,14 +192,12 @@ class BeamSearchRunner:
                 # The rows reserved at admission are the beams' from now on.
                 mv.req.forked = True
                 sc.reserved_rows -= mv.req.num_rows - 1
-        # Children copy the parent's committed hashes at fork time: commits land first, and
-        # releases after the commits of the same sequences.
+        # Children copy the parent's committed hashes at fork time: commits land first (and
+        # before the releases of the same sequences).
         await sc.drain()
         if commits:
             await alloc.commit(commits)
             commits = []
-        if dropped_ids:
-            await alloc.release(dropped_ids)
 
         copy_src: list[int] = []  # token_buf rows to copy (parent -> child)
         copy_dst: list[int] = []
@@ -259,14 +257,15 @@ class BeamSearchRunner:
                     put_pos.append(length)
                     put_tok.append(nb0.token_id)
             st.beams = [b for b in new_beams if b is not None]
-        # One fork per parent, all in flight at once (independent sequences). A parent's
-        # num_computed_tokens is what its KV covers: the token just appended is not written.
-        tables = await asyncio.gather(
-            *(
-                alloc.fork(p.seq_id, [c.seq_id for c in cs], p.num_computed_tokens)
-                for p, cs in forks
-            )
-        )
+        # The dropped beams' release and one fork per parent, all in flight at once (they touch
+        # different sequences; a fork takes no fresh block). The release goes first, so that
+        # no moment holds both the dropped tables and the new ones. A parent's
+        # num_computed_tokens is what its KV covers: the token just appended is not written yet.
+        calls = [alloc.release(dropped_ids)] if dropped_ids else []
+        calls += [
+            alloc.fork(p.seq_id, [c.seq_id for c in cs], p.num_computed_tokens) for p, cs in forks
+        ]
+        tables = (await asyncio.gather(*calls))[len(calls) - len(forks) :]
         for (parent, children), table in zip(forks, tables, strict=True):
             parent.needs_extend = True  # its partial last block is shared now
             for child in children:
