@@ -25,7 +25,7 @@ from tests.support.mesh import LOOPBACK, Mesh, http_get
 
 pytestmark = pytest.mark.timeout(180)
 
-KEY_PREFIX = b"pagemesh:"
+KEY_PREFIX = b"pagemesh:kv:"  # kvmanager's default --redis-prefix
 
 
 def _is_loopback(ip: str) -> bool:
