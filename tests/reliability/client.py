@@ -168,7 +168,7 @@ class LoadReport:
     def counts(self) -> Counter[str]:
         return Counter(r.outcome for r in self.results)
 
-    def figures(self) -> dict[str, int]:
+    def figures(self) -> dict[str, float]:
         """Counts for RESULTS.md: failures split into streams cut by an error event after they
         had started, and requests refused up front (an error status) while the fault lasted."""
         c = self.counts()
@@ -180,6 +180,7 @@ class LoadReport:
             "failed_mid_stream": mid,
             "refused": c[CLEAN_ERROR] - mid,
             "lost": c[LOST],
+            "slowest_s": round(max((r.elapsed for r in self.results), default=0.0), 1),
         }
 
     def lost(self) -> list[StreamResult]:
