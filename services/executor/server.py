@@ -292,8 +292,11 @@ def kv_occupancy(engine: Any) -> tuple[int, int]:
     running = getattr(scheduler, "running", None) or []
     tokens = 0
     blocks: set[int] = set()
+    block_size = getattr(getattr(engine, "config", None), "block_size", 16)
     for seq in list(running):
-        tokens += len(seq.token_ids)
+        # A token just sampled has no slot until its block is reserved: count what the table
+        # can hold, so utilization never reads above 1 for unshared blocks.
+        tokens += min(len(seq.token_ids), len(seq.block_table) * block_size)
         blocks.update(seq.block_table)
     return tokens, len(blocks)
 

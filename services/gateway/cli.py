@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import subprocess
+import sys
+import time
 
 from pagemesh.env import add_option, env_default
 from services.gateway.validation import Limits
@@ -32,6 +36,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--max-stop", 4, "most stop strings per request", int)
     add_option(p, "--max-tokens-limit", 1 << 20, "largest accepted max_tokens", int)
     add_option(p, "--log-level", "info", "debug, info, warning or error")
+    add_option(
+        p,
+        "--workers",
+        1,
+        "gateway processes sharing the port (SO_REUSEPORT), each with its own Serve stream: "
+        "detokenizing and writing SSE is per-token CPU work, so a busy GPU needs several",
+        int,
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -40,7 +53,38 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
     return [k.strip() for item in raw for k in item.split(",") if k.strip()]
 
 
+def run_workers(args: argparse.Namespace) -> int:
+    """Starts `args.workers` copies of this command on one port and waits. Signals are passed
+    on; if one worker dies the others are stopped too, so a supervisor (pagemesh up, compose)
+    restarts the whole gateway rather than serving at reduced capacity unnoticed."""
+    from pagemesh.up import _set_pdeathsig
+
+    argv = [sys.executable, "-m", "pagemesh.cli", *sys.argv[1:], "--workers", "1", "--reuse-port"]
+    procs = [subprocess.Popen(argv, preexec_fn=_set_pdeathsig) for _ in range(args.workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = 0
+    while procs:
+        for proc in list(procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            procs.remove(proc)
+            rc = rc or code
+            forward(signal.SIGTERM, None)  # one gone: stop the rest
+        time.sleep(0.2)
+    return rc
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        return run_workers(args)
     from aiohttp import web
 
     from services.gateway.app import GatewayConfig, create_app
@@ -73,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         handler_cancellation=True,
+        reuse_port=args.reuse_port or None,
         access_log=None,
         print=None,
     )
