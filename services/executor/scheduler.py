@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from services.executor.beam_engine import unstall
@@ -30,6 +31,7 @@ from services.executor.config import EngineConfig
 from services.executor.engine_api import FinishReason
 from services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
 from services.kvmanager.api import (
+    Allocation,
     AllocatorError,
     AllocatorUnavailable,
     BlockAllocator,
@@ -137,54 +139,102 @@ class Scheduler:
         return out
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        bs = self.block_size
+        """Admits waiting sequences in FIFO order while rows and the token budget last.
+
+        The allocations of one round go out together (pipelined on the allocator's stream):
+        a burst of arrivals costs about one round trip to kvmanager, not one per request. A
+        round takes the queue's head while it fits assuming no cache hit; hits leave budget
+        over, which the next round uses."""
         settled = False
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if seq.token_ids[-1] == PLACEHOLDER:
-                break  # preempted while its last token was in flight: admit once it lands
-            rows = self._rows_needed(seq)
-            if len(self.free_rows) - self.reserved_rows < rows:
-                break
-            if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
-                break
+            batch = self._admission_candidates(budget)
+            if not batch:
+                return
             if not settled:  # releases and commits of earlier steps must land first
                 await self._settle()
                 settled = True
-            try:
-                alloc = await self.allocator.allocate(
-                    seq.seq_id,
-                    seq.token_ids,
-                    seq.request.cache_salt,
-                    num_lookahead_tokens=self._lookahead_target(seq, seq.num_tokens + 1)
-                    - seq.num_tokens,
-                )
-            except OutOfBlocks:
-                if self.running or out.seqs:
-                    break  # blocks come back as running sequences finish
-                # Nothing runs and even an empty pool (cached blocks are evictable) cannot hold
-                # this sequence: it can never run.
-                self.waiting.popleft()
-                seq.status = SeqStatus.FINISHED
-                seq.finish_reason = FinishReason.ERROR
-                out.failed.append(seq)
-                continue
-            self.waiting.popleft()
-            seq.block_table = list(alloc.block_ids)
-            seq.num_synced_blocks = 0
-            if seq.request.num_cached_tokens < 0:
-                seq.request.num_cached_tokens = alloc.num_cached_tokens
-            seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
-            seq.num_committed_blocks = alloc.num_cached_tokens // bs
-            seq.status = SeqStatus.RUNNING
-            seq.row = self.free_rows.pop()
-            self.reserved_rows += rows - 1
-            self.running.append(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            budget -= n
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
-            out.admitted.append(seq)
+            results = await asyncio.gather(
+                *(self._allocate(seq) for seq in batch), return_exceptions=True
+            )
+            stop = False
+            unused: list[str] = []  # allocated behind a sequence that could not be: give back
+            error: BaseException | None = None
+            for seq, res in zip(batch, results, strict=True):
+                if stop or error is not None:
+                    if not isinstance(res, BaseException):
+                        unused.append(seq.seq_id)
+                    continue
+                if isinstance(res, OutOfBlocks):
+                    if self.running or out.seqs:
+                        stop = True  # blocks come back as running sequences finish
+                        continue
+                    # Nothing runs and even an empty pool (cached blocks are evictable) cannot
+                    # hold this sequence: it can never run.
+                    self.waiting.popleft()
+                    seq.status = SeqStatus.FINISHED
+                    seq.finish_reason = FinishReason.ERROR
+                    out.failed.append(seq)
+                    continue
+                if isinstance(res, BaseException):
+                    error = res
+                    continue
+                budget = self._admit_one(seq, res, out, budget)
+            if unused:
+                # Keeps FIFO order: a later sequence never overtakes one that must wait.
+                await self.allocator.release(unused)
+            if error is not None:
+                raise error
+            if stop:
+                return
+
+    def _admission_candidates(self, budget: int) -> list[Sequence]:
+        batch: list[Sequence] = []
+        rows_left = len(self.free_rows) - self.reserved_rows
+        for seq in self.waiting:
+            if budget <= 0:
+                break
+            if seq.token_ids[-1] == PLACEHOLDER:
+                break  # preempted while its last token was in flight: admit once it lands
+            rows = self._rows_needed(seq)
+            if rows_left < rows:
+                break
+            if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
+                break
+            batch.append(seq)
+            rows_left -= rows
+            budget -= seq.num_tokens
+        return batch
+
+    def _allocate(self, seq: Sequence) -> Awaitable[Allocation]:
+        return self.allocator.allocate(
+            seq.seq_id,
+            seq.token_ids,
+            seq.request.cache_salt,
+            num_lookahead_tokens=self._lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
+        )
+
+    def _admit_one(
+        self, seq: Sequence, alloc: Allocation, out: SchedulerOutput, budget: int
+    ) -> int:
+        """Moves the head of the queue to running with its allocation; returns the budget left."""
+        assert self.waiting[0] is seq
+        self.waiting.popleft()
+        rows = self._rows_needed(seq)
+        seq.block_table = list(alloc.block_ids)
+        seq.num_synced_blocks = 0
+        if seq.request.num_cached_tokens < 0:
+            seq.request.num_cached_tokens = alloc.num_cached_tokens
+        seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
+        seq.num_committed_blocks = alloc.num_cached_tokens // self.block_size
+        seq.status = SeqStatus.RUNNING
+        seq.row = self.free_rows.pop()
+        self.reserved_rows += rows - 1
+        self.running.append(seq)
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        out.seqs.append(seq)
+        out.num_new_tokens.append(n)
+        out.admitted.append(seq)
+        return budget - n
 
     async def _extend_or_preempt(
         self, need: list[tuple[Sequence, int]], out: SchedulerOutput
