@@ -141,6 +141,7 @@ class KVStatsPoller:
         self.interval = interval
         self.peak_in_use = 0
         self.util_samples: list[float] = []
+        self.sharing_samples: list[float] = []  # table blocks per distinct block
         self._task: asyncio.Task | None = None
 
     async def stats(self) -> Any:
@@ -154,10 +155,11 @@ class KVStatsPoller:
             info = await self._ex.GetInfo(self._ex_pb2.GetInfoRequest(), timeout=5)
             # Only samples with a full batch running: a lone tail request's last partial block
             # says little about how well a loaded server packs its memory.
-            if info.kv_blocks_held and info.num_running >= 8:
+            if info.kv_table_blocks and info.num_running >= 8:
                 self.util_samples.append(
-                    info.kv_tokens_held / (info.kv_blocks_held * info.block_size)
+                    info.kv_tokens_held / (info.kv_table_blocks * info.block_size)
                 )
+                self.sharing_samples.append(info.kv_table_blocks / max(1, info.kv_blocks_held))
 
     async def _run(self) -> None:
         while True:
@@ -272,6 +274,9 @@ async def run_workload(
                 sum(poller.util_samples) / len(poller.util_samples), 4
             )
             report["kv_utilization_min"] = round(min(poller.util_samples), 4)
+            report["kv_sharing_factor_mean"] = round(
+                sum(poller.sharing_samples) / len(poller.sharing_samples), 3
+            )
     return report
 
 
@@ -373,18 +378,25 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
         "no_prefix_caching": ["--no-prefix-caching"],
         "local_allocator": ["--allocator", "local"],
     }
+    inf = float("inf")
+    # (arm, workload, rate): bursts measure throughput and queueing; the Poisson runs measure
+    # what one request sees on a loaded but not saturated server.
     plan = [
-        ("grpc", "shared_prefix"),
-        ("grpc", "multi_turn"),
-        ("grpc", "mixed"),
-        ("grpc", "parallel"),
-        ("no_prefix_caching", "shared_prefix"),
-        ("no_prefix_caching", "multi_turn"),
-        ("local_allocator", "mixed"),
+        ("grpc", "shared_prefix", inf),
+        ("grpc", "shared_prefix", args.poisson_rate),
+        ("grpc", "multi_turn", inf),
+        ("grpc", "mixed", inf),
+        ("grpc", "parallel", inf),
+        ("grpc", "mixed", inf),
+        ("no_prefix_caching", "shared_prefix", inf),
+        ("no_prefix_caching", "shared_prefix", args.poisson_rate),
+        ("no_prefix_caching", "multi_turn", inf),
+        ("local_allocator", "mixed", inf),
+        ("local_allocator", "mixed", inf),
     ]
     env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     workdir = Path(args.workdir)
-    reports: dict[tuple[str, str], dict[str, Any]] = {}
+    reports: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     config = MeshConfig(
         model=model_dir,
         model_name=served,
@@ -417,17 +429,21 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
     with Mesh(workdir, config) as mesh:
         current = "grpc"
         warm(mesh)
-        for arm, name in plan:
+        for arm, name, rate in plan:
             if arm != current:
                 mesh.services["executor"].argv = mesh._executor_argv() + arms[arm]
                 mesh.restart("executor", kill=False, timeout=600.0)
                 wait_until_serving(mesh.url, served)
                 warm(mesh)
                 current = arm
+            # Each repetition within an arm gets prompts of its own (a rerun would hit what the
+            # run before it cached); repetition k uses the same prompts in every arm.
+            rep = len(reports.get((arm, name, rate), []))
+            seed = args.seed + 10 * rep + (rate != inf)
             convs = (
                 mixed
-                if name == "mixed"
-                else workloads.build(name, tokenizer, args.num_requests, args.seed)
+                if name == "mixed" and rep == 0
+                else workloads.build(name, tokenizer, args.num_requests, seed)
             )
             report = asyncio.run(
                 run_workload(
@@ -436,7 +452,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
                     served,
                     name,
                     convs,
-                    args.rate,
+                    rate,
                     tokenizer,
                     args.block_size,
                     args.seed,
@@ -445,34 +461,50 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
                 )
             )
             report["arm"] = arm
-            reports[(arm, name)] = report
+            reports.setdefault((arm, name, rate), []).append(report)
             print(json.dumps(report), flush=True)
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3) if b else float("nan")
 
+    def mean(arm: str, name: str, rate: float, *path: str) -> float:
+        values = []
+        for r in reports[arm, name, rate]:
+            v: Any = r
+            for key in path:
+                v = v.get(key, float("nan")) if isinstance(v, dict) else float("nan")
+            values.append(float(v))
+        return sum(values) / len(values)
+
+    def ttft_ratio(name: str, rate: float) -> float:
+        return ratio(
+            mean("no_prefix_caching", name, rate, "ttft_s", "p50"),
+            mean("grpc", name, rate, "ttft_s", "p50"),
+        )
+
     summary = {
         "run": "summary",
-        "shared_prefix_ttft_p50_off_over_on": ratio(
-            reports["no_prefix_caching", "shared_prefix"]["ttft_s"]["p50"],
-            reports["grpc", "shared_prefix"]["ttft_s"]["p50"],
+        "shared_prefix_ttft_p50_off_over_on_burst": ttft_ratio("shared_prefix", inf),
+        f"shared_prefix_ttft_p50_off_over_on_rate{args.poisson_rate:g}": ttft_ratio(
+            "shared_prefix", args.poisson_rate
         ),
-        "multi_turn_ttft_p50_off_over_on": ratio(
-            reports["no_prefix_caching", "multi_turn"]["ttft_s"]["p50"],
-            reports["grpc", "multi_turn"]["ttft_s"]["p50"],
-        ),
+        "multi_turn_ttft_p50_off_over_on": ttft_ratio("multi_turn", inf),
         "grpc_over_local_output_tok_s": ratio(
-            reports["grpc", "mixed"]["output_tokens_per_s"],
-            reports["local_allocator", "mixed"]["output_tokens_per_s"],
+            mean("grpc", "mixed", inf, "output_tokens_per_s"),
+            mean("local_allocator", "mixed", inf, "output_tokens_per_s"),
         ),
+        "mixed_output_tok_s_runs": {
+            arm: [r["output_tokens_per_s"] for r in reports[arm, "mixed", inf]]
+            for arm in ("grpc", "local_allocator")
+        },
         "mesh_over_offline_output_tok_s": ratio(
-            reports["grpc", "mixed"]["output_tokens_per_s"], offline["output_tokens_per_s"]
+            mean("grpc", "mixed", inf, "output_tokens_per_s"), offline["output_tokens_per_s"]
         ),
-        "shared_prefix_hit_rate": [
-            reports["grpc", "shared_prefix"].get("measured_hit_rate"),
-            reports["grpc", "shared_prefix"]["theoretical_hit_rate"],
+        "shared_prefix_hit_rate_measured_theoretical": [
+            mean("grpc", "shared_prefix", inf, "measured_hit_rate"),
+            mean("grpc", "shared_prefix", inf, "theoretical_hit_rate"),
         ],
-        "mixed_kv_utilization": reports["grpc", "mixed"].get("kv_utilization_mean"),
+        "mixed_kv_utilization": mean("grpc", "mixed", inf, "kv_utilization_mean"),
     }
     print(json.dumps(summary), flush=True)
 
@@ -499,6 +531,7 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--workdir", default="/tmp/pagemesh-serve-bench")
     parser.add_argument("--gateway-workers", type=int, default=4)
+    parser.add_argument("--poisson-rate", type=float, default=16.0, help="suite: requests/s")
     parser.add_argument(
         "--smoke", action="store_true", help="4 requests a workload, 8 tokens each (CPU check)"
     )

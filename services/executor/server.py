@@ -279,26 +279,31 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         running, waiting = engine_load(self.loop.engine)
         info.num_running = running
         info.num_waiting = waiting
-        info.kv_tokens_held, info.kv_blocks_held = kv_occupancy(self.loop.engine)
+        info.kv_tokens_held, info.kv_blocks_held, info.kv_table_blocks = kv_occupancy(
+            self.loop.engine
+        )
         config = getattr(self.loop.engine, "config", None)
         info.prefix_caching = bool(getattr(config, "enable_prefix_caching", True))
         return info
 
 
-def kv_occupancy(engine: Any) -> tuple[int, int]:
-    """(tokens, distinct blocks) held by the running sequences: what KV memory utilization is
-    measured on (tokens held for live requests over the slots of the blocks they hold)."""
+def kv_occupancy(engine: Any) -> tuple[int, int, int]:
+    """(tokens, distinct blocks, table blocks) of the running sequences: memory utilization is
+    tokens held for live requests over the slots of the blocks they hold; distinct blocks show
+    what sharing saves on top."""
     scheduler = getattr(engine, "scheduler", None)
     running = getattr(scheduler, "running", None) or []
-    tokens = 0
-    blocks: set[int] = set()
     block_size = getattr(getattr(engine, "config", None), "block_size", 16)
+    tokens = 0
+    table_blocks = 0
+    blocks: set[int] = set()
     for seq in list(running):
         # A token just sampled has no slot until its block is reserved: count what the table
-        # can hold, so utilization never reads above 1 for unshared blocks.
+        # can hold.
         tokens += min(len(seq.token_ids), len(seq.block_table) * block_size)
+        table_blocks += len(seq.block_table)
         blocks.update(seq.block_table)
-    return tokens, len(blocks)
+    return tokens, len(blocks), table_blocks
 
 
 def engine_load(engine: Any) -> tuple[int, int]:
