@@ -32,6 +32,9 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # gRPC turns SO_REUSEPORT on by default: a second executor started on a busy port would bind
+    # beside the first and split its traffic silently (seen once); it must fail to start instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
