@@ -3,22 +3,26 @@ Redis use `redis_process`, which they control."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides once, when it is first imported, whether its own library functions (tl.max,
+# tl.sum, ...) are interpreted or compiled, and transformers imports Triton while other test
+# folders are collected. Without CUDA the kernel tests need the interpreter, so it is set here,
+# before any test module is imported (tests/kernels/conftest.py is too late in a full run).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pagemesh.redis_process import RedisProcess
 from tests.support.redis import redis_url as _redis_url
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
