@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import workloads
 from benchmarks.workloads import Conversation
+from services.gateway.chat import Tokenizer
 
 
 @dataclass(slots=True)
@@ -192,7 +193,7 @@ async def run_workload(
     name: str,
     convs: list[Conversation],
     rate: float,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     block_size: int,
     seed: int = 0,
     warmup_first: bool = True,
@@ -212,7 +213,7 @@ async def run_workload(
             replies: list[str] = []
             for t, turn in enumerate(conv.turns):
                 messages = workloads.messages_for(conv, t, replies)
-                prompts.append(workloads.chat_token_ids(tokenizer, messages))
+                prompts.append(tokenizer.encode_chat(messages))
                 r = await stream_chat(
                     session, url, model, messages, turn.max_tokens, conv.n, conv.extra
                 )
@@ -338,17 +339,15 @@ def wait_until_serving(url: str, model: str, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
+def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
     """Issue 7's figures in one invocation: the offline engine, then one mesh whose executor is
     restarted for each A/B arm (prefix caching off, in-process allocator)."""
     from tests.support.mesh import Mesh, MeshConfig
 
     model_dir = str(Path(args.model).resolve())
     served = args.served_model_name or "bench"
-    mixed = workloads.build("mixed", tokenizer, args.num_requests, args.seed)
-    mixed_prompts = [
-        workloads.chat_token_ids(tokenizer, workloads.messages_for(c, 0, [])) for c in mixed
-    ]
+    mixed = workloads.build("mixed", tokenizer.hf, args.num_requests, args.seed)
+    mixed_prompts = [tokenizer.encode_chat(workloads.messages_for(c, 0, [])) for c in mixed]
     offline = asyncio.run(
         offline_engine_tok_s(
             model_dir, mixed_prompts, [c.turns[0].max_tokens for c in mixed], args.device
@@ -405,7 +404,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
         env=env,
         start_timeout=600.0,
     )
-    warmup = workloads.build("mixed", tokenizer, 64, args.seed + 1)
+    warmup = workloads.build("mixed", tokenizer.hf, 64, args.seed + 1)
     for conv in warmup:
         conv.turns[0].max_tokens = 16
 
@@ -443,7 +442,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Any) -> None:
             convs = (
                 mixed
                 if name == "mixed" and rep == 0
-                else workloads.build(name, tokenizer, args.num_requests, seed)
+                else workloads.build(name, tokenizer.hf, args.num_requests, seed)
             )
             report = asyncio.run(
                 run_workload(
@@ -537,14 +536,14 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
     tok_path = args.tokenizer or args.model
     if not Path(tok_path).exists():
         from services.executor.model.loader import resolve_model
 
         tok_path = str(resolve_model(tok_path))
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    # The gateway's own tokenizer wrapper: prompts are encoded exactly as the gateway encodes
+    # them, so the theoretical hit rate is computed on the very token ids kvmanager sees.
+    tokenizer = Tokenizer.load(tok_path)
     if args.smoke:
         args.num_requests = args.num_requests or 4
         workloads.MAX_TOKENS_CAP = 8
@@ -553,7 +552,7 @@ def main() -> int:
         return 0
     served = args.served_model_name or Path(args.model).name
     for name in args.workload or ["shared_prefix"]:
-        convs = workloads.build(name, tokenizer, args.num_requests, args.seed)
+        convs = workloads.build(name, tokenizer.hf, args.num_requests, args.seed)
         report = asyncio.run(
             run_workload(
                 args.url,

@@ -109,12 +109,6 @@ def messages_for(conv: Conversation, turn_index: int, replies: list[str]) -> lis
     return messages
 
 
-def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt token ids the gateway builds for `messages` (template, then encode)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def theoretical_hit_tokens(prompts: list[list[int]], block_size: int) -> tuple[int, int]:
     """(hit tokens, query tokens) if every earlier prompt's full blocks were cached when a prompt
     arrives, at block granularity, never covering a prompt's last token (it is recomputed)."""

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all, tokenizer
-from tests.executor.test_engine_greedy import SYSTEM, greedy, hf_greedy
-
-
-def _ids(path: Path, text: str) -> list[int]:
-    return tokenizer(path).encode(text)
+from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all
+from tests.executor.test_engine_greedy import SYSTEM, _ids, greedy, hf_greedy
 
 
 async def test_prefix_caching_off_never_hits(smollm2_path: Path) -> None:
