@@ -58,7 +58,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _set_pdeathsig() -> None:
+def set_pdeathsig() -> None:
     """In the child: get SIGTERM if `pagemesh up` dies, so no service outlives it (Linux)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -116,7 +116,7 @@ class Supervisor:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop the services in
             # order (gateway first) instead of all at once.
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=set_pdeathsig,
         )
         svc.started_at = time.monotonic()
         svc.pump = asyncio.create_task(self._pump(svc, svc.proc))

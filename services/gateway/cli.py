@@ -57,10 +57,10 @@ def run_workers(args: argparse.Namespace) -> int:
     """Starts `args.workers` copies of this command on one port and waits. Signals are passed
     on; if one worker dies the others are stopped too, so a supervisor (pagemesh up, compose)
     restarts the whole gateway rather than serving at reduced capacity unnoticed."""
-    from pagemesh.up import _set_pdeathsig
+    from pagemesh.up import set_pdeathsig
 
     argv = [sys.executable, "-m", "pagemesh.cli", *sys.argv[1:], "--workers", "1", "--reuse-port"]
-    procs = [subprocess.Popen(argv, preexec_fn=_set_pdeathsig) for _ in range(args.workers)]
+    procs = [subprocess.Popen(argv, preexec_fn=set_pdeathsig) for _ in range(args.workers)]
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:
