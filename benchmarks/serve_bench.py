@@ -40,7 +40,6 @@ from services.gateway.chat import Tokenizer
 class RequestResult:
     ok: bool
     ttft: float = 0.0
-    latency: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -116,7 +115,6 @@ async def stream_chat(
     except (TimeoutError, aiohttp.ClientError) as exc:
         result.error = repr(exc)
         return result
-    result.latency = time.perf_counter() - start
     result.text = texts[0]
     result.ok = True
     return result
