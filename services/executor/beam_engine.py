@@ -343,17 +343,7 @@ class BeamSearchRunner:
         e.scheduler.background([], releases)
         e._drop(req.request_id)
         self.active.discard(req.request_id)
-        return [
-            SequenceOutput(
-                req.request_id,
-                i,
-                [],
-                FinishReason.ERROR,
-                error=error,
-                num_prompt_tokens=req.num_prompt_tokens,
-            )
-            for i in range(req.params.n)
-        ]
+        return req.error_outputs(range(req.params.n), error)
 
 
 async def unstall(sc: Scheduler, out: SchedulerOutput) -> None:

@@ -513,17 +513,7 @@ class LLMEngine:
         indices = [seq.index] if req.forked else list(range(req.params.n))
         if all(q.is_finished for q in req.seqs):
             self._drop(req.request_id)
-        return [
-            SequenceOutput(
-                req.request_id,
-                i,
-                [],
-                FinishReason.ERROR,
-                error=error,
-                num_prompt_tokens=req.num_prompt_tokens,
-            )
-            for i in indices
-        ]
+        return req.error_outputs(indices, error)
 
     def _prepare(self, sched: SchedulerOutput) -> Batch:
         """Host: one pass over the scheduled sequences into small int arrays, one upload.

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from services.executor.engine_api import FinishReason, SamplingParams, TokenLogprob
+from services.executor.engine_api import (
+    FinishReason,
+    SamplingParams,
+    SequenceOutput,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     from services.executor.beam_engine import BeamState
@@ -53,6 +58,20 @@ class Request:
     def num_rows(self) -> int:
         """Sequences the request runs at once after its prefill: n, or the beam width."""
         return self.params.beam_width if self.beam is not None else self.params.n
+
+    def error_outputs(self, indices: list[int] | range, error: str) -> list[SequenceOutput]:
+        """The final ERROR output of each of these choices."""
+        return [
+            SequenceOutput(
+                self.request_id,
+                i,
+                [],
+                FinishReason.ERROR,
+                error=error,
+                num_prompt_tokens=self.num_prompt_tokens,
+            )
+            for i in indices
+        ]
 
 
 @dataclass(slots=True, eq=False)
