@@ -79,6 +79,11 @@ class KVManagerStub:
                 request_serializer=proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
                 response_deserializer=proto_dot_kvmanager__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/pagemesh.v1.KVManager/Step',
+                request_serializer=proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
+                response_deserializer=proto_dot_kvmanager__pb2.StepResponse.FromString,
+                _registered_method=True)
 
 
 class KVManagerServicer:
@@ -153,6 +158,17 @@ class KVManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Step(self, request, context):
+        """A running executor's per-step traffic in one call: the blocks its last steps filled
+        (commit), the sequences that ended (release), then the reservations its next steps need
+        (extend). One message instead of three: on the executor, each gRPC message costs the thread
+        that also drives the GPU about as much host time as a whole decode step's bookkeeping for
+        tens of sequences.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +216,11 @@ def add_KVManagerServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=proto_dot_kvmanager__pb2.SessionRequest.FromString,
                     response_serializer=proto_dot_kvmanager__pb2.SessionResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=proto_dot_kvmanager__pb2.StepRequest.FromString,
+                    response_serializer=proto_dot_kvmanager__pb2.StepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +466,33 @@ class KVManager:
             '/pagemesh.v1.KVManager/Session',
             proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
             proto_dot_kvmanager__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemesh.v1.KVManager/Step',
+            proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
+            proto_dot_kvmanager__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -340,7 +340,7 @@ class BeamSearchRunner:
             if b.status == SeqStatus.RUNNING:
                 releases.append(b.seq_id)
             e.scheduler.finish(b, FinishReason.ERROR)
-        e.scheduler.background([], releases)
+        e.scheduler.defer([], releases)
         e._drop(req.request_id)
         self.active.discard(req.request_id)
         return req.error_outputs(range(req.params.n), error)

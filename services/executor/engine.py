@@ -74,7 +74,7 @@ class Batch:
     sample_pos: torch.Tensor  # [S] where each sampled token goes in its row
     forks: list[tuple[Sequence, list[Sequence]]]
     st: SamplingTensors
-    lookahead_seqs: list[Sequence]  # for Scheduler.issue_lookahead
+    lookahead_seqs: list[Sequence]  # short of the look-ahead target: Scheduler.issue_lookahead
     sample_pos_host: list[int]  # where each sampled token goes in its sequence's token_ids
     beam: BeamBatch | None = None  # beam search rows of sample_seqs (beam_engine.py)
 
@@ -383,10 +383,10 @@ class LLMEngine:
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         if sched.seqs:
-            flight, lookahead = self._launch_step(sched)
+            flight = self._launch_step(sched)
             # Overlapped with the device: commits of the blocks this step fills.
             commits = self.scheduler.commit_entries(sched.seqs)
-            outputs.extend(await self._complete(flight, lookahead, commits))
+            outputs.extend(await self._complete(flight, commits))
             self.num_steps += 1
         if not self.requests:
             await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
@@ -402,30 +402,29 @@ class LLMEngine:
         sched = await self.scheduler.schedule()
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
-        flight = lookahead = None
+        flight = None
         if sched.seqs:
             if self.device.type != "cuda" and self._inflight is not None:
                 # No stream orders host compute: let t-1 finish before t touches the buffers
                 # (the landing order, which is what this mode changes, stays the same).
                 await self._inflight.future
-            flight, lookahead = self._launch_step(sched)
+            flight = self._launch_step(sched)
         prev, self._inflight = self._inflight, flight
         if prev is not None:
             outputs.extend(await self._complete(prev))
         if flight is not None:
             sc = self.scheduler
-            await sc.finish_lookahead(lookahead)
             # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
             # any later reader on the stream).
-            sc.background(sc.commit_entries([q for q in sched.seqs if not q.is_finished]), [])
+            sc.defer(sc.commit_entries([q for q in sched.seqs if not q.is_finished]), [])
             self.num_steps += 1
         if not self.requests and self._inflight is None:
             await self.scheduler.drain()
         return outputs
 
-    def _launch_step(self, sched: SchedulerOutput) -> tuple[_InFlight, asyncio.Task | None]:
+    def _launch_step(self, sched: SchedulerOutput) -> _InFlight:
         """Prepare and submit the step's device work; then, overlapped with it, advance the
-        sequences and reserve the next step's blocks. Each sampling sequence gets a
+        sequences and reserve the coming steps' blocks. Each sampling sequence gets a
         placeholder token until the step lands."""
         with torch.inference_mode():
             batch = self._prepare(sched)
@@ -442,22 +441,19 @@ class LLMEngine:
             future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-        lookahead = self.scheduler.issue_lookahead(batch.lookahead_seqs)
+        self.scheduler.issue_lookahead(batch.lookahead_seqs)
         for seq in batch.sample_seqs:
             if seq.request.beam is None:  # beams append their own tokens (beam_engine.py)
                 seq.token_ids.append(PLACEHOLDER)
-        return _InFlight(batch, future, pending), lookahead
+        return _InFlight(batch, future, pending)
 
     async def _complete(
-        self,
-        flight: _InFlight,
-        lookahead: asyncio.Task | None = None,
-        commits: list | None = None,
+        self, flight: _InFlight, commits: list | None = None
     ) -> list[SequenceOutput]:
         result = await flight.future
         if flight.pending is not None:
             result = self._collect(flight.pending)
-        return await self._postprocess(flight.batch, result, lookahead, commits or [])
+        return await self._postprocess(flight.batch, result, commits or [])
 
     def _process_aborts(self) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []
@@ -486,7 +482,7 @@ class LLMEngine:
                 for i in indices
             )
         self._aborts.clear()
-        self.scheduler.background([], releases)
+        self.scheduler.defer([], releases)
         return outputs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -763,14 +759,9 @@ class LLMEngine:
                 sc.running.append(child)
 
     async def _postprocess(
-        self,
-        batch: Batch,
-        result: StepResult,
-        lookahead: asyncio.Task | None,
-        commits: list,
+        self, batch: Batch, result: StepResult, commits: list
     ) -> list[SequenceOutput]:
         sc = self.scheduler
-        await sc.finish_lookahead(lookahead)
         if batch.forks:
             await self._fork(batch.forks, commits)
             commits = []
@@ -829,5 +820,5 @@ class LLMEngine:
         if batch.beam is not None and result.beam is not None:
             done, commits = await self.beams.postprocess(batch.beam, result.beam, commits, releases)
             outputs.extend(done)
-        sc.background(commits, releases)
+        sc.defer(commits, releases)
         return outputs

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.kvmanager.api import BlockAllocator, CommitEntry
+from services.kvmanager.api import BlockAllocator, CommitEntry, ExtendEntry, StepResult
 
 
 class CommitsDropped:
-    """Wraps a BlockAllocator; every call but `commit` passes through unchanged."""
+    """Wraps a BlockAllocator; every call passes through unchanged but `commit` (and a step's
+    commit part), which publishes nothing."""
 
     def __init__(self, inner: BlockAllocator) -> None:
         self._inner = inner
@@ -23,3 +24,8 @@ class CommitsDropped:
 
     async def commit(self, entries: list[CommitEntry]) -> int:
         return 0
+
+    async def step(
+        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+    ) -> StepResult:
+        return await self._inner.step([], releases, extends)

@@ -11,10 +11,17 @@ Each step:
    cached in kvmanager, so the recompute is mostly a prefix hit) until the Extend fits.
 3. Waiting sequences are admitted while the budget, max_num_seqs and the pool allow: one Allocate
    each, which reports the cached prefix; only the uncached suffix is computed.
-Then, while the step computes, `issue_lookahead` reserves the blocks the next step needs in one
-batched Extend (at most one per block per sequence, so most steps make none), and after the step
-the newly full blocks are committed and finished sequences released in a background chain
-(ordered: a sequence's commits always land before its release).
+Then, while the step computes, `issue_lookahead` decides whether this step sends kvmanager one
+`Step` call: the blocks earlier steps filled (commits), the sequences that ended (releases) and
+the blocks coming steps will write into (a batched Extend). Each gRPC message costs the thread
+that drives the GPU a few hundred microseconds, so the call goes out only when a sequence's table
+is about to run short (URGENT_TOKENS), and then reserves for every sequence within the look-ahead
+window: a call every ~(num_lookahead_tokens - URGENT_TOKENS) steps at most, whatever the batch
+size. Commits and releases ride along (or go after FLUSH_STEPS steps, or before anything that
+must see them: an admission, a synchronous Extend, idling). Calls are chained (a sequence's
+commits land before its release; a later call never overtakes an earlier one), and their results
+are applied only at the start of `schedule` or in `_settle`, never mid-step: a table changes only
+where no one is reading it.
 """
 
 from __future__ import annotations
@@ -39,10 +46,17 @@ from services.kvmanager.api import (
     ExtendEntry,
     ExtendResult,
     OutOfBlocks,
+    StepResult,
     UnknownSequence,
 )
 
 log = logging.getLogger(__name__)
+
+# A look-ahead Extend goes out once a sequence's table covers fewer than this many tokens beyond
+# its next write: the reply then has a step or two to come back before any step needs it.
+URGENT_TOKENS = 2
+# Commits and releases wait at most this many steps for a call to ride on.
+FLUSH_STEPS = 8
 
 
 @dataclass(slots=True)
@@ -73,9 +87,15 @@ class Scheduler:
         self.reserved_rows = 0
         self.pending_copies: list[tuple[int, int]] = []
         self._arrival = itertools.count()
-        self._chain: asyncio.Task | None = None  # background commits and releases, in order
-        self._pending_releases: list[str] = []  # releases kvmanager could not take yet
+        # kvmanager traffic: what the next Step call carries, and the calls in flight (oldest
+        # first), each with the sequences whose look-ahead it carries.
+        self._commits: list[CommitEntry] = []
+        self._releases: list[str] = []
+        self._calls: deque[tuple[asyncio.Task, list[Sequence]]] = deque()
+        self._steps_since_call = 0
+        self._retry: asyncio.TimerHandle | None = None
         self.num_preemptions = 0
+        self.num_step_calls = 0
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -102,8 +122,8 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------------
 
     async def schedule(self) -> SchedulerOutput:
+        self._land_calls()
         out = SchedulerOutput()
-        out.copies, self.pending_copies = self.pending_copies, []
         budget = self.config.max_num_batched_tokens
         bs = self.block_size
         need: list[tuple[Sequence, int]] = []
@@ -127,7 +147,13 @@ class Scheduler:
             if seq.needs_extend or len(seq.block_table) * bs < start + n:
                 need.append((seq, n))
         if need:
-            await self._settle()
+            await self._settle()  # the look-ahead in flight may cover them
+            need = [
+                (q, n)
+                for q, n in need
+                if q.needs_extend or len(q.block_table) * bs < q.num_computed_tokens + n
+            ]
+        if need:
             preempted = await self._extend_or_preempt(need, out)
             out.num_preempted = len(preempted)
             budget = self.config.max_num_batched_tokens - out.num_tokens
@@ -136,6 +162,9 @@ class Scheduler:
             await self._admit(out, budget)
             if not out.seqs and self.running and self.waiting:
                 await unstall(self, out)  # only parked beams run (beam_engine.py)
+        # Copy-on-write copies landed so far run first in this step.
+        out.copies.extend(self.pending_copies)
+        self.pending_copies = []
         return out
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -302,14 +331,16 @@ class Scheduler:
             if seq is not None:
                 seq.apply_update(update.first_index, list(update.block_ids))
 
-    # -- look-ahead (overlapped with the step) --------------------------------------------------
+    # -- kvmanager traffic (overlapped with the steps) -----------------------------------------
 
-    def issue_lookahead(self, seqs: list[Sequence]) -> asyncio.Task | None:
-        """Reserve, in one batched Extend, what the next step needs beyond the tables of `seqs`
-        (this step's sequences that sample a token and whose tables fall short of the look-ahead
-        target; num_computed_tokens already counts this step). Runs as a task while this step
-        computes; applied by `finish_lookahead` right after it."""
-        entries = []
+    def issue_lookahead(self, seqs: list[Sequence]) -> None:
+        """After a step is launched: sends one Step call if a table of `seqs` (this step's
+        sampling sequences; num_computed_tokens already counts this step) is about to run short,
+        reserving for every one of them within the look-ahead window, or if commits and releases
+        have waited FLUSH_STEPS steps. Its result is applied by a later `schedule`."""
+        bs = self.block_size
+        entries: list[tuple[Sequence, ExtendEntry]] = []
+        urgent = False
         for seq in seqs:
             end = seq.num_computed_tokens  # the next step writes the sampled token here
             if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
@@ -317,27 +348,121 @@ class Scheduler:
             if end + 1 >= self.max_model_len:
                 continue
             target = self._lookahead_target(seq, end + 1)
-            if len(seq.block_table) * self.block_size < target:
-                entries.append(ExtendEntry(seq.seq_id, end, target))
-        if not entries:
-            return None
-        return asyncio.create_task(self.allocator.extend(entries))
+            covered = max(len(seq.block_table) * bs, seq.lookahead_sent)
+            if covered < target:
+                entries.append((seq, ExtendEntry(seq.seq_id, end, target)))
+                urgent = urgent or covered < min(end + 1 + URGENT_TOKENS, target)
+        self._steps_since_call += 1
+        if urgent or (self._steps_since_call >= FLUSH_STEPS and (self._commits or self._releases)):
+            self._send(entries if urgent else [])
 
-    async def finish_lookahead(self, task: asyncio.Task | None) -> None:
-        if task is None:
+    def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
+        """Commits and releases for the next Step call (a sequence's commits before its
+        release: they go in one call, commits first, or in calls sent in order)."""
+        self._commits.extend(commits)
+        self._releases.extend(releases)
+
+    def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
+        commits, self._commits = self._commits, []
+        releases, self._releases = self._releases, []
+        if not (commits or releases or entries):
             return
+        for seq, e in entries:
+            seq.lookahead_sent = e.num_tokens
+        self._steps_since_call = 0
+        self.num_step_calls += 1
+        prev = self._calls[-1][0] if self._calls else None
+        call = self._call(prev, commits, releases, [e for _, e in entries])
+        self._calls.append((asyncio.create_task(call), [seq for seq, _ in entries]))
+
+    async def _call(
+        self,
+        prev: asyncio.Task | None,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+    ) -> StepResult | None:
+        if prev is not None:
+            await asyncio.wait([prev])  # in order, whatever became of it
         try:
-            result = await task
-        except OutOfBlocks:
-            return  # the next schedule() retries synchronously and preempts if it must
+            result = await self.allocator.step(commits, releases, extends)
+        except AllocatorUnavailable:
+            self._defer_releases(releases)
+            return None  # the commits are lost (those blocks stay unshared); extends retried
         except AllocatorError:
-            log.exception("look-ahead Extend failed")
-            return
-        self._apply(result)
-        # Copies for blocks this step wrote into: run before the next step.
-        self.pending_copies.extend(result.copies)
+            log.exception("Step call failed")
+            self._defer_releases(releases)
+            return None
+        if result.commit_error is not None:  # those blocks stay unshared
+            log.error("commit failed: %s", result.commit_error)
+        err = result.release_error
+        if isinstance(err, AllocatorUnavailable):
+            self._defer_releases(releases)
+        elif isinstance(err, UnknownSequence):
+            # One unknown id fails the whole part: settle the rest one by one.
+            for sid in releases:
+                await self._release([sid])
+        elif err is not None:
+            log.error("release failed: %s", err)
+        if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
+            log.error("look-ahead Extend failed: %s", result.extend_error)
+        return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
 
-    # -- after the step -------------------------------------------------------------------------
+    def _defer_releases(self, releases: list[str]) -> None:
+        """A release kvmanager could not take is retried until it does: dropping it would leak
+        the sequence's blocks for good once kvmanager restores its tables from Redis."""
+        if not releases:
+            return
+        self._releases[:0] = releases
+        log.warning("kvmanager unreachable: %d releases deferred", len(self._releases))
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(0.5, self._retry_releases)
+
+    def _retry_releases(self) -> None:
+        self._retry = None
+        self._send([])
+
+    def _land_calls(self) -> None:
+        """Applies the results of the calls that are done, oldest first (never past one that
+        is not: results apply in the order sent)."""
+        while self._calls and self._calls[0][0].done():
+            task, seqs = self._calls.popleft()
+            self._apply_call(task.result(), seqs)
+
+    def _apply_call(self, result: StepResult | None, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.lookahead_sent = 0  # covered now, or to be asked again
+        if result is not None and result.extend is not None:
+            self._apply(result.extend)
+            # Copies come only for a shared block a sequence writes into next; sequences that
+            # may hold one (just forked) extend synchronously (needs_extend), before any write,
+            # so a look-ahead's copies concern blocks no step has been scheduled into yet.
+            self.pending_copies.extend(result.extend.copies)
+
+    async def _release(self, seq_ids: list[str]) -> None:
+        try:
+            await self.allocator.release(seq_ids)
+        except AllocatorUnavailable:
+            self._defer_releases(seq_ids)
+        except UnknownSequence:
+            if len(seq_ids) == 1:
+                return  # kvmanager lost it (crash before its write-behind flush): nothing held
+            for sid in seq_ids:
+                await self._release([sid])
+        except AllocatorError:
+            log.exception("release failed")
+
+    async def _settle(self) -> None:
+        """Sends what waits and applies every call's result: before anything that must see
+        them (an admission may hit the blocks just committed, or need the blocks just released;
+        a synchronous Extend must start from the tables kvmanager has)."""
+        self._send([])
+        while self._calls:
+            task, seqs = self._calls.popleft()
+            self._apply_call(await task, seqs)
+
+    async def drain(self) -> None:
+        await self._settle()
 
     def commit_entries(self, seqs: list[Sequence]) -> list[CommitEntry]:
         """Blocks that became full with their KV written (num_computed_tokens already advanced)."""
@@ -359,51 +484,3 @@ class Scheduler:
             self._free_row(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-
-    def background(self, commits: list[CommitEntry], releases: list[str]) -> None:
-        """Commits then releases, after the previous batch, without blocking the step."""
-        if not commits and not releases and not self._pending_releases:
-            return
-        self._chain = asyncio.create_task(self._run_chain(self._chain, commits, releases))
-
-    async def _run_chain(
-        self, prev: asyncio.Task | None, commits: list[CommitEntry], releases: list[str]
-    ) -> None:
-        if prev is not None:
-            await prev
-        if commits:
-            try:
-                await self.allocator.commit(commits)
-            except AllocatorError:  # those blocks stay unshared; the releases must still go
-                log.exception("background commit failed")
-        # A release kvmanager could not take is retried until it does: dropping it would leak
-        # the sequence's blocks for good once kvmanager restores its tables from Redis.
-        releases = self._pending_releases + releases
-        self._pending_releases = []
-        if releases:
-            await self._release(releases)
-        if self._pending_releases:
-            log.warning("kvmanager unreachable: %d releases deferred", len(self._pending_releases))
-            asyncio.get_running_loop().call_later(0.5, self.background, [], [])
-
-    async def _release(self, seq_ids: list[str]) -> None:
-        try:
-            await self.allocator.release(seq_ids)
-        except AllocatorUnavailable:
-            self._pending_releases.extend(seq_ids)
-        except UnknownSequence:
-            if len(seq_ids) == 1:
-                return  # kvmanager lost it (crash before its write-behind flush): nothing held
-            for sid in seq_ids:  # one unknown id fails the whole batch: settle them one by one
-                await self._release([sid])
-        except AllocatorError:
-            log.exception("background release failed")
-
-    async def _settle(self) -> None:
-        """Wait for the background chain (normally long done: it overlapped the last step)."""
-        if self._chain is not None:
-            chain, self._chain = self._chain, None
-            await chain
-
-    async def drain(self) -> None:
-        await self._settle()

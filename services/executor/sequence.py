@@ -100,6 +100,9 @@ class Sequence:
     # A seq whose table may hold a shared partial block (just forked): its next Extend must run
     # before it writes, so kvmanager can answer with a copy-on-write.
     needs_extend: bool = False
+    # Table coverage (tokens) asked of kvmanager by a look-ahead Extend still in flight: the
+    # scheduler does not ask again for what is on its way.
+    lookahead_sent: int = 0
 
     @property
     def params(self) -> SamplingParams:

@@ -83,6 +83,19 @@ class CommitEntry:
     token_ids: list[int]  # exactly block_size ids
 
 
+@dataclass(slots=True)
+class StepResult:
+    """What one `step` call did: each part succeeded (its figure or result) or failed on its own
+    (its error; the other parts were still applied)."""
+
+    num_published: int = 0
+    num_released: int = 0
+    extend: ExtendResult | None = None  # None: no extend part, or it failed
+    commit_error: AllocatorError | None = None
+    release_error: AllocatorError | None = None
+    extend_error: AllocatorError | None = None
+
+
 class BlockAllocator(Protocol):
     """What the executor's scheduler needs from kvmanager. All calls are batched where they can
     be, so a scheduler step makes at most one call of each kind."""
@@ -110,6 +123,13 @@ class BlockAllocator(Protocol):
         """Children share the parent's blocks covering num_tokens; returns each child's table."""
 
     async def release(self, seq_ids: list[str]) -> int: ...
+
+    async def step(
+        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+    ) -> StepResult:
+        """commit, release, then extend, in one call (a part with no entries is skipped); each
+        part fails on its own, reported in the result. Raises only when the call as a whole
+        fails (AllocatorUnavailable: kvmanager unreachable, nothing known to be applied)."""
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""

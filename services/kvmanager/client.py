@@ -29,6 +29,7 @@ from services.kvmanager.api import (
     OutOfBlocks,
     SequenceTooLarge,
     StaleEpoch,
+    StepResult,
     TableUpdate,
     UnknownSequence,
 )
@@ -216,17 +217,14 @@ class KVManagerClient:
         r = await self._hot("allocate", fill)
         return Allocation(list(r.block_ids), r.num_cached_tokens)
 
-    async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
-        def fill(m) -> None:
-            m.executor_id = self.executor_id
-            m.epoch = self.epoch
-            m.seq_ids.extend([e.seq_id for e in entries])
-            m.num_computed_tokens.extend([e.num_computed_tokens for e in entries])
-            m.num_tokens.extend([e.num_tokens for e in entries])
+    def _fill_extend(self, m, entries: list[ExtendEntry]) -> None:
+        m.executor_id = self.executor_id
+        m.epoch = self.epoch
+        m.seq_ids.extend([e.seq_id for e in entries])
+        m.num_computed_tokens.extend([e.num_computed_tokens for e in entries])
+        m.num_tokens.extend([e.num_tokens for e in entries])
 
-        return decode_extend(await self._hot("extend", fill))
-
-    async def commit(self, entries: list[CommitEntry]) -> int:
+    def _commit_tokens(self, entries: list[CommitEntry]) -> list[int]:
         tokens: list[int] = []
         for e in entries:
             if len(e.token_ids) != self.block_size:  # the flat columnar form cannot tell
@@ -235,15 +233,56 @@ class KVManagerClient:
                     f" expected {self.block_size}"
                 )
             tokens.extend(e.token_ids)
+        return tokens
+
+    def _fill_commit(self, m, entries: list[CommitEntry], tokens: list[int]) -> None:
+        m.executor_id = self.executor_id
+        m.epoch = self.epoch
+        m.seq_ids.extend([e.seq_id for e in entries])
+        m.block_indices.extend([e.block_index for e in entries])
+        m.token_ids.extend(tokens)
+
+    def _fill_release(self, m, seq_ids: list[str]) -> None:
+        m.executor_id = self.executor_id
+        m.epoch = self.epoch
+        m.seq_ids.extend(seq_ids)
+
+    async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
+        return decode_extend(await self._hot("extend", lambda m: self._fill_extend(m, entries)))
+
+    async def commit(self, entries: list[CommitEntry]) -> int:
+        tokens = self._commit_tokens(entries)
+        reply = await self._hot("commit", lambda m: self._fill_commit(m, entries, tokens))
+        return reply.num_published
+
+    async def step(
+        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+    ) -> StepResult:
+        tokens = self._commit_tokens(commits)
 
         def fill(m) -> None:
-            m.executor_id = self.executor_id
-            m.epoch = self.epoch
-            m.seq_ids.extend([e.seq_id for e in entries])
-            m.block_indices.extend([e.block_index for e in entries])
-            m.token_ids.extend(tokens)
+            if commits:
+                self._fill_commit(m.commit, commits, tokens)
+            if releases:
+                self._fill_release(m.release, releases)
+            if extends:
+                self._fill_extend(m.extend, extends)
 
-        return (await self._hot("commit", fill)).num_published
+        r = await self._hot("step", fill)
+        result = StepResult()
+        if r.HasField("commit_error"):
+            result.commit_error = _session_error(r.commit_error)
+        else:
+            result.num_published = r.commit.num_published
+        if r.HasField("release_error"):
+            result.release_error = _session_error(r.release_error)
+        else:
+            result.num_released = r.release.num_released
+        if r.HasField("extend_error"):
+            result.extend_error = _session_error(r.extend_error)
+        elif extends:
+            result.extend = decode_extend(r.extend)
+        return result
 
     async def fork(
         self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int
@@ -259,12 +298,8 @@ class KVManagerClient:
         return {t.seq_id: list(t.block_ids) for t in r.tables}
 
     async def release(self, seq_ids: list[str]) -> int:
-        def fill(m) -> None:
-            m.executor_id = self.executor_id
-            m.epoch = self.epoch
-            m.seq_ids.extend(seq_ids)
-
-        return (await self._hot("release", fill)).num_released
+        reply = await self._hot("release", lambda m: self._fill_release(m, seq_ids))
+        return reply.num_released
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         msg = pb.MatchRequest()

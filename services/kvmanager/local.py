@@ -13,6 +13,7 @@ from services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     ExtendResult,
+    StepResult,
     TableUpdate,
 )
 from services.kvmanager.manager import Manager
@@ -72,6 +73,27 @@ class LocalAllocator:
 
     async def release(self, seq_ids: list[str]) -> int:
         return self.manager.release(self.executor_id, self.epoch, seq_ids)
+
+    async def step(
+        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+    ) -> StepResult:
+        result = StepResult()
+        if commits:
+            try:
+                result.num_published = await self.commit(commits)
+            except AllocatorError as e:
+                result.commit_error = e
+        if releases:
+            try:
+                result.num_released = await self.release(releases)
+            except AllocatorError as e:
+                result.release_error = e
+        if extends:
+            try:
+                result.extend = await self.extend(extends)
+            except AllocatorError as e:
+                result.extend_error = e
+        return result
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         try:

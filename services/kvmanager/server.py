@@ -180,6 +180,22 @@ class KVManagerService(pb_grpc.KVManagerServicer):
     def _do_release(self, request, out) -> None:
         out.num_released = self.m.release(request.executor_id, request.epoch, request.seq_ids)
 
+    def _do_step(self, request, out) -> None:
+        # Each part as its own call would be: applied atomically or not at all, its error kept
+        # in the reply (the parts after it still run, as they would if sent back to back).
+        for part in ("commit", "release", "extend"):
+            if not request.HasField(part):
+                continue
+            result = getattr(out, part)
+            result.SetInParent()
+            try:
+                getattr(self, "_do_" + part)(getattr(request, part), result)
+            except AllocatorError as e:
+                out.ClearField(part)
+                err = getattr(out, part + "_error")
+                err.code = status_for(e).value[0]
+                err.message = str(e)
+
     async def _unary(self, do, request, out, context):
         try:
             do(request, out)
@@ -202,6 +218,9 @@ class KVManagerService(pb_grpc.KVManagerServicer):
     async def Release(self, request, context):
         return await self._unary(self._do_release, request, pb.ReleaseResponse(), context)
 
+    async def Step(self, request, context):
+        return await self._unary(self._do_step, request, pb.StepResponse(), context)
+
     async def Session(self, request_iterator, context):
         do = {
             "allocate": self._do_allocate,
@@ -209,6 +228,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             "commit": self._do_commit,
             "fork": self._do_fork,
             "release": self._do_release,
+            "step": self._do_step,
         }
         try:
             async for req in request_iterator:
