@@ -3,6 +3,8 @@
 Every HTTP request becomes a GenerateRequest written up the shared stream; every StepOutput that
 comes down holds the new tokens of all this gateway's requests for one scheduler step and is
 fanned out here to per-request queues. That keeps the token path at one gRPC message per step.
+A step's plain one-token outputs come as packed columns (proto/executor.proto); `_dispatch`
+turns them back into SequenceOutputs, so a RequestStream sees the same messages either way.
 
 If the stream breaks (executor restart), every request in flight fails with
 `ExecutorUnavailable` and the stream is reopened in the background.
@@ -38,6 +40,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
+# Tells the executor that `_dispatch` reads StepOutput's token columns (proto/executor.proto); a
+# gateway that does not send it gets full SequenceOutputs only.
+STEP_COLUMNS_METADATA = (("pagemesh-step-columns", "1"),)
+
 
 class ExecutorUnavailable(Exception):
     """The executor cannot be reached or its stream broke while the request was in flight."""
@@ -51,6 +57,9 @@ class RequestStream:
         self._queue: asyncio.Queue[list[pb.SequenceOutput] | BaseException] = asyncio.Queue()
         self._open_choices = set(range(n))
         self.done = False
+        # What the request's columnar outputs carry besides index and token (executor.proto):
+        # its id and the usage counts of its last full output; each one starts as a copy.
+        self._column_base = pb.SequenceOutput(request_id=request_id)
 
     def _deliver(self, outputs: list[pb.SequenceOutput]) -> None:
         for out in outputs:
@@ -167,7 +176,9 @@ class ExecutorClient:
         while True:
             outbox: asyncio.Queue[pb.ServeRequest | None] = asyncio.Queue()
             self._outbox = outbox
-            call = self._stub.Serve(self._outgoing(outbox), wait_for_ready=True)
+            call = self._stub.Serve(
+                self._outgoing(outbox), metadata=STEP_COLUMNS_METADATA, wait_for_ready=True
+            )
             try:
                 # Metadata arrives once the server accepted the stream: only then is it usable.
                 await call.initial_metadata()
@@ -196,15 +207,35 @@ class ExecutorClient:
 
     def _dispatch(self, step: pb.StepOutput) -> None:
         by_request: dict[str, list[pb.SequenceOutput]] = {}
-        for out in step.outputs:
-            by_request.setdefault(out.request_id, []).append(out)
-        for request_id, outputs in by_request.items():
-            stream = self._streams.get(request_id)
+        streams = self._streams
+        # The token columns first: the executor puts none of a request's outputs there after a
+        # full one of the same step, so this keeps each request's order.
+        for rid, index, token in zip(
+            step.token_request_ids, step.token_indices, step.token_ids, strict=True
+        ):
+            stream = streams.get(rid)
             if stream is None:  # aborted here already; late outputs are dropped
                 continue
+            out = pb.SequenceOutput()
+            out.CopyFrom(stream._column_base)  # faster than building it from keywords
+            out.index = index
+            out.token_ids.append(token)
+            by_request.setdefault(rid, []).append(out)
+        for out in step.outputs:
+            rid = out.request_id
+            stream = streams.get(rid)
+            if stream is None:
+                continue
+            # Set after this step's columns were read, as the executor does.
+            base = stream._column_base
+            base.num_prompt_tokens = out.num_prompt_tokens
+            base.num_cached_tokens = out.num_cached_tokens
+            by_request.setdefault(rid, []).append(out)
+        for request_id, outputs in by_request.items():
+            stream = streams[request_id]
             stream._deliver(outputs)
             if stream.done:
-                del self._streams[request_id]
+                del streams[request_id]
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -244,6 +244,7 @@ async def test_generate_abort_and_info_rpcs(mesh: tuple[TestClient, ScriptedEngi
     steps = [s async for s in stub.Generate(req)]
     assert len(steps) == 3 and all(len(s.outputs) == 2 for s in steps)
     assert {o.request_id for s in steps for o in s.outputs} == {"g1"}
+    assert not any(s.token_request_ids for s in steps)  # full outputs only: simple clients
     assert [o.finish_reason for o in steps[-1].outputs] == [pb.FINISH_LENGTH] * 2
     # Abort: the Generate caller gets the ABORT ends, then the stream closes.
     req = pb.GenerateRequest(
@@ -295,7 +296,7 @@ async def test_one_step_message_carries_every_request(
     dispatch = gw.client._dispatch
 
     def spy(step: pb.StepOutput) -> None:
-        seen.append({o.request_id for o in step.outputs})
+        seen.append({o.request_id for o in step.outputs} | set(step.token_request_ids))
         dispatch(step)
 
     gw.client._dispatch = spy  # type: ignore[method-assign]
