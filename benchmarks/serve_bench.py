@@ -392,13 +392,13 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
     # what one request sees on a loaded but not saturated server.
     rates = [float(r) for r in args.poisson_rates.split(",") if r]
     plan = [
-        ("grpc", "shared_prefix", inf),
+        *[("grpc", "shared_prefix", inf)] * args.prefix_reps,
         *[("grpc", "shared_prefix", r) for r in rates],
         ("grpc", "multi_turn", inf),
         ("grpc", "mixed", inf),
         ("grpc", "parallel", inf),
         *[("grpc", "mixed", inf)] * (args.mixed_reps - 1),
-        ("no_prefix_caching", "shared_prefix", inf),
+        *[("no_prefix_caching", "shared_prefix", inf)] * args.prefix_reps,
         *[("no_prefix_caching", "shared_prefix", r) for r in rates],
         ("no_prefix_caching", "multi_turn", inf),
         *[("local_allocator", "mixed", inf)] * args.mixed_reps,
@@ -417,23 +417,26 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
     warmup = workloads.build("mixed", tokenizer.hf, 64, args.seed + 1)
     for conv in warmup:
         conv.turns[0].max_tokens = 16
+    # Prefills over a long cached prefix in a burst: shapes the mixed warm-up may not reach.
+    warmup_shared = workloads.build("shared_prefix", tokenizer.hf, 32, args.seed + 2)
 
     def warm(mesh: Mesh) -> None:
         # A fresh executor compiles and captures on its first shapes: keep that out of the
         # figures of whichever arm runs first.
-        asyncio.run(
-            run_workload(
-                mesh.url,
-                None,
-                served,
-                "warmup",
-                warmup,
-                float("inf"),
-                tokenizer,
-                args.block_size,
-                warmup_first=False,
+        for convs, first in ((warmup, False), (warmup_shared, True)):
+            asyncio.run(
+                run_workload(
+                    mesh.url,
+                    None,
+                    served,
+                    "warmup",
+                    convs,
+                    float("inf"),
+                    tokenizer,
+                    args.block_size,
+                    warmup_first=first,
+                )
             )
-        )
 
     with Mesh(workdir, config) as mesh:
         current = "grpc"
@@ -442,6 +445,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
             if arm != current:
                 mesh.services["executor"].argv = mesh._executor_argv() + arms[arm]
                 mesh.restart("executor", kill=False, timeout=600.0)
+                mesh.wait_for_serve_streams(120.0)  # every gateway worker, not just one
                 wait_until_serving(mesh.url, served)
                 warm(mesh)
                 current = arm
@@ -554,6 +558,9 @@ def main() -> int:
         help="suite: Poisson rates (requests/s), comma-separated",
     )
     parser.add_argument("--mixed-reps", type=int, default=3, help="suite: mixed runs per arm")
+    parser.add_argument(
+        "--prefix-reps", type=int, default=2, help="suite: shared-prefix bursts per arm"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="4 requests a workload, 8 tokens each (CPU check)"
     )

@@ -153,7 +153,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorInfo(_message.Message):
-    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width", "model_path", "kv_tokens_held", "kv_blocks_held", "prefix_caching", "kv_table_blocks")
+    __slots__ = ("executor_id", "model", "model_fingerprint", "block_size", "num_blocks", "max_model_len", "num_running", "num_waiting", "device", "eos_token_id", "vocab_size", "epoch", "max_num_seqs", "max_beam_width", "model_path", "kv_tokens_held", "kv_blocks_held", "prefix_caching", "kv_table_blocks", "num_serve_streams")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class ExecutorInfo(_message.Message):
     KV_BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     KV_TABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SERVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     model: str
     model_fingerprint: str
@@ -192,4 +193,5 @@ class ExecutorInfo(_message.Message):
     kv_blocks_held: int
     prefix_caching: bool
     kv_table_blocks: int
-    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., model_path: _Optional[str] = ..., kv_tokens_held: _Optional[int] = ..., kv_blocks_held: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., kv_table_blocks: _Optional[int] = ...) -> None: ...
+    num_serve_streams: int
+    def __init__(self, executor_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., epoch: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_beam_width: _Optional[int] = ..., model_path: _Optional[str] = ..., kv_tokens_held: _Optional[int] = ..., kv_blocks_held: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., kv_table_blocks: _Optional[int] = ..., num_serve_streams: _Optional[int] = ...) -> None: ...

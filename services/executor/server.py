@@ -271,6 +271,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
     def __init__(self, loop: EngineLoop, info: pb.ExecutorInfo) -> None:
         self.loop = loop
         self._info = info
+        self.num_serve_streams = 0
 
     async def _drain(self, sink: Sink) -> AsyncIterator[pb.StepOutput]:
         while True:
@@ -304,10 +305,12 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             sink.maybe_end()
 
         reader = asyncio.create_task(read())
+        self.num_serve_streams += 1
         try:
             async for step in self._drain(sink):
                 yield step
         finally:
+            self.num_serve_streams -= 1
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -348,6 +351,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         )
         config = getattr(self.loop.engine, "config", None)
         info.prefix_caching = bool(getattr(config, "enable_prefix_caching", True))
+        info.num_serve_streams = self.num_serve_streams
         return info
 
 

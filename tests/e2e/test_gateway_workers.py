@@ -33,6 +33,7 @@ def test_workers_share_the_port_and_fail_together(smollm2_path: Path, tmp_path: 
         assert len(workers) == 2
         log = (tmp_path / "executor.log").read_text()
         assert log.count("Serve stream opened") >= 2, "each worker opens its own Serve stream"
+        assert mesh.executor_info().num_serve_streams == 2
         workers[0].kill()
         wait_for(lambda: not parent.is_running() or parent.status() == "zombie", 30, "exit")
         wait_for(lambda: not workers[1].is_running() or workers[1].status() == "zombie", 30, "stop")

@@ -389,6 +389,7 @@ class Mesh:
             for name in self.SERVICES:
                 self.services[name].spawn()
                 self.services[name].wait_ready(self.config.start_timeout)
+            self.wait_for_serve_streams(self.config.start_timeout)
         except BaseException:
             print(self.tails(), file=sys.stderr)
             self.close()
@@ -493,6 +494,22 @@ class Mesh:
     def stats(self, executor_id: str = "", timeout: float = 5.0) -> kvmanager_pb2.GetStatsResponse:
         return self.kv_stub().GetStats(
             kvmanager_pb2.GetStatsRequest(executor_id=executor_id), timeout=timeout
+        )
+
+    @property
+    def gateway_workers(self) -> int:
+        args = list(self.config.gateway_args)
+        return int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+
+    def wait_for_serve_streams(self, timeout: float = 60.0) -> None:
+        """Until every gateway worker has its Serve stream to the executor open (after a start
+        or an executor restart): /health answers from whichever worker takes the connection,
+        and a worker still without its stream answers 503."""
+        n = self.gateway_workers
+        wait_for(
+            lambda: self.executor_info(timeout=1.0).num_serve_streams >= n,
+            timeout,
+            f"{n} gateway Serve streams",
         )
 
     def executor_info(self, timeout: float = 5.0) -> executor_pb2.ExecutorInfo:
