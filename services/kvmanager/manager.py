@@ -161,10 +161,8 @@ class Manager:
         index = ex.pool.index
         hits: list[int] = []
         hashes: list[bytes] = []
-        h = hashing.ROOT
         try:
-            for i in range((len(token_ids) - 1) // bs):
-                h = hashing.block_hash(h, extra, token_ids[i * bs : (i + 1) * bs])
+            for h in hashing.iter_chain(extra, token_ids, bs, (len(token_ids) - 1) // bs):
                 b = index.get(h)
                 if b is None:
                     break
