@@ -124,7 +124,7 @@ class KVStatsPoller:
     """Samples kvmanager's GetStats (peak blocks in use) and the executor's GetInfo (tokens held
     by live sequences over the slots of the blocks they hold) while the run goes."""
 
-    def __init__(self, address: str, executor_address: str | None, interval: float = 0.05) -> None:
+    def __init__(self, address: str, executor_address: str | None, interval: float = 0.2) -> None:
         import grpc
 
         from proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
@@ -137,6 +137,8 @@ class KVStatsPoller:
         if executor_address:
             self._channels.append(grpc.aio.insecure_channel(executor_address))
             self._ex = executor_pb2_grpc.ExecutorStub(self._channels[1])
+        # Each GetInfo walks every running sequence's table on the executor's event-loop thread
+        # (~1 ms at 256 sequences): sampled too often, the measurement slows the run it measures.
         self.interval = interval
         self.peak_in_use = 0
         self.util_samples: list[float] = []
@@ -414,9 +416,9 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
         env=env,
         start_timeout=600.0,
     )
-    warmup = workloads.build("mixed", tokenizer.hf, 64, args.seed + 1)
-    for conv in warmup:
-        conv.turns[0].max_tokens = 16
+    # A whole mixed run, untimed, like the offline figure's: a fresh executor compiles kernels
+    # and ops for shapes as it first meets them (its first timed run was up to 30% slower).
+    warmup = workloads.build("mixed", tokenizer.hf, args.num_requests, args.seed + 1)
     # Prefills over a long cached prefix in a burst: shapes the mixed warm-up may not reach.
     warmup_shared = workloads.build("shared_prefix", tokenizer.hf, 32, args.seed + 2)
 
