@@ -267,7 +267,9 @@ async def run_workload(
         "output_tokens": out_tokens,
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "cached_tokens_reported": sum(r.cached_tokens for r in ok),
-        "ttft_s": {k: round(v, 4) for k, v in percentiles([r.ttft for r in ok]).items()},
+        "ttft_s": {
+            k: round(v, 4) for k, v in percentiles([r.ttft for r in ok], (10, 50, 90, 99)).items()
+        },
         "tpot_s": {k: round(v, 5) for k, v in percentiles(tpot).items()},
         "theoretical_hit_rate": round(theo_hits / theo_total, 4) if theo_total else 0.0,
         # This client's own CPU over the run: near 1.0 means the client, not the server, set
