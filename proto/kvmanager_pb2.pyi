@@ -305,30 +305,38 @@ class GetStatsResponse(_message.Message):
     def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., redis_connected: _Optional[bool] = ..., redis_pending_writes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("commit", "release", "extend")
+    __slots__ = ("commit", "release", "extend", "allocate", "allocate_token_budget")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     commit: CommitRequest
     release: ReleaseRequest
     extend: ExtendRequest
-    def __init__(self, commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ...) -> None: ...
+    allocate: _containers.RepeatedCompositeFieldContainer[AllocateRequest]
+    allocate_token_budget: int
+    def __init__(self, commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateRequest, _Mapping]]] = ..., allocate_token_budget: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error")
+    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
     COMMIT_ERROR_FIELD_NUMBER: _ClassVar[int]
     RELEASE_ERROR_FIELD_NUMBER: _ClassVar[int]
     EXTEND_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     commit: CommitResponse
     release: ReleaseResponse
     extend: ExtendResponse
     commit_error: CallError
     release_error: CallError
     extend_error: CallError
-    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    allocate: _containers.RepeatedCompositeFieldContainer[AllocateResponse]
+    allocate_error: CallError
+    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("id", "allocate", "extend", "commit", "fork", "release", "step")

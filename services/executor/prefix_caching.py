@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.kvmanager.api import BlockAllocator, CommitEntry, ExtendEntry, StepResult
+from services.kvmanager.api import (
+    AdmitEntry,
+    BlockAllocator,
+    CommitEntry,
+    ExtendEntry,
+    StepResult,
+)
 
 
 class CommitsDropped:
@@ -26,6 +32,11 @@ class CommitsDropped:
         return 0
 
     async def step(
-        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+        self,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+        admits: list[AdmitEntry] | None = None,
+        admit_token_budget: int = 0,
     ) -> StepResult:
-        return await self._inner.step([], releases, extends)
+        return await self._inner.step([], releases, extends, admits, admit_token_budget)

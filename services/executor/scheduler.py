@@ -9,8 +9,9 @@ Each step:
    batched Extend. If the pool is out of blocks, the newest running sequence is preempted (blocks
    released, requeued at the front of the queue, recomputed later: its committed blocks stay
    cached in kvmanager, so the recompute is mostly a prefix hit) until the Extend fits.
-3. Waiting sequences are admitted while the budget, max_num_seqs and the pool allow: one Allocate
-   each, which reports the cached prefix; only the uncached suffix is computed.
+3. Waiting sequences are admitted while the budget, max_num_seqs and the pool allow: one Step
+   call a round allocates them (kvmanager reports each one's cached prefix and stops when their
+   uncached tokens fill the budget); only the uncached suffix is computed.
 Then, while the step computes, `issue_lookahead` decides whether this step sends kvmanager one
 `Step` call: the blocks earlier steps filled (commits), the sequences that ended (releases) and
 the blocks coming steps will write into (a batched Extend). Each gRPC message costs the thread
@@ -30,7 +31,6 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from services.executor.beam_engine import unstall
@@ -38,6 +38,7 @@ from services.executor.config import EngineConfig
 from services.executor.engine_api import FinishReason
 from services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
 from services.kvmanager.api import (
+    AdmitEntry,
     Allocation,
     AllocatorError,
     AllocatorUnavailable,
@@ -96,6 +97,9 @@ class Scheduler:
         self._retry: asyncio.TimerHandle | None = None
         self.num_preemptions = 0
         self.num_step_calls = 0
+        # Fraction of the prompts found cached in the last admission round: how far past the
+        # budget (at no hits) the next round offers the queue.
+        self._hit_estimate = 0.0
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -168,57 +172,44 @@ class Scheduler:
         return out
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        """Admits waiting sequences in FIFO order while rows and the token budget last.
-
-        The allocations of one round go out together (pipelined on the allocator's stream):
-        a burst of arrivals costs about one round trip to kvmanager, not one per request. A
-        round takes the queue's head while it fits assuming no cache hit; hits leave budget
-        over, which the next round uses."""
-        settled = False
+        """Admits waiting sequences in FIFO order while rows and the token budget last. A round
+        is one kvmanager call (with the commits and releases waiting): kvmanager allocates the
+        offered sequences in order while their uncached tokens fit the budget, so a burst of
+        arrivals costs a message, not one per request. A round offers the queue's head up to
+        what the budget takes at the prefix-hit rate of recent admissions; when hits fall short
+        of that the budget stops kvmanager, and when they exceed it the next round goes on."""
         while self.waiting and budget > 0:
             batch = self._admission_candidates(budget)
             if not batch:
                 return
-            if not settled:  # releases and commits of earlier steps must land first
-                await self._settle()
-                settled = True
-            results = await asyncio.gather(
-                *(self._allocate(seq) for seq in batch), return_exceptions=True
-            )
-            stop = False
-            unused: list[str] = []  # allocated behind a sequence that could not be: give back
-            error: BaseException | None = None
-            for seq, res in zip(batch, results, strict=True):
-                if stop or error is not None:
-                    if not isinstance(res, BaseException):
-                        unused.append(seq.seq_id)
-                    continue
-                if isinstance(res, OutOfBlocks):
-                    if self.running or out.seqs:
-                        stop = True  # blocks come back as running sequences finish
-                        continue
-                    # Nothing runs and even an empty pool (cached blocks are evictable) cannot
-                    # hold this sequence: it can never run.
-                    self.waiting.popleft()
-                    seq.status = SeqStatus.FINISHED
-                    seq.finish_reason = FinishReason.ERROR
-                    out.failed.append(seq)
-                    continue
-                if isinstance(res, BaseException):
-                    error = res
-                    continue
-                budget = self._admit_one(seq, res, out, budget)
-            if unused:
-                # Keeps FIFO order: a later sequence never overtakes one that must wait.
-                await self.allocator.release(unused)
-            if error is not None:
-                raise error
-            if stop:
-                return
+            result = await self._admission_call(batch, budget)
+            tokens = cached = 0
+            for seq, alloc in zip(batch, result.allocations, strict=False):
+                budget = self._admit_one(seq, alloc, out, budget)
+                tokens += seq.num_tokens
+                cached += alloc.num_cached_tokens
+            if tokens:  # the next round (and step) expects what this one saw
+                self._hit_estimate = min(0.9, cached / tokens)
+            err = result.allocate_error
+            if err is None:
+                if len(result.allocations) < len(batch):
+                    return  # the budget is spent
+                continue
+            if not isinstance(err, OutOfBlocks):
+                raise err
+            if self.running or out.seqs:
+                return  # blocks come back as running sequences finish
+            # Nothing runs and even an empty pool (cached blocks are evictable) cannot hold the
+            # queue's head: it can never run.
+            seq = self.waiting.popleft()
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = FinishReason.ERROR
+            out.failed.append(seq)
 
     def _admission_candidates(self, budget: int) -> list[Sequence]:
         batch: list[Sequence] = []
         rows_left = len(self.free_rows) - self.reserved_rows
+        miss = 1.0 - self._hit_estimate
         for seq in self.waiting:
             if budget <= 0:
                 break
@@ -231,16 +222,33 @@ class Scheduler:
                 break
             batch.append(seq)
             rows_left -= rows
-            budget -= seq.num_tokens
+            budget -= max(1, int(seq.num_tokens * miss))
         return batch
 
-    def _allocate(self, seq: Sequence) -> Awaitable[Allocation]:
-        return self.allocator.allocate(
-            seq.seq_id,
-            seq.token_ids,
-            seq.request.cache_salt,
-            num_lookahead_tokens=self._lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
-        )
+    async def _admission_call(self, batch: list[Sequence], budget: int) -> StepResult:
+        """One call: the commits and releases waiting, then the admissions; every call in
+        flight lands first (its releases may be what makes room; its tables must be current)."""
+        commits, self._commits = self._commits, []
+        releases, self._releases = self._releases, []
+        await self._settle()
+        admits = [
+            AdmitEntry(
+                seq.seq_id,
+                seq.token_ids,
+                seq.request.cache_salt,
+                self._lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
+            )
+            for seq in batch
+        ]
+        self.num_step_calls += 1
+        self._steps_since_call = 0
+        try:
+            result = await self.allocator.step(commits, releases, [], admits, budget)
+        except AllocatorError:
+            self._defer_releases(releases)
+            raise
+        await self._check_parts(result, releases)
+        return result
 
     def _admit_one(
         self, seq: Sequence, alloc: Allocation, out: SchedulerOutput, budget: int
@@ -393,6 +401,12 @@ class Scheduler:
             log.exception("Step call failed")
             self._defer_releases(releases)
             return None
+        await self._check_parts(result, releases)
+        if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
+            log.error("look-ahead Extend failed: %s", result.extend_error)
+        return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
+
+    async def _check_parts(self, result: StepResult, releases: list[str]) -> None:
         if result.commit_error is not None:  # those blocks stay unshared
             log.error("commit failed: %s", result.commit_error)
         err = result.release_error
@@ -404,9 +418,6 @@ class Scheduler:
                 await self._release([sid])
         elif err is not None:
             log.error("release failed: %s", err)
-        if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
-            log.error("look-ahead Extend failed: %s", result.extend_error)
-        return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
 
     def _defer_releases(self, releases: list[str]) -> None:
         """A release kvmanager could not take is retried until it does: dropping it would leak

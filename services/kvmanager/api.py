@@ -94,6 +94,18 @@ class StepResult:
     commit_error: AllocatorError | None = None
     release_error: AllocatorError | None = None
     extend_error: AllocatorError | None = None
+    allocations: list[Allocation] = field(default_factory=list)  # a prefix of the admissions
+    allocate_error: AllocatorError | None = None  # why the next admission failed, if it did
+
+
+@dataclass(slots=True)
+class AdmitEntry:
+    """One waiting sequence offered for admission in a `step` call."""
+
+    seq_id: str
+    token_ids: list[int]
+    cache_salt: str = ""
+    num_lookahead_tokens: int = 0
 
 
 class BlockAllocator(Protocol):
@@ -125,11 +137,18 @@ class BlockAllocator(Protocol):
     async def release(self, seq_ids: list[str]) -> int: ...
 
     async def step(
-        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+        self,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+        admits: list[AdmitEntry] | None = None,
+        admit_token_budget: int = 0,
     ) -> StepResult:
-        """commit, release, then extend, in one call (a part with no entries is skipped); each
-        part fails on its own, reported in the result. Raises only when the call as a whole
-        fails (AllocatorUnavailable: kvmanager unreachable, nothing known to be applied)."""
+        """commit, release, extend, then admit, in one call (a part with no entries is
+        skipped); each part fails on its own, reported in the result. Admissions are allocated
+        in order while their uncached tokens stay below `admit_token_budget` (0: no limit).
+        Raises only when the call as a whole fails (AllocatorUnavailable: kvmanager
+        unreachable, nothing known to be applied)."""
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""

@@ -19,6 +19,7 @@ import grpc
 from proto import kvmanager_pb2 as pb
 from proto import kvmanager_pb2_grpc as pb_grpc
 from services.kvmanager.api import (
+    AdmitEntry,
     Allocation,
     AllocatorError,
     AllocatorUnavailable,
@@ -256,7 +257,12 @@ class KVManagerClient:
         return reply.num_published
 
     async def step(
-        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+        self,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+        admits: list[AdmitEntry] | None = None,
+        admit_token_budget: int = 0,
     ) -> StepResult:
         tokens = self._commit_tokens(commits)
 
@@ -267,6 +273,16 @@ class KVManagerClient:
                 self._fill_release(m.release, releases)
             if extends:
                 self._fill_extend(m.extend, extends)
+            for a in admits or ():
+                m.allocate.add(
+                    executor_id=self.executor_id,
+                    epoch=self.epoch,
+                    seq_id=a.seq_id,
+                    token_ids=a.token_ids,
+                    cache_salt=a.cache_salt,
+                    num_lookahead_tokens=a.num_lookahead_tokens,
+                )
+            m.allocate_token_budget = admit_token_budget
 
         r = await self._hot("step", fill)
         result = StepResult()
@@ -282,6 +298,11 @@ class KVManagerClient:
             result.extend_error = _session_error(r.extend_error)
         elif extends:
             result.extend = decode_extend(r.extend)
+        result.allocations = [
+            Allocation(list(a.block_ids), a.num_cached_tokens) for a in r.allocate
+        ]
+        if r.HasField("allocate_error"):
+            result.allocate_error = _session_error(r.allocate_error)
         return result
 
     async def fork(

@@ -8,6 +8,7 @@ of the scheduler use.
 from __future__ import annotations
 
 from services.kvmanager.api import (
+    AdmitEntry,
     Allocation,
     AllocatorError,
     CommitEntry,
@@ -75,7 +76,12 @@ class LocalAllocator:
         return self.manager.release(self.executor_id, self.epoch, seq_ids)
 
     async def step(
-        self, commits: list[CommitEntry], releases: list[str], extends: list[ExtendEntry]
+        self,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+        admits: list[AdmitEntry] | None = None,
+        admit_token_budget: int = 0,
     ) -> StepResult:
         result = StepResult()
         if commits:
@@ -93,6 +99,13 @@ class LocalAllocator:
                 result.extend = await self.extend(extends)
             except AllocatorError as e:
                 result.extend_error = e
+        if admits:
+            result.allocations, result.allocate_error = self.manager.allocate_many(
+                self.executor_id,
+                self.epoch,
+                [(a.seq_id, a.token_ids, a.cache_salt, a.num_lookahead_tokens) for a in admits],
+                admit_token_budget,
+            )
         return result
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:

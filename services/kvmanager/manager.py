@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from services.kvmanager import hashing
 from services.kvmanager.api import (
     Allocation,
+    AllocatorError,
     InvalidRequest,
     OutOfBlocks,
     SequenceTooLarge,
@@ -221,6 +222,30 @@ class Manager:
         num_cached = len(hits) * ex.block_size
         self.stats.record(executor_id, tenant, n, num_cached)
         return Allocation(blocks, num_cached)
+
+    def allocate_many(
+        self,
+        executor_id: str,
+        epoch: int,
+        entries: Sequence[tuple[str, Sequence[int], str, int]],
+        token_budget: int = 0,
+    ) -> tuple[list[Allocation], AllocatorError | None]:
+        """Admission in one call: (seq_id, token_ids, cache_salt, num_lookahead_tokens) entries
+        allocated in order while the uncached tokens of those allocated so far stay below
+        `token_budget` (0: no limit), stopping at the first that fails. Returns the allocations
+        (a prefix of `entries`) and that failure, if any."""
+        out: list[Allocation] = []
+        used = 0
+        for seq_id, token_ids, cache_salt, lookahead in entries:
+            if token_budget and used >= token_budget:
+                break
+            try:
+                a = self.allocate(executor_id, epoch, seq_id, token_ids, cache_salt, lookahead)
+            except AllocatorError as e:
+                return out, e
+            out.append(a)
+            used += len(token_ids) - a.num_cached_tokens
+        return out, None
 
     def extend(
         self,

@@ -195,6 +195,21 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 err = getattr(out, part + "_error")
                 err.code = status_for(e).value[0]
                 err.message = str(e)
+        if request.allocate:
+            allocs, error = self.m.allocate_many(
+                request.allocate[0].executor_id,
+                request.allocate[0].epoch,
+                [
+                    (a.seq_id, a.token_ids, a.cache_salt, a.num_lookahead_tokens)
+                    for a in request.allocate
+                ],
+                request.allocate_token_budget,
+            )
+            for a in allocs:
+                out.allocate.add(block_ids=a.block_ids, num_cached_tokens=a.num_cached_tokens)
+            if error is not None:
+                out.allocate_error.code = status_for(error).value[0]
+                out.allocate_error.message = str(error)
 
     async def _unary(self, do, request, out, context):
         try:

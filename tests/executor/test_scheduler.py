@@ -29,12 +29,12 @@ class CountingAllocator(LocalAllocator):
         self.extends += not self._in_step
         return await super().extend(entries)
 
-    async def step(self, commits, releases, extends):
+    async def step(self, commits, releases, extends, admits=None, admit_token_budget=0):
         self.step_calls += 1
         self.lookahead_calls += bool(extends)
         self._in_step = True
         try:
-            return await super().step(commits, releases, extends)
+            return await super().step(commits, releases, extends, admits, admit_token_budget)
         finally:
             self._in_step = False
 
@@ -160,3 +160,24 @@ async def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
     assert sc.num_preemptions == 1
     ex = alloc.manager.executors[alloc.executor_id]
     assert "p2" not in ex.seqs
+
+
+async def test_a_burst_with_a_cached_prefix_is_admitted_in_few_calls() -> None:
+    """64 arrivals sharing a cached 10-block prefix, 20 new tokens each: the step's budget
+    (512) takes 25 of them at 20 uncached tokens, admitted in a couple of calls, not 25."""
+    sc, alloc = await _scheduler(num_blocks=4096, max_num_seqs=256, max_num_batched_tokens=512)
+    prefix = list(range(1, 161))
+    first = _seq("first", [*prefix, 999])
+    sc.add(first)
+    await _step(sc)
+    await sc.drain()  # its prefix blocks are committed
+    burst = [_seq(f"b{i}", [*prefix, *range(1000 + 20 * i, 1020 + 20 * i)]) for i in range(64)]
+    for s in burst:
+        sc.add(s)
+    calls = alloc.step_calls
+    out = await sc.schedule()
+    admitted = [s for s in out.admitted if s.seq_id.startswith("b")]
+    assert all(s.num_cached_tokens == 160 for s in admitted)
+    assert sum(out.num_new_tokens) >= 500 and len(admitted) >= 24
+    assert alloc.step_calls - calls <= 3, alloc.step_calls - calls
+    assert [s.seq_id for s in admitted] == [f"b{i}" for i in range(len(admitted))]  # FIFO

@@ -5,6 +5,7 @@ the three calls sent back to back would."""
 from __future__ import annotations
 
 from services.kvmanager.api import (
+    AdmitEntry,
     CommitEntry,
     ExtendEntry,
     InvalidRequest,
@@ -63,3 +64,24 @@ async def test_empty_call_changes_nothing(make) -> None:
     r = await a.step([], [], [])
     assert (r.num_published, r.num_released, r.extend) == (0, 0, None)
     assert a.manager.snapshot() == before
+
+
+async def test_admissions_stop_at_the_token_budget_or_the_first_failure(make) -> None:
+    a = await make(num_blocks=16)
+    prefix = list(range(500, 508))  # 2 blocks, committed below
+    await a.allocate("p", [*prefix, 1])
+    await a.commit([CommitEntry("p", i, prefix[i * BS : (i + 1) * BS]) for i in range(2)])
+    admits = [AdmitEntry(f"s{i}", [*prefix, 10 + i, 20 + i]) for i in range(5)]
+    # Each is 10 tokens, 8 of them cached: 2 uncached each. A budget of 5 takes three (the
+    # third is admitted with 4 used: the budget bounds where the list stops, as the executor's
+    # chunking does), in order.
+    r = await a.step([], [], [], admits, admit_token_budget=5)
+    assert [x.num_cached_tokens for x in r.allocations] == [8, 8, 8]
+    assert r.allocate_error is None
+    ex = a.manager.executors[a.executor_id]
+    assert {"s0", "s1", "s2"} <= set(ex.seqs) and "s3" not in ex.seqs
+    # No budget: all that fit, stopping at the first that does not (blocks: 16 in all).
+    big = [AdmitEntry("b0", [7] * 12), AdmitEntry("b1", [8] * 40), AdmitEntry("b2", [9] * 2)]
+    r = await a.step([], [], [], big)
+    assert len(r.allocations) == 1 and isinstance(r.allocate_error, OutOfBlocks)
+    assert "b0" in ex.seqs and "b1" not in ex.seqs and "b2" not in ex.seqs
