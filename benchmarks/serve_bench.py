@@ -456,7 +456,9 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
             # Each repetition within an arm gets prompts of its own (a rerun would hit what the
             # run before it cached); repetition k uses the same prompts in every arm.
             rep = len(reports.get((arm, name, rate), []))
-            seed = args.seed + 10 * rep + (rate != inf)
+            # Prompts of their own per Poisson rate too: a later rate re-sending an earlier
+            # rate's prompts would find them cached.
+            seed = args.seed + 10 * rep + (0 if rate == inf else 1 + rates.index(rate))
             convs = (
                 mixed
                 if name == "mixed" and rep == 0
