@@ -120,6 +120,11 @@ class Scheduler:
     def _covered(self, seq: Sequence) -> int:
         return len(seq.block_table) * self.block_size
 
+    def _short(self, seq: Sequence, n: int) -> bool:
+        """Its table cannot take this step's n writes as it stands (too short, or it may hold
+        a shared partial block): a synchronous Extend must come first."""
+        return seq.needs_extend or self._covered(seq) < seq.num_computed_tokens + n
+
     def _lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
         return min(num_tokens + self.config.num_lookahead_tokens, self.max_model_len)
 
@@ -129,7 +134,6 @@ class Scheduler:
         self._land_calls()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        bs = self.block_size
         need: list[tuple[Sequence, int]] = []
         seqs, num_new = out.seqs, out.num_new_tokens
         for seq in self.running:
@@ -148,15 +152,11 @@ class Scheduler:
             seqs.append(seq)
             num_new.append(n)
             budget -= n
-            if seq.needs_extend or len(seq.block_table) * bs < start + n:
+            if self._short(seq, n):
                 need.append((seq, n))
         if need:
             await self._settle()  # the look-ahead in flight may cover them
-            need = [
-                (q, n)
-                for q, n in need
-                if q.needs_extend or len(q.block_table) * bs < q.num_computed_tokens + n
-            ]
+            need = [(q, n) for q, n in need if self._short(q, n)]
         if need:
             preempted = await self._extend_or_preempt(need, out)
             out.num_preempted = len(preempted)
@@ -228,9 +228,8 @@ class Scheduler:
     async def _admission_call(self, batch: list[Sequence], budget: int) -> StepResult:
         """One call: the commits and releases waiting, then the admissions; every call in
         flight lands first (its releases may be what makes room; its tables must be current)."""
-        commits, self._commits = self._commits, []
-        releases, self._releases = self._releases, []
-        await self._settle()
+        commits, releases = self._begin_call()
+        await self._settle()  # (nothing left for it to send)
         admits = [
             AdmitEntry(
                 seq.seq_id,
@@ -240,8 +239,6 @@ class Scheduler:
             )
             for seq in batch
         ]
-        self.num_step_calls += 1
-        self._steps_since_call = 0
         try:
             result = await self.allocator.step(commits, releases, [], admits, budget)
         except AllocatorError:
@@ -346,7 +343,6 @@ class Scheduler:
         sampling sequences; num_computed_tokens already counts this step) is about to run short,
         reserving for every one of them within the look-ahead window, or if commits and releases
         have waited FLUSH_STEPS steps. Its result is applied by a later `schedule`."""
-        bs = self.block_size
         entries: list[tuple[Sequence, ExtendEntry]] = []
         urgent = False
         for seq in seqs:
@@ -356,7 +352,7 @@ class Scheduler:
             if end + 1 >= self.max_model_len:
                 continue
             target = self._lookahead_target(seq, end + 1)
-            covered = max(len(seq.block_table) * bs, seq.lookahead_sent)
+            covered = max(self._covered(seq), seq.lookahead_sent)
             if covered < target:
                 entries.append((seq, ExtendEntry(seq.seq_id, end, target)))
                 urgent = urgent or covered < min(end + 1 + URGENT_TOKENS, target)
@@ -370,15 +366,20 @@ class Scheduler:
         self._commits.extend(commits)
         self._releases.extend(releases)
 
-    def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
+    def _begin_call(self) -> tuple[list[CommitEntry], list[str]]:
+        """A Step call goes out: it takes the commits and releases waiting."""
         commits, self._commits = self._commits, []
         releases, self._releases = self._releases, []
-        if not (commits or releases or entries):
-            return
-        for seq, e in entries:
-            seq.lookahead_sent = e.num_tokens
         self._steps_since_call = 0
         self.num_step_calls += 1
+        return commits, releases
+
+    def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
+        if not (self._commits or self._releases or entries):
+            return
+        commits, releases = self._begin_call()
+        for seq, e in entries:
+            seq.lookahead_sent = e.num_tokens
         prev = self._calls[-1][0] if self._calls else None
         call = self._call(prev, commits, releases, [e for _, e in entries])
         self._calls.append((asyncio.create_task(call), [seq for seq, _ in entries]))

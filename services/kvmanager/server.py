@@ -57,6 +57,13 @@ def status_for(e: AllocatorError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def fill_error(err: pb.CallError, e: AllocatorError) -> None:
+    """A failed call's error inside a reply (Session, Step): the status its unary call would
+    have returned, and the message."""
+    err.code = status_for(e).value[0]
+    err.message = str(e)
+
+
 def _hits(h: HitCounts) -> pb.HitStats:
     return pb.HitStats(
         query_tokens=h.query_tokens,
@@ -192,9 +199,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 getattr(self, "_do_" + part)(getattr(request, part), result)
             except AllocatorError as e:
                 out.ClearField(part)
-                err = getattr(out, part + "_error")
-                err.code = status_for(e).value[0]
-                err.message = str(e)
+                fill_error(getattr(out, part + "_error"), e)
         if request.allocate:
             allocs, error = self.m.allocate_many(
                 request.allocate[0].executor_id,
@@ -208,8 +213,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             for a in allocs:
                 out.allocate.add(block_ids=a.block_ids, num_cached_tokens=a.num_cached_tokens)
             if error is not None:
-                out.allocate_error.code = status_for(error).value[0]
-                out.allocate_error.message = str(error)
+                fill_error(out.allocate_error, error)
 
     async def _unary(self, do, request, out, context):
         try:
@@ -266,8 +270,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             do[kind](getattr(req, kind), out)
         except AllocatorError as e:
             reply.ClearField(kind)
-            reply.error.code = status_for(e).value[0]
-            reply.error.message = str(e)
+            fill_error(reply.error, e)
         return reply
 
     async def Match(self, request, context):
