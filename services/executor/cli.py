@@ -39,7 +39,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         p, "--prefix-caching", True, "share cached prompt blocks (--no-prefix-caching: A/B)", bool
     )
+    add_option(
+        p,
+        "--prefill-cuda-graphs",
+        True,
+        "replay CUDA graphs for prefill steps too (--no-prefill-cuda-graphs: A/B)",
+        bool,
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
+    add_option(p, "--trace-steps", "", "append a JSON line per step and request event here")
     p.set_defaults(func=run)
 
 
@@ -130,6 +138,7 @@ async def _main(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         executor_id=args.executor_id,
         enable_prefix_caching=args.prefix_caching,
+        use_prefill_cuda_graphs=args.prefill_cuda_graphs,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,7 +164,7 @@ async def _main(args: argparse.Namespace) -> None:
             info.block_size,
             info.max_model_len,
         )
-        await serve(engine, info, args.host, args.port, stop)
+        await serve(engine, info, args.host, args.port, stop, args.trace_steps)
     finally:
         with contextlib.suppress(Exception):
             await allocator.close()

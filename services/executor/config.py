@@ -28,6 +28,9 @@ class EngineConfig:
     # computes has slack and step t+1 never waits on the allocator.
     num_lookahead_tokens: int = 8
     use_cuda_graphs: bool = True
+    # Prefill and mixed steps replay graphs too, by token bucket (cuda_graphs.py); needs
+    # use_cuda_graphs. Off: those steps launch their kernels eagerly (A/B).
+    use_prefill_cuda_graphs: bool = True
     # Launch step t before landing step t-1, so the host's bookkeeping hides behind the device
     # (outputs come one step later). None: on for CUDA.
     async_scheduling: bool | None = None

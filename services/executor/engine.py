@@ -57,6 +57,7 @@ from services.executor.sampler import (
 )
 from services.executor.scheduler import Scheduler, SchedulerOutput
 from services.executor.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from services.executor.trace import StepTimes
 from services.kvmanager.api import BlockAllocator, CommitEntry
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class LLMEngine:
         self.started = False
         self.epoch = 0
         self.num_steps = 0
+        self.step_times = StepTimes()  # the last step's, for --trace-steps (trace.py)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -178,10 +180,25 @@ class LLMEngine:
         self.token_buf = torch.zeros(
             rows, self.max_model_len + 1, dtype=torch.int64, device=self.device
         )
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
-            from services.executor.cuda_graphs import CUDAGraphRunner
+            from services.executor.cuda_graphs import CUDAGraphRunner, PrefillGraphRunner
 
+            start = time.monotonic()
+            pool = None
+            if cfg.use_prefill_cuda_graphs:
+                self.prefill_graphs = PrefillGraphRunner(
+                    self.model,
+                    self.pool.kv_caches,
+                    max_tokens=cfg.max_num_batched_tokens,
+                    max_seqs=cfg.max_num_seqs,
+                    max_blocks=self.max_blocks,
+                    max_model_len=self.max_model_len,
+                    hidden_size=mc.hidden_size,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+                pool = self.prefill_graphs.capture()  # the largest graphs: first into the pool
             self.graphs = CUDAGraphRunner(
                 self.model,
                 self.pool.kv_caches,
@@ -191,11 +208,11 @@ class LLMEngine:
                 vocab_size=mc.vocab_size,
                 device=self.device,
             )
-            start = time.monotonic()
-            self.graphs.capture()
+            self.graphs.capture(pool)
             log.info(
-                "captured %d CUDA graphs in %.1f s",
+                "captured %d decode and %d prefill CUDA graphs in %.1f s",
                 len(self.graphs.graphs),
+                len(self.prefill_graphs.graphs) if self.prefill_graphs else 0,
                 time.monotonic() - start,
             )
         self.epoch = await self.allocator.register(num_blocks, cfg.block_size, self.kv_fingerprint)
@@ -378,15 +395,20 @@ class LLMEngine:
 
     async def _step_sync(self) -> list[SequenceOutput]:
         """Schedule, run, and return this step's tokens."""
+        times = self._times_start()
         outputs = self._process_aborts()
         sched = await self.scheduler.schedule()
+        times.schedule = time.perf_counter() - times.start
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         if sched.seqs:
             flight = self._launch_step(sched)
+            self._times_launched(times, sched)
             # Overlapped with the device: commits of the blocks this step fills.
             commits = self.scheduler.commit_entries(sched.seqs)
+            landing = time.perf_counter()
             outputs.extend(await self._complete(flight, commits))
+            times.land = time.perf_counter() - landing
             self.num_steps += 1
         if not self.requests:
             await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
@@ -398,8 +420,10 @@ class LLMEngine:
         token_buf on the device, where t-1's sampler wrote them (stream order). A sequence that
         t-1 finishes (EOS, stop id) has run one wasted token in t, dropped when t lands; one
         that finishes by length is not scheduled again (scheduler.py)."""
+        times = self._times_start()
         outputs = self._process_aborts()
         sched = await self.scheduler.schedule()
+        times.schedule = time.perf_counter() - times.start
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         flight = None
@@ -409,9 +433,12 @@ class LLMEngine:
                 # (the landing order, which is what this mode changes, stays the same).
                 await self._inflight.future
             flight = self._launch_step(sched)
+            self._times_launched(times, sched)
         prev, self._inflight = self._inflight, flight
         if prev is not None:
+            landing = time.perf_counter()
             outputs.extend(await self._complete(prev))
+            times.land = time.perf_counter() - landing
         if flight is not None:
             sc = self.scheduler
             # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
@@ -421,6 +448,23 @@ class LLMEngine:
         if not self.requests and self._inflight is None:
             await self.scheduler.drain()
         return outputs
+
+    def _times_start(self) -> StepTimes:
+        times = self.step_times
+        times.start = time.perf_counter()
+        times.schedule = times.launch = times.land = 0.0
+        times.num_seqs = times.num_tokens = times.num_prefill_seqs = times.num_admitted = 0
+        return times
+
+    @staticmethod
+    def _times_launched(times: StepTimes, sched: SchedulerOutput) -> None:
+        times.launch = time.perf_counter() - times.start - times.schedule
+        times.num_seqs = len(sched.seqs)
+        times.num_tokens = sched.num_tokens
+        times.num_prefill_seqs = times.num_tokens - times.num_seqs and sum(
+            1 for n in sched.num_new_tokens if n > 1
+        )
+        times.num_admitted = len(sched.admitted)
 
     def _launch_step(self, sched: SchedulerOutput) -> _InFlight:
         """Prepare and submit the step's device work; then, overlapped with it, advance the
@@ -688,14 +732,24 @@ class LLMEngine:
         if copies:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
-        logits = None
-        if self.graphs is not None and batch.attn.is_decode and not batch.forks:
-            logits = self.graphs.run(batch.input_ids, batch.positions, batch.attn, batch.num_seqs)
+        logits = hidden = None
+        if self.graphs is not None and not batch.forks:
+            if batch.attn.is_decode:
+                logits = self.graphs.run(
+                    batch.input_ids, batch.positions, batch.attn, batch.num_seqs
+                )
+                if logits is not None and batch.logits_index.numel() != batch.num_seqs:
+                    logits = logits.index_select(0, batch.logits_index)
+            elif self.prefill_graphs is not None:
+                hidden = self.prefill_graphs.run(
+                    batch.input_ids, batch.positions, batch.attn, batch.num_seqs
+                )
         if logits is None:
-            hidden = self.model(batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn)
+            if hidden is None:
+                hidden = self.model(
+                    batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn
+                )
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_index))
-        elif batch.logits_index.numel() != batch.num_seqs:
-            logits = logits.index_select(0, batch.logits_index)
         counts = None
         if batch.st.presence is not None:
             length = max(batch.sample_pos_host, default=0) + 1

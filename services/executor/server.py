@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
 from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from services.executor.trace import StepTrace
 
 log = logging.getLogger("pagemesh.executor.server")
 
@@ -138,8 +140,9 @@ class Sink:
 class EngineLoop:
     """Owns the engine: the only place `step()` is called."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, trace: StepTrace | None = None) -> None:
         self.engine = engine
+        self.trace = trace
         self._wake = asyncio.Event()
         self._owner: dict[str, Sink] = {}
         self._open_choices: dict[str, set[int]] = {}
@@ -161,6 +164,8 @@ class EngineLoop:
             rid, list(request.prompt_token_ids), params, cache_salt=request.cache_salt
         )
         self._owner[rid] = sink
+        if self.trace is not None:
+            self.trace.arrive(rid)
         # One final output per choice; beam search returns its n best beams the same way.
         self._open_choices[rid] = set(range(max(1, params.n)))
         sink.owned.add(rid)
@@ -185,6 +190,8 @@ class EngineLoop:
     def _forget(self, rid: str) -> None:
         sink = self._owner.pop(rid, None)
         self._open_choices.pop(rid, None)
+        if self.trace is not None:
+            self.trace.forget(rid)
         if sink is not None:
             sink.owned.discard(rid)
             sink.sent.pop(rid, None)
@@ -208,8 +215,22 @@ class EngineLoop:
             self.steps += 1
             if outputs:
                 self._route(outputs)
+            if self.trace is not None:
+                self._trace_step(outputs)
             # Let gRPC write this step's messages and read new requests/aborts before the next.
             await asyncio.sleep(0)
+
+    def _trace_step(self, outputs: list[SequenceOutput]) -> None:
+        assert self.trace is not None
+        engine = self.engine
+        self.trace.first([o.request_id for o in outputs if o.token_ids])
+        self.trace.step(
+            engine.step_times,
+            time.perf_counter(),
+            engine.num_waiting,
+            engine.num_running,
+            len(outputs),
+        )
 
     def _route(self, outputs: list[SequenceOutput]) -> None:
         # Per output: a few attribute reads and three list appends in the common case; a
@@ -398,9 +419,12 @@ async def serve(
     host: str,
     port: int,
     stop: asyncio.Event | None = None,
+    trace_path: str = "",
 ) -> None:
-    """Runs the service until `stop` is set (or forever); the engine must be started."""
-    loop = EngineLoop(engine)
+    """Runs the service until `stop` is set (or forever); the engine must be started.
+    `trace_path`: append a JSON line per step and per request event there (trace.py)."""
+    trace = StepTrace(trace_path) if trace_path else None
+    loop = EngineLoop(engine, trace)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_ExecutorServicer_to_server(ExecutorService(loop, info), server)
     health_servicer = health.aio.HealthServicer()
@@ -435,3 +459,5 @@ async def serve(
             await engine_task
         for task in waiters:
             task.cancel()
+        if trace is not None:
+            trace.close()

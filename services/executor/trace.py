@@ -1,0 +1,78 @@
+"""`pagemesh executor --trace-steps FILE`: a JSON line per engine step and per request event.
+
+For finding where a request's time goes (admission, host time of a step, the device). Times are
+`time.perf_counter()` seconds: CLOCK_MONOTONIC on Linux, one clock for every process on the
+host, so a client's send time and the executor's arrival time compare directly.
+
+Lines:
+  {"ev": "step", "t": start, "sched": s, "launch": s, "land": s, "end": end, "seqs": n,
+   "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n}
+  {"ev": "arrive", "t": t, "rid": id}     the executor read the request
+  {"ev": "first", "t": t, "rid": id}      its first output left for the gateway's stream
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import IO
+
+
+@dataclass(slots=True)
+class StepTimes:
+    """What the engine's last step spent where (seconds); filled by every step, traced or not
+    (a few perf_counter calls)."""
+
+    start: float = 0.0
+    schedule: float = 0.0  # scheduler.schedule(), kvmanager calls it awaited included
+    launch: float = 0.0  # batch build + launching the device work (eager prefill: the kernels)
+    land: float = 0.0  # waiting for and post-processing the step that lands
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_prefill_seqs: int = 0
+    num_admitted: int = 0
+
+
+class StepTrace:
+    def __init__(self, path: str) -> None:
+        self._file: IO[str] = open(path, "a", buffering=1 << 16)  # noqa: SIM115 (closed in close)
+        self._seen: set[str] = set()
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def arrive(self, rid: str) -> None:
+        self._write({"ev": "arrive", "t": time.perf_counter(), "rid": rid})
+
+    def first(self, rids: list[str]) -> None:
+        now = time.perf_counter()
+        for rid in rids:
+            if rid not in self._seen:
+                self._seen.add(rid)
+                self._write({"ev": "first", "t": now, "rid": rid})
+
+    def step(self, times: StepTimes, end: float, waiting: int, running: int, outputs: int) -> None:
+        self._write(
+            {
+                "ev": "step",
+                "t": times.start,
+                "sched": round(times.schedule, 6),
+                "launch": round(times.launch, 6),
+                "land": round(times.land, 6),
+                "end": end,
+                "seqs": times.num_seqs,
+                "tokens": times.num_tokens,
+                "prefill_seqs": times.num_prefill_seqs,
+                "admitted": times.num_admitted,
+                "waiting": waiting,
+                "running": running,
+                "outputs": outputs,
+            }
+        )
+
+    def forget(self, rid: str) -> None:
+        self._seen.discard(rid)
+
+    def close(self) -> None:
+        self._file.close()
