@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pagemesh.env import add_option
+from pagemesh.heap import freeze_startup_heap
 
 DEFAULT_PORT = 50052
 DEFAULT_KVMANAGER = "127.0.0.1:50051"
@@ -156,6 +157,7 @@ async def _main(args: argparse.Namespace) -> None:
             return
         waiter.cancel()
         start.result()
+        freeze_startup_heap()
         info = executor_info(engine, args, device)
         log.info(
             "epoch %d: %d blocks x %d tokens, max_model_len %d",

@@ -57,6 +57,7 @@ from services.executor.sampler import (
 )
 from services.executor.scheduler import Scheduler, SchedulerOutput
 from services.executor.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from services.executor.staging import PinnedStaging
 from services.executor.trace import StepTimes
 from services.kvmanager.api import BlockAllocator, CommitEntry
 
@@ -84,10 +85,6 @@ class Batch:
 class _Pending:
     out: SamplerOutput  # on the device, possibly not computed yet
     beam: BeamCandidates | None
-
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to("cpu", non_blocking=True)  # pinned, asynchronous
 
 
 @dataclass(slots=True)
@@ -180,6 +177,7 @@ class LLMEngine:
         self.token_buf = torch.zeros(
             rows, self.max_model_len + 1, dtype=torch.int64, device=self.device
         )
+        self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
             from services.executor.cuda_graphs import CUDAGraphRunner, PrefillGraphRunner
@@ -470,6 +468,8 @@ class LLMEngine:
         """Prepare and submit the step's device work; then, overlapped with it, advance the
         sequences and reserve the coming steps' blocks. Each sampling sequence gets a
         placeholder token until the step lands."""
+        if self.staging is not None:
+            self.staging.next_step()
         with torch.inference_mode():
             batch = self._prepare(sched)
         loop = asyncio.get_running_loop()
@@ -652,7 +652,7 @@ class LLMEngine:
         if self._special:
             params = [q.request.params for q in sample_seqs]
             gens = [q.generator for q in sample_seqs]
-            st = build_sampling_tensors(params, gens, self.vocab_size, dev)
+            st = build_sampling_tensors(params, gens, self.vocab_size, dev, self.staging)
         else:
             st = ALL_GREEDY
         return Batch(
@@ -674,24 +674,21 @@ class LLMEngine:
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
         """Host array -> device tensor without waiting for the device: a blocking (or
         pageable) copy would stall the host until the queued steps finish, which async
-        scheduling must never do. Pinned memory is recycled by PyTorch's caching host
-        allocator once the copy is done."""
-        t = torch.from_numpy(array)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        scheduling must never do (the step's pinned staging slot: staging.py)."""
+        if self.staging is None:
+            return torch.from_numpy(array)
+        return self.staging.to_device(array)
 
     def _sync_tables(self, sched: SchedulerOutput) -> None:
         """Write the table entries that changed since they were last uploaded, in one op."""
         if sched.admitted:
-            rows, cols, vals = [], [], []
-            for seq in sched.admitted:
-                n = seq.num_tokens
-                rows.append(np.full(n, seq.row, np.int64))
-                cols.append(np.arange(n))
-                vals.append(np.asarray(seq.token_ids, np.int64))
-            idx = self._h2d(np.stack([np.concatenate(rows), np.concatenate(cols)]))
-            self.token_buf[idx[0], idx[1]] = self._h2d(np.concatenate(vals))
+            # Whole prompts (the penalties count them); flat positions row * width + column.
+            lens = np.fromiter((q.num_tokens for q in sched.admitted), np.int64)
+            rows = np.fromiter((q.row for q in sched.admitted), np.int64)
+            starts = np.repeat(rows * self.token_buf.shape[1] - np.cumsum(lens) + lens, lens)
+            flat = starts + np.arange(int(lens.sum()))
+            vals = np.concatenate([np.asarray(q.token_ids, np.int64) for q in sched.admitted])
+            self.token_buf.view(-1)[self._h2d(flat)] = self._h2d(vals)
         changed = [s for s in sched.seqs if s.num_synced_blocks != len(s.block_table)]
         if not changed:
             return
@@ -764,8 +761,12 @@ class LLMEngine:
         if out.token_ids.is_cuda:
             # Queue the copies to (pinned) host memory now, ahead of whatever is launched next:
             # landing this step must not wait for the next one.
+            assert self.staging is not None
             out = SamplerOutput(
-                *(_to_host(t) for t in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+                *(
+                    None if t is None else self.staging.to_host(t)
+                    for t in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+                )
             )
         return _Pending(out, beam)
 

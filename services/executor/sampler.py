@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from services.executor.engine_api import SamplingParams
+from services.executor.staging import PinnedStaging
 
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy
 
@@ -53,8 +54,10 @@ def build_sampling_tensors(
     generators: list[torch.Generator | None],
     vocab_size: int,
     device: torch.device,
+    staging: PinnedStaging | None = None,
 ) -> SamplingTensors:
-    """One pass over the rows' params; the batch flags decide which stages run at all."""
+    """One pass over the rows' params; the batch flags decide which stages run at all.
+    `staging`: the step's pinned memory for the uploads (the engine's; staging.py)."""
     greedy = [is_greedy(p) for p in params]
     all_greedy = all(greedy)
     any_penalty = any(
@@ -66,7 +69,9 @@ def build_sampling_tensors(
 
     def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":  # pinned: the copy never waits for queued device work
+        if staging is not None:  # pinned: the copy never waits for queued device work
+            return staging.to_device(t.numpy())
+        if device.type == "cuda":
             t = t.pin_memory()
         return t.to(device, non_blocking=True)
 

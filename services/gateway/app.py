@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pagemesh.heap import freeze_startup_heap
 from services.gateway.chat import PromptError, Tokenizer
 from services.gateway.errors import APIError, invalid
 from services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
@@ -90,6 +91,7 @@ class Gateway:
         path = self.config.tokenizer or info.model_path or info.model
         log.info("loading tokenizer from %s", path)
         self.tokenizer = await asyncio.to_thread(Tokenizer.load, path)
+        freeze_startup_heap()
         self.client.start()
         log.info(
             "serving %r (max_model_len %d) via executor %s",

@@ -56,6 +56,7 @@ def run_service(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from pagemesh.heap import freeze_startup_heap
     from services.kvmanager.server import start_server
 
     server = await start_server(
@@ -66,6 +67,7 @@ async def _serve(args: argparse.Namespace) -> int:
         redis_prefix=args.redis_prefix,
         flush_interval=args.flush_interval_ms / 1000,
     )
+    freeze_startup_heap()
     # Printed for whoever started us (tests, `pagemesh up`): the port actually bound.
     print(f"kvmanager listening on {args.host}:{server.port}", flush=True)
     stop = asyncio.Event()
