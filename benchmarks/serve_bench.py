@@ -8,6 +8,10 @@ per output token (p50/p90/p99), the prefix-cache hit rate measured by kvmanager 
 theoretical one for the workload, peak KV blocks in use, and KV memory utilization (tokens held
 by live sequences over the slots of the blocks they hold, sampled while requests run).
 
+Requests go out from `--client-procs` worker processes (benchmarks/load_client.py), each
+conversation whole on one, with bodies serialized and connections opened before the clock
+starts: one Python process would itself delay a burst's sends and the reading of its tokens.
+
 `--start` launches the mesh itself (benchmarks/mesh_launcher.py) with `--model`, `--allocator`
 and `--no-prefix-caching`, so an A/B pair runs in one invocation (`--compare allocator` or
 `--compare prefix_caching`).
@@ -20,32 +24,26 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import workloads
+from benchmarks.load_client import (
+    DEFAULT_CLIENT_PROCS,
+    ClientPool,
+    Exchange,
+    arrival_offsets,
+    client_session,
+    first_turn_body,
+    run_conversation,
+)
 from benchmarks.workloads import Conversation
 from services.gateway.chat import Tokenizer
-
-
-@dataclass(slots=True)
-class RequestResult:
-    ok: bool
-    ttft: float = 0.0
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    token_times: list[float] = field(default_factory=list)
-    error: str = ""
-    text: str = ""
 
 
 def percentiles(values: list[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -57,67 +55,6 @@ def percentiles(values: list[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict
         k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
         out[f"p{p}"] = ordered[k]
     return out
-
-
-async def stream_chat(
-    session: aiohttp.ClientSession,
-    url: str,
-    model: str,
-    messages: list[dict[str, str]],
-    max_tokens: int,
-    n: int,
-    extra: dict[str, Any],
-) -> RequestResult:
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "n": n,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-        "temperature": 0.0,
-        **extra,
-    }
-    start = time.perf_counter()
-    result = RequestResult(ok=False)
-    texts = [""] * n
-    try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return result
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                payload = line[6:]
-                if payload == "[DONE]":
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])
-                    return result
-                now = time.perf_counter() - start
-                for choice in chunk.get("choices", []):
-                    content = choice.get("delta", {}).get("content")
-                    if content:
-                        if not result.token_times:
-                            result.ttft = now
-                        result.token_times.append(now)
-                        texts[choice["index"]] += content
-                usage = chunk.get("usage")
-                if usage:
-                    result.output_tokens = usage["completion_tokens"]
-                    result.prompt_tokens = usage["prompt_tokens"]
-                    details = usage.get("prompt_tokens_details") or {}
-                    result.cached_tokens = details.get("cached_tokens") or 0
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        result.error = repr(exc)
-        return result
-    result.text = texts[0]
-    result.ok = True
-    return result
 
 
 class KVStatsPoller:
@@ -186,6 +123,53 @@ def hits_since_start(stats: Any) -> tuple[int, int]:
     return 0, 0
 
 
+@dataclass(slots=True)
+class ClientRun:
+    """What the clients saw of one run."""
+
+    exchanges: list[Exchange]  # every request, in arrival (send) order
+    elapsed: float  # to the last response's end
+    cpu_s: list[float]  # the parent's CPU seconds over the run, then each worker's
+    requests_per_worker: list[int]
+
+
+async def drive(
+    url: str,
+    model: str,
+    convs: list[Conversation],
+    rate: float,
+    seed: int,
+    warmup_first: bool,
+    clients: ClientPool,
+) -> ClientRun:
+    """One run as the clients see it: the warm-up conversation (if any) from this process and
+    alone, then the rest from the pool's workers, all timed from a common start."""
+    warmup, rest = (convs[:1], convs[1:]) if warmup_first else ([], convs)
+    # Before any clock starts: the workers serialize their bodies and open their connections.
+    await clients.prepare(url, model, rest, arrival_offsets(len(rest), rate, seed))
+    began = time.perf_counter()
+    cpu_start = time.process_time()
+    exchanges: list[Exchange] = []
+    for conv in warmup:
+        # The first request alone: its blocks are committed before the others arrive, which is
+        # what the theoretical hit rate at block granularity assumes.
+        async with client_session() as session:
+            body = first_turn_body(model, conv)
+            exchanges += await run_conversation(session, url, model, conv, body)
+    start = clients.go()
+    reports = await clients.reports()
+    cpu_s = time.process_time() - cpu_start
+    for report in reports:
+        exchanges += report.exchanges
+    exchanges.sort(key=lambda e: e.result.sent_at)
+    return ClientRun(
+        exchanges=exchanges,
+        elapsed=max(r.end for r in reports) - (began if warmup else start),
+        cpu_s=[cpu_s, *(r.cpu_s for r in reports)],
+        requests_per_worker=[len(r.exchanges) for r in reports],
+    )
+
+
 async def run_workload(
     url: str,
     kv_address: str | None,
@@ -198,62 +182,35 @@ async def run_workload(
     seed: int = 0,
     warmup_first: bool = True,
     executor_address: str | None = None,
+    clients: ClientPool | None = None,
 ) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=0)
+    """One workload through the mesh, sent by `clients` (None: a pool of DEFAULT_CLIENT_PROCS
+    started for this run alone); conversations arrive in a burst (rate inf) or as a Poisson
+    process seeded by `seed`."""
     poller = KVStatsPoller(kv_address, executor_address) if kv_address else None
-    results: list[RequestResult] = []
-    # Each request's messages in arrival order, encoded after the run for the theoretical hit
-    # rate: encoding a 1k-token chat takes the client's event loop milliseconds, which inside
-    # the run would delay other requests' sends and the reading of their first tokens.
-    sent: list[list[dict[str, str]]] = []
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        before = hits_since_start(await poller.stats()) if poller else (0, 0)
-        if poller:
-            poller.start()
-
-        async def conversation(conv: Conversation) -> None:
-            replies: list[str] = []
-            for t, turn in enumerate(conv.turns):
-                messages = workloads.messages_for(conv, t, replies)
-                sent.append(messages)
-                r = await stream_chat(
-                    session, url, model, messages, turn.max_tokens, conv.n, conv.extra
-                )
-                results.append(r)
-                if not r.ok:
-                    return
-                replies.append(r.text)
-
-        start = time.perf_counter()
-        cpu_start = time.process_time()
-        rest = convs
-        if warmup_first and convs:
-            # The first request alone: its blocks are committed before the others arrive, which is
-            # what the theoretical hit rate at block granularity assumes.
-            await conversation(convs[0])
-            rest = convs[1:]
-        rng = random.Random(seed)
-        tasks = []
-        for conv in rest:
-            tasks.append(asyncio.create_task(conversation(conv)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-        client_cpu = time.process_time() - cpu_start
-        if poller:
-            await asyncio.sleep(0.2)
-            after = hits_since_start(await poller.stats())
-            await poller.stop()
+    before = hits_since_start(await poller.stats()) if poller else (0, 0)
+    if poller:
+        poller.start()
+    with contextlib.ExitStack() as stack:
+        if clients is None:
+            clients = stack.enter_context(ClientPool(DEFAULT_CLIENT_PROCS))
+        run = await drive(url, model, convs, rate, seed, warmup_first, clients)
+    if poller:
+        await asyncio.sleep(0.2)
+        after = hits_since_start(await poller.stats())
+        await poller.stop()
+    results = [e.result for e in run.exchanges]
     ok = [r for r in results if r.ok]
+    elapsed = run.elapsed
     tpot = [
         (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1)
         for r in ok
         if len(r.token_times) > 1
     ]
     out_tokens = sum(r.output_tokens for r in ok)
-    prompts = [tokenizer.encode_chat(m) for m in sent]
+    # Encoded after the run, in arrival order: encoding a 1k-token chat takes milliseconds of a
+    # client's event loop, which inside the run would delay other requests.
+    prompts = [tokenizer.encode_chat(e.messages) for e in run.exchanges]
     theo_hits, theo_total = workloads.theoretical_hit_tokens(prompts, block_size)
     report: dict[str, Any] = {
         "workload": name,
@@ -272,9 +229,12 @@ async def run_workload(
         },
         "tpot_s": {k: round(v, 5) for k, v in percentiles(tpot).items()},
         "theoretical_hit_rate": round(theo_hits / theo_total, 4) if theo_total else 0.0,
-        # This client's own CPU over the run: near 1.0 means the client, not the server, set
-        # the pace (one Python process parses every SSE event).
-        "client_cpu_fraction": round(client_cpu / elapsed, 3),
+        # The clients' CPU over the run, the parent's and every worker's summed, and the busiest
+        # one's: near 1.0 there means that process, not the server, set the pace.
+        "client_cpu_fraction": round(sum(run.cpu_s) / elapsed, 3),
+        "client_cpu_fraction_max": round(max(run.cpu_s) / elapsed, 3),
+        # The parent's warm-up conversation is in none of these.
+        "client_requests_per_proc": run.requests_per_worker,
     }
     if poller:
         hit_tokens = after[0] - before[0]
@@ -353,7 +313,7 @@ def wait_until_serving(url: str, model: str, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPool) -> None:
     """Issue 7's figures in one invocation: the offline engine, then one mesh whose executor is
     restarted for each A/B arm (prefix caching off, in-process allocator)."""
     from tests.support.mesh import Mesh, MeshConfig
@@ -439,6 +399,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
                     tokenizer,
                     args.block_size,
                     warmup_first=first,
+                    clients=clients,
                 )
             )
 
@@ -477,6 +438,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
                     args.seed,
                     warmup_first=name != "mixed",
                     executor_address=mesh.executor_address,
+                    clients=clients,
                 )
             )
             report["arm"] = arm
@@ -550,6 +512,12 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=DEFAULT_CLIENT_PROCS,
+        help="client processes sending the requests (a conversation stays on one)",
+    )
+    parser.add_argument(
         "--suite",
         action="store_true",
         help="start the mesh and run every figure of issue 7 (A/B arms included)",
@@ -583,28 +551,30 @@ def main() -> int:
     if args.smoke:
         args.num_requests = args.num_requests or 4
         workloads.MAX_TOKENS_CAP = 8
-    if args.suite:
-        run_suite(args, tokenizer)
-        return 0
-    served = args.served_model_name or Path(args.model).name
-    for name in args.workload or ["shared_prefix"]:
-        convs = workloads.build(name, tokenizer.hf, args.num_requests, args.seed)
-        report = asyncio.run(
-            run_workload(
-                args.url,
-                args.kvmanager,
-                served,
-                name,
-                convs,
-                args.rate,
-                tokenizer,
-                args.block_size,
-                args.seed,
-                warmup_first=name != "mixed",
-                executor_address=args.executor,
+    with ClientPool(args.client_procs) as clients:
+        if args.suite:
+            run_suite(args, tokenizer, clients)
+            return 0
+        served = args.served_model_name or Path(args.model).name
+        for name in args.workload or ["shared_prefix"]:
+            convs = workloads.build(name, tokenizer.hf, args.num_requests, args.seed)
+            report = asyncio.run(
+                run_workload(
+                    args.url,
+                    args.kvmanager,
+                    served,
+                    name,
+                    convs,
+                    args.rate,
+                    tokenizer,
+                    args.block_size,
+                    args.seed,
+                    warmup_first=name != "mixed",
+                    executor_address=args.executor,
+                    clients=clients,
+                )
             )
-        )
-        print(json.dumps(report), flush=True)
+            print(json.dumps(report), flush=True)
     return 0
 
 

@@ -1,0 +1,58 @@
+"""The serving benchmark's client pool against a real mesh (SmolLM2 on CPU): a shared-prefix
+burst sent from two client processes is measured as the single-process client measured it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from benchmarks import workloads
+from benchmarks.load_client import ClientPool
+from benchmarks.serve_bench import run_workload
+from benchmarks.workloads import Conversation, Turn
+from services.gateway.chat import Tokenizer
+from tests.support.mesh import Mesh, MeshConfig
+
+MODEL = "bench"
+BLOCK_SIZE = 16
+
+
+def shared_prefix(tokenizer: Tokenizer, count: int) -> list[Conversation]:
+    """workloads' shared_prefix, scaled down for a CPU: a 64-token system prompt, short
+    questions, 4 output tokens."""
+    rng = random.Random(0)
+    words = workloads.single_token_words(tokenizer.hf)
+    system = workloads.text_of(words, rng, 64)
+    return [
+        Conversation([Turn(workloads.text_of(words, rng, rng.randint(8, 24)), 4)], system=system)
+        for _ in range(count)
+    ]
+
+
+async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: Path) -> None:
+    tokenizer = Tokenizer.load(str(smollm2_path))
+    convs = shared_prefix(tokenizer, 5)
+    config = MeshConfig(model=str(smollm2_path), model_name=MODEL)
+    with Mesh(tmp_path, config) as mesh, ClientPool(2) as clients:
+        report = await run_workload(
+            mesh.url,
+            mesh.kv_address,
+            MODEL,
+            "shared_prefix",
+            convs,
+            float("inf"),
+            tokenizer,
+            BLOCK_SIZE,
+            warmup_first=True,
+            executor_address=mesh.executor_address,
+            clients=clients,
+        )
+    assert report["requests"] == 5
+    assert report["failed"] == 0, report["errors"]
+    # Of 5 TTFTs the 10th percentile is the smallest: every request saw a first token.
+    assert report["ttft_s"]["p10"] > 0
+    # The warm-up conversation ran alone from the parent; the other 4 were dealt round-robin.
+    assert report["client_requests_per_proc"] == [2, 2]
+    assert report["theoretical_hit_rate"] > 0
+    assert report["measured_hit_rate"] == report["theoretical_hit_rate"]
+    assert 0 < report["client_cpu_fraction_max"] <= report["client_cpu_fraction"]
