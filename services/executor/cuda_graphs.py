@@ -127,7 +127,8 @@ def prefill_capture_sizes(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphRunner:
-    """Graphs of the forward for steps with more than one new token in some sequence."""
+    """Graphs of the forward and the sampled rows' logits for steps with more than one new
+    token in some sequence."""
 
     def __init__(
         self,
@@ -137,8 +138,7 @@ class PrefillGraphRunner:
         max_seqs: int,
         max_blocks: int,
         max_model_len: int,
-        hidden_size: int,
-        dtype: torch.dtype,
+        vocab_size: int,
         device: torch.device,
     ) -> None:
         self.model = model
@@ -153,7 +153,12 @@ class PrefillGraphRunner:
         self.block_tables = torch.zeros(b, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=device)
         self.query_start_loc = torch.zeros(b + 1, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(t, hidden_size, dtype=dtype, device=device)
+        # The rows to sample (at most one per sequence slot; padding reads row 0) and their
+        # logits: computed inside the graph, so the lm_head GEMM has one shape per bucket. Run
+        # eagerly, each new number of sampled rows could pick a cuBLAS kernel not loaded yet,
+        # and CUDA's lazy module loading waits for the device (38-66 ms in an H200 burst).
+        self.logits_index = torch.zeros(b, dtype=torch.int64, device=device)
+        self.logits = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _slots(self, num_tokens: int) -> int:
@@ -173,7 +178,8 @@ class PrefillGraphRunner:
         hidden = self.model(
             self.input_ids[:num_tokens], self.positions[:num_tokens], self.kv_caches, attn
         )
-        self.hidden[:num_tokens].copy_(hidden)
+        rows = hidden.index_select(0, self.logits_index[:b])
+        self.logits[:b] = self.model.compute_logits(rows)
 
     @torch.inference_mode()
     def capture(self, pool: tuple | None = None) -> tuple | None:
@@ -202,8 +208,10 @@ class PrefillGraphRunner:
         positions: torch.Tensor,
         attn: AttentionMetadata,
         num_seqs: int,
+        logits_index: torch.Tensor,
     ) -> torch.Tensor | None:
-        """The step's final hidden states [T, H], or None if T exceeds every bucket."""
+        """Logits [S, V] of the S rows `logits_index` picks from the step's T tokens (S <= the
+        number of sequences), or None if T exceeds every bucket."""
         t = input_ids.shape[0]
         i = bisect.bisect_left(self.sizes, t)
         if i == len(self.sizes):
@@ -220,5 +228,8 @@ class PrefillGraphRunner:
         self.query_start_loc[: b + 1].copy_(attn.query_start_loc)
         if bp > b:
             self.query_start_loc[b + 1 : bp + 1].fill_(t)  # empty sequences after the last
+        s = logits_index.shape[0]
+        self.logits_index[:s].copy_(logits_index)
+        self.logits_index[s:bp].zero_()
         self.graphs[tp].replay()
-        return self.hidden[:t]
+        return self.logits[:s]

@@ -192,8 +192,7 @@ class LLMEngine:
                     max_seqs=cfg.max_num_seqs,
                     max_blocks=self.max_blocks,
                     max_model_len=self.max_model_len,
-                    hidden_size=mc.hidden_size,
-                    dtype=self.dtype,
+                    vocab_size=mc.vocab_size,
                     device=self.device,
                 )
                 pool = self.prefill_graphs.capture()  # the largest graphs: first into the pool
@@ -729,7 +728,7 @@ class LLMEngine:
         if copies:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
-        logits = hidden = None
+        logits = None
         if self.graphs is not None and not batch.forks:
             if batch.attn.is_decode:
                 logits = self.graphs.run(
@@ -738,14 +737,15 @@ class LLMEngine:
                 if logits is not None and batch.logits_index.numel() != batch.num_seqs:
                     logits = logits.index_select(0, batch.logits_index)
             elif self.prefill_graphs is not None:
-                hidden = self.prefill_graphs.run(
-                    batch.input_ids, batch.positions, batch.attn, batch.num_seqs
+                logits = self.prefill_graphs.run(
+                    batch.input_ids,
+                    batch.positions,
+                    batch.attn,
+                    batch.num_seqs,
+                    batch.logits_index,
                 )
         if logits is None:
-            if hidden is None:
-                hidden = self.model(
-                    batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn
-                )
+            hidden = self.model(batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn)
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_index))
         counts = None
         if batch.st.presence is not None:

@@ -121,9 +121,9 @@ async def test_cuda_engine_chunked_and_cached_prefills(
 
 
 async def test_prefill_graph_equals_eager_forward(random_llama: Path) -> None:
-    """The replayed prefill graph gives the eager forward's hidden states on random ragged
-    batches over a random cache (cached prefixes of any length, blocks drawn at random), for
-    token counts on and between the buckets."""
+    """The replayed prefill graph gives the eager forward's logits (of each sequence's last
+    token, as sampling asks) on random ragged batches over a random cache (cached prefixes of
+    any length, blocks drawn at random), for token counts on and between the buckets."""
     from services.executor.model.attention_metadata import AttentionMetadata
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -170,10 +170,12 @@ async def test_prefill_graph_equals_eager_forward(random_llama: Path) -> None:
             max_seq_len=int(seq_lens.max()),
         )
         ids = torch.randint(0, 4096, (num_tokens,), generator=gen).to(dev)
+        last = torch.tensor(bounds[1:], device=dev) - 1
         with torch.inference_mode():
-            eager = engine.model(ids, positions.to(dev), engine.pool.kv_caches, attn).clone()
-            replayed = graphs.run(ids, positions.to(dev), attn, b)
+            hidden = engine.model(ids, positions.to(dev), engine.pool.kv_caches, attn)
+            eager = engine.model.compute_logits(hidden.index_select(0, last))
+            replayed = graphs.run(ids, positions.to(dev), attn, b, last)
             assert replayed is not None
             torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
     too_long = torch.zeros(config.max_num_batched_tokens + 1, dtype=torch.int64, device=dev)
-    assert graphs.run(too_long, too_long, attn, 1) is None
+    assert graphs.run(too_long, too_long, attn, 1, last) is None
