@@ -355,14 +355,20 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
     # (arm, workload, rate): bursts measure throughput and queueing; the Poisson runs measure
     # what one request sees on a loaded but not saturated server.
     rates = [float(r) for r in args.poisson_rates.split(",") if r]
+    # Larger shared-prefix bursts run as workloads of their own ("shared_prefix@256"): how the
+    # cache's effect on TTFT grows as prefill work, rather than fixed costs, sets the wait.
+    sizes = [int(n) for n in args.prefix_burst_sizes.split(",") if n]
+    big_bursts = [] if args.smoke else [f"shared_prefix@{n}" for n in sizes]
     plan = [
         *[("grpc", "shared_prefix", inf)] * args.prefix_reps,
+        *[("grpc", b, inf) for b in big_bursts],
         *[("grpc", "shared_prefix", r) for r in rates],
         ("grpc", "multi_turn", inf),
         ("grpc", "mixed", inf),
         ("grpc", "parallel", inf),
         *[("grpc", "mixed", inf)] * (args.mixed_reps - 1),
         *[("no_prefix_caching", "shared_prefix", inf)] * args.prefix_reps,
+        *[("no_prefix_caching", b, inf) for b in big_bursts],
         *[("no_prefix_caching", "shared_prefix", r) for r in rates],
         ("no_prefix_caching", "multi_turn", inf),
         *[("local_allocator", "mixed", inf)] * args.mixed_reps,
@@ -420,10 +426,15 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
             # Prompts of their own per Poisson rate too: a later rate re-sending an earlier
             # rate's prompts would find them cached.
             seed = args.seed + 10 * rep + (0 if rate == inf else 1 + rates.index(rate))
+            workload, _, count = name.partition("@")
+            if count:  # a burst size of its own, and prompts of its own
+                seed += 1000 + int(count)
             convs = (
                 mixed
                 if name == "mixed" and rep == 0
-                else workloads.build(name, tokenizer.hf, args.num_requests, seed)
+                else workloads.build(
+                    workload, tokenizer.hf, int(count) if count else args.num_requests, seed
+                )
             )
             report = asyncio.run(
                 run_workload(
@@ -470,6 +481,7 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
             f"shared_prefix_ttft_p50_off_over_on_rate{r:g}": ttft_ratio("shared_prefix", r)
             for r in rates
         },
+        **{f"{b}_ttft_p50_off_over_on": ttft_ratio(b, inf) for b in big_bursts},
         "multi_turn_ttft_p50_off_over_on": ttft_ratio("multi_turn", inf),
         "grpc_over_local_output_tok_s": ratio(
             mean("grpc", "mixed", inf, "output_tokens_per_s"),
@@ -534,6 +546,11 @@ def main() -> int:
     parser.add_argument("--mixed-reps", type=int, default=3, help="suite: mixed runs per arm")
     parser.add_argument(
         "--prefix-reps", type=int, default=2, help="suite: shared-prefix bursts per arm"
+    )
+    parser.add_argument(
+        "--prefix-burst-sizes",
+        default="256",
+        help="suite: shared-prefix bursts of these sizes too, once per arm (comma-separated)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="4 requests a workload, 8 tokens each (CPU check)"
