@@ -1,0 +1,73 @@
+"""`pagemesh executor --trace-steps FILE` (services/executor/trace.py): the real executor service
+(SmolLM2 on CPU) behind the gateway's client over loopback gRPC writes a line per request arrival
+and first output and one per step, with times that add up and the batch each step ran."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from pagemesh.redis_process import free_port
+from proto import executor_pb2 as pb
+from services.executor.server import serve
+from services.gateway.executor_client import ExecutorClient, RequestStream
+from tests.executor.engine_support import make_engine
+
+
+async def test_trace_has_every_request_and_step(smollm2_path: Path, tmp_path: Path) -> None:
+    engine = await make_engine(smollm2_path)
+    info = pb.ExecutorInfo(
+        executor_id="trace",
+        model="smol",
+        block_size=engine.config.block_size,
+        num_blocks=engine.pool.num_blocks,
+        max_model_len=engine.max_model_len,
+    )
+    trace = tmp_path / "steps.jsonl"
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop, str(trace)))
+    client = ExecutorClient(f"127.0.0.1:{port}")
+    client.start()
+    prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(10, 60)), "c": [7] * 20}
+    try:
+        await asyncio.wait_for(client._connected.wait(), 60)
+        streams = [
+            client.submit(
+                pb.GenerateRequest(
+                    request_id=rid,
+                    prompt_token_ids=ids,
+                    params=pb.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                )
+            )
+            for rid, ids in prompts.items()
+        ]
+
+        counts = await asyncio.wait_for(asyncio.gather(*(_count(s) for s in streams)), timeout=120)
+        assert counts == [6, 6, 6]
+    finally:
+        await client.close()
+        stop.set()
+        await server
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    arrive = {e["rid"]: e["t"] for e in lines if e["ev"] == "arrive"}
+    first = {e["rid"]: e["t"] for e in lines if e["ev"] == "first"}
+    steps = [e for e in lines if e["ev"] == "step"]
+    assert set(arrive) == set(first) == set(prompts)
+    assert all(first[r] > arrive[r] for r in prompts)
+    for s in steps:
+        assert min(s["sched"], s["launch"], s["land"]) >= 0
+        assert s["end"] >= s["t"] + s["sched"] + s["launch"] + s["land"] - 1e-6
+        assert s["tokens"] >= s["seqs"] >= s["prefill_seqs"]
+    # Every prompt token and every generated token but the last of each request ran in a step.
+    assert sum(s["tokens"] for s in steps) == sum(len(p) + 5 for p in prompts.values())
+    assert sum(s["admitted"] for s in steps) == len(prompts)
+    assert any(s["prefill_seqs"] for s in steps)
+
+
+async def _count(stream: RequestStream) -> int:
+    n = 0
+    async for outs in stream:
+        n += sum(len(o.token_ids) for o in outs)
+    return n
