@@ -177,9 +177,15 @@ class Scheduler:
         offered sequences in order while their uncached tokens fit the budget, so a burst of
         arrivals costs a message, not one per request. A round offers the queue's head up to
         what the budget takes at the prefix-hit rate of recent admissions; when hits fall short
-        of that the budget stops kvmanager, and when they exceed it the next round goes on."""
-        while self.waiting and budget > 0:
-            batch = self._admission_candidates(budget)
+        of that the budget stops kvmanager, and when they exceed it the next round goes on.
+
+        Only sequences that were waiting when the step's admission began are offered: one that
+        arrives during a round (the loop is free while kvmanager answers) waits for the next
+        step. Otherwise a burst arriving over tens of milliseconds kept the step in admission
+        rounds, the device idle, until the budget filled (seen: 40 ms, 49 sequences)."""
+        offer = len(self.waiting)
+        while offer and budget > 0:
+            batch = self._admission_candidates(budget, offer)
             if not batch:
                 return
             result = await self._admission_call(batch, budget)
@@ -188,6 +194,7 @@ class Scheduler:
                 budget = self._admit_one(seq, alloc, out, budget)
                 tokens += seq.num_tokens
                 cached += alloc.num_cached_tokens
+            offer -= len(result.allocations)
             if tokens:  # the next round (and step) expects what this one saw
                 self._hit_estimate = min(0.9, cached / tokens)
             err = result.allocate_error
@@ -205,12 +212,14 @@ class Scheduler:
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = FinishReason.ERROR
             out.failed.append(seq)
+            offer -= 1
 
-    def _admission_candidates(self, budget: int) -> list[Sequence]:
+    def _admission_candidates(self, budget: int, limit: int) -> list[Sequence]:
+        """The queue's head, at most `limit` sequences, as far as rows and budget allow."""
         batch: list[Sequence] = []
         rows_left = len(self.free_rows) - self.reserved_rows
         miss = 1.0 - self._hit_estimate
-        for seq in self.waiting:
+        for seq in itertools.islice(self.waiting, limit):
             if budget <= 0:
                 break
             if seq.token_ids[-1] == PLACEHOLDER:

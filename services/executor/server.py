@@ -213,10 +213,10 @@ class EngineLoop:
                 await asyncio.sleep(0.1)  # no hot loop if the failure repeats
                 continue
             self.steps += 1
+            if self.trace is not None:  # before routing: that forgets the finished requests
+                self._trace_step(outputs)
             if outputs:
                 self._route(outputs)
-            if self.trace is not None:
-                self._trace_step(outputs)
             # Let gRPC write this step's messages and read new requests/aborts before the next.
             await asyncio.sleep(0)
 

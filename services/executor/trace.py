@@ -8,7 +8,8 @@ Lines:
   {"ev": "step", "t": start, "sched": s, "launch": s, "land": s, "end": end, "seqs": n,
    "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n}
   {"ev": "arrive", "t": t, "rid": id}     the executor read the request
-  {"ev": "first", "t": t, "rid": id}      its first output left for the gateway's stream
+  {"ev": "first", "t": t, "rid": id}      its first output came out of a step (it is queued
+                                           for the gateway's stream right after)
 """
 
 from __future__ import annotations

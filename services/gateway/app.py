@@ -28,6 +28,7 @@ from services.gateway.generation import Generation, TokenInfo, build_request
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from services.gateway.sse import SSEWriter, encode_event
+from services.gateway.trace import RequestTimes, RequestTrace
 from services.gateway.validation import (
     ChatRequest,
     CompletionRequest,
@@ -54,6 +55,7 @@ class GatewayConfig:
     # Generations in flight at once; more get a 429 instead of queueing without bound.
     max_concurrent: int = 1024
     limits: Limits = field(default_factory=Limits)
+    trace_requests: str = ""  # a JSON line per request there (trace.py)
 
 
 class Gateway:
@@ -68,6 +70,7 @@ class Gateway:
         self.max_model_len = 0
         self.created = int(time.time())
         self.in_flight = 0
+        self.trace = RequestTrace(config.trace_requests) if config.trace_requests else None
         self._prepare_task: asyncio.Task | None = None
 
     @property
@@ -106,6 +109,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._prepare_task
         await self.client.close()
+        if self.trace is not None:
+            self.trace.close()
         await self.metrics.close()
 
     def check_model(self, model: str) -> None:
@@ -191,36 +196,42 @@ def _gateway(request: web.Request) -> Gateway:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    times = RequestTimes(entry=RequestTimes.now())
     gw = _gateway(request)
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
     req = parse_chat(body, gw.config.limits)
     gw.check_model(req.model)
     assert gw.tokenizer is not None
+    times.parsed = RequestTimes.now()
     try:
         prompt_ids = await gw.tokenizer.encode_chat_async(req.messages)
     except PromptError as exc:
         raise invalid(str(exc), param="messages") from None
+    times.encoded = RequestTimes.now()
     meta = ResponseMeta.new("chatcmpl", gw.model_name)
     fmt = ChatFormatter(meta, req.include_usage, req.options.logprobs)
-    return await _generate(request, gw, "chat", req, prompt_ids, fmt)
+    return await _generate(request, gw, "chat", req, prompt_ids, fmt, times)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    times = RequestTimes(entry=RequestTimes.now())
     gw = _gateway(request)
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
     req = parse_completion(body, gw.config.limits)
     gw.check_model(req.model)
     assert gw.tokenizer is not None
+    times.parsed = RequestTimes.now()
     if isinstance(req.prompt, str):
         prompt_ids = await gw.tokenizer.encode_async(req.prompt, add_special_tokens=True)
         prompt_text = req.prompt
     else:
         prompt_ids = req.prompt
         prompt_text = gw.tokenizer.decode(prompt_ids) if req.echo else ""
+    times.encoded = RequestTimes.now()
     meta = ResponseMeta.new("cmpl", gw.model_name)
     echo = prompt_text if req.echo else ""
     fmt = CompletionFormatter(meta, req.include_usage, req.options.logprobs, echo)
-    return await _generate(request, gw, "completions", req, prompt_ids, fmt)
+    return await _generate(request, gw, "completions", req, prompt_ids, fmt, times)
 
 
 async def _generate(
@@ -230,6 +241,7 @@ async def _generate(
     req: ChatRequest | CompletionRequest,
     prompt_ids: list[int],
     fmt: ChatFormatter | CompletionFormatter,
+    times: RequestTimes,
 ) -> web.StreamResponse:
     if not prompt_ids:
         raise invalid("The prompt is empty after tokenization.", param="prompt")
@@ -255,14 +267,16 @@ async def _generate(
         gen = Generation(gw.client, grpc_req, gw.tokenizer, req.options.stop)
     except ExecutorUnavailable as exc:
         raise APIError(str(exc), status=503, type="server_error") from None
+    times.submitted = RequestTimes.now()
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
     status = "error"
     try:
         first = await gen.first_step()
+        times.first_step = RequestTimes.now()
         gw.metrics.ttft.observe(time.monotonic() - started)
         if req.stream:
-            response = await _stream(request, gen, first, fmt)
+            response = await _stream(request, gen, first, fmt, times)
         else:
             response = await _collect(gen, first, fmt)
         status = "ok"
@@ -279,6 +293,8 @@ async def _generate(
         raise
     finally:
         await gen.close()
+        if gw.trace is not None:
+            gw.trace.write(request_id, times)
         gw.in_flight -= 1
         gw.metrics.in_flight.dec()
         gw.metrics.requests.labels(endpoint, status).inc()
@@ -302,13 +318,18 @@ async def _collect(
 
 
 async def _stream(
-    request: web.Request, gen: Generation, first: list, fmt: ChatFormatter | CompletionFormatter
+    request: web.Request,
+    gen: Generation,
+    first: list,
+    fmt: ChatFormatter | CompletionFormatter,
+    times: RequestTimes,
 ) -> web.StreamResponse:
     sse = SSEWriter(request)
     chunks = fmt.role_chunks(gen.n)
     for delta in first:
         chunks.extend(fmt.delta_chunks(delta))
     await sse.send_many(chunks)
+    times.first_write = RequestTimes.now()
     try:
         async for deltas in gen.steps():
             await sse.send_many([c for d in deltas for c in fmt.delta_chunks(d)])

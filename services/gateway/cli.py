@@ -36,6 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--max-stop", 4, "most stop strings per request", int)
     add_option(p, "--max-tokens-limit", 1 << 20, "largest accepted max_tokens", int)
     add_option(p, "--log-level", "info", "debug, info, warning or error")
+    add_option(p, "--trace-requests", "", "append a JSON line per request's timings here")
     add_option(
         p,
         "--workers",
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
+        trace_requests=args.trace_requests,
     )
     logging.getLogger("pagemesh.gateway").info(
         "gateway on http://%s:%d (executor %s, auth %s)",

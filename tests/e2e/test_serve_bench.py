@@ -1,8 +1,10 @@
 """The serving benchmark's client pool against a real mesh (SmolLM2 on CPU): a shared-prefix
-burst sent from two client processes is measured as the single-process client measured it."""
+burst sent from two client processes is measured as the single-process client measured it; the
+gateway's and the executor's traces of the run (--trace-requests, --trace-steps) agree."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -32,7 +34,13 @@ def shared_prefix(tokenizer: Tokenizer, count: int) -> list[Conversation]:
 async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: Path) -> None:
     tokenizer = Tokenizer.load(str(smollm2_path))
     convs = shared_prefix(tokenizer, 5)
-    config = MeshConfig(model=str(smollm2_path), model_name=MODEL)
+    gw_trace, ex_trace = tmp_path / "gateway.jsonl", tmp_path / "executor.jsonl"
+    config = MeshConfig(
+        model=str(smollm2_path),
+        model_name=MODEL,
+        gateway_args=["--trace-requests", str(gw_trace)],
+        executor_args=["--trace-steps", str(ex_trace)],
+    )
     with Mesh(tmp_path, config) as mesh, ClientPool(2) as clients:
         report = await run_workload(
             mesh.url,
@@ -56,3 +64,16 @@ async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: 
     assert report["theoretical_hit_rate"] > 0
     assert report["measured_hit_rate"] == report["theoretical_hit_rate"]
     assert 0 < report["client_cpu_fraction_max"] <= report["client_cpu_fraction"]
+
+    # Both traces hold the 5 requests under the gateway's request ids, each request's marks in
+    # order across the two processes (one clock: CLOCK_MONOTONIC).
+    gw = {r["rid"]: r for r in map(json.loads, gw_trace.read_text().splitlines())}
+    events = [json.loads(line) for line in ex_trace.read_text().splitlines()]
+    arrive = {e["rid"]: e["t"] for e in events if e["ev"] == "arrive"}
+    first = {e["rid"]: e["t"] for e in events if e["ev"] == "first"}
+    assert len(gw) == 5 and set(gw) == set(arrive) == set(first)
+    for rid, r in gw.items():
+        marks = [r["entry"], r["parsed"], r["encoded"], r["submitted"], arrive[rid]]
+        marks += [first[rid], r["first_step"], r["first_write"]]
+        assert marks == sorted(marks), (rid, marks)
+    assert sum(e["ev"] == "first" for e in events) == 5  # one each, however short the request

@@ -181,3 +181,29 @@ async def test_a_burst_with_a_cached_prefix_is_admitted_in_few_calls() -> None:
     assert sum(out.num_new_tokens) >= 500 and len(admitted) >= 24
     assert alloc.step_calls - calls <= 3, alloc.step_calls - calls
     assert [s.seq_id for s in admitted] == [f"b{i}" for i in range(len(admitted))]  # FIFO
+
+
+async def test_arrivals_during_admission_wait_for_the_next_step() -> None:
+    """A sequence that arrives while an admission round's call is out (the event loop is free
+    then) is not offered in the same step: the step launches with what was waiting when its
+    admission began, rather than staying in admission rounds while a burst trickles in."""
+    sc, alloc = await _scheduler(num_blocks=4096, max_num_seqs=256, max_num_batched_tokens=4096)
+    arrivals = iter(_seq(f"late{i}", list(range(100 * i, 100 * i + 40))) for i in range(10))
+    step = alloc.step
+
+    async def step_with_an_arrival(*args, **kwargs):
+        if args[3] or kwargs.get("admits"):  # an admission round: someone arrives meanwhile
+            late = next(arrivals, None)
+            if late is not None:
+                sc.add(late)
+        return await step(*args, **kwargs)
+
+    alloc.step = step_with_an_arrival  # type: ignore[method-assign]
+    early = [_seq(f"early{i}", list(range(5000 + 50 * i, 5040 + 50 * i))) for i in range(3)]
+    for s in early:
+        sc.add(s)
+    out = await sc.schedule()
+    assert [s.seq_id for s in out.admitted] == ["early0", "early1", "early2"]
+    assert [s.seq_id for s in sc.waiting] == ["late0"]
+    out = await sc.schedule()
+    assert [s.seq_id for s in out.admitted] == ["late0"]  # the next step takes it
