@@ -86,13 +86,21 @@ class AbortResponse(_message.Message):
     num_aborted: int
     def __init__(self, num_aborted: _Optional[int] = ...) -> None: ...
 
+class GenerateBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
+
 class ServeRequest(_message.Message):
-    __slots__ = ("generate", "abort")
+    __slots__ = ("generate", "abort", "generate_batch")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_BATCH_FIELD_NUMBER: _ClassVar[int]
     generate: GenerateRequest
     abort: AbortRequest
-    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+    generate_batch: GenerateBatch
+    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ..., generate_batch: _Optional[_Union[GenerateBatch, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -43,6 +43,8 @@ SERVER_OPTIONS = [
 
 # Metadata a gateway sends on Serve when it reads StepOutput's token columns.
 STEP_COLUMNS = ("pagemesh-step-columns", "1")
+# Metadata this executor sends in its Serve headers: it reads ServeRequest.generate_batch.
+GENERATE_BATCH = ("pagemesh-generate-batch", "1")
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -305,21 +307,27 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self, request_iterator: AsyncIterator[pb.ServeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepOutput]:
         # Headers now: the gateway treats them as "stream accepted" before sending anything.
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata((GENERATE_BATCH,))
         # Columns only for a gateway that says it reads them (one built before them would drop
         # every token but the first and last).
         sink = Sink(columnar=STEP_COLUMNS in (context.invocation_metadata() or ()))
         peer = context.peer()
         log.info("Serve stream opened by %s", peer)
 
+        def add(request: pb.GenerateRequest) -> None:
+            try:
+                self.loop.add(request, sink)
+            except ValueError as exc:
+                sink.put([rejection(request.request_id, str(exc))])
+
         async def read() -> None:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("kind")
                 if kind == "generate":
-                    try:
-                        self.loop.add(msg.generate, sink)
-                    except ValueError as exc:
-                        sink.put([rejection(msg.generate.request_id, str(exc))])
+                    add(msg.generate)
+                elif kind == "generate_batch":
+                    for request in msg.generate_batch.requests:
+                        add(request)
                 elif kind == "abort":
                     self.loop.abort(list(msg.abort.request_ids), sink, forget=False)
             sink.closing = True  # half-closed: finish what is in flight, then end the stream

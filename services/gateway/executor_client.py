@@ -43,6 +43,33 @@ CHANNEL_OPTIONS = [
 # Tells the executor that `_dispatch` reads StepOutput's token columns (proto/executor.proto); a
 # gateway that does not send it gets full SequenceOutputs only.
 STEP_COLUMNS_METADATA = (("pagemesh-step-columns", "1"),)
+# In an executor's Serve headers: it reads ServeRequest.generate_batch.
+GENERATE_BATCH = ("pagemesh-generate-batch", "1")
+
+
+def pack_generates(queued: list[pb.ServeRequest | None]) -> list[pb.ServeRequest | None]:
+    """The queued messages in order, each run of two or more generate requests as one batch
+    message; None (the stream's end) is kept, and nothing after it."""
+    out: list[pb.ServeRequest | None] = []
+    run: list[pb.GenerateRequest] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(pb.ServeRequest(generate=run[0]))
+        elif run:
+            out.append(pb.ServeRequest(generate_batch=pb.GenerateBatch(requests=run)))
+        run.clear()
+
+    for msg in queued:
+        if msg is not None and msg.WhichOneof("kind") == "generate":
+            run.append(msg.generate)
+            continue
+        flush()
+        out.append(msg)
+        if msg is None:
+            return out
+    flush()
+    return out
 
 
 class ExecutorUnavailable(Exception):
@@ -98,6 +125,7 @@ class ExecutorClient:
         self._stub_: pb_grpc.ExecutorStub | None = None
         self._streams: dict[str, RequestStream] = {}
         self._outbox: asyncio.Queue[pb.ServeRequest | None] | None = None
+        self._batches = False  # the executor of the open stream reads generate batches
         self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
         # Unique across gateway processes and restarts: the executor serves several gateways.
@@ -169,7 +197,19 @@ class ExecutorClient:
             msg = await outbox.get()
             if msg is None:
                 return
-            yield msg
+            if not self._batches:
+                yield msg
+                continue
+            # Everything queued meanwhile goes out now, runs of generate requests as one batch:
+            # each message is a write the stream awaits, and a burst's requests queued behind
+            # one another's writes (~30 ms at the p50 of a 128-request burst, H200 host).
+            queued = [msg]
+            while not outbox.empty():
+                queued.append(outbox.get_nowait())
+            for out in pack_generates(queued):
+                if out is None:
+                    return
+                yield out
 
     async def _run(self) -> None:
         backoff = 0.2
@@ -181,7 +221,8 @@ class ExecutorClient:
             )
             try:
                 # Metadata arrives once the server accepted the stream: only then is it usable.
-                await call.initial_metadata()
+                headers = await call.initial_metadata()
+                self._batches = GENERATE_BATCH in tuple(headers or ())
                 # A restarted executor may have a new epoch, pool or context length.
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await self.get_info()

@@ -1,0 +1,125 @@
+"""Generate batches on the Serve stream (proto/executor.proto GenerateBatch): the gateway's
+client packs the requests queued behind one write into one message, in order, aborts and the
+stream's end kept in place; the executor service advertises that it reads them and runs every
+request of a batch (SmolLM2 on CPU, loopback gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pagemesh.redis_process import free_port
+from proto import executor_pb2 as pb
+from services.executor.server import serve
+from services.gateway import executor_client
+from services.gateway.executor_client import ExecutorClient, RequestStream, pack_generates
+from tests.executor.engine_support import make_engine
+
+
+def _gen(rid: str) -> pb.ServeRequest:
+    return pb.ServeRequest(generate=pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2]))
+
+
+def _abort(rid: str) -> pb.ServeRequest:
+    return pb.ServeRequest(abort=pb.AbortRequest(request_ids=[rid]))
+
+
+def _shape(msgs: list[pb.ServeRequest | None]) -> list[object]:
+    out: list[object] = []
+    for m in msgs:
+        if m is None:
+            out.append(None)
+        elif m.WhichOneof("kind") == "generate_batch":
+            out.append([r.request_id for r in m.generate_batch.requests])
+        elif m.WhichOneof("kind") == "generate":
+            out.append(m.generate.request_id)
+        else:
+            out.append(("abort", *m.abort.request_ids))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("queued", "packed"),
+    [
+        (["a"], ["a"]),
+        (["a", "b", "c"], [["a", "b", "c"]]),
+        (
+            ["a", "b", "-a", "c", "d", "-x", "e"],
+            [["a", "b"], ("abort", "a"), ["c", "d"], ("abort", "x"), "e"],
+        ),
+        (["a", "b", None, "c"], [["a", "b"], None]),
+        (["-a", None], [("abort", "a"), None]),
+    ],
+)
+def test_pack_generates_keeps_order(queued: list, packed: list) -> None:
+    msgs = [None if q is None else _abort(q[1:]) if q.startswith("-") else _gen(q) for q in queued]
+    assert _shape(pack_generates(msgs)) == packed
+
+
+async def _count(stream: RequestStream) -> int:
+    n = 0
+    async for outs in stream:
+        n += sum(len(o.token_ids) for o in outs)
+    return n
+
+
+async def _outputs(stream: RequestStream) -> list[pb.SequenceOutput]:
+    return [o async for outs in stream for o in outs]
+
+
+async def test_executor_runs_every_request_of_a_batch(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[pb.ServeRequest | None] = []
+
+    def spy(queued: list[pb.ServeRequest | None]) -> list[pb.ServeRequest | None]:
+        out = pack_generates(queued)
+        sent.extend(out)
+        return out
+
+    monkeypatch.setattr(executor_client, "pack_generates", spy)
+    engine = await make_engine(smollm2_path)
+    info = pb.ExecutorInfo(
+        executor_id="batch",
+        model="smol",
+        block_size=engine.config.block_size,
+        num_blocks=engine.pool.num_blocks,
+        max_model_len=engine.max_model_len,
+    )
+    port = free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
+    client = ExecutorClient(f"127.0.0.1:{port}")
+    client.start()
+    try:
+        await asyncio.wait_for(client._connected.wait(), 60)
+        assert client._batches  # the executor's Serve headers said so
+        params = pb.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        # Submitted back to back: they queue behind the first write and go out together.
+        streams = [
+            client.submit(
+                pb.GenerateRequest(
+                    request_id=f"r{i}", prompt_token_ids=[5, 6, 7, 8 + i], params=params
+                )
+            )
+            for i in range(6)
+        ]
+        bad = client.submit(  # refused by the engine: rejected alone, the batch runs
+            pb.GenerateRequest(request_id="bad", prompt_token_ids=[], params=params)
+        )
+        counts = await asyncio.wait_for(asyncio.gather(*(_count(s) for s in streams)), 120)
+        assert counts == [3] * 6
+        refused = await asyncio.wait_for(_outputs(bad), 60)
+        assert [o.finish_reason for o in refused] == [pb.FINISH_ERROR] and refused[0].error
+    finally:
+        await client.close()
+        stop.set()
+        await server
+    batches = [m for m in sent if m is not None and m.WhichOneof("kind") == "generate_batch"]
+    assert batches, _shape(sent)
+    ids = [
+        rid for m in _shape(sent) if m is not None for rid in (m if isinstance(m, list) else [m])
+    ]
+    assert ids == [f"r{i}" for i in range(6)] + ["bad"]
