@@ -1,6 +1,8 @@
 """`pagemesh executor --trace-steps FILE`: a JSON line per engine step and per request event.
 
-For finding where a request's time goes (admission, host time of a step, the device). Times are
+For finding where a request's time goes (admission, host time of a step, the device). Lines are
+written through a 64 KiB buffer (a write per step would cost the loop that launches the steps),
+flushed when full and at a clean exit. Times are
 `time.perf_counter()` seconds: CLOCK_MONOTONIC on Linux, one clock for every process on the
 host, so a client's send time and the executor's arrival time compare directly.
 
