@@ -8,31 +8,17 @@ import asyncio
 import json
 from pathlib import Path
 
-from pagemesh.redis_process import free_port
 from proto import executor_pb2 as pb
-from services.executor.server import serve
-from services.gateway.executor_client import ExecutorClient, RequestStream
+from services.gateway.executor_client import RequestStream
 from tests.executor.engine_support import make_engine
+from tests.support.executor_service import executor_service
 
 
 async def test_trace_has_every_request_and_step(smollm2_path: Path, tmp_path: Path) -> None:
     engine = await make_engine(smollm2_path)
-    info = pb.ExecutorInfo(
-        executor_id="trace",
-        model="smol",
-        block_size=engine.config.block_size,
-        num_blocks=engine.pool.num_blocks,
-        max_model_len=engine.max_model_len,
-    )
     trace = tmp_path / "steps.jsonl"
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop, str(trace)))
-    client = ExecutorClient(f"127.0.0.1:{port}")
-    client.start()
     prompts = {"a": [1, 2, 3, 4, 5], "b": list(range(10, 60)), "c": [7] * 20}
-    try:
-        await asyncio.wait_for(client._connected.wait(), 60)
+    async with executor_service(engine, str(trace)) as client:
         streams = [
             client.submit(
                 pb.GenerateRequest(
@@ -43,13 +29,8 @@ async def test_trace_has_every_request_and_step(smollm2_path: Path, tmp_path: Pa
             )
             for rid, ids in prompts.items()
         ]
-
-        counts = await asyncio.wait_for(asyncio.gather(*(_count(s) for s in streams)), timeout=120)
+        counts = await asyncio.wait_for(asyncio.gather(*(_count(s) for s in streams)), 120)
         assert counts == [6, 6, 6]
-    finally:
-        await client.close()
-        stop.set()
-        await server
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     arrive = {e["rid"]: e["t"] for e in lines if e["ev"] == "arrive"}
     first = {e["rid"]: e["t"] for e in lines if e["ev"] == "first"}

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pagemesh.redis_process import free_port
 from proto import executor_pb2 as pb
-from services.executor.server import serve
 from services.gateway import executor_client
-from services.gateway.executor_client import ExecutorClient, RequestStream, pack_generates
+from services.gateway.executor_client import RequestStream, pack_generates
 from tests.executor.engine_support import make_engine
+from tests.support.executor_service import executor_service
 
 
 def _gen(rid: str) -> pb.ServeRequest:
@@ -81,20 +80,7 @@ async def test_executor_runs_every_request_of_a_batch(
 
     monkeypatch.setattr(executor_client, "pack_generates", spy)
     engine = await make_engine(smollm2_path)
-    info = pb.ExecutorInfo(
-        executor_id="batch",
-        model="smol",
-        block_size=engine.config.block_size,
-        num_blocks=engine.pool.num_blocks,
-        max_model_len=engine.max_model_len,
-    )
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    client = ExecutorClient(f"127.0.0.1:{port}")
-    client.start()
-    try:
-        await asyncio.wait_for(client._connected.wait(), 60)
+    async with executor_service(engine) as client:
         assert client._batches  # the executor's Serve headers said so
         params = pb.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
         # Submitted back to back: they queue behind the first write and go out together.
@@ -113,10 +99,6 @@ async def test_executor_runs_every_request_of_a_batch(
         assert counts == [3] * 6
         refused = await asyncio.wait_for(_outputs(bad), 60)
         assert [o.finish_reason for o in refused] == [pb.FINISH_ERROR] and refused[0].error
-    finally:
-        await client.close()
-        stop.set()
-        await server
     batches = [m for m in sent if m is not None and m.WhichOneof("kind") == "generate_batch"]
     assert batches, _shape(sent)
     ids = [
