@@ -22,12 +22,44 @@ All graphs share one memory pool, captured largest first so smaller ones reuse i
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import torch
 
 from services.executor.model.attention_metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def capture_graphs(
+    sizes: list[int],
+    forward: Callable[[int], None],
+    pool: tuple | None,
+    prepare: Callable[[int], None] | None = None,
+) -> tuple[dict[int, torch.cuda.CUDAGraph], tuple | None]:
+    """A graph of `forward(size)` per size, largest first into `pool` (a new one if None), so
+    smaller ones reuse its blocks; returns the graphs and the pool. Each size runs once eagerly
+    first: compiles, autotuning and lazy init stay out of the graph. `prepare(size)` sets the
+    static inputs a size needs, outside the graph."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    for size in reversed(sizes):
+        if prepare is not None:
+            prepare(size)
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, pool
+
+
+def bucket(sizes: list[int], n: int) -> int | None:
+    """The smallest captured size >= n, or None if n exceeds them all."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -83,15 +115,7 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def capture(self, pool: tuple | None = None) -> tuple | None:
         """Captures every size into `pool` (a new one if None); returns the pool."""
-        for bs in reversed(self.sizes):
-            self._forward(bs)  # warm-up: autotuning and lazy init stay out of the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.graphs, pool = capture_graphs(self.sizes, self._forward, pool)
         return pool
 
     def run(
@@ -102,10 +126,9 @@ class CUDAGraphRunner:
         batch_size: int,
     ) -> torch.Tensor | None:
         """The decode step's logits [B, V], or None if B exceeds every captured size."""
-        i = bisect.bisect_left(self.sizes, batch_size)
-        if i == len(self.sizes):
+        bs = bucket(self.sizes, batch_size)
+        if bs is None:
             return None
-        bs = self.sizes[i]
         b = batch_size
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
@@ -181,25 +204,20 @@ class PrefillGraphRunner:
         rows = hidden.index_select(0, self.logits_index[:b])
         self.logits[:b] = self.model.compute_logits(rows)
 
+    def _dummy_batch(self, num_tokens: int) -> None:
+        """One sequence holding every token, reading block 0 (no KV write: slots are -1)."""
+        self.query_start_loc.fill_(num_tokens)
+        self.query_start_loc[0] = 0
+        self.seq_lens.zero_()
+        self.seq_lens[0] = num_tokens
+
     @torch.inference_mode()
     def capture(self, pool: tuple | None = None) -> tuple | None:
-        """Captures every bucket into `pool` (a new one if None); returns the pool. The dummy
-        batch is one sequence holding every token, reading block 0 (no KV write: slots -1)."""
-        for t in reversed(self.sizes):
-            self.query_start_loc.fill_(t)
-            self.query_start_loc[0] = 0
-            self.seq_lens.zero_()
-            self.seq_lens[0] = t
-            self._forward(t)  # warm-up: compiles and autotuning stay out of the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(t)
-            pool = graph.pool()
-            self.graphs[t] = graph
+        """Captures every bucket into `pool` (a new one if None) on a dummy batch; returns the
+        pool."""
+        self.graphs, pool = capture_graphs(self.sizes, self._forward, pool, self._dummy_batch)
         self.query_start_loc.zero_()
         self.seq_lens.zero_()
-        torch.cuda.synchronize()
         return pool
 
     def run(
@@ -213,10 +231,9 @@ class PrefillGraphRunner:
         """Logits [S, V] of the S rows `logits_index` picks from the step's T tokens (S <= the
         number of sequences), or None if T exceeds every bucket."""
         t = input_ids.shape[0]
-        i = bisect.bisect_left(self.sizes, t)
-        if i == len(self.sizes):
+        tp = bucket(self.sizes, t)
+        if tp is None:
             return None
-        tp = self.sizes[i]
         b, bp = num_seqs, self._slots(tp)
         self.input_ids[:t].copy_(input_ids)
         self.positions[:t].copy_(positions)

@@ -392,20 +392,15 @@ class LLMEngine:
 
     async def _step_sync(self) -> list[SequenceOutput]:
         """Schedule, run, and return this step's tokens."""
-        times = self._times_start()
         outputs = self._process_aborts()
-        sched = await self.scheduler.schedule()
-        times.schedule = time.perf_counter() - times.start
+        sched = await self._schedule()
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         if sched.seqs:
             flight = self._launch_step(sched)
-            self._times_launched(times, sched)
             # Overlapped with the device: commits of the blocks this step fills.
             commits = self.scheduler.commit_entries(sched.seqs)
-            landing = time.perf_counter()
             outputs.extend(await self._complete(flight, commits))
-            times.land = time.perf_counter() - landing
             self.num_steps += 1
         if not self.requests:
             await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
@@ -417,10 +412,8 @@ class LLMEngine:
         token_buf on the device, where t-1's sampler wrote them (stream order). A sequence that
         t-1 finishes (EOS, stop id) has run one wasted token in t, dropped when t lands; one
         that finishes by length is not scheduled again (scheduler.py)."""
-        times = self._times_start()
         outputs = self._process_aborts()
-        sched = await self.scheduler.schedule()
-        times.schedule = time.perf_counter() - times.start
+        sched = await self._schedule()
         for seq in sched.failed:
             outputs.extend(self._fail(seq, "the sequence does not fit in the KV pool"))
         flight = None
@@ -430,12 +423,9 @@ class LLMEngine:
                 # (the landing order, which is what this mode changes, stays the same).
                 await self._inflight.future
             flight = self._launch_step(sched)
-            self._times_launched(times, sched)
         prev, self._inflight = self._inflight, flight
         if prev is not None:
-            landing = time.perf_counter()
             outputs.extend(await self._complete(prev))
-            times.land = time.perf_counter() - landing
         if flight is not None:
             sc = self.scheduler
             # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
@@ -446,22 +436,12 @@ class LLMEngine:
             await self.scheduler.drain()
         return outputs
 
-    def _times_start(self) -> StepTimes:
-        times = self.step_times
-        times.start = time.perf_counter()
-        times.schedule = times.launch = times.land = 0.0
-        times.num_seqs = times.num_tokens = times.num_prefill_seqs = times.num_admitted = 0
-        return times
-
-    @staticmethod
-    def _times_launched(times: StepTimes, sched: SchedulerOutput) -> None:
-        times.launch = time.perf_counter() - times.start - times.schedule
-        times.num_seqs = len(sched.seqs)
-        times.num_tokens = sched.num_tokens
-        times.num_prefill_seqs = times.num_tokens - times.num_seqs and sum(
-            1 for n in sched.num_new_tokens if n > 1
-        )
-        times.num_admitted = len(sched.admitted)
+    async def _schedule(self) -> SchedulerOutput:
+        """The scheduler's step, the start of the step's times (step_times)."""
+        self.step_times.begin()
+        sched = await self.scheduler.schedule()
+        self.step_times.scheduled()
+        return sched
 
     def _launch_step(self, sched: SchedulerOutput) -> _InFlight:
         """Prepare and submit the step's device work; then, overlapped with it, advance the
@@ -488,15 +468,19 @@ class LLMEngine:
         for seq in batch.sample_seqs:
             if seq.request.beam is None:  # beams append their own tokens (beam_engine.py)
                 seq.token_ids.append(PLACEHOLDER)
+        self.step_times.launched(sched.num_new_tokens, len(sched.admitted))
         return _InFlight(batch, future, pending)
 
     async def _complete(
         self, flight: _InFlight, commits: list | None = None
     ) -> list[SequenceOutput]:
+        landing = time.perf_counter()
         result = await flight.future
         if flight.pending is not None:
             result = self._collect(flight.pending)
-        return await self._postprocess(flight.batch, result, commits or [])
+        outputs = await self._postprocess(flight.batch, result, commits or [])
+        self.step_times.land = time.perf_counter() - landing
+        return outputs
 
     def _process_aborts(self) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []

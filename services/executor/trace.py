@@ -36,6 +36,23 @@ class StepTimes:
     num_prefill_seqs: int = 0
     num_admitted: int = 0
 
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+        self.schedule = self.launch = self.land = 0.0
+        self.num_seqs = self.num_tokens = self.num_prefill_seqs = self.num_admitted = 0
+
+    def scheduled(self) -> None:
+        self.schedule = time.perf_counter() - self.start
+
+    def launched(self, num_new_tokens: list[int], num_admitted: int) -> None:
+        self.launch = time.perf_counter() - self.start - self.schedule
+        self.num_seqs = len(num_new_tokens)
+        self.num_tokens = sum(num_new_tokens)
+        # Decode-only steps (every sequence one token) skip the count.
+        if self.num_tokens > self.num_seqs:
+            self.num_prefill_seqs = sum(1 for n in num_new_tokens if n > 1)
+        self.num_admitted = num_admitted
+
 
 class StepTrace:
     def __init__(self, path: str) -> None:

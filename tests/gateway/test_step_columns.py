@@ -6,18 +6,17 @@ SequenceOutput per output gave it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pagemesh.redis_process import free_port
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
 from services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
-from services.executor.server import EngineLoop, Sink, output_to_proto, serve
+from services.executor.server import EngineLoop, Sink, output_to_proto
 from services.gateway.executor_client import ExecutorClient, RequestStream
 from tests.executor.engine_support import make_engine, tokenizer
+from tests.support.executor_service import executor_service
 
 Delivered = dict[str, list[list[pb.SequenceOutput]]]
 
@@ -217,28 +216,16 @@ async def test_real_executor_sends_columns_the_gateway_reads_as_before(smollm2_p
         return outputs
 
     engine.step = recording_step  # type: ignore[method-assign]
-    info = pb.ExecutorInfo(
-        executor_id="columns",
-        model="smol",
-        block_size=engine.config.block_size,
-        num_blocks=engine.pool.num_blocks,
-        max_model_len=engine.max_model_len,
-    )
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    client = ExecutorClient(f"127.0.0.1:{port}")
     wire: list[pb.StepOutput] = []
-    dispatch = client._dispatch
+    async with executor_service(engine) as client:
+        # Nothing comes down the stream before a request goes up: no step is missed.
+        dispatch = client._dispatch
 
-    def spy(step_output: pb.StepOutput) -> None:
-        wire.append(step_output)
-        dispatch(step_output)
+        def spy(step_output: pb.StepOutput) -> None:
+            wire.append(step_output)
+            dispatch(step_output)
 
-    client._dispatch = spy  # type: ignore[method-assign]
-    client.start()
-    try:
-        await asyncio.wait_for(client._connected.wait(), 60)
+        client._dispatch = spy  # type: ignore[method-assign]
         ids = tokenizer(smollm2_path)(
             "Once upon a time, in a small village by the sea, there lived an old fisherman who "
             "rose before dawn every day, mended his nets by the harbour wall and told the"
@@ -275,11 +262,6 @@ async def test_real_executor_sends_columns_the_gateway_reads_as_before(smollm2_p
         }
         got = await drain(streams)
         old_steps = await asyncio.wait_for(old, 120)
-    finally:
-        await client.close()
-        stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
     assert got == expected(engine_steps, list(streams))
     assert not any(step.token_request_ids for step in old_steps)
     assert [list(step.outputs) for step in old_steps] == expected(engine_steps, ["old"])["old"]
