@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
+from proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
 from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
 from services.executor.trace import StepTrace
 
@@ -40,11 +41,6 @@ SERVER_OPTIONS = [
     # beside the first and split its traffic silently (seen once); it must fail to start instead.
     ("grpc.so_reuseport", 0),
 ]
-
-# Metadata a gateway sends on Serve when it reads StepOutput's token columns.
-STEP_COLUMNS = ("pagemesh-step-columns", "1")
-# Metadata this executor sends in its Serve headers: it reads ServeRequest.generate_batch.
-GENERATE_BATCH = ("pagemesh-generate-batch", "1")
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:

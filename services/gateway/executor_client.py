@@ -24,6 +24,7 @@ import grpc
 
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
+from proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
 
 log = logging.getLogger("pagemesh.gateway.executor")
 
@@ -39,12 +40,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-
-# Tells the executor that `_dispatch` reads StepOutput's token columns (proto/executor.proto); a
-# gateway that does not send it gets full SequenceOutputs only.
-STEP_COLUMNS_METADATA = (("pagemesh-step-columns", "1"),)
-# In an executor's Serve headers: it reads ServeRequest.generate_batch.
-GENERATE_BATCH = ("pagemesh-generate-batch", "1")
 
 
 def pack_generates(queued: list[pb.ServeRequest | None]) -> list[pb.ServeRequest | None]:
@@ -217,7 +212,7 @@ class ExecutorClient:
             outbox: asyncio.Queue[pb.ServeRequest | None] = asyncio.Queue()
             self._outbox = outbox
             call = self._stub.Serve(
-                self._outgoing(outbox), metadata=STEP_COLUMNS_METADATA, wait_for_ready=True
+                self._outgoing(outbox), metadata=(STEP_COLUMNS,), wait_for_ready=True
             )
             try:
                 # Metadata arrives once the server accepted the stream: only then is it usable.
