@@ -25,20 +25,22 @@ class RegisterExecutorResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "seq_id", "token_ids", "cache_salt", "num_lookahead_tokens")
+    __slots__ = ("executor_id", "epoch", "seq_id", "token_ids", "cache_salt", "num_lookahead_tokens", "token_data")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     NUM_LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DATA_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     cache_salt: str
     num_lookahead_tokens: int
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ...) -> None: ...
+    token_data: bytes
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ..., token_data: _Optional[bytes] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("block_ids", "num_cached_tokens")

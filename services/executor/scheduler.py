@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -100,6 +101,9 @@ class Scheduler:
         # Fraction of the prompts found cached in the last admission round: how far past the
         # budget (at no hits) the next round offers the queue.
         self._hit_estimate = 0.0
+        # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
+        # kv_wait: what of a slow schedule is the allocator's round trips).
+        self.kv_wait = 0.0
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -131,6 +135,7 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------------
 
     async def schedule(self) -> SchedulerOutput:
+        self.kv_wait = 0.0
         self._land_calls()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -248,11 +253,14 @@ class Scheduler:
             )
             for seq in batch
         ]
+        start = time.perf_counter()
         try:
             result = await self.allocator.step(commits, releases, [], admits, budget)
         except AllocatorError:
             self._defer_releases(releases)
             raise
+        finally:
+            self.kv_wait += time.perf_counter() - start
         await self._check_parts(result, releases)
         return result
 
@@ -292,6 +300,7 @@ class Scheduler:
                 end = seq.num_computed_tokens + n
                 target = self._lookahead_target(seq, end + 1) if lookahead else end
                 entries.append(ExtendEntry(seq.seq_id, seq.num_computed_tokens, max(target, end)))
+            start = time.perf_counter()
             try:
                 result = await self.allocator.extend(entries)
             except OutOfBlocks:
@@ -306,6 +315,8 @@ class Scheduler:
                     del out.seqs[i], out.num_new_tokens[i]
                 need = [(s, n) for s, n in need if s is not victim]
                 continue
+            finally:
+                self.kv_wait += time.perf_counter() - start
             self._apply(result)
             out.copies.extend(result.copies)
             for seq, _ in need:
@@ -478,9 +489,11 @@ class Scheduler:
         them (an admission may hit the blocks just committed, or need the blocks just released;
         a synchronous Extend must start from the tables kvmanager has)."""
         self._send([])
+        start = time.perf_counter()
         while self._calls:
             task, seqs = self._calls.popleft()
             self._apply_call(await task, seqs)
+        self.kv_wait += time.perf_counter() - start
 
     async def drain(self) -> None:
         await self._settle()

@@ -29,6 +29,7 @@ class StepTimes:
 
     start: float = 0.0
     schedule: float = 0.0  # scheduler.schedule(), kvmanager calls it awaited included
+    kv_wait: float = 0.0  # of which awaiting kvmanager (admission rounds, extends, settling)
     launch: float = 0.0  # batch build + launching the device work (eager prefill: the kernels)
     land: float = 0.0  # waiting for and post-processing the step that lands
     num_seqs: int = 0
@@ -38,11 +39,12 @@ class StepTimes:
 
     def begin(self) -> None:
         self.start = time.perf_counter()
-        self.schedule = self.launch = self.land = 0.0
+        self.schedule = self.launch = self.land = self.kv_wait = 0.0
         self.num_seqs = self.num_tokens = self.num_prefill_seqs = self.num_admitted = 0
 
-    def scheduled(self) -> None:
+    def scheduled(self, kv_wait: float) -> None:
         self.schedule = time.perf_counter() - self.start
+        self.kv_wait = kv_wait
 
     def launched(self, num_new_tokens: list[int], num_admitted: int) -> None:
         self.launch = time.perf_counter() - self.start - self.schedule
@@ -78,6 +80,7 @@ class StepTrace:
                 "ev": "step",
                 "t": times.start,
                 "sched": round(times.schedule, 6),
+                "kv_wait": round(times.kv_wait, 6),
                 "launch": round(times.launch, 6),
                 "land": round(times.land, 6),
                 "end": end,

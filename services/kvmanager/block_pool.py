@@ -112,14 +112,16 @@ class BlockPool:
         if self.dirty_hashes is not None:
             self.dirty_hashes.add(h)
 
-    def take_hit(self, b: int) -> None:
-        """A prefix hit: one more reference on an indexed block (in use or cached)."""
-        r = self.ref[b]
-        if r == 0:
-            del self.cached[b]
-        self.ref[b] = r + 1
+    def take_hits(self, blocks: list[int]) -> None:
+        """Prefix hits: one more reference on each indexed block (in use or cached)."""
+        ref, cached = self.ref, self.cached
+        for b in blocks:
+            r = ref[b]
+            if r == 0:
+                del cached[b]
+            ref[b] = r + 1
         if self.dirty_blocks is not None:
-            self.dirty_blocks.add(b)
+            self.dirty_blocks.update(blocks)
 
     def incref(self, b: int) -> None:
         """Another table shares an in-use block (fork)."""

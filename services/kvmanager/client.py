@@ -34,6 +34,7 @@ from services.kvmanager.api import (
     TableUpdate,
     UnknownSequence,
 )
+from services.kvmanager.hashing import token_bytes
 
 _ERRORS: dict[grpc.StatusCode, type[AllocatorError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OutOfBlocks,
@@ -69,7 +70,7 @@ def _fill(fill: Callable[[object], None], msg) -> None:
     caller's error, raised as InvalidRequest like the in-process allocator does."""
     try:
         fill(msg)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise InvalidRequest(
             f"{type(msg).__name__}: {e} (token ids and counts must be in [0, 2**32))"
         ) from e
@@ -211,7 +212,7 @@ class KVManagerClient:
             m.executor_id = self.executor_id
             m.epoch = self.epoch
             m.seq_id = seq_id
-            m.token_ids.extend(token_ids)
+            m.token_data = token_bytes(token_ids)
             m.cache_salt = cache_salt
             m.num_lookahead_tokens = num_lookahead_tokens
 
@@ -278,7 +279,7 @@ class KVManagerClient:
                     executor_id=self.executor_id,
                     epoch=self.epoch,
                     seq_id=a.seq_id,
-                    token_ids=a.token_ids,
+                    token_data=token_bytes(a.token_ids),
                     cache_salt=a.cache_salt,
                     num_lookahead_tokens=a.num_lookahead_tokens,
                 )

@@ -68,11 +68,19 @@ def iter_chain(
     slicing the ids and encoding them was most of a long prompt's match cost (an Allocate of a
     1k-token cached prefix hashes 64 blocks)."""
     data = token_bytes(token_ids[: num_blocks * block_size])
+    return iter_chain_data(extra, data, block_size, 0, num_blocks, parent)
+
+
+def iter_chain_data(
+    extra: bytes, data: bytes, block_size: int, start: int, stop: int, parent: bytes = ROOT
+) -> Iterator[bytes]:
+    """Lazily, the hashes of full blocks [start, stop) of `data` (token_bytes' encoding),
+    chained from `parent`, the hash of block start - 1 (ROOT when start is 0)."""
     head = _BLOCK_TAG
     n = _U32.pack(block_size)
     step = 4 * block_size
     h = parent
-    for i in range(num_blocks):
+    for i in range(start, stop):
         h = hashlib.sha256(head + h + extra + n + data[i * step : (i + 1) * step]).digest()
         yield h
 

@@ -86,6 +86,44 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _token_data(token_ids: Sequence[int] | bytes) -> bytes:
+    """The canonical u32 encoding of a prompt (bytes pass through, checked for whole ids)."""
+    if isinstance(token_ids, bytes):
+        if len(token_ids) % 4:
+            raise InvalidRequest("token_data must be whole u32 ids (a multiple of 4 bytes)")
+        return token_ids
+    try:
+        return hashing.token_bytes(token_ids)
+    except (OverflowError, TypeError) as e:
+        raise InvalidRequest("token ids must be integers in [0, 2**32)") from e
+
+
+@dataclass(slots=True)
+class _Chain:
+    """A prompt's encoding and the hashes of its cached prefix, for the next prompt of an
+    admission round to start from (Manager._prefix_hits)."""
+
+    extra: bytes
+    data: bytes
+    hashes: list[bytes]
+
+    def common_blocks(self, data: bytes, limit: int, step: int) -> int:
+        """How many of the first min(limit, len(hashes)) blocks `data` shares with this prompt
+        (each block `step` bytes): bytes comparisons, binary search when they part."""
+        k = min(limit, len(self.hashes))
+        mine = self.data
+        if data[: k * step] == mine[: k * step]:
+            return k
+        lo, hi = 0, k  # blocks [0, lo) agree, [0, hi) do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if data[: mid * step] == mine[: mid * step]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
 class Manager:
     """All executors' logical KV state. `track_changes` keeps the dirty sets persistence drains
     (off for a purely in-process allocator, so nothing grows unboundedly)."""
@@ -154,23 +192,34 @@ class Manager:
 
     # -- allocation -----------------------------------------------------------------------------
     def _prefix_hits(
-        self, ex: ExecutorState, extra: bytes, token_ids: Sequence[int]
+        self,
+        ex: ExecutorState,
+        extra: bytes,
+        data: bytes,
+        near: _Chain | None = None,
     ) -> tuple[list[int], list[bytes]]:
-        """Indexed blocks of the longest cached prefix, whole blocks only, never covering the
-        last token (its logits are needed, so it is always recomputed)."""
+        """Indexed blocks of the longest cached prefix of `data` (token_data's encoding), whole
+        blocks only, never covering the last token (its logits are needed, so it is always
+        recomputed). `near`: the chain of a prompt just allocated; its hashes serve for the
+        blocks both prompts agree on (a memcmp instead of a SHA-256 a block: an admission round
+        of 48 prompts behind one 1k-token system prompt hashed 64 blocks 48 times)."""
         bs = ex.block_size
         index = ex.pool.index
+        num_full = (len(data) // 4 - 1) // bs
         hits: list[int] = []
         hashes: list[bytes] = []
-        try:
-            for h in hashing.iter_chain(extra, token_ids, bs, (len(token_ids) - 1) // bs):
-                b = index.get(h)
-                if b is None:
-                    break
-                hits.append(b)
-                hashes.append(h)
-        except OverflowError as e:
-            raise InvalidRequest("token ids must be in [0, 2**32)") from e
+        start = 0
+        if near is not None and near.extra == extra:
+            start = near.common_blocks(data, num_full, 4 * bs)
+            hashes = near.hashes[:start]
+            hits = [index[h] for h in hashes]  # near's hits: in use, so still indexed
+        parent = hashes[-1] if hashes else hashing.ROOT
+        for h in hashing.iter_chain_data(extra, data, bs, start, num_full, parent):
+            b = index.get(h)
+            if b is None:
+                break
+            hits.append(b)
+            hashes.append(h)
         return hits, hashes
 
     def allocate(
@@ -178,16 +227,31 @@ class Manager:
         executor_id: str,
         epoch: int,
         seq_id: str,
-        token_ids: Sequence[int],
+        token_ids: Sequence[int] | bytes,
         cache_salt: str = "",
         num_lookahead_tokens: int = 0,
     ) -> Allocation:
+        """`token_ids`: the prompt, or its canonical encoding (hashing.token_bytes) as bytes."""
+        return self._allocate(
+            executor_id, epoch, seq_id, _token_data(token_ids), cache_salt, num_lookahead_tokens
+        )[0]
+
+    def _allocate(
+        self,
+        executor_id: str,
+        epoch: int,
+        seq_id: str,
+        data: bytes,
+        cache_salt: str,
+        num_lookahead_tokens: int,
+        near: _Chain | None = None,
+    ) -> tuple[Allocation, _Chain]:
         ex = self.executor(executor_id, epoch)
         if not seq_id:
             raise InvalidRequest("seq_id must not be empty")
         if seq_id in ex.seqs:
             raise InvalidRequest(f"sequence {seq_id!r} already exists (release it first)")
-        n = len(token_ids)
+        n = len(data) // 4
         if n == 0:
             raise InvalidRequest("token_ids must not be empty")
         if num_lookahead_tokens < 0:
@@ -199,7 +263,7 @@ class Manager:
                 f" block size {ex.block_size}) but the pool has only {ex.num_blocks}"
             )
         extra, tenant = ex.extra_for(cache_salt)
-        hits, hashes = self._prefix_hits(ex, extra, token_ids)
+        hits, hashes = self._prefix_hits(ex, extra, data, near)
         pool = ex.pool
         ref = pool.ref
         # Cached hit blocks leave the evictable queue, so they cannot also serve as fresh ones.
@@ -211,40 +275,40 @@ class Manager:
                 f" {pool.num_available - reclaimed} free or evictable of {ex.num_blocks}"
             )
         if hits:
-            now = time.time()
-            birth = pool.birth
-            for b in hits:
-                pool.take_hit(b)
-                ex.age_at_hit.record(now - birth[b])
+            ex.age_at_hit.record_since(time.time(), [pool.birth[b] for b in hits])
+            pool.take_hits(hits)
         blocks = hits + pool.take_many(fresh)
         ex.seqs[seq_id] = SeqState(extra, tenant, blocks, hashes)
         ex.mark(seq_id)
         num_cached = len(hits) * ex.block_size
         self.stats.record(executor_id, tenant, n, num_cached)
-        return Allocation(blocks, num_cached)
+        return Allocation(blocks, num_cached), _Chain(extra, data, hashes)
 
     def allocate_many(
         self,
         executor_id: str,
         epoch: int,
-        entries: Sequence[tuple[str, Sequence[int], str, int]],
+        entries: Sequence[tuple[str, Sequence[int] | bytes, str, int]],
         token_budget: int = 0,
     ) -> tuple[list[Allocation], AllocatorError | None]:
         """Admission in one call: (seq_id, token_ids, cache_salt, num_lookahead_tokens) entries
         allocated in order while the uncached tokens of those allocated so far stay below
         `token_budget` (0: no limit), stopping at the first that fails. Returns the allocations
-        (a prefix of `entries`) and that failure, if any."""
+        (a prefix of `entries`) and that failure, if any. token_ids as in `allocate`."""
         out: list[Allocation] = []
         used = 0
+        near: _Chain | None = None
         for seq_id, token_ids, cache_salt, lookahead in entries:
             if token_budget and used >= token_budget:
                 break
             try:
-                a = self.allocate(executor_id, epoch, seq_id, token_ids, cache_salt, lookahead)
+                a, near = self._allocate(
+                    executor_id, epoch, seq_id, _token_data(token_ids), cache_salt, lookahead, near
+                )
             except AllocatorError as e:
                 return out, e
             out.append(a)
-            used += len(token_ids) - a.num_cached_tokens
+            used += len(near.data) // 4 - a.num_cached_tokens
         return out, None
 
     def extend(
@@ -479,9 +543,10 @@ class Manager:
             targets = [ex]
         else:
             targets = list(self.executors.values())
+        data = _token_data(token_ids)
         out = {}
         for ex in targets:
-            hits, _ = self._prefix_hits(ex, ex.extra_for(cache_salt)[0], token_ids)
+            hits, _ = self._prefix_hits(ex, ex.extra_for(cache_salt)[0], data)
             out[ex.executor_id] = len(hits) * ex.block_size
         return out
 

@@ -64,6 +64,15 @@ def fill_error(err: pb.CallError, e: AllocatorError) -> None:
     err.message = str(e)
 
 
+def prompt_of(a: pb.AllocateRequest):
+    """An AllocateRequest's prompt: token_data's bytes, or its token_ids."""
+    if a.token_data:
+        if len(a.token_ids):
+            raise InvalidRequest("set token_ids or token_data, not both")
+        return a.token_data
+    return a.token_ids
+
+
 def _hits(h: HitCounts) -> pb.HitStats:
     return pb.HitStats(
         query_tokens=h.query_tokens,
@@ -120,7 +129,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             request.executor_id,
             request.epoch,
             request.seq_id,
-            request.token_ids,
+            prompt_of(request),
             request.cache_salt,
             request.num_lookahead_tokens,
         )
@@ -205,7 +214,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 request.allocate[0].executor_id,
                 request.allocate[0].epoch,
                 [
-                    (a.seq_id, a.token_ids, a.cache_salt, a.num_lookahead_tokens)
+                    (a.seq_id, prompt_of(a), a.cache_salt, a.num_lookahead_tokens)
                     for a in request.allocate
                 ],
                 request.allocate_token_budget,

@@ -169,8 +169,11 @@ async def test_bad_prompts_raise(smollm2_path: Path) -> None:
     engine = await _shared_engine(smollm2_path)
     with pytest.raises(ValueError, match="at least one token"):
         engine.add_request("e", [], greedy(4))
-    with pytest.raises(ValueError, match="prompt token ids"):
-        engine.add_request("e", [10**8], greedy(4))
+    for bad in ([10**8], [5, -1], [2**70]):
+        with pytest.raises(ValueError, match="prompt token ids"):
+            engine.add_request("e", bad, greedy(4))
+    with pytest.raises(ValueError, match="integers"):
+        engine.add_request("e", [1, 2.5], greedy(4))  # never truncated to 2
     engine.add_request("dup", [1, 2], greedy(1))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", [1, 2], greedy(1))

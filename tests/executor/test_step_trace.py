@@ -38,13 +38,15 @@ async def test_trace_has_every_request_and_step(smollm2_path: Path, tmp_path: Pa
     assert set(arrive) == set(first) == set(prompts)
     assert all(first[r] > arrive[r] for r in prompts)
     for s in steps:
-        assert min(s["sched"], s["launch"], s["land"]) >= 0
+        assert min(s["sched"], s["launch"], s["land"], s["kv_wait"]) >= 0
+        assert s["kv_wait"] <= s["sched"]
         assert s["end"] >= s["t"] + s["sched"] + s["launch"] + s["land"] - 1e-6
         assert s["tokens"] >= s["seqs"] >= s["prefill_seqs"]
     # Every prompt token and every generated token but the last of each request ran in a step.
     assert sum(s["tokens"] for s in steps) == sum(len(p) + 5 for p in prompts.values())
     assert sum(s["admitted"] for s in steps) == len(prompts)
     assert any(s["prefill_seqs"] for s in steps)
+    assert any(s["kv_wait"] > 0 for s in steps if s["admitted"])  # admission awaits kvmanager
 
 
 async def _count(stream: RequestStream) -> int:

@@ -50,6 +50,8 @@ BAD = [
     ("Allocate", dict(seq_id="n", token_ids=[1] * 28), C.RESOURCE_EXHAUSTED, "free or evictable"),
     ("Allocate", dict(seq_id="n", token_ids=[1], epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
     ("Allocate", dict(seq_id="n", token_ids=[1], executor_id="zz"), C.FAILED_PRECONDITION, "not registered"),
+    ("Allocate", dict(seq_id="n", token_data=b"\x01\x00\x00"), C.INVALID_ARGUMENT, "multiple of 4"),
+    ("Allocate", dict(seq_id="n", token_ids=[1], token_data=b"\x01\x00\x00\x00"), C.INVALID_ARGUMENT, "not both"),
     ("Extend", dict(seq_ids=["nope"], num_computed_tokens=[0], num_tokens=[1]), C.NOT_FOUND, "unknown sequence"),
     ("Extend", dict(seq_ids=["s"], num_computed_tokens=[0], num_tokens=[]), C.INVALID_ARGUMENT, "differ in length"),
     ("Extend", dict(seq_ids=["s"], num_computed_tokens=[5], num_tokens=[32]), C.RESOURCE_EXHAUSTED, "free or evictable"),
@@ -304,3 +306,31 @@ async def test_session_raw_stream_errors_keep_it_open(served) -> None:
     assert not replies[2].HasField("error") and list(replies[2].allocate.block_ids) == [0]
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
+
+
+async def test_token_data_is_the_same_prompt_as_token_ids(served) -> None:
+    """The packed form (u32 little-endian) allocates and hits exactly as the repeated ids do."""
+    server, stub, epoch = served
+    prompt = [70000, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks + 1 (an id above 16 bits)
+
+    def alloc(sid: str, **prompt_field) -> pb.AllocateRequest:
+        return pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, **prompt_field)
+
+    await stub.Allocate(alloc("ids", token_ids=prompt))
+    await stub.Commit(
+        pb.CommitRequest(
+            executor_id="ex", epoch=epoch, seq_ids=["ids"] * 2, block_indices=[0, 1],
+            token_ids=prompt[:8],
+        )
+    )  # fmt: skip
+    data = b"".join(t.to_bytes(4, "little") for t in prompt)
+    r = await stub.Allocate(alloc("data", token_data=data))
+    assert r.num_cached_tokens == 8
+    assert list(r.block_ids[:2]) == server.manager.executors["ex"].seqs["ids"].blocks[:2]
+    # One id different in the second block: the hit stops after the first, in both forms.
+    other = [*prompt[:5], 99, *prompt[6:]]
+    r_ids = await stub.Allocate(alloc("o1", token_ids=other))
+    r_data = await stub.Allocate(
+        alloc("o2", token_data=b"".join(t.to_bytes(4, "little") for t in other))
+    )
+    assert r_ids.num_cached_tokens == r_data.num_cached_tokens == 4
