@@ -24,6 +24,7 @@ import hashlib
 import logging
 import time
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,14 +66,20 @@ from services.kvmanager.api import BlockAllocator, CommitEntry
 log = logging.getLogger(__name__)
 
 
-def _plain_ids(token_ids) -> list[int]:
-    """The ids as plain ints, converted in C: a prompt is ~1k ids and a burst brings hundreds
-    of prompts to one event loop, where a Python loop over each id cost ~0.2 ms a prompt.
-    array('q') takes anything with __index__ (numpy and torch integers) and refuses the rest."""
-    try:
-        return array("q", token_ids).tolist()
-    except (TypeError, OverflowError) as e:
-        raise ValueError("prompt token ids must be integers") from e
+def _plain_ids(token_ids: Iterable[int] | array) -> tuple[list[int], int, int]:
+    """The ids as plain ints, with their min and max, computed in C: a prompt is ~1k ids and a
+    burst brings hundreds of prompts to one event loop, where a Python loop over each id cost
+    ~0.2 ms a prompt. array('q') takes anything with __index__ (numpy and torch integers) and
+    refuses the rest; an array (the Serve stream's u32 form) is taken as it is."""
+    if not isinstance(token_ids, array):
+        try:
+            token_ids = array("q", token_ids)
+        except (TypeError, OverflowError) as e:
+            raise ValueError("prompt token ids must be integers") from e
+    if not token_ids:
+        return [], 0, 0
+    view = np.frombuffer(token_ids, dtype=np.dtype(token_ids.typecode))
+    return token_ids.tolist(), int(view.min()), int(view.max())
 
 
 @dataclass(slots=True)
@@ -279,14 +286,14 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: Iterable[int] | array,
         params: SamplingParams,
         cache_salt: str = "",
     ) -> None:
         if not self.started:
             raise RuntimeError("LLMEngine.start() has not been awaited")
-        prompt = _plain_ids(prompt_token_ids)
-        self._validate(request_id, prompt, params)
+        prompt, lo, hi = _plain_ids(prompt_token_ids)
+        self._validate(request_id, prompt, params, lo, hi)
         req = Request(request_id, params, cache_salt, len(prompt))
         seq = self._new_seq(req, 0, prompt)
         self.requests[request_id] = req
@@ -323,7 +330,11 @@ class LLMEngine:
         req.seqs.append(seq)
         return seq
 
-    def _validate(self, request_id: str, prompt: list[int], p: SamplingParams) -> None:
+    def _validate(
+        self, request_id: str, prompt: list[int], p: SamplingParams, lo: int, hi: int
+    ) -> None:
+        """`lo`, `hi`: the prompt's smallest and largest id."""
+
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
@@ -333,7 +344,7 @@ class LLMEngine:
             bad(f"request_id {request_id!r} is already in use")
         if not prompt:
             bad("the prompt must hold at least one token")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+        if lo < 0 or hi >= self.vocab_size:
             bad(f"prompt token ids must be in [0, {self.vocab_size})")
         # A search runs its beams at once: each needs a row.
         beam_search.validate(p, min(self.config.max_beam_width, self.config.max_num_seqs))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
+from array import array
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,6 +66,21 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         early_stopping="never" if p.early_stopping_never else p.early_stopping,
     )
+
+
+def prompt_of(request: pb.GenerateRequest) -> array | list[int]:
+    """A GenerateRequest's prompt ids: prompt_token_data's u32s, or prompt_token_ids."""
+    data = request.prompt_token_data
+    if not data:
+        return list(request.prompt_token_ids)
+    if len(request.prompt_token_ids):
+        raise ValueError("set prompt_token_ids or prompt_token_data, not both")
+    if len(data) % 4:
+        raise ValueError("prompt_token_data must be whole u32 ids (a multiple of 4 bytes)")
+    ids = array("I", data)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids
 
 
 def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
@@ -158,9 +175,7 @@ class EngineLoop:
         if rid in self._owner:
             raise ValueError(f"duplicate request_id {rid!r}")
         params = sampling_from_proto(request.params)
-        self.engine.add_request(
-            rid, list(request.prompt_token_ids), params, cache_salt=request.cache_salt
-        )
+        self.engine.add_request(rid, prompt_of(request), params, cache_salt=request.cache_salt)
         self._owner[rid] = sink
         if self.trace is not None:
             self.trace.arrive(rid)

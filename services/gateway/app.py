@@ -29,6 +29,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from services.gateway.sse import SSEWriter, encode_event
 from services.gateway.trace import RequestTimes, RequestTrace
+from services.gateway.turnstile import Turnstile
 from services.gateway.validation import (
     ChatRequest,
     CompletionRequest,
@@ -64,6 +65,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.client = ExecutorClient(config.executor)
+        self.turnstile = Turnstile()  # one request's ingest per loop iteration (turnstile.py)
         self.metrics = GatewayMetrics(config.kvmanager)
         self.tokenizer: Tokenizer | None = None
         self.model_name = config.model_name or ""
@@ -198,6 +200,7 @@ def _gateway(request: web.Request) -> Gateway:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     times = RequestTimes(entry=RequestTimes.now())
     gw = _gateway(request)
+    await gw.turnstile.turn()
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
     req = parse_chat(body, gw.config.limits)
     gw.check_model(req.model)
@@ -216,6 +219,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     times = RequestTimes(entry=RequestTimes.now())
     gw = _gateway(request)
+    await gw.turnstile.turn()
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
     req = parse_completion(body, gw.config.limits)
     gw.check_model(req.model)
@@ -247,8 +251,10 @@ async def _generate(
         raise invalid("The prompt is empty after tokenization.", param="prompt")
     info = gw.client.info  # refreshed whenever the Serve stream reopens (executor restart)
     vocab = info.vocab_size if info else 0
-    if vocab and max(prompt_ids) >= vocab:
-        raise invalid(f"Token ids must be below the vocabulary size {vocab}.", param="prompt")
+    if max(prompt_ids) >= (vocab or 1 << 32):  # ids go to the executor as u32
+        raise invalid(
+            f"Token ids must be below the vocabulary size {vocab or 1 << 32}.", param="prompt"
+        )
     max_model_len = info.max_model_len if info else gw.max_model_len
     capacity = info.num_blocks * info.block_size if info else 0
     max_tokens = check_context(req.options, len(prompt_ids), max_model_len, capacity)
@@ -264,7 +270,7 @@ async def _generate(
     started = time.monotonic()
     assert gw.tokenizer is not None
     try:
-        gen = Generation(gw.client, grpc_req, gw.tokenizer, req.options.stop)
+        gen = Generation(gw.client, grpc_req, prompt_ids, gw.tokenizer, req.options.stop)
     except ExecutorUnavailable as exc:
         raise APIError(str(exc), status=503, type="server_error") from None
     times.submitted = RequestTimes.now()

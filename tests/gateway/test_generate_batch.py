@@ -105,3 +105,47 @@ async def test_executor_runs_every_request_of_a_batch(
         rid for m in _shape(sent) if m is not None for rid in (m if isinstance(m, list) else [m])
     ]
     assert ids == [f"r{i}" for i in range(6)] + ["bad"]
+
+
+def _packed(ids: list[int]) -> bytes:
+    return b"".join(t.to_bytes(4, "little") for t in ids)
+
+
+async def test_packed_prompts_run_as_repeated_ids_do(smollm2_path: Path) -> None:
+    """prompt_token_data (the gateway's form) and prompt_token_ids give the same greedy tokens;
+    a request with both, or with a partial id, is refused alone."""
+    engine = await make_engine(smollm2_path)
+    async with executor_service(engine) as client:
+        params = pb.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        prompts = [[5, 6, 7, 8], [30, 40, 2000, 49151], [9]]
+        by_ids = [
+            client.submit(pb.GenerateRequest(request_id=f"i{k}", prompt_token_ids=p, params=params))
+            for k, p in enumerate(prompts)
+        ]
+        by_data = [
+            client.submit(
+                pb.GenerateRequest(request_id=f"d{k}", prompt_token_data=_packed(p), params=params)
+            )
+            for k, p in enumerate(prompts)
+        ]
+        both = client.submit(
+            pb.GenerateRequest(
+                request_id="both",
+                prompt_token_ids=[1],
+                prompt_token_data=_packed([1]),
+                params=params,
+            )
+        )
+        partial = client.submit(
+            pb.GenerateRequest(
+                request_id="partial", prompt_token_data=b"\x01\x00\x00", params=params
+            )
+        )
+        outs = await asyncio.wait_for(asyncio.gather(*map(_outputs, by_ids + by_data)), 120)
+        tokens = [[t for o in out for t in o.token_ids] for out in outs]
+        assert all(len(t) == 4 for t in tokens)
+        assert tokens[:3] == tokens[3:]
+        for stream, text in ((both, "not both"), (partial, "multiple of 4")):
+            refused = await asyncio.wait_for(_outputs(stream), 60)
+            assert [o.finish_reason for o in refused] == [pb.FINISH_ERROR]
+            assert text in refused[0].error
