@@ -48,6 +48,7 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    query_start_loc_ptr,
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
@@ -78,11 +79,20 @@ def _decode_kernel(
     SPLIT_PAD: tl.constexpr,
     MERGE_UNROLL: tl.constexpr,
     F32_DOT: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
 
+    if MIXED:
+        # A packed prefill batch: sequence b's query is row query_start_loc[b], and only
+        # one-token queries are ours (the prefill kernel skips them and does the rest).
+        q_row = tl.load(query_start_loc_ptr + b)
+        if tl.load(query_start_loc_ptr + b + 1) - q_row != 1:
+            return
+    else:
+        q_row = b
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * tokens_per_split
     if NUM_SPLITS > 1:  # noqa: SIM102 (constexpr test, kept apart from the runtime one)
@@ -102,7 +112,7 @@ def _decode_kernel(
     else:
         qd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=qd_mask,
         other=0.0,
     )
@@ -147,7 +157,7 @@ def _decode_kernel(
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(
-            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out_ptr + q_row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
             mask=qd_mask,
         )
@@ -204,7 +214,7 @@ def _decode_kernel(
                         o_all += a_s * w_s[:, None]
                 l_safe = tl.where(l_all > 0.0, l_all, 1.0)
                 tl.store(
-                    out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                    out_ptr + q_row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                     (o_all / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                     mask=qd_mask,
                 )
@@ -215,6 +225,7 @@ def _merge_kernel(
     part_acc_ptr,
     part_ml_ptr,
     seq_lens_ptr,
+    query_start_loc_ptr,
     out_ptr,
     tokens_per_split,
     stride_ob,
@@ -224,9 +235,16 @@ def _merge_kernel(
     HEAD_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLIT_PAD: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if MIXED:  # as in _decode_kernel: only one-token queries, at their packed row
+        q_row = tl.load(query_start_loc_ptr + b)
+        if tl.load(query_start_loc_ptr + b + 1) - q_row != 1:
+            return
+    else:
+        q_row = b
     seq_len = tl.load(seq_lens_ptr + b)
     n_active = tl.maximum(tl.cdiv(seq_len, tokens_per_split), 1)
     offs_s = tl.arange(0, SPLIT_PAD)
@@ -247,7 +265,7 @@ def _merge_kernel(
     den = tl.sum(l_s * w, 0)
     den = tl.where(den > 0.0, den, 1.0)
     tl.store(
-        out_ptr + b * stride_ob + h * stride_oh + offs_d,
+        out_ptr + q_row * stride_ob + h * stride_oh + offs_d,
         (num / den).to(out_ptr.dtype.element_ty),
         mask=offs_d < HEAD_DIM,
     )
@@ -309,6 +327,7 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fused_merge: bool = FUSED_MERGE_DEFAULT,
+    query_start_loc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton paged decode attention; same contract as kernels.reference.paged_decode_attention.
 
@@ -316,8 +335,14 @@ def paged_decode_attention(
     capacity); it only sizes the split. num_splits/block_n/num_warps/num_stages override the
     heuristics (benchmarks sweep them). fused_merge=False merges the slices in a second kernel
     instead of in the last slice to finish (calls that share the counters must not run
-    concurrently on two streams)."""
-    batch, num_heads, head_dim = q.shape
+    concurrently on two streams).
+
+    query_start_loc: q is a packed prefill batch (kernels.reference.paged_attention's layout)
+    instead of one row per sequence; only the sequences with a one-token query get their row
+    of `out` written (paged_prefill_attention with decode_rows=True does the others)."""
+    _, num_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    mixed = query_start_loc is not None
     _, page, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
     assert group * num_kv_heads == num_heads, "query heads must be a multiple of KV heads"
@@ -347,7 +372,7 @@ def paged_decode_attention(
         part_ml = torch.empty((batch, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    fused = fused_merge and splits > 1
+    fused = fused_merge and splits > 1 and not mixed
     counters = _counters(q.device, batch * num_kv_heads) if fused else seq_lens  # else unused
     # float32 caches get exact (IEEE) dots: Triton's default for float32 is tf32, far from the
     # 1e-5 the tests ask. The interpreter's bfloat16 dot is broken (Triton 3.9 + NumPy), so
@@ -359,6 +384,7 @@ def paged_decode_attention(
         value_cache,
         block_tables,
         seq_lens,
+        query_start_loc if mixed else seq_lens,  # unused unless mixed
         out,
         part_acc,
         part_ml,
@@ -389,6 +415,7 @@ def paged_decode_attention(
         SPLIT_PAD=next_pow2(splits),
         MERGE_UNROLL=4,
         F32_DOT=f32_dot,
+        MIXED=mixed,
         num_warps=warps,
         num_stages=stages,
     )
@@ -397,6 +424,7 @@ def paged_decode_attention(
             part_acc,
             part_ml,
             seq_lens,
+            query_start_loc if mixed else seq_lens,
             out,
             tokens_per_split,
             out.stride(0),
@@ -406,6 +434,7 @@ def paged_decode_attention(
             HEAD_PAD=head_pad,
             NUM_SPLITS=splits,
             SPLIT_PAD=next_pow2(splits),
+            MIXED=mixed,
             num_warps=4,
         )
     return out

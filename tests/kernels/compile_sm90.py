@@ -43,22 +43,32 @@ def _attn_types(dtype: str, extra: dict[str, str]) -> dict[str, str]:
 
 def decode_compiles(dtype: str) -> None:
     types = _attn_types(
-        dtype, {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counters_ptr": "*i32"}
-    )
+        dtype,
+        {
+            "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counters_ptr": "*i32",
+            "query_start_loc_ptr": "*i32",
+        },
+    )  # fmt: skip
     bn, warps, stages = (32, 4, 5) if dtype == "bf16" else (32, 4, 2)
-    # float32 compiles slowly on a CPU: one variant of it, all three of bf16.
-    variants = [(1, False), (8, True), (8, False)] if dtype == "bf16" else [(8, True)]
-    for splits, fused in variants:
+    # float32 compiles slowly on a CPU: one variant of it, all four of bf16 (the last: the
+    # decodes of a mixed step, decode_rows=True).
+    variants = (
+        [(1, False, False), (8, True, False), (8, False, False), (8, False, True)]
+        if dtype == "bf16"
+        else [(8, True, False)]
+    )
+    for splits, fused, mixed in variants:
         consts = dict(
             GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_PAD=128, PAGE=16, BLOCK_N=bn,
             NUM_SPLITS=splits, NUM_KV_HEADS=8, FUSED_MERGE=fused, SPLIT_PAD=8, MERGE_UNROLL=4,
-            F32_DOT=dtype == "fp32",
+            F32_DOT=dtype == "fp32", MIXED=mixed,
         )  # fmt: skip
         _compile(decode_attention._decode_kernel, types, consts, warps, stages)
     merge_types = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32"}
-    merge_types["out_ptr"] = f"*{dtype}"
-    consts = dict(HEAD_DIM=128, HEAD_PAD=128, NUM_SPLITS=8, SPLIT_PAD=8)
-    _compile(decode_attention._merge_kernel, merge_types, consts, 4, 1)
+    merge_types.update(out_ptr=f"*{dtype}", query_start_loc_ptr="*i32")
+    for mixed in (False, True):
+        consts = dict(HEAD_DIM=128, HEAD_PAD=128, NUM_SPLITS=8, SPLIT_PAD=8, MIXED=mixed)
+        _compile(decode_attention._merge_kernel, merge_types, consts, 4, 1)
 
 
 def prefill_compiles(dtype: str) -> None:
@@ -67,7 +77,7 @@ def prefill_compiles(dtype: str) -> None:
     for head_dim, group in [(128, 4), (96, 1)] if dtype == "bf16" else [(96, 1)]:
         consts = dict(
             GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=128, PAGE=16, BLOCK_M=bm, BLOCK_N=bn,
-            F32_DOT=dtype == "fp32",
+            F32_DOT=dtype == "fp32", SKIP_SINGLE=group == 4,  # the model's path skips decodes
         )  # fmt: skip
         _compile(prefill_attention._prefill_kernel, types, consts, warps, stages)
 

@@ -102,6 +102,7 @@ class Attention(nn.Module):
                 attn.seq_lens,
                 attn.query_start_loc,
                 self.scale,
+                decode_rows=True,  # a mixed step's decodes through the decode kernel
             )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
