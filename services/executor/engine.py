@@ -71,7 +71,7 @@ def _plain_ids(token_ids: Iterable[int] | array) -> tuple[list[int], int, int]:
     burst brings hundreds of prompts to one event loop, where a Python loop over each id cost
     ~0.2 ms a prompt. array('q') takes anything with __index__ (numpy and torch integers) and
     refuses the rest; an array (the Serve stream's u32 form) is taken as it is."""
-    if not isinstance(token_ids, array):
+    if not (isinstance(token_ids, array) and token_ids.typecode in "bBhHiIlLqQ"):
         try:
             token_ids = array("q", token_ids)
         except (TypeError, OverflowError) as e:
