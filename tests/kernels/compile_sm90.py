@@ -72,7 +72,7 @@ def decode_compiles(dtype: str) -> None:
 
 
 def prefill_compiles(dtype: str) -> None:
-    bm, bn, warps, stages = (128, 128, 8, 3) if dtype == "bf16" else (64, 32, 4, 2)
+    bm, bn, warps, stages = (64, 64, 4, 3) if dtype == "bf16" else (64, 32, 4, 2)
     types = _attn_types(dtype, {"query_start_loc_ptr": "*i32"})
     for head_dim, group in [(128, 4), (96, 1)] if dtype == "bf16" else [(96, 1)]:
         consts = dict(
