@@ -30,13 +30,22 @@ def _compile_enabled() -> bool:
     return os.environ.get("PAGEMESH_COMPILE", "1") not in ("0", "false", "no")
 
 
-def cuda_compiled(fn: Fn) -> Fn:
-    """Run `fn` compiled (dynamic shapes, one graph) when its first argument is on CUDA.
+def cuda_compiled(fn: Fn | None = None, *, token_args: tuple[int, ...] = (0,)) -> Fn:
+    """Run `fn` compiled (one graph) when its first argument is on CUDA.
+
+    Only the token dimension (dim 0 of the positional arguments in `token_args`) is dynamic:
+    one compile serves every batch and token bucket, while the hidden sizes stay constants the
+    generated kernel can index with. With every dimension dynamic (dynamic=True, before) the
+    kernels computed their indices with runtime divisions: on an H200 profile of 8,192-token
+    steps the SiLU-mul kernel ran at a third of memory bandwidth and the RoPE/split one at a
+    tenth (benchmarks/RESULTS.md, run F).
 
     Each model configuration (head counts, eps, dtype) is one more specialization of the same
     code object, and dynamo refuses a code object's ninth: a process that has loaded many models
     (a test run) would then fail its next model's forward. Past that limit the new configuration
     runs eagerly (same numerics, more kernels); the ones compiled before keep their kernels."""
+    if fn is None:
+        return functools.partial(cuda_compiled, token_args=token_args)  # type: ignore[return-value]
     compiled: Callable | None = None
     eager_past_limit = False
 
@@ -46,7 +55,9 @@ def cuda_compiled(fn: Fn) -> Fn:
         if not (args[0].is_cuda and _compile_enabled()):
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = torch.compile(fn, fullgraph=True)
+        for i in token_args:  # (maybe: a size-1 dim is specialized anyway, as it always was)
+            torch._dynamo.maybe_mark_dynamic(args[i], 0)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
@@ -69,7 +80,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 rms_norm = cuda_compiled(_rms_norm)
 
 
-@cuda_compiled
+@cuda_compiled(token_args=(0, 1))
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +95,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@cuda_compiled
+@cuda_compiled(token_args=(0, 1))
 def qk_norm_rope(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
     positions: torch.Tensor,  # [T]
