@@ -28,10 +28,12 @@ where no one is reading it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from services.executor.beam_engine import unstall
@@ -253,14 +255,12 @@ class Scheduler:
             )
             for seq in batch
         ]
-        start = time.perf_counter()
         try:
-            result = await self.allocator.step(commits, releases, [], admits, budget)
+            with self._awaiting_kvmanager():
+                result = await self.allocator.step(commits, releases, [], admits, budget)
         except AllocatorError:
             self._defer_releases(releases)
             raise
-        finally:
-            self.kv_wait += time.perf_counter() - start
         await self._check_parts(result, releases)
         return result
 
@@ -300,9 +300,9 @@ class Scheduler:
                 end = seq.num_computed_tokens + n
                 target = self._lookahead_target(seq, end + 1) if lookahead else end
                 entries.append(ExtendEntry(seq.seq_id, seq.num_computed_tokens, max(target, end)))
-            start = time.perf_counter()
             try:
-                result = await self.allocator.extend(entries)
+                with self._awaiting_kvmanager():
+                    result = await self.allocator.extend(entries)
             except OutOfBlocks:
                 if lookahead and self.config.num_lookahead_tokens:
                     lookahead = False  # first ask only for what this step writes
@@ -315,8 +315,6 @@ class Scheduler:
                     del out.seqs[i], out.num_new_tokens[i]
                 need = [(s, n) for s, n in need if s is not victim]
                 continue
-            finally:
-                self.kv_wait += time.perf_counter() - start
             self._apply(result)
             out.copies.extend(result.copies)
             for seq, _ in need:
@@ -489,11 +487,19 @@ class Scheduler:
         them (an admission may hit the blocks just committed, or need the blocks just released;
         a synchronous Extend must start from the tables kvmanager has)."""
         self._send([])
+        with self._awaiting_kvmanager():
+            while self._calls:
+                task, seqs = self._calls.popleft()
+                self._apply_call(await task, seqs)
+
+    @contextlib.contextmanager
+    def _awaiting_kvmanager(self) -> Iterator[None]:
+        """Adds the block's time to kv_wait."""
         start = time.perf_counter()
-        while self._calls:
-            task, seqs = self._calls.popleft()
-            self._apply_call(await task, seqs)
-        self.kv_wait += time.perf_counter() - start
+        try:
+            yield
+        finally:
+            self.kv_wait += time.perf_counter() - start
 
     async def drain(self) -> None:
         await self._settle()

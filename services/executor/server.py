@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from array import array
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
+from proto import packed_ids
 from proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
 from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
 from services.executor.trace import StepTrace
@@ -75,12 +75,10 @@ def prompt_of(request: pb.GenerateRequest) -> array | list[int]:
         return list(request.prompt_token_ids)
     if len(request.prompt_token_ids):
         raise ValueError("set prompt_token_ids or prompt_token_data, not both")
-    if len(data) % 4:
-        raise ValueError("prompt_token_data must be whole u32 ids (a multiple of 4 bytes)")
-    ids = array("I", data)
-    if sys.byteorder != "little":
-        ids.byteswap()
-    return ids
+    try:
+        return packed_ids.unpack(data)
+    except ValueError as e:
+        raise ValueError(f"prompt_token_data {e}") from None
 
 
 def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:

@@ -7,8 +7,8 @@ flushed when full and at a clean exit. Times are
 host, so a client's send time and the executor's arrival time compare directly.
 
 Lines:
-  {"ev": "step", "t": start, "sched": s, "launch": s, "land": s, "end": end, "seqs": n,
-   "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n}
+  {"ev": "step", "t": start, "sched": s, "kv_wait": s, "launch": s, "land": s, "end": end,
+   "seqs": n, "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n}
   {"ev": "arrive", "t": t, "rid": id}     the executor read the request
   {"ev": "first", "t": t, "rid": id}      its first output came out of a step (it is queued
                                            for the gateway's stream right after)

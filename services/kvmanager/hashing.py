@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import sys
-from array import array
 from collections.abc import Iterator, Sequence
+
+from proto import packed_ids
 
 ROOT = bytes(32)
 HASH_SIZE = 32
 _EXTRA_TAG = b"pagemesh-kv-extra-v1"
 _BLOCK_TAG = b"pagemesh-kv-block-v1"
 _U32 = struct.Struct("<I")
-_LITTLE = sys.byteorder == "little"
 
 
 def extra_digest(model_fingerprint: str, cache_salt: str = "") -> bytes:
@@ -47,11 +46,9 @@ def extra_digest(model_fingerprint: str, cache_salt: str = "") -> bytes:
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:
-    """u32 little-endian encoding of the ids (array('I') is 4 bytes on every CPython target)."""
-    arr = array("I", token_ids)  # raises OverflowError for ids outside [0, 2**32)
-    if not _LITTLE:
-        arr.byteswap()
-    return arr.tobytes()
+    """u32 little-endian encoding of the ids: the wire's packed form (proto/packed_ids.py).
+    Raises OverflowError for ids outside [0, 2**32)."""
+    return packed_ids.pack(token_ids)
 
 
 def block_hash(parent: bytes, extra: bytes, token_ids: Sequence[int]) -> bytes:

@@ -275,7 +275,8 @@ class Manager:
                 f" {pool.num_available - reclaimed} free or evictable of {ex.num_blocks}"
             )
         if hits:
-            ex.age_at_hit.record_since(time.time(), [pool.birth[b] for b in hits])
+            now, birth = time.time(), pool.birth
+            ex.age_at_hit.record_ages([now - birth[b] for b in hits])
             pool.take_hits(hits)
         blocks = hits + pool.take_many(fresh)
         ex.seqs[seq_id] = SeqState(extra, tenant, blocks, hashes)

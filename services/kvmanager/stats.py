@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 RECENT_REQUESTS = 1000
@@ -101,22 +102,16 @@ class Residency:
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=AGE_SAMPLES))
 
     def record(self, age: float) -> None:
-        self.count += 1
-        self.total += age
-        self.buckets[bisect.bisect_left(AGE_BUCKETS, age)] += 1
-        self.samples.append(age)
+        self.record_ages((age,))
 
-    def record_since(self, now: float, births: list[float]) -> None:
-        """record(now - birth) for each birth, in one loop (a prefix hit's tens of blocks)."""
-        buckets, samples = self.buckets, self.samples
-        total = 0.0
-        for birth in births:
-            age = now - birth
-            total += age
+    def record_ages(self, ages: Sequence[float]) -> None:
+        """record(age) for each age, in one loop (a prefix hit's tens of blocks)."""
+        buckets = self.buckets
+        for age in ages:
             buckets[bisect.bisect_left(AGE_BUCKETS, age)] += 1
-            samples.append(age)
-        self.count += len(births)
-        self.total += total
+        self.samples.extend(ages)
+        self.count += len(ages)
+        self.total += sum(ages)
 
     def summary(self) -> tuple[int, float, float, float]:
         """(count, mean, p50, p99); percentiles over the last AGE_SAMPLES samples."""
