@@ -53,6 +53,9 @@ class Request:
     forked: bool = False  # n > 1: children exist (beam search: the first round is done)
     num_cached_tokens: int = -1  # of the first admission; -1 until admitted
     beam: BeamState | None = None  # beam search (beam_engine.py)
+    # The prompt packed as u32 (proto/packed_ids), for kvmanager and the token table; b"" when
+    # the request did not come through LLMEngine.add_request.
+    prompt_data: bytes = b""
 
     @property
     def num_rows(self) -> int:

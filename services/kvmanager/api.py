@@ -103,7 +103,7 @@ class AdmitEntry:
     """One waiting sequence offered for admission in a `step` call."""
 
     seq_id: str
-    token_ids: list[int]
+    token_ids: list[int] | bytes  # or their packed form (proto/packed_ids)
     cache_salt: str = ""
     num_lookahead_tokens: int = 0
 

@@ -279,7 +279,9 @@ class KVManagerClient:
                     executor_id=self.executor_id,
                     epoch=self.epoch,
                     seq_id=a.seq_id,
-                    token_data=token_bytes(a.token_ids),
+                    token_data=a.token_ids
+                    if isinstance(a.token_ids, bytes)
+                    else token_bytes(a.token_ids),
                     cache_salt=a.cache_salt,
                     num_lookahead_tokens=a.num_lookahead_tokens,
                 )

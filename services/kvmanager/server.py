@@ -229,7 +229,13 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             do(request, out)
         except AllocatorError as e:
             await self._fail(context, e)
+        finally:
+            self._touch()
         return out
+
+    def _touch(self) -> None:
+        if self.p is not None:
+            self.p.touch()
 
     async def Allocate(self, request, context):
         return await self._unary(self._do_allocate, request, pb.AllocateResponse(), context)
@@ -260,7 +266,9 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         }
         try:
             async for req in request_iterator:
-                await context.write(self._session_reply(req, do))
+                reply = self._session_reply(req, do)
+                self._touch()
+                await context.write(reply)
         except asyncio.CancelledError:
             # The executor went away (or cancelled the stream): the RPC is over, nothing to
             # answer; every call it sent was applied atomically or not at all.

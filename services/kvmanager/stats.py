@@ -105,10 +105,16 @@ class Residency:
         self.record_ages((age,))
 
     def record_ages(self, ages: Sequence[float]) -> None:
-        """record(age) for each age, in one loop (a prefix hit's tens of blocks)."""
+        """record(age) for each age (a prefix hit's tens of blocks, on the allocation path)."""
+        if not ages:
+            return
         buckets = self.buckets
-        for age in ages:
-            buckets[bisect.bisect_left(AGE_BUCKETS, age)] += 1
+        lo = bisect.bisect_left(AGE_BUCKETS, min(ages))
+        if lo == bisect.bisect_left(AGE_BUCKETS, max(ages)):
+            buckets[lo] += len(ages)  # the usual case: one bucket (blocks born close together)
+        else:
+            for age in ages:
+                buckets[bisect.bisect_left(AGE_BUCKETS, age)] += 1
         self.samples.extend(ages)
         self.count += len(ages)
         self.total += sum(ages)

@@ -5,6 +5,7 @@ preemption."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 from services.executor.config import EngineConfig
 from services.executor.engine_api import SamplingParams
@@ -23,6 +24,7 @@ class CountingAllocator(LocalAllocator):
         self.extends = 0  # synchronous: outside a Step call
         self.step_calls = 0
         self.lookahead_calls = 0  # Step calls with an extend part
+        self.admission_calls = 0  # Step calls with admissions
         self._in_step = False
 
     async def extend(self, entries):
@@ -32,6 +34,7 @@ class CountingAllocator(LocalAllocator):
     async def step(self, commits, releases, extends, admits=None, admit_token_budget=0):
         self.step_calls += 1
         self.lookahead_calls += bool(extends)
+        self.admission_calls += bool(admits)
         self._in_step = True
         try:
             return await super().step(commits, releases, extends, admits, admit_token_budget)
@@ -181,6 +184,34 @@ async def test_a_burst_with_a_cached_prefix_is_admitted_in_few_calls() -> None:
     assert sum(out.num_new_tokens) >= 500 and len(admitted) >= 24
     assert alloc.step_calls - calls <= 3, alloc.step_calls - calls
     assert [s.seq_id for s in admitted] == [f"b{i}" for i in range(len(admitted))]  # FIFO
+
+
+async def test_one_admission_call_fills_a_step_when_hits_scatter() -> None:
+    """Once a round has seen the hit rate, each step's admission is one call even though the
+    prompts' uncached parts scatter around the estimate: a round offers past the budget
+    (kvmanager stops at it) rather than coming back for the few the estimate left out."""
+    sc, alloc = await _scheduler(num_blocks=8192, max_num_seqs=256, max_num_batched_tokens=1024)
+    prefix = list(range(1, 161))
+    sc.add(_seq("first", [*prefix, 999]))
+    await _step(sc)
+    await sc.drain()  # its prefix blocks are committed
+    rng = random.Random(0)
+    for i in range(200):
+        sc.add(
+            _seq(
+                f"b{i}", [*prefix, *range(10_000 + 100 * i, 10_000 + 100 * i + rng.randint(5, 60))]
+            )
+        )
+    await _step(sc)  # the first round learns the hit rate
+    for _ in range(4):
+        calls = alloc.admission_calls
+        out = await sc.schedule()
+        assert alloc.admission_calls - calls == 1
+        assert sum(out.num_new_tokens) == 1024  # the budget is full
+        assert all(s.num_cached_tokens == 160 for s in out.admitted)
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        sc.defer(sc.commit_entries(out.seqs), [])
 
 
 async def test_arrivals_during_admission_wait_for_the_next_step() -> None:

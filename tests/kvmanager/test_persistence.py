@@ -20,7 +20,7 @@ from pagemesh.redis_process import RedisProcess, free_port
 from services.kvmanager.client import KVManagerClient
 from services.kvmanager.local import LocalAllocator
 from services.kvmanager.manager import Manager
-from services.kvmanager.persistence import Persistence
+from services.kvmanager.persistence import MAX_DEFER_S, QUIET_S, Persistence
 from services.kvmanager.server import REDIS_HEALTH, start_server
 from tests.kvmanager.workload import Workload
 
@@ -68,6 +68,45 @@ async def test_write_behind_round_trip(redis_url: str) -> None:
     await p2.restore()
     assert m2.stats.totals() == m.stats.totals()
     await p2.redis.aclose()
+    await p.stop()
+
+
+async def test_flush_waits_for_a_quiet_moment_but_not_forever(redis_url: str) -> None:
+    """A flush does not start right after an RPC (it would hold that RPC's reply on the event
+    loop) but waits for QUIET_S without one; under calls that never pause it still goes out
+    within MAX_DEFER_S of the last flush, so Redis keeps up with a busy kvmanager."""
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_url, interval=0.001)
+    await p.restore()
+    assert not p._deferred()
+    p.touch()
+    assert not p._deferred()  # a call just answered, but no flush for long: overdue
+    p._last_flush = time.monotonic()
+    assert p._deferred()  # a call just answered, a flush lately: wait
+    p._last_call -= QUIET_S
+    assert not p._deferred()  # quiet long enough
+    p.touch()
+    p._last_flush -= MAX_DEFER_S
+    assert not p._deferred()  # deferred as long as allowed: flush anyway
+
+    p.start()
+    a = LocalAllocator("ex", m)
+    await a.register(64, 4, "fp")
+    busy = True
+
+    async def calls() -> None:  # an RPC answered every 0.5 ms, never a quiet moment
+        while busy:
+            p.touch()
+            await asyncio.sleep(0.0005)
+
+    toucher = asyncio.create_task(calls())
+    w = Workload(7)
+    for _ in range(5):
+        await run_ops(w, [a], 40)
+        await p.wait_flushed(timeout=5.0)
+        assert await restored_snapshot(redis_url) == m.snapshot()
+    busy = False
+    await toucher
     await p.stop()
 
 
