@@ -359,14 +359,15 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
     # cache's effect on TTFT grows as prefill work, rather than fixed costs, sets the wait.
     sizes = [int(n) for n in args.prefix_burst_sizes.split(",") if n]
     big_bursts = [] if args.smoke else [f"shared_prefix@{n}" for n in sizes]
+    # The allocator A/B (the mixed runs of the grpc and local_allocator arms) runs first in
+    # each arm, right after its warm-up, back to back: the same position in each arm's life.
     plan = [
+        *[("grpc", "mixed", inf)] * args.mixed_reps,
         *[("grpc", "shared_prefix", inf)] * args.prefix_reps,
         *[("grpc", b, inf) for b in big_bursts],
         *[("grpc", "shared_prefix", r) for r in rates],
         ("grpc", "multi_turn", inf),
-        ("grpc", "mixed", inf),
         ("grpc", "parallel", inf),
-        *[("grpc", "mixed", inf)] * (args.mixed_reps - 1),
         *[("no_prefix_caching", "shared_prefix", inf)] * args.prefix_reps,
         *[("no_prefix_caching", b, inf) for b in big_bursts],
         *[("no_prefix_caching", "shared_prefix", r) for r in rates],
@@ -546,7 +547,7 @@ def main() -> int:
         default="16,64",
         help="suite: Poisson rates (requests/s), comma-separated",
     )
-    parser.add_argument("--mixed-reps", type=int, default=3, help="suite: mixed runs per arm")
+    parser.add_argument("--mixed-reps", type=int, default=5, help="suite: mixed runs per arm")
     parser.add_argument(
         "--prefix-reps", type=int, default=2, help="suite: shared-prefix bursts per arm"
     )
