@@ -56,7 +56,7 @@ PING_INTERVAL = 1.0  # seconds: how soon an idle kvmanager notices Redis going o
 # A flush builds its batch on the event loop that serves the RPCs (3-5 ms after an admission
 # round of ~50 prompts). Started right after a call it held that call's reply: an H200 trace saw
 # replies reach the executor 2-5 ms after kvmanager had answered, on the step's critical path.
-# So a flush waits until no call came for QUIET_S, for at most MAX_DEFER_S since the last one.
+# So a flush waits until no call came for QUIET_S, for at most MAX_DEFER_S in a row.
 QUIET_S = 0.002
 MAX_DEFER_S = 0.025
 _BLOCK = struct.Struct("<Iqd")
@@ -215,15 +215,21 @@ class Persistence:
         self._task: asyncio.Task | None = None
         self.on_status_change = None  # callable(connected: bool), for health
         self._last_call = 0.0  # monotonic time of the last RPC that may have changed state
-        self._last_flush = 0.0  # monotonic time the last flush began
+        self._waiting_since: float | None = None  # when a due flush began waiting for quiet
 
     def touch(self) -> None:
         """An RPC was just answered: the next flush waits for a quiet moment (QUIET_S)."""
         self._last_call = time.monotonic()
 
-    def _deferred(self) -> bool:
+    def _should_wait(self) -> bool:
+        """Whether a due flush waits for a quiet moment (a call came within QUIET_S), until it
+        has waited MAX_DEFER_S."""
         now = time.monotonic()
-        return now - self._last_call < QUIET_S and now - self._last_flush < MAX_DEFER_S
+        if now - self._last_call >= QUIET_S:
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since < MAX_DEFER_S
 
     # -- keys -----------------------------------------------------------------------------------
     def k(self, *parts: str) -> str:
@@ -376,10 +382,10 @@ class Persistence:
                     await self.restore()
                 if idle:
                     await self.ping()  # notices an outage, or a restarted Redis, while idle
-                elif self._deferred():
+                elif self._should_wait():
                     continue
                 else:
-                    self._last_flush = time.monotonic()
+                    self._waiting_since = None
                     await self.flush()
                 last_ok = time.monotonic()
                 backoff = 0.05

@@ -78,16 +78,16 @@ async def test_flush_waits_for_a_quiet_moment_but_not_forever(redis_url: str) ->
     m = Manager(track_changes=True)
     p = Persistence(m, redis_url, interval=0.001)
     await p.restore()
-    assert not p._deferred()
+    assert not p._should_wait()  # no call lately
     p.touch()
-    assert not p._deferred()  # a call just answered, but no flush for long: overdue
-    p._last_flush = time.monotonic()
-    assert p._deferred()  # a call just answered, a flush lately: wait
+    assert p._should_wait()  # a call just answered: wait, the clock starts
+    assert p._should_wait()
     p._last_call -= QUIET_S
-    assert not p._deferred()  # quiet long enough
+    assert not p._should_wait()  # quiet long enough
     p.touch()
-    p._last_flush -= MAX_DEFER_S
-    assert not p._deferred()  # deferred as long as allowed: flush anyway
+    assert p._waiting_since is not None
+    p._waiting_since -= MAX_DEFER_S
+    assert not p._should_wait()  # waited as long as allowed: flush anyway
 
     p.start()
     a = LocalAllocator("ex", m)
