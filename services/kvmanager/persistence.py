@@ -53,9 +53,9 @@ log = logging.getLogger("pagemesh.kvmanager.persistence")
 
 DEFAULT_PREFIX = "pagemesh:kv:"
 PING_INTERVAL = 1.0  # seconds: how soon an idle kvmanager notices Redis going or coming back
-# A flush builds its batch on the event loop that serves the RPCs (3-5 ms after an admission
-# round of ~50 prompts). Started right after a call it held that call's reply: an H200 trace saw
-# replies reach the executor 2-5 ms after kvmanager had answered, on the step's critical path.
+# A flush builds its batch on the event loop that serves the RPCs (3-6 ms after an admission
+# round of ~50 prompts). Started right after a call, it held whatever came next: in an H200 trace
+# an executor's follow-up admission round waited 4-5 ms behind one, on the step's critical path.
 # So a flush waits until no call came for QUIET_S, for at most MAX_DEFER_S in a row.
 QUIET_S = 0.002
 MAX_DEFER_S = 0.025
