@@ -88,8 +88,8 @@ def _plain_ids(token_ids: Iterable[int] | array) -> tuple[list[int], bytes, int,
 def _ids_array(seq: Sequence) -> np.ndarray:
     """seq's token ids as an array, from the request's packed prompt while the sequence is
     its prompt alone (a 1k-id list costs ~25 us to convert, ~50 of them an admission step)."""
-    data = seq.request.prompt_data
-    if data and seq.num_tokens == seq.num_prompt_tokens:
+    data = seq.packed_prompt
+    if data:
         return np.frombuffer(data, "<u4").astype(np.int64)
     return np.asarray(seq.token_ids, np.int64)
 

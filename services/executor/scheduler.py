@@ -60,14 +60,6 @@ log = logging.getLogger(__name__)
 OFFER_MARGIN = 1.3
 
 
-def _admission_ids(seq: Sequence) -> list[int] | bytes:
-    """What an admission sends of a sequence: its packed prompt (what kvmanager hashes, packed
-    once on arrival) while the sequence is that prompt alone, else its ids."""
-    if seq.request.prompt_data and seq.num_tokens == seq.num_prompt_tokens:
-        return seq.request.prompt_data
-    return seq.token_ids
-
-
 # A look-ahead Extend goes out once a sequence's table covers fewer than this many tokens beyond
 # its next write: the reply then has a step or two to come back before any step needs it.
 URGENT_TOKENS = 2
@@ -267,7 +259,7 @@ class Scheduler:
         admits = [
             AdmitEntry(
                 seq.seq_id,
-                _admission_ids(seq),
+                seq.packed_prompt or seq.token_ids,  # packed: what kvmanager hashes
                 seq.request.cache_salt,
                 self._lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
             )

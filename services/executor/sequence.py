@@ -120,6 +120,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def packed_prompt(self) -> bytes:
+        """The request's packed prompt (Request.prompt_data) while this sequence holds that
+        prompt alone, no token of its own yet; b"" otherwise or when the request has none."""
+        return self.request.prompt_data if self.num_tokens == self.num_prompt_tokens else b""
+
+    @property
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
 
