@@ -49,6 +49,7 @@ from services.executor.kv_pool import KVPool, determine_num_blocks
 from services.executor.model.attention_metadata import AttentionMetadata
 from services.executor.model.config import ModelConfig
 from services.executor.prefix_caching import CommitsDropped
+from services.executor.prompt_ids import PromptIds
 from services.executor.sampler import (
     ALL_GREEDY,
     Sampler,
@@ -64,25 +65,6 @@ from services.executor.trace import StepTimes
 from services.kvmanager.api import BlockAllocator, CommitEntry
 
 log = logging.getLogger(__name__)
-
-
-def _plain_ids(token_ids: Iterable[int] | array) -> tuple[list[int], bytes, int, int]:
-    """The ids as plain ints and packed (proto/packed_ids: what kvmanager hashes), with their
-    min and max, computed in C: a prompt is ~1k ids and a burst brings hundreds of prompts to
-    one event loop, where a Python loop over each id cost ~0.2 ms a prompt. array('q') takes
-    anything with __index__ (numpy and torch integers) and refuses the rest; an array (the
-    Serve stream's u32 form) is taken as it is. The packed form is only meaningful once the
-    range is checked (ids in [0, 2**32))."""
-    if not (isinstance(token_ids, array) and token_ids.typecode in "bBhHiIlLqQ"):
-        try:
-            token_ids = array("q", token_ids)
-        except (TypeError, OverflowError) as e:
-            raise ValueError("prompt token ids must be integers") from e
-    if not token_ids:
-        return [], b"", 0, 0
-    view = np.frombuffer(token_ids, dtype=np.dtype(token_ids.typecode))
-    packed = view.astype("<u4", copy=False).tobytes()
-    return token_ids.tolist(), packed, int(view.min()), int(view.max())
 
 
 def _ids_array(seq: Sequence) -> np.ndarray:
@@ -167,6 +149,7 @@ class LLMEngine:
         self.epoch = 0
         self.num_steps = 0
         self.step_times = StepTimes()  # the last step's, for --trace-steps (trace.py)
+        self._prompt_ids = PromptIds()  # add_request's conversion (prompt_ids.py)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -304,7 +287,7 @@ class LLMEngine:
     ) -> None:
         if not self.started:
             raise RuntimeError("LLMEngine.start() has not been awaited")
-        prompt, packed, lo, hi = _plain_ids(prompt_token_ids)
+        prompt, packed, lo, hi = self._prompt_ids.convert(prompt_token_ids)
         self._validate(request_id, prompt, params, lo, hi)
         req = Request(request_id, params, cache_salt, len(prompt), prompt_data=packed)
         seq = self._new_seq(req, 0, prompt)
