@@ -253,7 +253,11 @@ async def run_workload(
 
 
 async def offline_engine_tok_s(
-    model_dir: str, prompts: list[list[int]], max_tokens: list[int], device: str
+    model_dir: str,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    device: str,
+    max_num_batched_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The engine alone, in this process, on the same prompts: the figure the mesh is held to."""
     from services.executor.config import EngineConfig
@@ -261,7 +265,11 @@ async def offline_engine_tok_s(
     from services.executor.engine_api import SamplingParams
     from services.kvmanager.local import LocalAllocator
 
-    engine = LLMEngine(EngineConfig(model=model_dir, device=device), LocalAllocator())
+    budget = (
+        {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
+    )
+    config = EngineConfig(model=model_dir, device=device, **budget)
+    engine = LLMEngine(config, LocalAllocator())
     await engine.start()
 
     async def drain(reqs: list[tuple[list[int], int]], tag: str) -> tuple[int, float]:
@@ -285,6 +293,7 @@ async def offline_engine_tok_s(
         "output_tokens": tokens,
         "elapsed_s": round(elapsed, 3),
         "output_tokens_per_s": round(tokens / elapsed, 1),
+        "max_num_batched_tokens": config.max_num_batched_tokens,
     }
     return info  # the engine and its pool go with this frame; run_suite frees the memory
 
@@ -324,7 +333,11 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
     mixed_prompts = [tokenizer.encode_chat(workloads.messages_for(c, 0, [])) for c in mixed]
     offline = asyncio.run(
         offline_engine_tok_s(
-            model_dir, mixed_prompts, [c.turns[0].max_tokens for c in mixed], args.device
+            model_dir,
+            mixed_prompts,
+            [c.turns[0].max_tokens for c in mixed],
+            args.device,
+            args.max_num_batched_tokens,
         )
     )
     print(json.dumps({"run": "offline_engine", "workload": "mixed", **offline}), flush=True)
@@ -346,6 +359,8 @@ def run_suite(args: argparse.Namespace, tokenizer: Tokenizer, clients: ClientPoo
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
     ]
+    if args.max_num_batched_tokens is not None:
+        base_exec += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     arms = {
         "grpc": [],
         "no_prefix_caching": ["--no-prefix-caching"],
@@ -540,6 +555,13 @@ def main() -> int:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="suite: tokens per step of the mesh's executor and the offline engine alike"
+        " (default: the executor's)",
+    )
     parser.add_argument("--workdir", default="/tmp/pagemesh-serve-bench")
     parser.add_argument("--gateway-workers", type=int, default=4)
     parser.add_argument(
