@@ -29,3 +29,23 @@ def unpack(data: bytes) -> array:
     if not _LITTLE:
         arr.byteswap()
     return arr
+
+
+def common_prefix(a: bytes, b: bytes, unit: int, limit: int | None = None) -> int:
+    """How many leading `unit`-byte pieces (4: ids; 4 x block size: KV blocks) two packed
+    prompts share, at most `limit`: bytes comparisons (memcmp), a binary search once they
+    part. Both kvmanager (a prompt's hash chain from the previous one's) and the executor (a
+    prompt's ids from the previous one's) start from what the prompt before had in common."""
+    k = min(len(a), len(b)) // unit
+    if limit is not None:
+        k = min(k, limit)
+    if a[: k * unit] == b[: k * unit]:
+        return k
+    lo, hi = 0, k  # pieces [0, lo) agree, [0, hi) do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[: mid * unit] == b[: mid * unit]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

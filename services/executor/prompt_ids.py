@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from proto import packed_ids
+
 # Below this many common ids a plain conversion is as cheap as comparing and slicing.
 MIN_SHARED_IDS = 64
 
@@ -49,7 +51,7 @@ class PromptIds:
             # Not representable packed: the caller refuses the prompt, nothing to remember.
             return token_ids.tolist(), b"", lo, hi
         data = view.astype("<u4", copy=False).tobytes()
-        shared = _common_prefix(data, self._last_data)
+        shared = packed_ids.common_prefix(data, self._last_data, 4)
         if shared >= MIN_SHARED_IDS:
             ids = self._last_ids[:shared]
             ids += token_ids[shared:].tolist()
@@ -57,13 +59,3 @@ class PromptIds:
             ids = token_ids.tolist()
         self._last_data, self._last_ids = data, ids
         return ids, data, lo, hi
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    """How many leading u32 ids two packed prompts share."""
-    n = min(len(a), len(b)) // 4
-    if n == 0:
-        return 0
-    differ = np.frombuffer(a, "<u4", n) != np.frombuffer(b, "<u4", n)
-    first = int(differ.argmax())
-    return first if differ[first] else n

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from proto import packed_ids
 from services.kvmanager import hashing
 from services.kvmanager.api import (
     Allocation,
@@ -107,22 +108,6 @@ class _Chain:
     data: bytes
     hashes: list[bytes]
 
-    def common_blocks(self, data: bytes, limit: int, step: int) -> int:
-        """How many of the first min(limit, len(hashes)) blocks `data` shares with this prompt
-        (each block `step` bytes): bytes comparisons, binary search when they part."""
-        k = min(limit, len(self.hashes))
-        mine = self.data
-        if data[: k * step] == mine[: k * step]:
-            return k
-        lo, hi = 0, k  # blocks [0, lo) agree, [0, hi) do not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if data[: mid * step] == mine[: mid * step]:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
 
 class Manager:
     """All executors' logical KV state. `track_changes` keeps the dirty sets persistence drains
@@ -210,7 +195,9 @@ class Manager:
         hashes: list[bytes] = []
         start = 0
         if near is not None and near.extra == extra:
-            start = near.common_blocks(data, num_full, 4 * bs)
+            start = packed_ids.common_prefix(
+                data, near.data, 4 * bs, min(num_full, len(near.hashes))
+            )
             hashes = near.hashes[:start]
             hits = [index[h] for h in hashes]  # near's hits: in use, so still indexed
         parent = hashes[-1] if hashes else hashing.ROOT
