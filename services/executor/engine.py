@@ -143,6 +143,7 @@ class LLMEngine:
         self._unforked: set[str] = set()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._aborts: list[str] = []
+        self._choice_aborts: list[tuple[str, list[int]]] = []  # (request id, choice indices)
         self._inflight: _InFlight | None = None  # async scheduling: the step not landed yet
         self.beams = BeamSearchRunner(self)  # beam search requests (beam_engine.py)
         self.started = False
@@ -385,6 +386,14 @@ class LLMEngine:
         if request_id in self.requests:
             self._aborts.append(request_id)
 
+    def abort_choices(self, request_id: str, indices: list[int]) -> None:
+        """Ends some choices of an n > 1 request while the others go on (the gateway cut them at
+        a stop string). Each cut choice ends with an ABORT output and its blocks are released
+        within one step. Ignored: unknown requests and choices, beam search (its beams are not
+        choices until it ends), and a request not yet forked (no choice has an output then)."""
+        if request_id in self.requests and indices:
+            self._choice_aborts.append((request_id, list(indices)))
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self._inflight is not None
 
@@ -501,24 +510,18 @@ class LLMEngine:
 
     def _process_aborts(self) -> list[SequenceOutput]:
         outputs: list[SequenceOutput] = []
-        if not self._aborts:
+        if not self._aborts and not self._choice_aborts:
             return outputs
-        releases = []
+        releases: list[str] = []
         for rid in self._aborts:
             req = self._drop(rid)
             if req is None:
                 continue
-            for seq in req.seqs:
-                if seq.is_finished:
-                    continue
-                if seq.status == SeqStatus.RUNNING and seq.block_table:
-                    releases.append(seq.seq_id)
-                self._finish(seq, FinishReason.ABORT)
-            indices = (
-                range(req.params.n)
-                if not req.forked or req.beam is not None
-                else [s.index for s in req.seqs if s.finish_reason == FinishReason.ABORT]
-            )
+            cut = [seq.index for seq in req.seqs if self._abort_seq(seq, releases)]
+            # Before the fork the one sequence stands for all n choices, and beam search's n
+            # results end together; after it, only the choices still going end now (one that
+            # ended earlier, a cut choice too, already had its final output).
+            indices = range(req.params.n) if not req.forked or req.beam is not None else cut
             outputs.extend(
                 SequenceOutput(
                     rid, i, [], FinishReason.ABORT, num_prompt_tokens=req.num_prompt_tokens
@@ -526,8 +529,37 @@ class LLMEngine:
                 for i in indices
             )
         self._aborts.clear()
+        for rid, indices in self._choice_aborts:
+            req = self.requests.get(rid)
+            if req is None or req.beam is not None or not req.forked:
+                continue
+            wanted = set(indices)
+            for seq in req.seqs:
+                if seq.index in wanted and self._abort_seq(seq, releases):
+                    outputs.append(
+                        SequenceOutput(
+                            rid,
+                            seq.index,
+                            [],
+                            FinishReason.ABORT,
+                            num_prompt_tokens=req.num_prompt_tokens,
+                        )
+                    )
+            if all(q.is_finished for q in req.seqs):
+                self._drop(rid)
+        self._choice_aborts.clear()
         self.scheduler.defer([], releases)
         return outputs
+
+    def _abort_seq(self, seq: Sequence, releases: list[str]) -> bool:
+        """Finishes `seq` as aborted, its blocks to be released with `releases`; False if it had
+        finished already."""
+        if seq.is_finished:
+            return False
+        if seq.status == SeqStatus.RUNNING and seq.block_table:
+            releases.append(seq.seq_id)
+        self._finish(seq, FinishReason.ABORT)
+        return True
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.row >= 0 and not seq.block_table:

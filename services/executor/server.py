@@ -198,6 +198,20 @@ class EngineLoop:
             self._wake.set()  # the abort takes effect (blocks released) on the next step
         return n
 
+    def abort_choices(self, choices: list[pb.ChoiceAbort], sink: Sink | None = None) -> int:
+        """Ends single choices of requests that go on (only `sink`'s own when given); their
+        ABORT outputs reach the stream like any final output. Returns the requests touched."""
+        n = 0
+        for choice in choices:
+            owner = self._owner.get(choice.request_id)
+            if owner is None or (sink is not None and owner is not sink):
+                continue
+            self.engine.abort_choices(choice.request_id, list(choice.indices))
+            n += 1
+        if n:
+            self._wake.set()
+        return n
+
     def _forget(self, rid: str) -> None:
         sink = self._owner.pop(rid, None)
         self._open_choices.pop(rid, None)
@@ -339,6 +353,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                         add(request)
                 elif kind == "abort":
                     self.loop.abort(list(msg.abort.request_ids), sink, forget=False)
+                    self.loop.abort_choices(list(msg.abort.choices), sink)
             sink.closing = True  # half-closed: finish what is in flight, then end the stream
             sink.maybe_end()
 
@@ -374,6 +389,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         n = self.loop.abort(list(request.request_ids), forget=False)
+        n += self.loop.abort_choices(list(request.choices))
         return pb.AbortResponse(num_aborted=n)
 
     async def GetInfo(

@@ -187,6 +187,15 @@ class ExecutorClient:
             return
         self._outbox.put_nowait(pb.ServeRequest(abort=pb.AbortRequest(request_ids=[request_id])))
 
+    def abort_choices(self, request_id: str, indices: list[int]) -> None:
+        """Fire-and-forget: the executor ends these choices of an n > 1 request (their blocks
+        freed within one step) while its other choices go on; each one's final output comes back
+        as an abort."""
+        if request_id not in self._streams or self._outbox is None or not self.connected:
+            return
+        choice = pb.ChoiceAbort(request_id=request_id, indices=indices)
+        self._outbox.put_nowait(pb.ServeRequest(abort=pb.AbortRequest(choices=[choice])))
+
     async def _outgoing(self, outbox: asyncio.Queue) -> AsyncIterator[pb.ServeRequest]:
         while True:
             msg = await outbox.get()

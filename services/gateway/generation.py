@@ -1,9 +1,9 @@
 """One request's generation: executor step outputs → per-choice text deltas.
 
 This is where the executor's token stream meets the client's view of it: detokenization, stop
-strings (a choice that meets one is finished here, and the request is aborted at the executor
-once every choice is done, so no block is held for text nobody will see), finish reasons and the
-token counts that go into `usage`.
+strings (a choice that meets one is finished here and ended at the executor, the whole request
+once every choice is done, so no step or block is spent on text nobody will see), finish reasons
+and the token counts that go into `usage`.
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ class Generation:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self._executor_done = False
+        # Choices of an n > 1 request cut by a stop string while others go on, to be ended at
+        # the executor after this step (beam search's beams are no choices until it ends).
+        self._cut_alone = self.n > 1 and not request.params.use_beam_search
+        self._cut: list[int] = []
         self._stream: RequestStream = client.submit(request)
 
     @property
@@ -125,6 +129,9 @@ class Generation:
                 # Every choice met a stop string: stop spending blocks and compute on it.
                 self._client.abort(self.request_id)
                 self._executor_done = True
+            elif self._cut:
+                self._client.abort_choices(self.request_id, self._cut)
+            self._cut = []
             yield deltas
             if self.finished:
                 break
@@ -152,6 +159,8 @@ class Generation:
         logprobs = self._logprobs(out) if self._want_logprobs else []
         if detok.stopped:
             self.finish_reasons[i] = "stop"
+            if self._cut_alone and out.finish_reason == pb.FINISH_NONE:
+                self._cut.append(i)
         elif out.finish_reason != pb.FINISH_NONE:
             text += detok.finish()
             self.finish_reasons[i] = FINISH_REASONS.get(out.finish_reason, "stop")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import workloads
 from benchmarks.load_client import ClientPool
-from benchmarks.serve_bench import run_workload
+from benchmarks.serve_bench import offline_engine_tok_s, run_workload
 from benchmarks.workloads import Conversation, Turn
 from services.gateway.chat import Tokenizer
 from tests.support.mesh import Mesh, MeshConfig
@@ -77,3 +77,22 @@ async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: 
         marks += [first[rid], r["first_step"], r["first_write"]]
         assert marks == sorted(marks), (rid, marks)
     assert sum(e["ev"] == "first" for e in events) == 5  # one each, however short the request
+
+
+async def test_offline_engine_times_each_repetition(smollm2_path: Path) -> None:
+    """The offline figure is made per mixed repetition, on that repetition's own prompts, in
+    order: the suite pairs mesh repetition k with offline repetition k."""
+    rng = random.Random(1)
+
+    def request() -> tuple[list[int], int]:
+        return [rng.randrange(1, 49_000) for _ in range(rng.randint(8, 40))], rng.randint(2, 9)
+
+    runs = [[request() for _ in range(2)] for _ in range(3)]
+    expected = [sum(mt for _, mt in r) for r in runs]
+    assert len(set(expected)) == 3  # repetitions told apart by their counts alone
+    figures = await offline_engine_tok_s(str(smollm2_path), runs, "cpu")
+    assert [f["rep"] for f in figures] == [0, 1, 2]
+    # EOS ignored: every request makes exactly its max_tokens, so each repetition's count is its
+    # own workload's, not another's.
+    assert [f["output_tokens"] for f in figures] == expected
+    assert all(f["output_tokens_per_s"] > 0 for f in figures)

@@ -1,12 +1,15 @@
 """Sampling through the whole engine (SmolLM2 on CPU): seeds reproduce, stop ids stop,
-logprobs come back, penalties and n > 1 with sampling run."""
+logprobs come back, penalties and n > 1 with sampling run, a single choice can be cut."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from services.executor.engine_api import FinishReason, SamplingParams
 from tests.executor.engine_support import (
+    Run,
     assert_all_free_or_cached,
     greedy,
     hf_greedy,
@@ -87,3 +90,59 @@ async def test_penalties_are_deterministic(smollm2_path: Path) -> None:
     # the penalised greedy output never repeats a token more than a plain greedy one does
     plain = hf_greedy(smollm2_path, tuple(ids), 12)
     assert len(set(outs[0])) >= len(set(plain))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_abort_one_choice_the_others_go_on(
+    smollm2_path: Path, async_scheduling: bool
+) -> None:
+    """A choice cut alone (the gateway met a stop string in it) ends with one ABORT output, its
+    sequence stops taking steps and gives its blocks back at once, and its siblings run to their
+    own end with the tokens they would have had anyway."""
+    ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
+    params = _sampled(11, n=3, max_tokens=24)
+    engine = await make_engine(smollm2_path, async_scheduling=async_scheduling)
+    engine.add_request("ref", ids, params)
+    ref = await run_all(engine)
+
+    engine = await make_engine(smollm2_path, async_scheduling=async_scheduling)
+    engine.add_request("n3", ids, params)
+    run = Run()
+    while len(run.tokens[("n3", 1)]) < 4:
+        run.add(await engine.step())
+    engine.abort_choices("n3", [1, 7])  # 7: no such choice, ignored
+    engine.abort_choices("nope", [0])  # no such request, ignored
+    outputs = await engine.step()
+    run.add(outputs)
+    cut = [o for o in outputs if o.index == 1 and o.finished]
+    assert [o.finish_reason for o in cut] == [FinishReason.ABORT]
+    assert engine.num_running == 2  # the cut sequence takes no further step
+    # Its table is released at kvmanager now, not when the request ends.
+    await engine.scheduler.drain()
+    ex = engine.allocator.manager.executors[engine.allocator.executor_id]
+    assert len(ex.seqs) == 2
+    run.add((await run_all(engine)).outputs)
+    for i in (0, 2):
+        assert run.finish[("n3", i)] == FinishReason.LENGTH
+        assert run.tokens[("n3", i)] == ref.tokens[("ref", i)]
+    assert run.finish[("n3", 1)] == FinishReason.ABORT
+    assert run.tokens[("n3", 1)] == ref.tokens[("ref", 1)][: len(run.tokens[("n3", 1)])]
+    assert len(run.tokens[("n3", 1)]) < 24
+    assert_all_free_or_cached(engine)
+
+
+async def test_abort_after_a_cut_choice_ends_the_rest_once(smollm2_path: Path) -> None:
+    ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
+    engine = await make_engine(smollm2_path)
+    engine.add_request("n2", ids, _sampled(3, n=2, max_tokens=30))
+    run = Run()
+    while len(run.tokens[("n2", 0)]) < 2:
+        run.add(await engine.step())
+    engine.abort_choices("n2", [0])
+    run.add(await engine.step())
+    engine.abort_request("n2")
+    # Run.add fails on any output after a choice's end: choice 0 must not end twice.
+    run.add((await run_all(engine)).outputs)
+    assert run.finish == {("n2", 0): FinishReason.ABORT, ("n2", 1): FinishReason.ABORT}
+    assert not engine.requests
+    assert_all_free_or_cached(engine)

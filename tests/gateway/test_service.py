@@ -26,7 +26,8 @@ ANSWER = "The capital of France is Paris. 🎉 It is lovely."
 
 
 class ScriptedEngine:
-    """Emits a fixed answer one token per step; honours n, max_tokens, abort and EOS."""
+    """Emits a fixed answer one token per step (choice i: `choice_answers[i]` if set); honours
+    n, max_tokens, abort, single-choice abort and EOS."""
 
     def __init__(self, answer_ids: list[int], eos: int, step_delay: float = 0.005) -> None:
         self.answer = answer_ids
@@ -38,6 +39,10 @@ class ScriptedEngine:
         self.capacity = 1 << 30
         self.step_sizes: list[int] = []
         self.cached = 0
+        self.choice_answers: dict[int, list[int]] = {}
+        self.choice_aborts: list[tuple[str, list[int]]] = []
+        self._cuts: list[tuple[str, list[int]]] = []
+        self.generated: dict[tuple[str, int], int] = {}  # tokens made per (request, choice)
 
     def add_request(
         self, rid: str, prompt: list[int], params: SamplingParams, cache_salt: str = ""
@@ -51,6 +56,11 @@ class ScriptedEngine:
     def abort_request(self, rid: str) -> None:
         if rid in self.live and rid not in self._aborts:
             self._aborts.append(rid)
+
+    def abort_choices(self, rid: str, indices: list[int]) -> None:
+        if rid in self.live:
+            self.choice_aborts.append((rid, indices))
+            self._cuts.append((rid, indices))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.live)
@@ -69,11 +79,23 @@ class ScriptedEngine:
             ]
             self.aborted.append(rid)
         self._aborts.clear()
+        for rid, indices in self._cuts:
+            if rid not in self.live:
+                continue
+            params, pos, plen = self.live[rid]
+            for i in indices:
+                if i < params.n and pos[i] >= 0:
+                    outs.append(SequenceOutput(rid, i, [], FinishReason.ABORT, [], plen))
+                    pos[i] = -1
+            if all(p < 0 for p in pos):
+                del self.live[rid]
+        self._cuts.clear()
         for rid, (params, pos, plen) in list(self.live.items()):
             for i in range(params.n):
                 if pos[i] < 0:
                     continue
-                script = [*self.answer, self.eos]
+                script = [*self.choice_answers.get(i, self.answer), self.eos]
+                self.generated[rid, i] = self.generated.get((rid, i), 0) + 1
                 tok = script[min(pos[i], len(script) - 1)]
                 pos[i] += 1
                 reason = FinishReason.NONE
@@ -194,6 +216,40 @@ async def test_non_stream_n2_stop_and_length(mesh: tuple[TestClient, ScriptedEng
     assert data["object"] == "text_completion"
     assert data["choices"][0]["finish_reason"] == "length"
     assert data["usage"]["completion_tokens"] == 3
+
+
+async def test_a_choice_cut_by_a_stop_string_ends_at_the_executor(
+    mesh: tuple[TestClient, ScriptedEngine], tokenizer: Tokenizer
+) -> None:
+    """n > 1: the choice that meets the stop string is ended at the executor right away (no
+    more steps or blocks for it), while the other choice runs on to its own end."""
+    client, engine = mesh
+    other = "Rome is a lovely old city, and it is big, and it is far from here."
+    engine.choice_answers[1] = tokenizer.encode(other)
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "q"}],
+        "n": 2,
+        "stop": ["Paris"],
+        "stream": True,
+    }
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    chunks = [e for e in events(await resp.read()) if isinstance(e, dict)]
+    text = ["", ""]
+    finish: list[str | None] = [None, None]
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            text[c["index"]] += c["delta"].get("content") or ""
+            finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+    assert text == ["The capital of France is ", other]
+    assert finish == ["stop", "stop"]
+    [(rid, indices)] = engine.choice_aborts
+    assert indices == [0]
+    # Choice 0 stopped within a step or two of "Paris", not at the end of its script.
+    upto_paris = len(tokenizer.encode("The capital of France is Paris"))
+    assert engine.generated[rid, 0] <= upto_paris + 2 < len(engine.answer)
+    assert engine.generated[rid, 1] == len(engine.choice_answers[1]) + 1  # to its EOS
+    assert not engine.live
 
 
 async def test_bad_requests_are_400s(mesh: tuple[TestClient, ScriptedEngine]) -> None:
