@@ -25,6 +25,7 @@ from services.gateway.chat import PromptError, Tokenizer
 from services.gateway.errors import APIError, invalid
 from services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
 from services.gateway.generation import Generation, TokenInfo, build_request
+from services.gateway.kvmanager_link import KVManagerLink
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from services.gateway.sse import SSEWriter, encode_event
@@ -66,7 +67,9 @@ class Gateway:
         self.config = config
         self.client = ExecutorClient(config.executor)
         self.turnstile = Turnstile()  # one request's ingest per loop iteration (turnstile.py)
-        self.metrics = GatewayMetrics(config.kvmanager)
+        # kvmanager's stats (/metrics) and health (/health); it is not on the token path.
+        self.kvmanager = KVManagerLink(config.kvmanager) if config.kvmanager else None
+        self.metrics = GatewayMetrics(self.kvmanager)
         self.tokenizer: Tokenizer | None = None
         self.model_name = config.model_name or ""
         self.max_model_len = 0
@@ -113,7 +116,8 @@ class Gateway:
         await self.client.close()
         if self.trace is not None:
             self.trace.close()
-        await self.metrics.close()
+        if self.kvmanager is not None:
+            await self.kvmanager.close()
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -372,11 +376,22 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while this gateway can serve (tokenizer loaded, executor stream open), else 503. With
+    `--kvmanager`, the body also says how kvmanager and its Redis link are: a Redis outage leaves
+    the status 200 (serving goes on, kvmanager writes its state behind once Redis is back) but
+    "degraded", and so does a kvmanager that does not answer the check."""
     gw = request.app[GATEWAY]
+    body: dict[str, str]
     if gw.ready:
-        return web.json_response({"status": "ok", "model": gw.model_name})
-    state = "loading" if gw.tokenizer is None else "executor unavailable"
-    return web.json_response({"status": state}, status=503)
+        body = {"status": "ok", "model": gw.model_name}
+    else:
+        body = {"status": "loading" if gw.tokenizer is None else "executor unavailable"}
+    if gw.kvmanager is not None:
+        parts = await gw.kvmanager.health()
+        body.update(parts)
+        if gw.ready and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
+            body["status"] = "degraded"
+    return web.json_response(body, status=200 if gw.ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

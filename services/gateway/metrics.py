@@ -3,21 +3,15 @@ GetStats call per scrape) so that one scrape target shows the prefix cache at wo
 
 from __future__ import annotations
 
-import logging
-
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proto import kvmanager_pb2 as kv_pb
-from proto import kvmanager_pb2_grpc as kv_grpc
-
-log = logging.getLogger("pagemesh.gateway.metrics")
+from services.gateway.kvmanager_link import KVManagerLink
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class GatewayMetrics:
-    def __init__(self, kvmanager: str | None = None) -> None:
+    def __init__(self, kvmanager: KVManagerLink | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -82,21 +76,13 @@ class GatewayMetrics:
         self.kv_up = Gauge(
             "pagemesh_gateway_kv_up", "1 when kvmanager answered this scrape", registry=r
         )
-        self._kv_address = kvmanager
-        # Made on first scrape, inside the running loop (grpc.aio channels bind to their loop).
-        self._kv_channel: grpc.aio.Channel | None = None
-        self._kv: kv_grpc.KVManagerStub | None = None
+        self._kv = kvmanager
 
     async def _refresh_kv(self) -> None:
-        if not self._kv_address:
-            return
         if self._kv is None:
-            self._kv_channel = grpc.aio.insecure_channel(self._kv_address)
-            self._kv = kv_grpc.KVManagerStub(self._kv_channel)
-        try:
-            stats = await self._kv.GetStats(kv_pb.GetStatsRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("kvmanager GetStats failed: %s", exc.code().name)
+            return
+        stats = await self._kv.stats()
+        if stats is None:
             self.kv_up.set(0)
             return
         self.kv_up.set(1)
@@ -112,7 +98,3 @@ class GatewayMetrics:
     async def render(self) -> bytes:
         await self._refresh_kv()
         return generate_latest(self.registry)
-
-    async def close(self) -> None:
-        if self._kv_channel is not None:
-            await self._kv_channel.close()

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
+from proto import health_names
 from proto import kvmanager_pb2 as pb
 from proto import kvmanager_pb2_grpc as pb_grpc
 from services.kvmanager.api import (
@@ -38,8 +39,8 @@ from services.kvmanager.stats import HitCounts, HitWindows, Residency
 
 log = logging.getLogger("pagemesh.kvmanager")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVManager"].full_name
-REDIS_HEALTH = SERVICE_NAME + ".redis"
+SERVICE_NAME = health_names.KVMANAGER
+REDIS_HEALTH = health_names.KVMANAGER_REDIS
 MAX_MESSAGE = 64 << 20
 
 
