@@ -14,6 +14,7 @@ releases their blocks within one step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -109,13 +110,27 @@ def rejection(request_id: str, message: str) -> pb.SequenceOutput:
 
 
 class Sink:
-    """Where one stream's step messages go; the stream's handler drains it.
+    """Where one stream's step messages go; the stream's handler drains it (`take`).
 
     `columnar` (Serve streams): a step's plain one-token outputs go in StepOutput's token
-    columns (see proto/executor.proto) instead of one SequenceOutput each."""
+    columns (see proto/executor.proto) instead of one SequenceOutput each.
+
+    At most one message waits per stream: a step whose stream has not yet taken the previous
+    message joins that message instead of queueing its own. A reader that falls behind (a
+    gateway short of CPU, a slow network) then gets fewer, larger messages, each costing both
+    ends one message's overhead, and the executor holds one message per stream rather than
+    one per step. Joining keeps every request's outputs in order: the gateway reads a message's
+    columns before its full outputs, so a column entry of a request that already has a full
+    output in the waiting message is appended as a full output instead."""
 
     def __init__(self, columnar: bool = False) -> None:
-        self.queue: asyncio.Queue[pb.StepOutput | None] = asyncio.Queue()
+        self._waiting: collections.deque[pb.StepOutput | None] = collections.deque()
+        self._ready = asyncio.Event()
+        # The message that may still be joined (the newest waiting one), and for each request
+        # with a full output in it, the usage counts of the last one: what a joined column entry
+        # of that request carries when it becomes a full output.
+        self._open: pb.StepOutput | None = None
+        self._open_full: dict[str, tuple[int, int]] = {}
         self.owned: set[str] = set()
         self.closing = False  # no more requests will come (half-close / single Generate)
         self.columnar = columnar
@@ -130,12 +145,18 @@ class Sink:
         self.indices: list[int] = []
         self.tokens: list[int] = []
 
+    @property
+    def num_waiting(self) -> int:
+        """Messages not yet taken by the stream (the end marker included): at most 2."""
+        return len(self._waiting)
+
     def put(self, outputs: list[pb.SequenceOutput]) -> None:
-        self.queue.put_nowait(pb.StepOutput(outputs=outputs))
+        self._push(pb.StepOutput(outputs=outputs))
 
     def flush(self) -> None:
-        """Queues the step built by `_route` as one StepOutput and starts the next."""
-        self.queue.put_nowait(
+        """Sends the step built by `_route` as one StepOutput (or joins it to the waiting one)
+        and starts the next."""
+        self._push(
             pb.StepOutput(
                 outputs=self.full,
                 token_request_ids=self.rids,
@@ -147,7 +168,59 @@ class Sink:
 
     def maybe_end(self) -> None:
         if self.closing and not self.owned:
-            self.queue.put_nowait(None)
+            self._waiting.append(None)
+            self._open = None
+            self._ready.set()
+
+    async def take(self) -> pb.StepOutput | None:
+        """The next message (None: the stream ends)."""
+        while not self._waiting:
+            self._ready.clear()
+            await self._ready.wait()
+        msg = self._waiting.popleft()
+        if msg is self._open:
+            self._open = None
+        return msg
+
+    def _push(self, msg: pb.StepOutput) -> None:
+        if self._open is not None:
+            self._join(self._open, msg)
+            return
+        self._open = msg
+        self._open_full = {
+            o.request_id: (o.num_prompt_tokens, o.num_cached_tokens) for o in msg.outputs
+        }
+        self._waiting.append(msg)
+        self._ready.set()
+
+    def _join(self, into: pb.StepOutput, msg: pb.StepOutput) -> None:
+        full = self._open_full
+        if not full:  # the usual case: no request of `into` went as a full output
+            into.token_request_ids.extend(msg.token_request_ids)
+            into.token_indices.extend(msg.token_indices)
+            into.token_ids.extend(msg.token_ids)
+        else:
+            for rid, index, token in zip(
+                msg.token_request_ids, msg.token_indices, msg.token_ids, strict=True
+            ):
+                counts = full.get(rid)
+                if counts is None:
+                    into.token_request_ids.append(rid)
+                    into.token_indices.append(index)
+                    into.token_ids.append(token)
+                else:
+                    into.outputs.append(
+                        pb.SequenceOutput(
+                            request_id=rid,
+                            index=index,
+                            token_ids=[token],
+                            num_prompt_tokens=counts[0],
+                            num_cached_tokens=counts[1],
+                        )
+                    )
+        into.outputs.extend(msg.outputs)
+        for o in msg.outputs:
+            full[o.request_id] = (o.num_prompt_tokens, o.num_cached_tokens)
 
 
 class EngineLoop:
@@ -321,7 +394,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
 
     async def _drain(self, sink: Sink) -> AsyncIterator[pb.StepOutput]:
         while True:
-            msg = await sink.queue.get()
+            msg = await sink.take()
             if msg is None:
                 return
             yield msg
