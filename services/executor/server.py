@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
 from proto import executor_pb2 as pb
 from proto import executor_pb2_grpc as pb_grpc
 from proto import packed_ids
@@ -531,7 +532,7 @@ async def serve(
     `trace_path`: append a JSON line per step and per request event there (trace.py)."""
     trace = StepTrace(trace_path) if trace_path else None
     loop = EngineLoop(engine, trace)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeErrorsAsInvalidArgument()])
     pb_grpc.add_ExecutorServicer_to_server(ExecutorService(loop, info), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
+from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
 from proto import health_names
 from proto import kvmanager_pb2 as pb
 from proto import kvmanager_pb2_grpc as pb_grpc
@@ -399,11 +400,12 @@ async def start_server(
                 await asyncio.sleep(0.2)
 
     server = grpc.aio.server(
+        interceptors=[DecodeErrorsAsInvalidArgument()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     pb_grpc.add_KVManagerServicer_to_server(KVManagerService(manager, persistence), server)
     health_servicer = health.aio.HealthServicer()

@@ -310,11 +310,11 @@ def test_grpc_fuzz_random_bytes(mesh: Mesh, figures) -> None:
             return  # a message that parses may be a valid registration or generation
         code, _ = _call_raw(channel, service, method, kind, payload)
         codes[code.name] = codes.get(code.name, 0) + 1
-        allowed = REJECTIONS | {grpc.StatusCode.OK}
-        if not parses:
-            # grpc.aio deserializes before the handler runs and answers UNKNOWN when protobuf
-            # raises DecodeError (INTERNAL in sync grpc): the library's answer, not the service's.
-            allowed = allowed | {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+        # A payload that does not parse is INVALID_ARGUMENT like any bad input
+        # (pagemesh/grpc_decode.py), not grpc.aio's UNKNOWN for a decode error.
+        allowed = (
+            REJECTIONS | {grpc.StatusCode.OK} if parses else {grpc.StatusCode.INVALID_ARGUMENT}
+        )
         assert code in allowed, f"{service}.{method}({payload[:64]!r}) -> {code}"
 
     fuzz()
