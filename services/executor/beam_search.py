@@ -72,6 +72,8 @@ def validate(p: SamplingParams, max_beam_width: int) -> None:
         conflicts.append("presence/frequency/repetition penalties")
     if p.logprobs or p.return_logprobs:
         conflicts.append("logprobs")
+    if p.logit_bias:
+        conflicts.append("logit_bias")
     if conflicts:
         raise ValueError(
             "beam search is deterministic and cannot be combined with sampling parameters: "

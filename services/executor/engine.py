@@ -304,6 +304,7 @@ class LLMEngine:
             and params.presence_penalty == 0.0
             and params.frequency_penalty == 0.0
             and params.repetition_penalty == 1.0
+            and not params.logit_bias
         ):
             self._special.add(request_id)
         self.scheduler.add(seq)
@@ -381,6 +382,11 @@ class LLMEngine:
             bad(f"seed must be >= 0, got {p.seed}")
         if any(not 0 <= int(t) < self.vocab_size for t in p.stop_token_ids):
             bad(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if p.logit_bias:
+            if any(not 0 <= int(t) < self.vocab_size for t in p.logit_bias):
+                bad(f"logit_bias token ids must be in [0, {self.vocab_size})")
+            if any(not -100.0 <= b <= 100.0 for b in p.logit_bias.values()):
+                bad("logit_bias values must be in [-100, 100]")
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self.requests:

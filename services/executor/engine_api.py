@@ -45,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # top-N logprobs per token
     return_logprobs: bool = False  # the sampled token's logprob
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     use_beam_search: bool = False
     beam_width: int = 0
     length_penalty: float = 1.0

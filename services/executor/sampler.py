@@ -31,6 +31,9 @@ class SamplingTensors:
     presence: torch.Tensor | None  # [B] float32 (None: no row has any penalty)
     frequency: torch.Tensor | None
     repetition: torch.Tensor | None
+    # logit_bias of the rows that have one, flat: (rows [K] int64, token ids [K] int64, biases
+    # [K] float32); None when no row has any.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     generators: list[tuple[int, torch.Generator]]  # seeded rows
     all_greedy: bool
     num_top_logprobs: int  # max over rows; 0 = none
@@ -93,6 +96,12 @@ def build_sampling_tensors(
             for i, (g, gr) in enumerate(zip(generators, greedy, strict=True))
             if g is not None and not gr
         ]
+    bias = None
+    if any(p.logit_bias for p in params):
+        rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+        ids = [t for p in params for t in p.logit_bias]
+        values = [b for p in params for b in p.logit_bias.values()]
+        bias = (tensor(rows, torch.int64), tensor(ids, torch.int64), tensor(values, torch.float32))
     presence = frequency = repetition = None
     if any_penalty:
         presence = tensor([p.presence_penalty for p in params], torch.float32)
@@ -107,6 +116,7 @@ def build_sampling_tensors(
         presence=presence,
         frequency=frequency,
         repetition=repetition,
+        bias=bias,
         generators=seeded,
         all_greedy=all_greedy,
         num_top_logprobs=num_top,
@@ -168,6 +178,8 @@ class Sampler:
         if st.presence is not None:
             assert counts is not None, "penalties need token counts"
             logits = self.apply_penalties(logits, st, *counts)
+        if st.bias is not None:  # after the logprobs: those are the model's own distribution
+            logits = logits.index_put(st.bias[:2], st.bias[2], accumulate=True)
         greedy_ids = logits.argmax(dim=-1)
         if st.all_greedy:
             token_ids = greedy_ids
@@ -222,6 +234,7 @@ ALL_GREEDY = SamplingTensors(
     presence=None,
     frequency=None,
     repetition=None,
+    bias=None,
     generators=[],
     all_greedy=True,
     num_top_logprobs=0,

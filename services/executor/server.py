@@ -63,6 +63,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         return_logprobs=p.return_logprobs or p.logprobs > 0,
+        logit_bias=dict(p.logit_bias),
         use_beam_search=p.use_beam_search,
         beam_width=p.beam_width,
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,

@@ -109,6 +109,7 @@ def _reject_sampling(body: dict[str, Any]) -> None:
         "repetition_penalty": (1, 1.0),
         "logprobs": (False,),
         "top_logprobs": (0,),
+        "logit_bias": ({},),
     }
     for name, neutral in defaults.items():
         value = body.get(name)

@@ -61,6 +61,8 @@ def build_request(
     )
     if options.seed is not None:
         params.seed = options.seed
+    if options.logit_bias:
+        params.logit_bias.update(options.logit_bias)
     apply_beam(params, options.beam)
     # The packed form: a copy to build, serialize and read, where ~1k repeated ids cost tens
     # of microseconds at each of those (proto/executor.proto). The caller checked

@@ -30,6 +30,7 @@ class Limits:
     max_messages: int = 1024
     max_tokens: int = 1 << 20  # absolute bound; the context length is usually tighter
     max_beam_width: int = 8  # the executor's own limit is checked there too
+    max_logit_bias: int = 1024  # entries; ids past the vocabulary are the executor's 400
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     cache_salt: str = ""
     user: str | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
     beam: BeamOptions | None = None  # use_beam_search (beam.py)
 
 
@@ -233,9 +235,40 @@ def _common_options(body: dict, limits: Limits) -> GenerationOptions:
         ignore_eos=_boolean(body, "ignore_eos", False),
         cache_salt=cache_salt,
         user=_string(body, "user", None),
+        logit_bias=_logit_bias(body, limits),
     )
     options.beam = parse_beam(body, options.n, limits.max_beam_width)
     return options
+
+
+def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
+    """OpenAI's logit_bias: an object from token ids (as strings: JSON keys) to biases in
+    [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _type_error("logit_bias", "an object mapping token ids to numbers", value)
+    if len(value) > limits.max_logit_bias:
+        raise invalid(
+            f"'logit_bias' has {len(value)} entries; at most {limits.max_logit_bias} are allowed.",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if token < 0 or str(token) != str(key).strip():
+            raise invalid(
+                f"Invalid key {key!r} in 'logit_bias': keys are token ids (non-negative integers).",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        out[token] = _number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0)
+    return out
 
 
 def _message_text(content: Any, where: str) -> str:

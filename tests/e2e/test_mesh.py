@@ -139,6 +139,23 @@ def test_auth_and_models(mesh: Mesh) -> None:
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_logit_bias_through_the_api(mesh: Mesh) -> None:
+    """The openai client's logit_bias reaches the sampler: banning the tokens of " Paris" keeps
+    it out of the greedy answer, and an id past the vocabulary is a 400."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mesh.config.model)
+    banned = {str(t): -100 for t in tok.encode(" Paris", add_special_tokens=False)}
+    resp = client(mesh).chat.completions.create(
+        model=MODEL, messages=CAPITAL, temperature=0, max_tokens=24, logit_bias=banned
+    )
+    assert "Paris" not in (resp.choices[0].message.content or "")
+    body = {"model": MODEL, "messages": CAPITAL, "max_tokens": 2, "logit_bias": {"99999999": 1}}
+    status, _, raw = post(mesh, "/v1/chat/completions", body)
+    assert status == 400
+    assert "logit_bias" in json.loads(raw)["error"]["message"]
+
+
 def test_n2_parallel_samples(mesh: Mesh) -> None:
     resp = client(mesh).chat.completions.create(
         model=MODEL, messages=CAPITAL, n=2, temperature=1.0, seed=7, max_tokens=6

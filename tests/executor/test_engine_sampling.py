@@ -146,3 +146,29 @@ async def test_abort_after_a_cut_choice_ends_the_rest_once(smollm2_path: Path) -
     assert run.finish == {("n2", 0): FinishReason.ABORT, ("n2", 1): FinishReason.ABORT}
     assert not engine.requests
     assert_all_free_or_cached(engine)
+
+
+async def test_logit_bias_bans_and_forces_tokens(smollm2_path: Path) -> None:
+    """Greedy with the first greedy token banned gives another first token; a token biased by
+    +100 is chosen at every step; a request beside them is untouched."""
+    ids = tokenizer(smollm2_path)(OTHER)["input_ids"]
+    ref = hf_greedy(smollm2_path, tuple(ids), 6)
+    engine = await make_engine(smollm2_path)
+    engine.add_request("ban", ids, greedy(6, logit_bias={ref[0]: -100.0}))
+    engine.add_request("force", ids, greedy(4, logit_bias={42: 100.0}))
+    engine.add_request("plain", ids, greedy(6))
+    run = await run_all(engine)
+    assert run.tokens[("ban", 0)][0] != ref[0]
+    assert ref[0] not in run.tokens[("ban", 0)]
+    assert run.tokens[("force", 0)] == [42] * 4
+    assert run.tokens[("plain", 0)] == ref
+    assert_all_free_or_cached(engine)
+
+
+@pytest.mark.parametrize(
+    ("bias", "match"), [({10**6: 1.0}, "token ids"), ({5: 200.0}, r"\[-100, 100\]")]
+)
+async def test_bad_logit_bias_is_refused(smollm2_path: Path, bias: dict, match: str) -> None:
+    engine = await make_engine(smollm2_path)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("x", [1, 2, 3], greedy(2, logit_bias=bias))

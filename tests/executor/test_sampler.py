@@ -132,3 +132,25 @@ def test_penalties() -> None:
     got = Sampler(V, torch.device("cpu")).apply_penalties(logits.clone(), st, *counts)
     # token 0: 2/2 - 0.25*2 - 0.5 = 0; token 1 (prompt only): -1*2 = -2; token 2: 0.5/2 - 0.25 - 0.5
     assert torch.allclose(got[0, :4], torch.tensor([0.0, -2.0, -0.5, 0.0]))
+
+
+def test_logit_bias_per_row() -> None:
+    """The bias is added to its row's logits before greedy or sampled choice; logprobs stay the
+    model's own; rows without a bias are untouched."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, V)
+    top = logits.argmax(-1)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={int(top[0]): -100.0}),  # ban the argmax
+        SamplingParams(temperature=0.0, logit_bias={7: 100.0}, return_logprobs=True),  # force 7
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, logit_bias={t: -100.0 for t in range(V) if t != 3}),
+    ]
+    out = _sample(params, logits)
+    second = logits[0].clone()
+    second[top[0]] = float("-inf")
+    assert out.token_ids[0].item() == second.argmax().item()
+    assert out.token_ids[1].item() == 7
+    assert out.token_ids[2].item() == top[2].item()
+    assert out.token_ids[3].item() == 3  # every other token banned: sampling must pick 3
+    assert torch.allclose(out.logprobs[1], torch.log_softmax(logits[1], -1)[7])

@@ -157,6 +157,17 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("cache_salt not a string", chat(cache_salt=1), "cache_salt"),
     ("user not a string", chat(user=1), "user"),
     ("tools", chat(tools=[{"type": "function"}]), "tools"),
+    ("logit_bias not an object", chat(logit_bias=[1, 2]), "logit_bias"),
+    ("logit_bias key not an id", chat(logit_bias={"hello": 1}), "logit_bias"),
+    ("logit_bias negative id", chat(logit_bias={"-3": 1}), "logit_bias"),
+    ("logit_bias value too big", chat(logit_bias={"3": 101}), "logit_bias"),
+    ("logit_bias value a string", chat(logit_bias={"3": "1"}), "logit_bias"),
+    ("logit_bias too many", chat(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+    (
+        "logit_bias with beam search",
+        chat(use_beam_search=True, n=2, temperature=0, logit_bias={"3": 1}),
+        "logit_bias",
+    ),
     ("nan temperature", chat(temperature=float("nan")), "temperature"),
 ]
 
@@ -219,3 +230,9 @@ def test_context_checks() -> None:
     assert check_context(GenerationOptions(), 10, 100, capacity=64) == 54
     with pytest.raises(APIError):
         check_context(GenerationOptions(max_tokens=60), 10, 100, capacity=64)
+
+
+def test_logit_bias_is_parsed() -> None:
+    req = parse_chat(chat(logit_bias={"50256": -100, "7": 2.5, " 9": 0}), LIMITS)
+    assert req.options.logit_bias == {50256: -100.0, 7: 2.5, 9: 0.0}
+    assert parse_chat(chat(), LIMITS).options.logit_bias == {}
