@@ -273,7 +273,9 @@ class LLMEngine:
         ids = torch.zeros(t, dtype=torch.int64, device=dev)
         hidden = self.model(ids, positions, kv, attn)
         logits = self.model.compute_logits(hidden[qsl[1:].to(dev).long() - 1])
-        params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)] * b
+        params = [
+            SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5, logit_bias={0: 1.0})
+        ] * b
         st = build_sampling_tensors(params, [None] * b, mc.vocab_size, dev)
         self.sampler(logits, st)
 
