@@ -345,6 +345,16 @@ def _reject_unsupported(body: dict) -> None:
     for name in ("tools", "functions"):
         if body.get(name):
             raise invalid(f"'{name}' is not supported by this server.", param=name)
+    # Plain text is all this server makes: a client that asks for JSON must hear so, not get
+    # free text it would fail to parse.
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        raise invalid(
+            f"'response_format' of type {kind!r} is not supported by this server; only"
+            " {'type': 'text'} is.",
+            param="response_format",
+        )
 
 
 def parse_chat(body: dict, limits: Limits) -> ChatRequest:

@@ -157,6 +157,8 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("cache_salt not a string", chat(cache_salt=1), "cache_salt"),
     ("user not a string", chat(user=1), "user"),
     ("tools", chat(tools=[{"type": "function"}]), "tools"),
+    ("response_format json", chat(response_format={"type": "json_object"}), "response_format"),
+    ("response_format not an object", chat(response_format="json"), "response_format"),
     ("logit_bias not an object", chat(logit_bias=[1, 2]), "logit_bias"),
     ("logit_bias key not an id", chat(logit_bias={"hello": 1}), "logit_bias"),
     ("logit_bias negative id", chat(logit_bias={"-3": 1}), "logit_bias"),
@@ -236,3 +238,9 @@ def test_logit_bias_is_parsed() -> None:
     req = parse_chat(chat(logit_bias={"50256": -100, "7": 2.5, " 9": 0}), LIMITS)
     assert req.options.logit_bias == {50256: -100.0, 7: 2.5, 9: 0.0}
     assert parse_chat(chat(), LIMITS).options.logit_bias == {}
+
+
+def test_response_format_text_is_accepted() -> None:
+    """Text is what the server makes anyway: asking for it is no error."""
+    req = parse_chat(chat(response_format={"type": "text"}), LIMITS)
+    assert req.messages == parse_chat(chat(), LIMITS).messages
