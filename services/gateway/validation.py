@@ -409,6 +409,15 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompt = _prompt(body)
     stream = _boolean(body, "stream", False)
     options = _common_options(body, limits)
+    if _string(body, "suffix", None):
+        raise invalid("'suffix' (insertion) is not supported by this server.", param="suffix")
+    best_of = _integer(body, "best_of", None, 1, limits.max_n)
+    if best_of is not None and best_of != options.n:
+        # best_of > n would generate more choices and return the best by log-probability.
+        raise invalid(
+            f"'best_of' ({best_of}) other than 'n' ({options.n}) is not supported by this server.",
+            param="best_of",
+        )
     top = _integer(body, "logprobs", None, 0, min(5, limits.max_top_logprobs))
     options.logprobs = top is not None
     options.top_logprobs = top or 0

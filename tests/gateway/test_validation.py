@@ -219,6 +219,27 @@ def test_completion_logprobs_bounded_at_5() -> None:
     assert info.value.param == "logprobs"
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3, "n": 2}, "best_of"),
+        ({"best_of": 0}, "best_of"),
+    ],
+)
+def test_completion_options_not_served_are_refused(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_completion({"model": "m", "prompt": "x", **extra}, LIMITS)
+    assert info.value.param == param
+
+
+def test_completion_best_of_equal_to_n_and_empty_suffix_pass() -> None:
+    req = parse_completion(
+        {"model": "m", "prompt": "x", "n": 2, "best_of": 2, "suffix": ""}, LIMITS
+    )
+    assert req.options.n == 2
+
+
 def test_context_checks() -> None:
     assert check_context(GenerationOptions(), 10, 100) == 90  # default: what fits
     assert check_context(GenerationOptions(max_tokens=90), 10, 100) == 90
