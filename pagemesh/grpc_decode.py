@@ -40,10 +40,14 @@ def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return decode
 
 
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+
+
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
     async for request in requests:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+        await _refuse_undecodable(request, context)
         yield request
 
 
@@ -55,8 +59,7 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
+            await _refuse_undecodable(request, context)
             return await inner_uu(request, context)
 
         return handler._replace(request_deserializer=decode, unary_unary=unary_unary)
@@ -71,22 +74,17 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     # context.write (grpc.aio allows either, never both): the wrapper is of the same kind.
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
-
-        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
-
         if inspect.isasyncgenfunction(inner_us):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(request, context)
+                await _refuse_undecodable(request, context)
                 async for reply in inner_us(request, context):
                     yield reply
 
         else:
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(request, context)
+                await _refuse_undecodable(request, context)
                 return await inner_us(request, context)
 
         return handler._replace(request_deserializer=decode, unary_stream=unary_stream)

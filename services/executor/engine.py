@@ -115,6 +115,13 @@ class StepResult:
     beam: BeamCandidates | None = None
 
 
+def _aborted(req: Request, index: int) -> SequenceOutput:
+    """The final output of choice `index` of an aborted request (or of a cut choice)."""
+    return SequenceOutput(
+        req.request_id, index, [], FinishReason.ABORT, num_prompt_tokens=req.num_prompt_tokens
+    )
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -530,29 +537,18 @@ class LLMEngine:
             # results end together; after it, only the choices still going end now (one that
             # ended earlier, a cut choice too, already had its final output).
             indices = range(req.params.n) if not req.forked or req.beam is not None else cut
-            outputs.extend(
-                SequenceOutput(
-                    rid, i, [], FinishReason.ABORT, num_prompt_tokens=req.num_prompt_tokens
-                )
-                for i in indices
-            )
+            outputs.extend(_aborted(req, i) for i in indices)
         self._aborts.clear()
         for rid, indices in self._choice_aborts:
             req = self.requests.get(rid)
             if req is None or req.beam is not None or not req.forked:
                 continue
             wanted = set(indices)
-            for seq in req.seqs:
-                if seq.index in wanted and self._abort_seq(seq, releases):
-                    outputs.append(
-                        SequenceOutput(
-                            rid,
-                            seq.index,
-                            [],
-                            FinishReason.ABORT,
-                            num_prompt_tokens=req.num_prompt_tokens,
-                        )
-                    )
+            outputs.extend(
+                _aborted(req, seq.index)
+                for seq in req.seqs
+                if seq.index in wanted and self._abort_seq(seq, releases)
+            )
             if all(q.is_finished for q in req.seqs):
                 self._drop(rid)
         self._choice_aborts.clear()

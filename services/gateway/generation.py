@@ -133,7 +133,7 @@ class Generation:
                 self._executor_done = True
             elif self._cut:
                 self._client.abort_choices(self.request_id, self._cut)
-            self._cut = []
+                self._cut = []
             yield deltas
             if self.finished:
                 break
