@@ -24,21 +24,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.model.loader import DEFAULT_MODEL, load_model, resolve_model
+from pagemesh.services.kvmanager.local import LocalAllocator
 from transformers import AutoTokenizer
-
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import SamplingParams
-from services.executor.model.loader import DEFAULT_MODEL, load_model, resolve_model
-from services.kvmanager.local import LocalAllocator
 
 ALPACA = [
     "Give three tips for staying healthy.",

@@ -20,16 +20,13 @@ import json
 import multiprocessing as mp
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import grpc
-
-from proto import executor_pb2 as pb
-from proto import executor_pb2_grpc as pb_grpc
-from proto.serve_metadata import STEP_COLUMNS
-from services.executor.engine_api import FinishReason, SequenceOutput
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import executor_pb2_grpc as pb_grpc
+from pagemesh.proto.serve_metadata import STEP_COLUMNS
+from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput
 
 REQUESTS = 256
 
@@ -65,7 +62,7 @@ class TokenEngine:
 
 
 def executor_main(port: int, step_s: float, window: float, report: mp.Queue) -> None:
-    from services.executor.server import serve
+    from pagemesh.services.executor.server import serve
 
     async def run() -> None:
         engine = TokenEngine(step_s)

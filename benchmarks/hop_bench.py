@@ -28,16 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.local import LocalAllocator
 
 from pagemesh.redis_process import RedisProcess, free_port
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import SamplingParams
-from services.kvmanager.client import KVManagerClient
-from services.kvmanager.local import LocalAllocator
 
 TINY = dict(
     hidden_size=64,
@@ -67,7 +66,7 @@ async def start_kvmanager(workdir: Path) -> tuple[RedisProcess, subprocess.Popen
     port = free_port()
     log_file = open(workdir / "kvmanager.log", "ab")  # noqa: SIM115 (lives as long as the process)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pagemesh.cli", "kvmanager", "--port", str(port),
+        [sys.executable, "-P", "-m", "pagemesh.cli", "kvmanager", "--port", str(port),
          "--redis-url", redis.url, "--metrics-port", "0", "--log-level", "warning"],
         cwd=Path(__file__).resolve().parents[1],
         stdout=log_file,
@@ -139,7 +138,7 @@ async def amain() -> int:
     if not args.model and not args.tiny:
         ap.error("--model DIR or --tiny")
 
-    from services.executor.model.loader import load_model
+    from pagemesh.services.executor.model.loader import load_model
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model_dir = args.model

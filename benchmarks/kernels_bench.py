@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -33,15 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from kernels import decode_attention, prefill_attention
-from kernels._triton_utils import cdiv
+from pagemesh.kernels import decode_attention, prefill_attention
+from pagemesh.kernels._triton_utils import cdiv
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

@@ -1,6 +1,6 @@
 """kvmanager benchmark: prints one JSON line.
 
-The client is services.kvmanager.client.KVManagerClient, as the executor uses it: hot calls over
+The client is pagemesh.services.kvmanager.client.KVManagerClient, as the executor uses it: hot calls over
 its Session stream (the default); the `unary_*` figures are the same calls as unary RPCs.
 
 - Allocate latency (p50/p99) over loopback gRPC: 512-token prompts, half of them sharing a
@@ -31,17 +31,15 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _repo  # the checkout's benchmarks/ and tests/ by name (see _repo.py)
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagemesh.services.kvmanager.api import ExtendEntry
+from pagemesh.services.kvmanager.block_pool import BlockPool
+from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.manager import Manager
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
-from pagemesh.redis_process import RedisProcess, free_port  # noqa: E402
-from services.kvmanager.api import ExtendEntry  # noqa: E402
-from services.kvmanager.block_pool import BlockPool  # noqa: E402
-from services.kvmanager.client import KVManagerClient  # noqa: E402
-from services.kvmanager.manager import Manager  # noqa: E402
+from pagemesh.redis_process import RedisProcess, free_port
 
 BS = 16
 
@@ -52,11 +50,19 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def spawn(port: int, redis_url: str | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "services.kvmanager.cli", "kvmanager", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "pagemesh.services.kvmanager.cli",
+        "kvmanager",
+        "--port",
+        str(port),
+    ]
     cmd += ["--metrics-port", "0", "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    return subprocess.Popen(cmd, cwd=ROOT)
+    return subprocess.Popen(cmd, cwd=_repo.ROOT)
 
 
 async def wait_ready(port: int) -> None:
@@ -96,7 +102,7 @@ async def bench_grpc(port: int, pid: int, n_alloc: int, n_steps: int, session: b
         if i >= 50:  # warm-up
             lat.append(dt)
         if i == 0:  # publish the shared prefix, as an executor would after prefill
-            from services.kvmanager.api import CommitEntry
+            from pagemesh.services.kvmanager.api import CommitEntry
 
             await c.commit([CommitEntry("a0", b, prompt[b * BS : (b + 1) * BS]) for b in range(16)])
         live.append(f"a{i}")

@@ -23,7 +23,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import _repo
 import aiohttp
 
 from benchmarks import workloads
@@ -282,7 +282,7 @@ class ClientPool:
             fd = theirs.fileno()
             code = f"from benchmarks.load_client import worker_main; worker_main({fd})"
             self._workers.append(
-                subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], cwd=REPO_ROOT)
+                subprocess.Popen(_repo.launcher(code), pass_fds=[fd], cwd=REPO_ROOT)
             )
             theirs.close()
             self._conns.append(Connection(ours.detach()))

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
+from pagemesh.services.gateway.chat import Tokenizer
 
 from benchmarks import workloads
 from benchmarks.load_client import (
@@ -43,7 +44,6 @@ from benchmarks.load_client import (
     run_conversation,
 )
 from benchmarks.workloads import Conversation
-from services.gateway.chat import Tokenizer
 
 
 def percentiles(values: list[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -63,8 +63,12 @@ class KVStatsPoller:
 
     def __init__(self, address: str, executor_address: str | None, interval: float = 0.2) -> None:
         import grpc
-
-        from proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+        from pagemesh.proto import (
+            executor_pb2,
+            executor_pb2_grpc,
+            kvmanager_pb2,
+            kvmanager_pb2_grpc,
+        )
 
         self._kv_pb2 = kvmanager_pb2
         self._ex_pb2 = executor_pb2
@@ -261,10 +265,10 @@ async def offline_engine_tok_s(
     """The engine alone, in this process, on the prompts of each mixed repetition: the figures the
     mesh is held to, repetition by repetition. `runs` holds each repetition's (prompt ids,
     max_tokens) pairs; the first is also run once untimed, before any timed run."""
-    from services.executor.config import EngineConfig
-    from services.executor.engine import LLMEngine
-    from services.executor.engine_api import SamplingParams
-    from services.kvmanager.local import LocalAllocator
+    from pagemesh.services.executor.config import EngineConfig
+    from pagemesh.services.executor.engine import LLMEngine
+    from pagemesh.services.executor.engine_api import SamplingParams
+    from pagemesh.services.kvmanager.local import LocalAllocator
 
     budget = (
         {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
@@ -606,7 +610,7 @@ def main() -> int:
 
     tok_path = args.tokenizer or args.model
     if not Path(tok_path).exists():
-        from services.executor.model.loader import resolve_model
+        from pagemesh.services.executor.model.loader import resolve_model
 
         tok_path = str(resolve_model(tok_path))
     # The gateway's own tokenizer wrapper: prompts are encoded exactly as the gateway encodes

@@ -29,16 +29,14 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
 import transformers
-
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import SamplingParams
-from services.executor.model.loader import load_model
-from services.kvmanager.local import LocalAllocator
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.model.loader import load_model
+from pagemesh.services.kvmanager.local import LocalAllocator
 
 MODEL = dict(
     hidden_size=2048,

@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from kernels import cpu, reference
-from kernels._triton_utils import use_reference, use_triton
-from kernels.reference import paged_attention
+from pagemesh.kernels import cpu, reference
+from pagemesh.kernels._triton_utils import use_reference, use_triton
+from pagemesh.kernels.reference import paged_attention
 
 
 def paged_decode_attention(
@@ -33,7 +32,7 @@ def paged_decode_attention(
     """One query token per sequence. Optional kwargs (Triton path only): max_seq_len (host-side
     bound of seq_lens, sizes the context split), num_splits, block_n, num_warps, num_stages."""
     if use_triton(q):
-        from kernels import decode_attention
+        from pagemesh.kernels import decode_attention
 
         return decode_attention.paged_decode_attention(
             q, key_cache, value_cache, block_tables, seq_lens, scale, out, **kwargs
@@ -58,7 +57,7 @@ def paged_prefill_attention(
     """Packed new tokens attend causally to themselves and their cached prefix. Optional
     kwargs (Triton path only): block_m, block_n, num_warps, num_stages."""
     if use_triton(q):
-        from kernels import prefill_attention
+        from pagemesh.kernels import prefill_attention
 
         return prefill_attention.paged_prefill_attention(
             q,
@@ -85,7 +84,7 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     if use_triton(key_cache):
-        from kernels import cache_ops
+        from pagemesh.kernels import cache_ops
 
         cache_ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
         return
@@ -100,7 +99,7 @@ def copy_blocks(
 ) -> None:
     caches = [*key_caches, *value_caches]
     if caches and use_triton(caches[0]):
-        from kernels import cache_ops
+        from pagemesh.kernels import cache_ops
 
         cache_ops.copy_blocks(key_caches, value_caches, block_mapping.to(caches[0].device))
         return

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels._triton_utils import next_pow2
+from pagemesh.kernels import reference
+from pagemesh.kernels._triton_utils import next_pow2
 
 
 @triton.jit

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pagemesh.kernels import reference
 from torch.nn.attention.bias import causal_lower_right
-
-from kernels import reference
 
 
 def write_kv_cache(

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._triton_utils import cdiv, interpreting, next_pow2, num_sms
+from pagemesh.kernels._triton_utils import cdiv, interpreting, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 

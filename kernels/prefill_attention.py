@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._triton_utils import cdiv, interpreting, next_pow2
+from pagemesh.kernels._triton_utils import cdiv, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -252,7 +251,7 @@ def paged_prefill_attention(
     stages = num_stages or stages
     f32_dot = key_cache.dtype == torch.float32 or interpreting()  # see decode_attention
     if decode_rows:
-        from kernels.decode_attention import paged_decode_attention
+        from pagemesh.kernels.decode_attention import paged_decode_attention
 
         paged_decode_attention(
             q, key_cache, value_cache, block_tables, seq_lens, scale, out,

@@ -1,10 +1,10 @@
 """The `pagemesh` command. Each service owns its subcommands: this module only gathers them.
 
 pagemesh up           the whole mesh on one machine (pagemesh.up)
-pagemesh kvmanager    the block allocator and prefix index (services.kvmanager.cli)
-pagemesh kv stats     prefix-cache hit rates for operators (services.kvmanager.cli)
-pagemesh executor     the model engine (services.executor.cli)
-pagemesh gateway      the OpenAI-compatible HTTP API (services.gateway.cli)
+pagemesh kvmanager    the block allocator and prefix index (pagemesh.services.kvmanager.cli)
+pagemesh kv stats     prefix-cache hit rates for operators (pagemesh.services.kvmanager.cli)
+pagemesh executor     the model engine (pagemesh.services.executor.cli)
+pagemesh gateway      the OpenAI-compatible HTTP API (pagemesh.services.gateway.cli)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 # Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES = (
     "pagemesh.up",
-    "services.kvmanager.cli",
-    "services.executor.cli",
-    "services.gateway.cli",
+    "pagemesh.services.kvmanager.cli",
+    "pagemesh.services.executor.cli",
+    "pagemesh.services.gateway.cli",
 )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagemesh.children import set_pdeathsig
 from pagemesh.env import add_option
 
 COLORS = {"redis": 31, "kvmanager": 36, "executor": 35, "gateway": 32, "up": 33}
@@ -56,12 +56,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--start-timeout", 1800.0, "seconds to wait for a service's health", float)
     add_option(p, "--log-level", "info", "log level of the services")
     p.set_defaults(func=run)
-
-
-def set_pdeathsig() -> None:
-    """In the child: get SIGTERM if `pagemesh up` dies, so no service outlives it (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Console:
@@ -263,7 +257,7 @@ def http_healthy(url: str) -> Callable[[], Awaitable[bool]]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pagemesh.cli", *args]
+    return [sys.executable, "-P", "-m", "pagemesh.cli", *args]
 
 
 def _loopback(host: str) -> str:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import executor_pb2 as proto_dot_executor__pb2
+from pagemesh.proto import executor_pb2 as pagemesh_dot_proto_dot_executor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/executor_pb2_grpc.py depends on'
+        + ' but the generated code in pagemesh/proto/executor_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class ExecutorStub:
         """
         self.Serve = channel.stream_stream(
                 '/pagemesh.v1.Executor/Serve',
-                request_serializer=proto_dot_executor__pb2.ServeRequest.SerializeToString,
-                response_deserializer=proto_dot_executor__pb2.StepOutput.FromString,
+                request_serializer=pagemesh_dot_proto_dot_executor__pb2.ServeRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_executor__pb2.StepOutput.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/pagemesh.v1.Executor/Generate',
-                request_serializer=proto_dot_executor__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_executor__pb2.StepOutput.FromString,
+                request_serializer=pagemesh_dot_proto_dot_executor__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_executor__pb2.StepOutput.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagemesh.v1.Executor/Abort',
-                request_serializer=proto_dot_executor__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_executor__pb2.AbortResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_executor__pb2.AbortRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_executor__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/pagemesh.v1.Executor/GetInfo',
-                request_serializer=proto_dot_executor__pb2.GetInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_executor__pb2.ExecutorInfo.FromString,
+                request_serializer=pagemesh_dot_proto_dot_executor__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_executor__pb2.ExecutorInfo.FromString,
                 _registered_method=True)
 
 
@@ -89,23 +89,23 @@ def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Serve': grpc.stream_stream_rpc_method_handler(
                     servicer.Serve,
-                    request_deserializer=proto_dot_executor__pb2.ServeRequest.FromString,
-                    response_serializer=proto_dot_executor__pb2.StepOutput.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_executor__pb2.ServeRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_executor__pb2.StepOutput.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_executor__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_executor__pb2.StepOutput.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_executor__pb2.GenerateRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_executor__pb2.StepOutput.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_executor__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_executor__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_executor__pb2.AbortRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_executor__pb2.AbortResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
-                    request_deserializer=proto_dot_executor__pb2.GetInfoRequest.FromString,
-                    response_serializer=proto_dot_executor__pb2.ExecutorInfo.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_executor__pb2.GetInfoRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_executor__pb2.ExecutorInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,8 +133,8 @@ class Executor:
             request_iterator,
             target,
             '/pagemesh.v1.Executor/Serve',
-            proto_dot_executor__pb2.ServeRequest.SerializeToString,
-            proto_dot_executor__pb2.StepOutput.FromString,
+            pagemesh_dot_proto_dot_executor__pb2.ServeRequest.SerializeToString,
+            pagemesh_dot_proto_dot_executor__pb2.StepOutput.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,8 +160,8 @@ class Executor:
             request,
             target,
             '/pagemesh.v1.Executor/Generate',
-            proto_dot_executor__pb2.GenerateRequest.SerializeToString,
-            proto_dot_executor__pb2.StepOutput.FromString,
+            pagemesh_dot_proto_dot_executor__pb2.GenerateRequest.SerializeToString,
+            pagemesh_dot_proto_dot_executor__pb2.StepOutput.FromString,
             options,
             channel_credentials,
             insecure,
@@ -187,8 +187,8 @@ class Executor:
             request,
             target,
             '/pagemesh.v1.Executor/Abort',
-            proto_dot_executor__pb2.AbortRequest.SerializeToString,
-            proto_dot_executor__pb2.AbortResponse.FromString,
+            pagemesh_dot_proto_dot_executor__pb2.AbortRequest.SerializeToString,
+            pagemesh_dot_proto_dot_executor__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class Executor:
             request,
             target,
             '/pagemesh.v1.Executor/GetInfo',
-            proto_dot_executor__pb2.GetInfoRequest.SerializeToString,
-            proto_dot_executor__pb2.ExecutorInfo.FromString,
+            pagemesh_dot_proto_dot_executor__pb2.GetInfoRequest.SerializeToString,
+            pagemesh_dot_proto_dot_executor__pb2.ExecutorInfo.FromString,
             options,
             channel_credentials,
             insecure,

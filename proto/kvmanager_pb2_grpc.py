@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import kvmanager_pb2 as proto_dot_kvmanager__pb2
+from pagemesh.proto import kvmanager_pb2 as pagemesh_dot_proto_dot_kvmanager__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/kvmanager_pb2_grpc.py depends on'
+        + ' but the generated code in pagemesh/proto/kvmanager_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class KVManagerStub:
         """
         self.RegisterExecutor = channel.unary_unary(
                 '/pagemesh.v1.KVManager/RegisterExecutor',
-                request_serializer=proto_dot_kvmanager__pb2.RegisterExecutorRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.RegisterExecutorResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorResponse.FromString,
                 _registered_method=True)
         self.Allocate = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Allocate',
-                request_serializer=proto_dot_kvmanager__pb2.AllocateRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.AllocateResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.AllocateRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.AllocateResponse.FromString,
                 _registered_method=True)
         self.Extend = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Extend',
-                request_serializer=proto_dot_kvmanager__pb2.ExtendRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.ExtendResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ExtendRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ExtendResponse.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Commit',
-                request_serializer=proto_dot_kvmanager__pb2.CommitRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.CommitResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.CommitRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.CommitResponse.FromString,
                 _registered_method=True)
         self.Fork = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Fork',
-                request_serializer=proto_dot_kvmanager__pb2.ForkRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.ForkResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ForkRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ForkResponse.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Release',
-                request_serializer=proto_dot_kvmanager__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.ReleaseResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
         self.Match = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Match',
-                request_serializer=proto_dot_kvmanager__pb2.MatchRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.MatchResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.MatchRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.MatchResponse.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/pagemesh.v1.KVManager/GetStats',
-                request_serializer=proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
         self.Session = channel.stream_stream(
                 '/pagemesh.v1.KVManager/Session',
-                request_serializer=proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.SessionResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.SessionResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/pagemesh.v1.KVManager/Step',
-                request_serializer=proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
-                response_deserializer=proto_dot_kvmanager__pb2.StepResponse.FromString,
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.FromString,
                 _registered_method=True)
 
 
@@ -174,53 +174,53 @@ def add_KVManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterExecutor': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterExecutor,
-                    request_deserializer=proto_dot_kvmanager__pb2.RegisterExecutorRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.RegisterExecutorResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorResponse.SerializeToString,
             ),
             'Allocate': grpc.unary_unary_rpc_method_handler(
                     servicer.Allocate,
-                    request_deserializer=proto_dot_kvmanager__pb2.AllocateRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.AllocateResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.AllocateRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.AllocateResponse.SerializeToString,
             ),
             'Extend': grpc.unary_unary_rpc_method_handler(
                     servicer.Extend,
-                    request_deserializer=proto_dot_kvmanager__pb2.ExtendRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.ExtendResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ExtendRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ExtendResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
-                    request_deserializer=proto_dot_kvmanager__pb2.CommitRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.CommitResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.CommitRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.CommitResponse.SerializeToString,
             ),
             'Fork': grpc.unary_unary_rpc_method_handler(
                     servicer.Fork,
-                    request_deserializer=proto_dot_kvmanager__pb2.ForkRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.ForkResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ForkRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ForkResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=proto_dot_kvmanager__pb2.ReleaseRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.ReleaseResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseResponse.SerializeToString,
             ),
             'Match': grpc.unary_unary_rpc_method_handler(
                     servicer.Match,
-                    request_deserializer=proto_dot_kvmanager__pb2.MatchRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.MatchResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.MatchRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.MatchResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
-                    request_deserializer=proto_dot_kvmanager__pb2.GetStatsRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.GetStatsResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=proto_dot_kvmanager__pb2.SessionRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.SessionResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.SessionRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.SessionResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=proto_dot_kvmanager__pb2.StepRequest.FromString,
-                    response_serializer=proto_dot_kvmanager__pb2.StepResponse.SerializeToString,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -248,8 +248,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/RegisterExecutor',
-            proto_dot_kvmanager__pb2.RegisterExecutorRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.RegisterExecutorResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.RegisterExecutorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -275,8 +275,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Allocate',
-            proto_dot_kvmanager__pb2.AllocateRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.AllocateResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.AllocateRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.AllocateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -302,8 +302,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Extend',
-            proto_dot_kvmanager__pb2.ExtendRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.ExtendResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ExtendRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ExtendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -329,8 +329,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Commit',
-            proto_dot_kvmanager__pb2.CommitRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.CommitResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.CommitRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -356,8 +356,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Fork',
-            proto_dot_kvmanager__pb2.ForkRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.ForkResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ForkRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ForkResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -383,8 +383,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Release',
-            proto_dot_kvmanager__pb2.ReleaseRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.ReleaseResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -410,8 +410,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Match',
-            proto_dot_kvmanager__pb2.MatchRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.MatchResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.MatchRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.MatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -437,8 +437,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/GetStats',
-            proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -464,8 +464,8 @@ class KVManager:
             request_iterator,
             target,
             '/pagemesh.v1.KVManager/Session',
-            proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.SessionResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.SessionRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -491,8 +491,8 @@ class KVManager:
             request,
             target,
             '/pagemesh.v1.KVManager/Step',
-            proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
-            proto_dot_kvmanager__pb2.StepResponse.FromString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,9 @@ Redis use `redis_process`, which they control."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,19 @@ if not torch.cuda.is_available():
 
 from pagemesh.redis_process import RedisProcess
 from tests.support.redis import redis_url as _redis_url
+
+
+def _register_benchmarks() -> None:
+    """Tests use the benchmarks' workloads and clients as `benchmarks.*`: benchmarks/_repo.py maps
+    that name to the folder without putting the checkout's root on sys.path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_repo.py"
+    spec = importlib.util.spec_from_file_location("_repo", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules["_repo"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+_register_benchmarks()
 
 
 def _has_cuda() -> bool:

@@ -11,12 +11,12 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import kvmanager_pb2 as kv_pb
+from pagemesh.services.executor.server import serve
+from pagemesh.services.kvmanager.server import start_server
 
 from pagemesh.redis_process import free_port
-from proto import executor_pb2 as pb
-from proto import kvmanager_pb2 as kv_pb
-from services.executor.server import serve
-from services.kvmanager.server import start_server
 
 GARBAGE = b"\xff\xff\xff\xff"  # a field tag that never ends
 

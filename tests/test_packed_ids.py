@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from proto import packed_ids
+from pagemesh.proto import packed_ids
 
 
 def _naive(a: bytes, b: bytes, unit: int, limit: int | None) -> int:

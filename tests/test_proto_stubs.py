@@ -2,17 +2,20 @@
 
 from pathlib import Path
 
-from proto.generate import PROTOS, ROOT, generate
+from pagemesh.proto.generate import PROTO_DIR, PROTOS, SUFFIXES, generate
 
 
 def test_checked_in_stubs_match_generated(tmp_path: Path) -> None:
-    (tmp_path / "proto").mkdir()
     generate(tmp_path)
     for name in PROTOS:
         stem = name.removesuffix(".proto")
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
-            fresh = (tmp_path / "proto" / f"{stem}{suffix}").read_text()
-            checked_in = (ROOT / "proto" / f"{stem}{suffix}").read_text()
+        for suffix in SUFFIXES:
+            fresh = (tmp_path / f"{stem}{suffix}").read_text()
+            checked_in = (PROTO_DIR / f"{stem}{suffix}").read_text()
             assert fresh == checked_in, (
-                f"proto/{stem}{suffix} is stale: run python -m proto.generate"
+                f"proto/{stem}{suffix} is stale: run python -P -m pagemesh.proto.generate"
             )
+    # The gRPC modules import their messages through the installed package, never `proto`.
+    for name in PROTOS:
+        grpc_module = (PROTO_DIR / f"{name.removesuffix('.proto')}_pb2_grpc.py").read_text()
+        assert "\nfrom pagemesh.proto import " in grpc_module

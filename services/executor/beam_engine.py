@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from services.executor.beam_search import BeamSearch, NextBeam
-from services.executor.engine_api import FinishReason, SequenceOutput
-from services.executor.sequence import Request, SeqStatus, Sequence
-from services.kvmanager.api import CommitEntry
+from pagemesh.services.executor.beam_search import BeamSearch, NextBeam
+from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput
+from pagemesh.services.executor.sequence import Request, SeqStatus, Sequence
+from pagemesh.services.kvmanager.api import CommitEntry
 
 if TYPE_CHECKING:
-    from services.executor.engine import LLMEngine
-    from services.executor.scheduler import Scheduler, SchedulerOutput
+    from pagemesh.services.executor.engine import LLMEngine
+    from pagemesh.services.executor.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass(slots=True)

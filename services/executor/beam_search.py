@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-
-from services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.engine_api import SamplingParams
 
 EarlyStopping = bool | Literal["never"]
 

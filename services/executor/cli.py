@@ -70,18 +70,18 @@ def served_name(spec: str) -> str:
 
 def make_allocator(args: argparse.Namespace) -> Any:
     if args.allocator == "local":
-        from services.kvmanager.local import LocalAllocator
+        from pagemesh.services.kvmanager.local import LocalAllocator
 
         return LocalAllocator(executor_id=args.executor_id)
     if args.allocator != "grpc":
         raise SystemExit(f"--allocator must be grpc or local, not {args.allocator!r}")
-    from services.kvmanager.client import KVManagerClient
+    from pagemesh.services.kvmanager.client import KVManagerClient
 
     return KVManagerClient(args.kvmanager, executor_id=args.executor_id)
 
 
 def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
-    from proto import executor_pb2 as pb
+    from pagemesh.proto import executor_pb2 as pb
 
     cfg = engine.config
     eos = sorted(getattr(engine, "eos_token_ids", ()) or ())
@@ -105,7 +105,7 @@ def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
 async def _start_engine(engine: Any, attempts: int = 30) -> None:
     """engine.start(), retried while kvmanager is unreachable (it may start after us under
     compose or a supervisor); the model is loaded once, only registration is retried."""
-    from services.kvmanager.api import AllocatorUnavailable
+    from pagemesh.services.kvmanager.api import AllocatorUnavailable
 
     delay = 0.5
     for attempt in range(1, attempts + 1):
@@ -121,9 +121,9 @@ async def _start_engine(engine: Any, attempts: int = 30) -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from services.executor.config import EngineConfig
-    from services.executor.engine import LLMEngine
-    from services.executor.server import serve
+    from pagemesh.services.executor.config import EngineConfig
+    from pagemesh.services.executor.engine import LLMEngine
+    from pagemesh.services.executor.server import serve
 
     device = resolve_device(args.device)
     config = EngineConfig(

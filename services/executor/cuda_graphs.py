@@ -25,8 +25,7 @@ import bisect
 from collections.abc import Callable
 
 import torch
-
-from services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -29,28 +29,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-import kernels
-from services.executor import beam_search
-from services.executor.beam_engine import (
+from pagemesh.services.executor import beam_search
+from pagemesh.services.executor.beam_engine import (
     BeamBatch,
     BeamCandidates,
     BeamSearchRunner,
     candidates,
 )
-from services.executor.config import EngineConfig
-from services.executor.engine_api import (
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine_api import (
     FinishReason,
     SamplingParams,
     SequenceOutput,
     TokenLogprob,
 )
-from services.executor.kv_pool import KVPool, determine_num_blocks
-from services.executor.model.attention_metadata import AttentionMetadata
-from services.executor.model.config import ModelConfig
-from services.executor.prefix_caching import CommitsDropped
-from services.executor.prompt_ids import PromptIds
-from services.executor.sampler import (
+from pagemesh.services.executor.kv_pool import KVPool, determine_num_blocks
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.prefix_caching import CommitsDropped
+from pagemesh.services.executor.prompt_ids import PromptIds
+from pagemesh.services.executor.sampler import (
     ALL_GREEDY,
     Sampler,
     SamplerOutput,
@@ -58,11 +56,13 @@ from services.executor.sampler import (
     build_sampling_tensors,
     token_counts,
 )
-from services.executor.scheduler import Scheduler, SchedulerOutput
-from services.executor.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
-from services.executor.staging import PinnedStaging
-from services.executor.trace import StepTimes
-from services.kvmanager.api import BlockAllocator, CommitEntry
+from pagemesh.services.executor.scheduler import Scheduler, SchedulerOutput
+from pagemesh.services.executor.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from pagemesh.services.executor.staging import PinnedStaging
+from pagemesh.services.executor.trace import StepTimes
+from pagemesh.services.kvmanager.api import BlockAllocator, CommitEntry
+
+from pagemesh import kernels
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class LLMEngine:
         self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
-            from services.executor.cuda_graphs import CUDAGraphRunner, PrefillGraphRunner
+            from pagemesh.services.executor.cuda_graphs import CUDAGraphRunner, PrefillGraphRunner
 
             start = time.monotonic()
             pool = None
@@ -238,7 +238,11 @@ class LLMEngine:
         self.started = True
 
     def _load_model(self) -> None:
-        from services.executor.model.loader import load_model, model_fingerprint, resolve_model
+        from pagemesh.services.executor.model.loader import (
+            load_model,
+            model_fingerprint,
+            resolve_model,
+        )
 
         path = resolve_model(self.config.model)
         self.model_path = str(path)

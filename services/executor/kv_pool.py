@@ -13,9 +13,8 @@ import logging
 from collections.abc import Callable
 
 import torch
-
-from services.executor.config import DEFAULT_CPU_NUM_BLOCKS, EngineConfig
-from services.executor.model.config import ModelConfig
+from pagemesh.services.executor.config import DEFAULT_CPU_NUM_BLOCKS, EngineConfig
+from pagemesh.services.executor.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

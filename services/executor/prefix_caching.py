@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.kvmanager.api import (
+from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     BlockAllocator,
     CommitEntry,

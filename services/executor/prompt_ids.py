@@ -15,8 +15,7 @@ from array import array
 from collections.abc import Iterable
 
 import numpy as np
-
-from proto import packed_ids
+from pagemesh.proto import packed_ids
 
 # Below this many common ids a plain conversion is as cheap as comparing and slicing.
 MIN_SHARED_IDS = 64

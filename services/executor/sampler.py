@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from services.executor.engine_api import SamplingParams
-from services.executor.staging import PinnedStaging
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.staging import PinnedStaging
 
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy
 

@@ -36,11 +36,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from services.executor.beam_engine import unstall
-from services.executor.config import EngineConfig
-from services.executor.engine_api import FinishReason
-from services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
-from services.kvmanager.api import (
+from pagemesh.services.executor.beam_engine import unstall
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine_api import FinishReason
+from pagemesh.services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
+from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     Allocation,
     AllocatorError,

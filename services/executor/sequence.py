@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-
-from services.executor.engine_api import (
+from pagemesh.services.executor.engine_api import (
     FinishReason,
     SamplingParams,
     SequenceOutput,
@@ -29,7 +28,7 @@ from services.executor.engine_api import (
 )
 
 if TYPE_CHECKING:
-    from services.executor.beam_engine import BeamState
+    from pagemesh.services.executor.beam_engine import BeamState
 
 
 # A sampled token still on its way from the device (async scheduling): token_ids holds this

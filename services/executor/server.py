@@ -25,14 +25,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import executor_pb2_grpc as pb_grpc
+from pagemesh.proto import packed_ids
+from pagemesh.proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
+from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from pagemesh.services.executor.trace import StepTrace
 
 from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
-from proto import executor_pb2 as pb
-from proto import executor_pb2_grpc as pb_grpc
-from proto import packed_ids
-from proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
-from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
-from services.executor.trace import StepTrace
 
 log = logging.getLogger("pagemesh.executor.server")
 

@@ -19,19 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-
-from pagemesh.heap import freeze_startup_heap
-from services.gateway.chat import PromptError, Tokenizer
-from services.gateway.errors import APIError, invalid
-from services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
-from services.gateway.generation import Generation, TokenInfo, build_request
-from services.gateway.kvmanager_link import KVManagerLink
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
-from services.gateway.sse import SSEWriter, encode_event
-from services.gateway.trace import RequestTimes, RequestTrace
-from services.gateway.turnstile import Turnstile
-from services.gateway.validation import (
+from pagemesh.services.gateway.chat import PromptError, Tokenizer
+from pagemesh.services.gateway.errors import APIError, invalid
+from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
+from pagemesh.services.gateway.generation import Generation, TokenInfo, build_request
+from pagemesh.services.gateway.kvmanager_link import KVManagerLink
+from pagemesh.services.gateway.metrics import GatewayMetrics
+from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
+from pagemesh.services.gateway.sse import SSEWriter, encode_event
+from pagemesh.services.gateway.trace import RequestTimes, RequestTrace
+from pagemesh.services.gateway.turnstile import Turnstile
+from pagemesh.services.gateway.validation import (
     ChatRequest,
     CompletionRequest,
     Limits,
@@ -40,6 +38,8 @@ from services.gateway.validation import (
     parse_completion,
     parse_json,
 )
+
+from pagemesh.heap import freeze_startup_heap
 
 log = logging.getLogger("pagemesh.gateway")
 
@@ -84,8 +84,11 @@ class Gateway:
 
     async def start(self) -> None:
         self._prepare_task = asyncio.create_task(self._prepare(), name="gateway-prepare")
+        self._prepare_task.add_done_callback(_log_prepare_failure)
 
     async def _prepare(self) -> None:
+        """Waits for the executor, loads the tokenizer, opens the Serve stream. A failure is
+        logged (_log_prepare_failure); /health then keeps answering 503."""
         # The HTTP port is open from the start (health says 503) while the executor loads.
         info = await self.client.wait_for_info()
         self.max_model_len = info.max_model_len
@@ -422,3 +425,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def _log_prepare_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway could not start serving", exc_info=task.exception())

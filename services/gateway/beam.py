@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from proto import executor_pb2 as pb
-from services.gateway.errors import APIError, invalid
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.services.gateway.errors import APIError, invalid
 
 BEAM_FIELDS = ("beam_width", "length_penalty", "early_stopping")
 DEFAULT_BEAM_WIDTH = 4

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
+from pagemesh.services.gateway.validation import Limits
+
 from pagemesh.env import add_option, env_default
-from services.gateway.validation import Limits
 
 DEFAULT_EXECUTOR = "127.0.0.1:50052"
 
@@ -58,9 +59,18 @@ def run_workers(args: argparse.Namespace) -> int:
     """Starts `args.workers` copies of this command on one port and waits. Signals are passed
     on; if one worker dies the others are stopped too, so a supervisor (pagemesh up, compose)
     restarts the whole gateway rather than serving at reduced capacity unnoticed."""
-    from pagemesh.up import set_pdeathsig
+    from pagemesh.children import set_pdeathsig
 
-    argv = [sys.executable, "-m", "pagemesh.cli", *sys.argv[1:], "--workers", "1", "--reuse-port"]
+    argv = [
+        sys.executable,
+        "-P",
+        "-m",
+        "pagemesh.cli",
+        *sys.argv[1:],
+        "--workers",
+        "1",
+        "--reuse-port",
+    ]
     procs = [subprocess.Popen(argv, preexec_fn=set_pdeathsig) for _ in range(args.workers)]
 
     def forward(signum: int, _frame: object) -> None:
@@ -87,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return run_workers(args)
     from aiohttp import web
-
-    from services.gateway.app import GatewayConfig, create_app
+    from pagemesh.services.gateway.app import GatewayConfig, create_app
 
     logging.basicConfig(
         level=args.log_level.upper(),

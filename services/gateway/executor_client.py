@@ -21,10 +21,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-
-from proto import executor_pb2 as pb
-from proto import executor_pb2_grpc as pb_grpc
-from proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import executor_pb2_grpc as pb_grpc
+from pagemesh.proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
 
 log = logging.getLogger("pagemesh.gateway.executor")
 

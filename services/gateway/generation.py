@@ -12,14 +12,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from proto import executor_pb2 as pb
-from proto import packed_ids
-from services.gateway.beam import apply_beam
-from services.gateway.chat import Tokenizer
-from services.gateway.detokenizer import Detokenizer
-from services.gateway.errors import APIError
-from services.gateway.executor_client import ExecutorClient, RequestStream
-from services.gateway.validation import GenerationOptions
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import packed_ids
+from pagemesh.services.gateway.beam import apply_beam
+from pagemesh.services.gateway.chat import Tokenizer
+from pagemesh.services.gateway.detokenizer import Detokenizer
+from pagemesh.services.gateway.errors import APIError
+from pagemesh.services.gateway.executor_client import ExecutorClient, RequestStream
+from pagemesh.services.gateway.validation import GenerationOptions
 
 FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_ABORT: "abort"}
 

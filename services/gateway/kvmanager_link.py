@@ -9,10 +9,9 @@ import logging
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from proto import health_names
-from proto import kvmanager_pb2 as kv_pb
-from proto import kvmanager_pb2_grpc as kv_grpc
+from pagemesh.proto import health_names
+from pagemesh.proto import kvmanager_pb2 as kv_pb
+from pagemesh.proto import kvmanager_pb2_grpc as kv_grpc
 
 log = logging.getLogger("pagemesh.gateway.kvmanager")
 

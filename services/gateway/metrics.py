@@ -3,9 +3,8 @@ GetStats call per scrape) so that one scrape target shows the prefix cache at wo
 
 from __future__ import annotations
 
+from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from services.gateway.kvmanager_link import KVManagerLink
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.generation import ChoiceDelta, Generation, TokenInfo
+from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo
 
 SYSTEM_FINGERPRINT = "pagemesh"
 

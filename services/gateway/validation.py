@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.gateway.beam import BeamOptions, parse_beam
-from services.gateway.errors import APIError, invalid
+from pagemesh.services.gateway.beam import BeamOptions, parse_beam
+from pagemesh.services.gateway.errors import APIError, invalid
 
 # Roles the chat template understands; "developer" is OpenAI's newer name for "system".
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

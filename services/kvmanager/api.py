@@ -1,7 +1,7 @@
 """The block-allocator contract between an executor and kvmanager.
 
-Two implementations satisfy `BlockAllocator`: the gRPC client (`services.kvmanager.client`) and
-the in-process allocator (`services.kvmanager.local`), which runs kvmanager's own core in the
+Two implementations satisfy `BlockAllocator`: the gRPC client (`pagemesh.services.kvmanager.client`) and
+the in-process allocator (`pagemesh.services.kvmanager.local`), which runs kvmanager's own core in the
 executor's process. Both behave identically; the in-process one exists for tests and to measure
 what the gRPC hop costs (an A/B flag on the executor).
 

@@ -56,8 +56,9 @@ def run_service(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from pagemesh.services.kvmanager.server import start_server
+
     from pagemesh.heap import freeze_startup_heap
-    from services.kvmanager.server import start_server
 
     server = await start_server(
         host=args.host,
@@ -91,9 +92,8 @@ def run_stats(args: argparse.Namespace) -> int:
 async def _stats(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
-
-    from proto import kvmanager_pb2 as pb
-    from proto import kvmanager_pb2_grpc as pb_grpc
+    from pagemesh.proto import kvmanager_pb2 as pb
+    from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(args.address) as channel:
         stub = pb_grpc.KVManagerStub(channel)
@@ -227,7 +227,7 @@ def format_stats(r, address: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Only kvmanager's commands (`python -m services.kvmanager.cli ...`), without loading the
+    """Only kvmanager's commands (`python -m pagemesh.services.kvmanager.cli ...`), without loading the
     other services' modules."""
     parser = argparse.ArgumentParser(prog="pagemesh")
     add_commands(parser.add_subparsers(dest="command", required=True))

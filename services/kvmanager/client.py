@@ -15,10 +15,9 @@ import itertools
 from collections.abc import Callable
 
 import grpc
-
-from proto import kvmanager_pb2 as pb
-from proto import kvmanager_pb2_grpc as pb_grpc
-from services.kvmanager.api import (
+from pagemesh.proto import kvmanager_pb2 as pb
+from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
+from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     Allocation,
     AllocatorError,
@@ -34,7 +33,7 @@ from services.kvmanager.api import (
     TableUpdate,
     UnknownSequence,
 )
-from services.kvmanager.hashing import token_bytes
+from pagemesh.services.kvmanager.hashing import token_bytes
 
 _ERRORS: dict[grpc.StatusCode, type[AllocatorError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OutOfBlocks,

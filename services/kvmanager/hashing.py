@@ -28,7 +28,7 @@ import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 
-from proto import packed_ids
+from pagemesh.proto import packed_ids
 
 ROOT = bytes(32)
 HASH_SIZE = 32

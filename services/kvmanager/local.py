@@ -7,7 +7,7 @@ of the scheduler use.
 
 from __future__ import annotations
 
-from services.kvmanager.api import (
+from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     Allocation,
     AllocatorError,
@@ -17,7 +17,7 @@ from services.kvmanager.api import (
     StepResult,
     TableUpdate,
 )
-from services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.manager import Manager
 
 
 class LocalAllocator:

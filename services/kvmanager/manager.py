@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from proto import packed_ids
-from services.kvmanager import hashing
-from services.kvmanager.api import (
+from pagemesh.proto import packed_ids
+from pagemesh.services.kvmanager import hashing
+from pagemesh.services.kvmanager.api import (
     Allocation,
     AllocatorError,
     InvalidRequest,
@@ -28,8 +28,8 @@ from services.kvmanager.api import (
     StaleEpoch,
     UnknownSequence,
 )
-from services.kvmanager.block_pool import BlockPool
-from services.kvmanager.stats import Residency, Stats
+from pagemesh.services.kvmanager.block_pool import BlockPool
+from pagemesh.services.kvmanager.stats import Residency, Stats
 
 MAX_BLOCK_SIZE = 4096
 MAX_NUM_BLOCKS = 1 << 24

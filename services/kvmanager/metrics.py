@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
+from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.persistence import Persistence
+from pagemesh.services.kvmanager.stats import AGE_BUCKETS, HitWindows, Residency
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,10 +22,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from services.kvmanager.manager import Manager
-from services.kvmanager.persistence import Persistence
-from services.kvmanager.stats import AGE_BUCKETS, HitWindows, Residency
 
 _HITS = (
     ("query_tokens", "Prompt tokens looked up in the prefix cache"),

@@ -44,10 +44,9 @@ from array import array
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from pagemesh.services.kvmanager import hashing
+from pagemesh.services.kvmanager.manager import ExecutorState, Manager, SeqState
 from redis.exceptions import RedisError
-
-from services.kvmanager import hashing
-from services.kvmanager.manager import ExecutorState, Manager, SeqState
 
 log = logging.getLogger("pagemesh.kvmanager.persistence")
 

@@ -20,13 +20,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.exceptions import RedisError
-
-from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
-from proto import health_names
-from proto import kvmanager_pb2 as pb
-from proto import kvmanager_pb2_grpc as pb_grpc
-from services.kvmanager.api import (
+from pagemesh.proto import health_names
+from pagemesh.proto import kvmanager_pb2 as pb
+from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
+from pagemesh.services.kvmanager.api import (
     AllocatorError,
     InvalidRequest,
     OutOfBlocks,
@@ -34,9 +31,12 @@ from services.kvmanager.api import (
     StaleEpoch,
     UnknownSequence,
 )
-from services.kvmanager.manager import Manager
-from services.kvmanager.persistence import Persistence
-from services.kvmanager.stats import HitCounts, HitWindows, Residency
+from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.persistence import Persistence
+from pagemesh.services.kvmanager.stats import HitCounts, HitWindows, Residency
+from redis.exceptions import RedisError
+
+from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
 
 log = logging.getLogger("pagemesh.kvmanager")
 
@@ -440,7 +440,7 @@ async def start_server(
     await server.start()
     out = KVManagerServer(server, bound, manager, persistence, health_servicer)
     if metrics_port is not None:
-        from services.kvmanager.metrics import make_registry, start_metrics_server
+        from pagemesh.services.kvmanager.metrics import make_registry, start_metrics_server
 
         mport = metrics_port
         if mport == 0:

@@ -18,13 +18,13 @@ from typing import Any
 
 import openai
 import pytest
+from pagemesh.proto import kvmanager_pb2
+from pagemesh.services.kvmanager.hashing import salt_id
 
-from proto import kvmanager_pb2
-from services.kvmanager.hashing import salt_id
 from tests.e2e.conftest import API_KEY, MODEL
 from tests.support.mesh import REPO_ROOT, Mesh, assert_pool_consistent, wait_for
 
-KV_STATS = [sys.executable, "-m", "pagemesh.cli", "kv", "stats"]
+KV_STATS = [sys.executable, "-P", "-m", "pagemesh.cli", "kv", "stats"]
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -494,7 +494,7 @@ def test_kv_stats_cli_shows_the_expected_hit_rate(mesh: Mesh) -> None:
 
 
 def test_executor_generate_abort_and_info(mesh: Mesh) -> None:
-    from proto import executor_pb2 as pb
+    from pagemesh.proto import executor_pb2 as pb
 
     base = idle_pool(mesh)
     stub = mesh.executor_stub()

@@ -8,11 +8,12 @@ import json
 import random
 from pathlib import Path
 
+from pagemesh.services.gateway.chat import Tokenizer
+
 from benchmarks import workloads
 from benchmarks.load_client import ClientPool
 from benchmarks.serve_bench import offline_engine_tok_s, run_workload
 from benchmarks.workloads import Conversation, Turn
-from services.gateway.chat import Tokenizer
 from tests.support.mesh import Mesh, MeshConfig
 
 MODEL = "bench"

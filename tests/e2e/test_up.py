@@ -61,7 +61,7 @@ def chat(port: int) -> str:
 
 def test_pagemesh_up_serves_supervises_and_stops(tmp_path: Path, smollm2_path: Path) -> None:
     port, kv_port, ex_port = free_port(), free_port(), free_port()
-    argv = [sys.executable, "-m", "pagemesh.cli", "up", "--model", str(smollm2_path)]
+    argv = [sys.executable, "-P", "-m", "pagemesh.cli", "up", "--model", str(smollm2_path)]
     argv += ["--model-name", "SmolLM2-135M-Instruct", "--device", "cpu", "--num-blocks", "256"]
     argv += ["--port", str(port)]
     argv += ["--kv-port", str(kv_port), "--executor-port", str(ex_port)]
@@ -86,9 +86,9 @@ def test_pagemesh_up_serves_supervises_and_stops(tmp_path: Path, smollm2_path: P
 
         # Each service is its own process; kill the executor as a crash would.
         services = {
-            c.cmdline()[3]: c
+            c.cmdline()[4]: c
             for c in psutil.Process(proc.pid).children()
-            if c.cmdline()[1:3] == ["-m", "pagemesh.cli"]
+            if c.cmdline()[1:4] == ["-P", "-m", "pagemesh.cli"]
         }
         assert set(services) == {"kvmanager", "executor", "gateway"}
         executor = services["executor"]

@@ -9,13 +9,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from pagemesh.services.executor.model.loader import load_model
+from pagemesh.services.kvmanager.local import LocalAllocator
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
-from services.executor.model.loader import load_model
-from services.kvmanager.local import LocalAllocator
 
 
 @functools.cache

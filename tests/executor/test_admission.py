@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.engine_api import SamplingParams
+
 from tests.executor.engine_support import (
     assert_all_free_or_cached,
     hf_greedy,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pagemesh.services.executor.beam_search import BeamSearch
+from pagemesh.services.executor.engine_api import FinishReason, SamplingParams
 
-from services.executor.beam_search import BeamSearch
-from services.executor.engine_api import FinishReason, SamplingParams
 from tests.executor.engine_support import (
     assert_all_free_or_cached,
     greedy,

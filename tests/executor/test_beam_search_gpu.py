@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import SamplingParams
-from services.executor.model.loader import load_model
-from services.kvmanager.local import LocalAllocator
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.model.loader import load_model
+from pagemesh.services.kvmanager.local import LocalAllocator
 
 pytestmark = pytest.mark.gpu
 EOS = 2

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.kvmanager.local import LocalAllocator
 
-from services.executor.config import EngineConfig
-from services.executor.engine import LLMEngine
-from services.executor.engine_api import SamplingParams
-from services.kvmanager.local import LocalAllocator
 from tests.executor.engine_support import assert_all_free_or_cached, run_all
 
 pytestmark = pytest.mark.gpu
@@ -124,7 +124,7 @@ async def test_prefill_graph_equals_eager_forward(random_llama: Path) -> None:
     """The replayed prefill graph gives the eager forward's logits (of each sequence's last
     token, as sampling asks) on random ragged batches over a random cache (cached prefixes of
     any length, blocks drawn at random), for token counts on and between the buckets."""
-    from services.executor.model.attention_metadata import AttentionMetadata
+    from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 
     torch.backends.cuda.matmul.allow_tf32 = False
     config = EngineConfig(model=str(random_llama), device="cuda", dtype="float32", num_blocks=1024)

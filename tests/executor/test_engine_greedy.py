@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pagemesh.services.executor.engine_api import FinishReason
 
-from services.executor.engine_api import FinishReason
 from tests.executor.engine_support import (
     assert_all_free_or_cached,
     blocks_in_use,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pagemesh.services.executor.engine_api import FinishReason, SamplingParams
 
-from services.executor.engine_api import FinishReason, SamplingParams
 from tests.executor.engine_support import (
     Run,
     assert_all_free_or_cached,

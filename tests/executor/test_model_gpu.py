@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.loader import load_model
 
-from services.executor.model.attention_metadata import AttentionMetadata
-from services.executor.model.loader import load_model
 from tests.executor.test_model_random_weights import CONFIGS, _build_hf, _shuffled_tables
 from tests.support.model import PagedRunner, PagedSequence
 

@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
-
-from services.executor.model.config import ModelConfig
-from services.executor.model.loader import (
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.loader import (
     DEFAULT_MODEL,
     load_model,
     model_fingerprint,
     resolve_model,
 )
-from services.executor.model.resolve import fetch_default_gguf
+from pagemesh.services.executor.model.resolve import fetch_default_gguf
+from safetensors.torch import load_file, save_file
 
 TINY = dict(
     vocab_size=64,

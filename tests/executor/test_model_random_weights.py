@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from pagemesh.services.executor.model.loader import load_model
+from pagemesh.services.executor.model.rope import rope_inv_freq
 
-from services.executor.model.loader import load_model
-from services.executor.model.rope import rope_inv_freq
 from tests.support.model import PagedRunner, PagedSequence
 
 BLOCK_SIZE = 4

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pagemesh.services.executor.model.loader import load_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.executor.model.loader import load_model
 from tests.support.model import PagedRunner
 
 PROMPTS = [

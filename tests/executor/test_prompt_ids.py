@@ -7,9 +7,8 @@ from array import array
 
 import numpy as np
 import pytest
-
-from proto import packed_ids
-from services.executor.prompt_ids import MIN_SHARED_IDS, PromptIds
+from pagemesh.proto import packed_ids
+from pagemesh.services.executor.prompt_ids import MIN_SHARED_IDS, PromptIds
 
 
 def _expect(ids: list[int]) -> tuple[list[int], bytes, int, int]:

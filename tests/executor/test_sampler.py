@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from services.executor.engine_api import SamplingParams
-from services.executor.sampler import Sampler, build_sampling_tensors, token_counts
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.sampler import Sampler, build_sampling_tensors, token_counts
 
 V = 50
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-from services.executor.config import EngineConfig
-from services.executor.engine_api import SamplingParams
-from services.executor.scheduler import Scheduler
-from services.executor.sequence import Request, SeqStatus, Sequence
-from services.kvmanager.local import LocalAllocator
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.scheduler import Scheduler
+from pagemesh.services.executor.sequence import Request, SeqStatus, Sequence
+from pagemesh.services.kvmanager.local import LocalAllocator
 
 BS = 16
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from services.executor.staging import PinnedStaging
+from pagemesh.services.executor.staging import PinnedStaging
 
 pytestmark = pytest.mark.gpu
 

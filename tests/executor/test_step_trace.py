@@ -8,8 +8,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from proto import executor_pb2 as pb
-from services.gateway.executor_client import RequestStream
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.services.gateway.executor_client import RequestStream
+
 from tests.executor.engine_support import make_engine
 from tests.support.executor_service import executor_service
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from services.gateway.chat import Tokenizer
+from pagemesh.services.gateway.chat import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.services.executor.server import serve
+from pagemesh.services.gateway.app import GatewayConfig, create_app
 
 from pagemesh.redis_process import free_port
-from proto import executor_pb2 as pb
-from services.executor.server import serve
-from services.gateway.app import GatewayConfig, create_app
 from tests.executor.engine_support import assert_all_free_or_cached, make_engine, tokenizer
 from tests.executor.test_beam_search import MAX_NEW, hf_beams
 

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pagemesh.services.gateway.chat as chat
 import pytest
+from pagemesh.services.gateway.chat import SEGMENT_CACHE_ENTRIES, Tokenizer, _hides, _SegmentCache
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import services.gateway.chat as chat
 from benchmarks import workloads
-from services.gateway.chat import SEGMENT_CACHE_ENTRIES, Tokenizer, _hides, _SegmentCache
 
 Messages = list[dict[str, str]]
 

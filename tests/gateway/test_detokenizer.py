@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from services.gateway.chat import Tokenizer
-from services.gateway.detokenizer import Detokenizer, StopStringFilter
+from pagemesh.services.gateway.chat import Tokenizer
+from pagemesh.services.gateway.detokenizer import Detokenizer, StopStringFilter
 
 TEXTS = [
     "The capital of France is Paris. It is known for the Eiffel Tower.",

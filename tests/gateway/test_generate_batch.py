@@ -9,10 +9,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.services.gateway import executor_client
+from pagemesh.services.gateway.executor_client import RequestStream, pack_generates
 
-from proto import executor_pb2 as pb
-from services.gateway import executor_client
-from services.gateway.executor_client import RequestStream, pack_generates
 from tests.executor.engine_support import make_engine
 from tests.support.executor_service import executor_service
 

@@ -7,11 +7,11 @@ import asyncio
 import time
 
 from aiohttp.test_utils import TestClient, TestServer
+from pagemesh.services.gateway.app import GatewayConfig, create_app
+from pagemesh.services.gateway.kvmanager_link import KVManagerLink
+from pagemesh.services.kvmanager.server import start_server
 
 from pagemesh.redis_process import RedisProcess, free_port
-from services.gateway.app import GatewayConfig, create_app
-from services.gateway.kvmanager_link import KVManagerLink
-from services.kvmanager.server import start_server
 
 
 async def _until(link: KVManagerLink, want: dict[str, str], timeout: float = 15.0) -> None:

@@ -13,14 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import executor_pb2_grpc as pb_grpc
+from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from pagemesh.services.executor.server import serve
+from pagemesh.services.gateway.app import GATEWAY, GatewayConfig, create_app
+from pagemesh.services.gateway.chat import Tokenizer
 
 from pagemesh.redis_process import free_port
-from proto import executor_pb2 as pb
-from proto import executor_pb2_grpc as pb_grpc
-from services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
-from services.executor.server import serve
-from services.gateway.app import GATEWAY, GatewayConfig, create_app
-from services.gateway.chat import Tokenizer
 
 ANSWER = "The capital of France is Paris. 🎉 It is lovely."
 

@@ -6,8 +6,7 @@ import json
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-
-from services.gateway.sse import DONE, SSEWriter, encode_event
+from pagemesh.services.gateway.sse import DONE, SSEWriter, encode_event
 
 
 def test_event_is_data_line_compact_json_blank_line() -> None:

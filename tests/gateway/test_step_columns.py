@@ -10,11 +10,12 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from proto import executor_pb2 as pb
-from proto import executor_pb2_grpc as pb_grpc
-from services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
-from services.executor.server import EngineLoop, Sink, output_to_proto
-from services.gateway.executor_client import ExecutorClient, RequestStream
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.proto import executor_pb2_grpc as pb_grpc
+from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
+from pagemesh.services.executor.server import EngineLoop, Sink, output_to_proto
+from pagemesh.services.gateway.executor_client import ExecutorClient, RequestStream
+
 from tests.executor.engine_support import make_engine, tokenizer
 from tests.support.executor_service import executor_service
 

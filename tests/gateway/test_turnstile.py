@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.gateway.turnstile import Turnstile
+from pagemesh.services.gateway.turnstile import Turnstile
 
 
 async def test_one_per_iteration_in_order_with_others_in_between() -> None:

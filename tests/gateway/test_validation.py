@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from services.gateway.errors import APIError
-from services.gateway.validation import (
+from pagemesh.services.gateway.errors import APIError
+from pagemesh.services.gateway.validation import (
     GenerationOptions,
     Limits,
     check_context,

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import triton
+from pagemesh.kernels import cache_ops, decode_attention, prefill_attention
 from triton import compiler
 from triton.backends import compiler as backends
-
-from kernels import cache_ops, decode_attention, prefill_attention
 
 SM90 = backends.GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024

@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_kernels_compile_for_sm90() -> None:
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PAGEMESH_KERNELS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.compile_sm90"],
+        [sys.executable, "-P", str(ROOT / "tests" / "kernels" / "compile_sm90.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

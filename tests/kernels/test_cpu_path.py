@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import cpu, reference
+from pagemesh.kernels import cpu, reference
 
 BLOCK = 16
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pagemesh.kernels import reference
 
-import kernels
-from kernels import reference
+from pagemesh import kernels
 from tests.kernels.paged import TOL, make_paged, rel_err
 
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-
-from services.kvmanager.client import KVManagerClient
-from services.kvmanager.local import LocalAllocator
-from services.kvmanager.server import start_server
+from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.local import LocalAllocator
+from pagemesh.services.kvmanager.server import start_server
 
 BS = 4
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from services.kvmanager import hashing
-from services.kvmanager.api import InvalidRequest
-from services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager import hashing
+from pagemesh.services.kvmanager.api import InvalidRequest
+from pagemesh.services.kvmanager.manager import Manager
 
 BS = 4
 

@@ -4,16 +4,16 @@ at block granularity, sharing, copy-on-write, LRU eviction, salts, epochs, bad i
 from __future__ import annotations
 
 import pytest
-
-from services.kvmanager.api import (
+from pagemesh.services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     InvalidRequest,
     OutOfBlocks,
     StaleEpoch,
 )
-from services.kvmanager.local import LocalAllocator
-from services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.local import LocalAllocator
+from pagemesh.services.kvmanager.manager import Manager
+
 from tests.kvmanager.conftest import BS
 
 
@@ -299,7 +299,7 @@ async def test_bad_input_is_rejected_without_change(make, call, match: str) -> N
 
 
 async def test_sequence_too_large_is_both_kinds(make) -> None:
-    from services.kvmanager.api import SequenceTooLarge
+    from pagemesh.services.kvmanager.api import SequenceTooLarge
 
     a = await make()
     with pytest.raises(SequenceTooLarge) as e:

@@ -14,13 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pagemesh.proto import kvmanager_pb2 as pb
+from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
+from pagemesh.services.kvmanager import cli
+from pagemesh.services.kvmanager.api import InvalidRequest
+from pagemesh.services.kvmanager.client import decode_extend
+from pagemesh.services.kvmanager.server import SERVICE_NAME, start_server
 
-from proto import kvmanager_pb2 as pb
-from proto import kvmanager_pb2_grpc as pb_grpc
-from services.kvmanager import cli
-from services.kvmanager.api import InvalidRequest
-from services.kvmanager.client import decode_extend
-from services.kvmanager.server import SERVICE_NAME, start_server
 from tests.kvmanager.test_persistence import ROOT
 
 C = grpc.StatusCode
@@ -216,7 +216,16 @@ async def test_get_stats_metrics_and_cli(served, capsys) -> None:
 def test_cli_entry_points() -> None:
     """The real command line: `kv stats` against nothing answers with a clear error and rc 1."""
     r = subprocess.run(
-        [sys.executable, "-m", "services.kvmanager.cli", "kv", "stats", "--address", "127.0.0.1:1"],
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "pagemesh.services.kvmanager.cli",
+            "kv",
+            "stats",
+            "--address",
+            "127.0.0.1:1",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -240,9 +249,10 @@ def test_cli_entry_points() -> None:
 
 
 async def test_session_concurrency_and_reconnect() -> None:
+    from pagemesh.services.kvmanager.api import AllocatorUnavailable, ExtendEntry, StaleEpoch
+    from pagemesh.services.kvmanager.client import KVManagerClient
+
     from pagemesh.redis_process import free_port
-    from services.kvmanager.api import AllocatorUnavailable, ExtendEntry, StaleEpoch
-    from services.kvmanager.client import KVManagerClient
 
     port = free_port()
     server = await start_server(port=port)

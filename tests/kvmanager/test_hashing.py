@@ -4,8 +4,7 @@ import hashlib
 import struct
 
 import pytest
-
-from services.kvmanager import hashing
+from pagemesh.services.kvmanager import hashing
 
 FP = "smollm2-135m"
 VECTORS = {

@@ -15,13 +15,13 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.local import LocalAllocator
+from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.persistence import MAX_DEFER_S, QUIET_S, Persistence
+from pagemesh.services.kvmanager.server import REDIS_HEALTH, start_server
 
 from pagemesh.redis_process import RedisProcess, free_port
-from services.kvmanager.client import KVManagerClient
-from services.kvmanager.local import LocalAllocator
-from services.kvmanager.manager import Manager
-from services.kvmanager.persistence import MAX_DEFER_S, QUIET_S, Persistence
-from services.kvmanager.server import REDIS_HEALTH, start_server
 from tests.kvmanager.workload import Workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,7 +142,7 @@ async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
     prompt = [1000 + i for i in range(9)]
     await a.allocate("s", prompt, salt)
     await a.commit([])
-    from services.kvmanager.api import CommitEntry
+    from pagemesh.services.kvmanager.api import CommitEntry
 
     await a.commit([CommitEntry("s", 0, prompt[:4]), CommitEntry("s", 1, prompt[4:8])])
     await p.wait_flushed()
@@ -179,7 +179,7 @@ async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
 def spawn(port: int, redis_url: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "services.kvmanager.cli", "kvmanager",
+            sys.executable, "-P", "-m", "pagemesh.services.kvmanager.cli", "kvmanager",
             "--port", str(port), "--redis-url", redis_url,
             "--metrics-port", "0", "--log-level", "warning",
         ],
@@ -361,7 +361,7 @@ async def test_idle_redis_coming_back_empty_is_rewritten(redis_process: RedisPro
 
 
 async def test_reused_sequence_id_leaves_no_stale_chunks(redis_url: str) -> None:
-    from services.kvmanager.api import CommitEntry
+    from pagemesh.services.kvmanager.api import CommitEntry
 
     m = Manager(track_changes=True)
     p = Persistence(m, redis_url)

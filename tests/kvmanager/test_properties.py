@@ -20,9 +20,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-
-from services.kvmanager.api import OutOfBlocks
-from services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.api import OutOfBlocks
+from pagemesh.services.kvmanager.manager import Manager
 
 BS = 4
 EX = "ex"
@@ -187,7 +186,8 @@ TestAllocator = AllocatorMachine.TestCase
 async def test_long_random_runs_keep_invariants() -> None:
     """Longer seeded runs than hypothesis explores, through the allocator API, with the
     invariants checked after every operation and every interesting path visited."""
-    from services.kvmanager.local import LocalAllocator
+    from pagemesh.services.kvmanager.local import LocalAllocator
+
     from tests.kvmanager.workload import Workload
 
     seen: dict[str, int] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import random
 
-from services.kvmanager.stats import AGE_BUCKETS, Residency
+from pagemesh.services.kvmanager.stats import AGE_BUCKETS, Residency
 
 
 def _reference(batches: list[list[float]]) -> list[int]:

@@ -4,7 +4,7 @@ the three calls sent back to back would."""
 
 from __future__ import annotations
 
-from services.kvmanager.api import (
+from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     CommitEntry,
     ExtendEntry,
@@ -12,6 +12,7 @@ from services.kvmanager.api import (
     OutOfBlocks,
     UnknownSequence,
 )
+
 from tests.kvmanager.conftest import BS
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from services.kvmanager.api import AllocatorError, CommitEntry, ExtendEntry
+from pagemesh.services.kvmanager.api import AllocatorError, CommitEntry, ExtendEntry
 
 PREFIXES = [list(range(100, 132)), list(range(100, 116)) + list(range(500, 516)), [7] * 24]
 

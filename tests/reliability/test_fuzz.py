@@ -19,8 +19,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pagemesh.proto import executor_pb2, kvmanager_pb2
 
-from proto import executor_pb2, kvmanager_pb2
 from tests.support.mesh import LOOPBACK, Mesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

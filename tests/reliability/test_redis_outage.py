@@ -15,8 +15,8 @@ import os
 import time
 
 import pytest
+from pagemesh.proto import health_names
 
-from proto import health_names
 from tests.reliability.client import (
     CLEAN_ERROR,
     COMPLETED,

@@ -17,9 +17,9 @@ import uuid
 
 import psutil
 import pytest
+from pagemesh.proto import kvmanager_pb2
 
 from pagemesh.cli import build_parser
-from proto import kvmanager_pb2
 from tests.reliability.client import COMPLETED, chat_body, session, stream_request
 from tests.reliability.workload import SYSTEM, chat_url, completions_url, wait_redis_synced
 from tests.support.mesh import LOOPBACK, Mesh, http_get
@@ -108,7 +108,7 @@ def _global_hits(stats: kvmanager_pb2.GetStatsResponse) -> int:
 
 
 async def test_cache_salt_isolates_tenants(mesh: Mesh) -> None:
-    from services.kvmanager.hashing import salt_id
+    from pagemesh.services.kvmanager.hashing import salt_id
 
     salt_a, salt_b = f"tenant-a-{uuid.uuid4().hex}", f"tenant-b-{uuid.uuid4().hex}"
     rng = random.Random(7)
@@ -161,6 +161,7 @@ async def test_cache_salt_isolates_tenants(mesh: Mesh) -> None:
         "pagemesh kv stats --json": subprocess.run(
             [
                 sys.executable,
+                "-P",
                 "-m",
                 "pagemesh.cli",
                 "kv",

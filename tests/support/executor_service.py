@@ -8,10 +8,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pagemesh.proto import executor_pb2 as pb
+from pagemesh.services.executor.server import serve
+from pagemesh.services.gateway.executor_client import ExecutorClient
+
 from pagemesh.redis_process import free_port
-from proto import executor_pb2 as pb
-from services.executor.server import serve
-from services.gateway.executor_client import ExecutorClient
 
 
 @contextlib.asynccontextmanager

@@ -29,15 +29,12 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagemesh.proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
 
 from pagemesh.redis_process import RedisProcess, free_port
-from proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Where the services' code comes from: this checkout, or (PAGEMESH_MESH_ROOT) another tree, e.g.
-# an export of a commit, to run the suite against code that is not being edited meanwhile.
-SERVICE_ROOT = Path(os.environ.get("PAGEMESH_MESH_ROOT") or REPO_ROOT).resolve()
 T = TypeVar("T")
 
 
@@ -89,9 +86,9 @@ def http_get(
 
 
 SERVICE_MODULES = {
-    "kvmanager": "services.kvmanager.cli",
-    "executor": "services.executor.cli",
-    "gateway": "services.gateway.cli",
+    "kvmanager": "pagemesh.services.kvmanager.cli",
+    "executor": "pagemesh.services.executor.cli",
+    "gateway": "pagemesh.services.gateway.cli",
 }
 _LAUNCHER = (
     "import argparse, importlib, sys\n"
@@ -144,7 +141,7 @@ class Service:
             # A new session: a SIGKILL of the service never reaches the test runner's group.
             self.proc = subprocess.Popen(
                 self.argv,
-                cwd=SERVICE_ROOT,
+                cwd=REPO_ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -252,7 +249,6 @@ class Mesh:
                 "PYTHONUNBUFFERED": "1",
                 "CUDA_VISIBLE_DEVICES": "",
                 "TQDM_DISABLE": "1",  # progress bars would fill the logs
-                "PYTHONPATH": str(SERVICE_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             }
         )
         env.update(config.env)
@@ -286,10 +282,10 @@ class Mesh:
     @staticmethod
     def _cli(*args: str) -> list[str]:
         if _full_cli_works():
-            return [sys.executable, "-m", "pagemesh.cli", *args]
+            return [sys.executable, "-P", "-m", "pagemesh.cli", *args]
         # The same subcommand through its own module only, while another module of the CLI
         # (e.g. `pagemesh up`) is missing or broken in this tree.
-        return [sys.executable, "-c", _LAUNCHER, SERVICE_MODULES[args[0]], *args]
+        return [sys.executable, "-P", "-c", _LAUNCHER, SERVICE_MODULES[args[0]], *args]
 
     def _host_args(self) -> list[str]:
         host = self.config.internal_host

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from services.executor.model.attention_metadata import AttentionMetadata
-from services.executor.model.config import ModelConfig
-from services.executor.model.llama import LlamaForCausalLM
-from services.executor.model.loader import DEFAULT_MODEL, resolve_model
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.llama import LlamaForCausalLM
+from pagemesh.services.executor.model.loader import DEFAULT_MODEL, resolve_model
 
 
 @functools.cache

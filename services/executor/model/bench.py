@@ -1,7 +1,7 @@
 """Micro-benchmark of the model's decode step on CUDA (random ~1B Llama, bf16), eager and
 replayed from a CUDA graph, against the weight-read floor. One JSON line per batch size.
 
-    python -m services.executor.model.bench --batch 32 64 256 --context 512
+    python -m pagemesh.services.executor.model.bench --batch 32 64 256 --context 512
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import argparse
 import json
 
 import torch
-
-from services.executor.model.attention_metadata import AttentionMetadata
-from services.executor.model.config import ModelConfig
-from services.executor.model.llama import LlamaForCausalLM
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.llama import LlamaForCausalLM
 
 BLOCK_SIZE = 16
 LLAMA_1B = dict(

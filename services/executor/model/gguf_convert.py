@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from services.executor.model.cache import cache_dir, file_lock, file_sha256
+from pagemesh.services.executor.model.cache import cache_dir, file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pagemesh.services.executor.model import ops
+from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.rope import RotaryEmbedding
 from torch import nn
 
-import kernels
-from services.executor.model import ops
-from services.executor.model.attention_metadata import AttentionMetadata
-from services.executor.model.config import ModelConfig
-from services.executor.model.rope import RotaryEmbedding
+from pagemesh import kernels
 
 # checkpoint projection name -> (fused parameter name, shard index in the fused output rows)
 STACKED_PARAMS: dict[str, tuple[str, int]] = {

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pagemesh.services.executor.model.cache import file_sha256
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.llama import STACKED_PARAMS, LlamaForCausalLM
+from pagemesh.services.executor.model.resolve import DEFAULT_MODEL, resolve_model
 from safetensors import safe_open
 from tqdm.auto import tqdm
-
-from services.executor.model.cache import file_sha256
-from services.executor.model.config import ModelConfig
-from services.executor.model.llama import STACKED_PARAMS, LlamaForCausalLM
-from services.executor.model.resolve import DEFAULT_MODEL, resolve_model
 
 __all__ = ["DEFAULT_MODEL", "load_model", "model_fingerprint", "resolve_model"]
 

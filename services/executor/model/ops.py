@@ -4,7 +4,7 @@ On CUDA each op is compiled with torch.compile into one fused Triton kernel: a s
 decode step is bound by kernel count, and fewer kernels means a shorter CUDA graph replay
 (measured on an H100, random 1B Llama, bf16, context 512: 651 -> 212 kernels per step, graph
 replay 2.61 -> 1.53 ms at batch 32, 2.94 -> 1.84 ms at batch 64; `python -m
-services.executor.model.bench`). Compilation happens on the first call of each shape class, so
+pagemesh.services.executor.model.bench`). Compilation happens on the first call of each shape class, so
 warm up before capturing a graph. On CPU (tests, CPU serving) they
 run eagerly, so results match transformers operation for operation. PAGEMESH_COMPILE=0 turns
 compilation off.

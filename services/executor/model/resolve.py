@@ -17,8 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from services.executor.model.cache import cache_dir, file_lock
-from services.executor.model.gguf_convert import convert_gguf
+from pagemesh.services.executor.model.cache import cache_dir, file_lock
+from pagemesh.services.executor.model.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+from pagemesh.services.executor.model.config import ModelConfig
 from torch import nn
-
-from services.executor.model.config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
