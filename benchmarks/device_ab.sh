@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device-tool call: GPU tests of this tree, then A/B timings of this tree against an older
+# one, interleaved (old, new, old, new) so that both see the same machine in the same state.
+#
+# Here, before the call:
+#   git archive <old-commit> | (rm -rf .base && mkdir .base && tar -x -C .base)   # the old tree
+#   wheels missing on the device image in .whl/ (device tool README), both folders ignored
+# The call (carry [".whl", ".base"]):
+#   bash benchmarks/device_ab.sh tests throughput kernels
+# Set NEW_REV/OLD_REV to name the commits in the log, ROUNDS (default 2) for the pairs, TP_ARGS
+# for extra throughput.py arguments. Steps: `tests` (pytest -m gpu over tests/executor and tests/kernels), `throughput`
+# (benchmarks/throughput.py --skip-hf), `kernels` (benchmarks/kernels_bench.py). Logs and JSON lines go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+# This tree as it installs (pagemesh.services, pagemesh.kernels, ...); the old tree's benchmarks
+# put its own root first on sys.path (that layout predates the one import name).
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/pm . || exit 1
+rm -rf build
+export PYTHONPATH=/tmp/pm:/tmp/site
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+echo "new tree: ${NEW_REV:-?}, old tree: ${OLD_REV:-?}" | tee -a "$OUT/device.txt"
+ROUNDS=${ROUNDS:-2}
+TP_ARGS=${TP_ARGS:-}
+
+for step in "$@"; do
+  case "$step" in
+    tests)
+      python3 -P -m pytest -m gpu tests/executor tests/kernels -q -p no:cacheprovider 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -5 ;;
+    throughput)
+      for round in $(seq "$ROUNDS"); do
+        (cd .base && python3 benchmarks/throughput.py --skip-hf $TP_ARGS 2>"$OUT/tp_old_$round.err") \
+          | tail -1 | sed 's/^/old /' | tee -a "$OUT/throughput.jsonl"
+        python3 benchmarks/throughput.py --skip-hf $TP_ARGS 2>"$OUT/tp_new_$round.err" \
+          | tail -1 | sed 's/^/new /' | tee -a "$OUT/throughput.jsonl"
+      done ;;
+    kernels)
+      for round in $(seq "$ROUNDS"); do
+        (cd .base && python3 benchmarks/kernels_bench.py 2>"$OUT/k_old_$round.err") \
+          | tail -1 | sed 's/^/old /' | tee -a "$OUT/kernels.jsonl"
+        python3 benchmarks/kernels_bench.py 2>"$OUT/k_new_$round.err" \
+          | tail -1 | sed 's/^/new /' | tee -a "$OUT/kernels.jsonl"
+      done ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
