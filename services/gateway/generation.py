@@ -18,7 +18,9 @@ from pagemesh.services.gateway.beam import apply_beam
 from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.detokenizer import Detokenizer
 from pagemesh.services.gateway.errors import APIError
-from pagemesh.services.gateway.executor_client import ExecutorClient, RequestStream
+from pagemesh.services.gateway.executor_client import ExecutorClient
+from pagemesh.services.gateway.outputs import ColumnToken, Output
+from pagemesh.services.gateway.request_stream import RequestStream
 from pagemesh.services.gateway.validation import GenerationOptions
 
 FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_ABORT: "abort"}
@@ -139,7 +141,9 @@ class Generation:
                 break
         self._executor_done = True
 
-    def _apply(self, out: pb.SequenceOutput) -> ChoiceDelta | None:
+    def _apply(self, out: Output) -> ChoiceDelta | None:
+        if isinstance(out, ColumnToken):
+            return self._apply_token(out.index, out.token)
         if out.rejected:
             self._executor_done = True
             raise APIError(out.error or "The executor rejected the request.")
@@ -169,6 +173,24 @@ class Generation:
         if not text and not logprobs and self.finish_reasons[i] is None:
             return None
         return ChoiceDelta(i, text, self.finish_reasons[i], logprobs)
+
+    def _apply_token(self, i: int, token: int) -> ChoiceDelta | None:
+        """`_apply` for a column entry (most tokens): one plain token of a running choice, no
+        finish, logprobs or error. Its usage counts are those of the request's last full output,
+        which `_apply` has read already (a stream delivers in the engine's order), so they change
+        nothing here."""
+        if i >= self.n or self.finish_reasons[i] is not None:
+            return None  # a choice already cut by a stop string: the executor ran ahead
+        self.completion_tokens += 1
+        detok = self._detok[i]
+        text = detok.push([token])
+        if detok.stopped:
+            self.finish_reasons[i] = "stop"
+            if self._cut_alone:
+                self._cut.append(i)
+        elif not text:
+            return None
+        return ChoiceDelta(i, text, self.finish_reasons[i])
 
     def _logprobs(self, out: pb.SequenceOutput) -> list[TokenInfo]:
         text = self._tokenizer.token_text
