@@ -86,7 +86,7 @@ class ExecutorClient:
         self._outbox: asyncio.Queue[pb.ServeRequest | None] | None = None
         self._batches = False  # the executor of the open stream reads generate batches
         self._connected = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         # Unique across gateway processes and restarts: the executor serves several gateways.
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self._counter = itertools.count()
@@ -160,7 +160,9 @@ class ExecutorClient:
         choice = pb.ChoiceAbort(request_id=request_id, indices=indices)
         self._outbox.put_nowait(pb.ServeRequest(abort=pb.AbortRequest(choices=[choice])))
 
-    async def _outgoing(self, outbox: asyncio.Queue) -> AsyncIterator[pb.ServeRequest]:
+    async def _outgoing(
+        self, outbox: asyncio.Queue[pb.ServeRequest | None]
+    ) -> AsyncIterator[pb.ServeRequest]:
         while True:
             msg = await outbox.get()
             if msg is None:
@@ -171,7 +173,7 @@ class ExecutorClient:
             # Everything queued meanwhile goes out now, runs of generate requests as one batch:
             # each message is a write the stream awaits, and a burst's requests queued behind
             # one another's writes (~30 ms at the p50 of a 128-request burst, H200 host).
-            queued = [msg]
+            queued: list[pb.ServeRequest | None] = [msg]
             while not outbox.empty():
                 queued.append(outbox.get_nowait())
             for out in pack_generates(queued):

@@ -9,7 +9,7 @@ and the token counts that go into `usage`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from pagemesh.proto import executor_pb2 as pb
@@ -105,6 +105,7 @@ class Generation:
         self._cut_alone = self.n > 1 and not request.params.use_beam_search
         self._cut: list[int] = []
         self._stream: RequestStream = client.submit(request)
+        self._iter: AsyncGenerator[list[ChoiceDelta], None] | None = None  # by first_step
 
     @property
     def finished(self) -> bool:
@@ -123,10 +124,12 @@ class Generation:
             return []
 
     async def steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """The deltas of the steps after the first."""
+        assert self._iter is not None, "first_step() comes first"
         async for deltas in self._iter:
             yield deltas
 
-    async def _steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+    async def _steps(self) -> AsyncGenerator[list[ChoiceDelta], None]:
         async for outputs in self._stream:
             deltas = [d for out in outputs if (d := self._apply(out)) is not None]
             if self.finished and not self._stream.done:
@@ -205,6 +208,6 @@ class Generation:
         if not self._executor_done and not self._stream.done:
             self._client.abort(self.request_id)
         self._executor_done = True
-        if hasattr(self, "_iter"):
+        if self._iter is not None:
             with contextlib.suppress(Exception):
                 await self._iter.aclose()
