@@ -45,7 +45,9 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
 
 
-async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
     async for request in requests:
         await _refuse_undecodable(request, context)
         yield request
@@ -70,37 +72,51 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             return await inner_su(_checked(requests, ctx), ctx)
 
         return handler._replace(request_deserializer=decode, stream_unary=stream_unary)
-    # Streamed replies: a handler is either an async generator or a coroutine that writes with
-    # context.write (grpc.aio allows either, never both): the wrapper is of the same kind.
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-        if inspect.isasyncgenfunction(inner_us):
+        return handler._replace(
+            request_deserializer=decode, unary_stream=_unary_stream(handler.unary_stream)
+        )
+    return handler._replace(
+        request_deserializer=decode, stream_stream=_stream_stream(handler.stream_stream)
+    )
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _refuse_undecodable(request, context)
-                async for reply in inner_us(request, context):
-                    yield reply
 
-        else:
+# Streamed replies: a handler is either an async generator or a coroutine that writes with
+# context.write (grpc.aio allows either, never both): the wrapper is of the same kind. The two
+# kinds have their own names: mypy refuses one name defined with two signatures in an if's
+# branches.
+def _unary_stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(inner):
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _refuse_undecodable(request, context)
-                return await inner_us(request, context)
-
-        return handler._replace(request_deserializer=decode, unary_stream=unary_stream)
-    inner_ss = handler.stream_stream
-    if inspect.isasyncgenfunction(inner_ss):
-
-        async def stream_stream(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
-            async for reply in inner_ss(_checked(requests, ctx), ctx):
+        async def replies(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await _refuse_undecodable(request, context)
+            async for reply in inner(request, context):
                 yield reply
 
-    else:
+        return replies
 
-        async def stream_stream(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
-            return await inner_ss(_checked(requests, ctx), ctx)
+    async def writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _refuse_undecodable(request, context)
+        return await inner(request, context)
 
-    return handler._replace(request_deserializer=decode, stream_stream=stream_stream)
+    return writes
+
+
+def _stream_stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(inner):
+
+        async def replies(
+            requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async for reply in inner(_checked(requests, ctx), ctx):
+                yield reply
+
+        return replies
+
+    async def writes(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+        return await inner(_checked(requests, ctx), ctx)
+
+    return writes
 
 
 class DecodeErrorsAsInvalidArgument(grpc.aio.ServerInterceptor):

@@ -47,8 +47,8 @@ class RedisProcess:
     appendonly: bool = True
     host: str = "127.0.0.1"
     log_path: Path | None = None
-    proc: subprocess.Popen | None = field(default=None, init=False)
-    _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not self.port:

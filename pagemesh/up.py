@@ -34,7 +34,7 @@ MAX_BACKOFF = 30.0
 MAX_START_FAILURES = 3
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("up", help="run Redis, kvmanager, an executor and the gateway")
     add_option(p, "--model", "SmolLM2-135M-Instruct", "HF directory, hub id or .gguf file")
     add_option(p, "--model-name", "", "model id for clients (default: from the model)")
@@ -88,7 +88,7 @@ class Service:
     restarts: int = 0
     ever_healthy: bool = False
     started_at: float = 0.0
-    pump: asyncio.Task | None = field(default=None, repr=False)
+    pump: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Supervisor:
@@ -97,7 +97,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.services: list[Service] = []
         self.stopping = asyncio.Event()
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: list[asyncio.Task[None]] = []
 
     async def _spawn(self, svc: Service) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

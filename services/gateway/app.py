@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pagemesh.services.gateway.chat import PromptError, Tokenizer
 from pagemesh.services.gateway.errors import APIError, invalid
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
-from pagemesh.services.gateway.generation import Generation, TokenInfo, build_request
+from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import GatewayMetrics
 from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
@@ -76,7 +77,7 @@ class Gateway:
         self.created = int(time.time())
         self.in_flight = 0
         self.trace = RequestTrace(config.trace_requests) if config.trace_requests else None
-        self._prepare_task: asyncio.Task | None = None
+        self._prepare_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -165,7 +166,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ).response()
 
 
-def auth_middleware(keys: list[str]) -> Callable:
+def auth_middleware(keys: list[str]) -> Middleware:
     encoded = [k.encode() for k in keys]
 
     @web.middleware
@@ -319,7 +320,7 @@ async def _generate(
 
 
 async def _collect(
-    gen: Generation, first: list, fmt: ChatFormatter | CompletionFormatter
+    gen: Generation, first: list[ChoiceDelta], fmt: ChatFormatter | CompletionFormatter
 ) -> web.Response:
     logprobs: list[list[TokenInfo]] = [[] for _ in range(gen.n)]
     for delta in first:
@@ -333,7 +334,7 @@ async def _collect(
 async def _stream(
     request: web.Request,
     gen: Generation,
-    first: list,
+    first: list[ChoiceDelta],
     fmt: ChatFormatter | CompletionFormatter,
     times: RequestTimes,
 ) -> web.StreamResponse:
@@ -427,6 +428,6 @@ def create_app(config: GatewayConfig) -> web.Application:
     return app
 
 
-def _log_prepare_failure(task: asyncio.Task) -> None:
+def _log_prepare_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("gateway could not start serving", exc_info=task.exception())

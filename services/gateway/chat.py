@@ -160,8 +160,8 @@ class Tokenizer:
                 missing.append(segment)
             else:
                 found[segment] = seg_ids
-        for segment, seg_ids in zip(missing, self._encode_many(missing), strict=True):
-            found[segment] = array("I", seg_ids)  # ids are u32 in tokenizers
+        for segment, new_ids in zip(missing, self._encode_many(missing), strict=True):
+            found[segment] = array("I", new_ids)  # ids are u32 in tokenizers
             if cache:
                 self._segments.put(segment, found[segment])
         ids: list[int] = []

@@ -16,7 +16,7 @@ from pagemesh.env import add_option, env_default
 DEFAULT_EXECUTOR = "127.0.0.1:50052"
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     add_option(p, "--host", "127.0.0.1", "address to bind (0.0.0.0 to serve other hosts)")
     add_option(p, "--port", 8000, "HTTP port", int)

@@ -2,9 +2,9 @@
 
 Every HTTP request becomes a GenerateRequest written up the shared stream; every StepOutput that
 comes down holds the new tokens of all this gateway's requests for one scheduler step and is
-fanned out here to per-request queues. That keeps the token path at one gRPC message per step.
-A step's plain one-token outputs come as packed columns (proto/executor.proto); `_dispatch`
-turns them back into SequenceOutputs, so a RequestStream sees the same messages either way.
+fanned out to per-request streams (request_stream.py). That keeps the token path at one gRPC
+message per step. A step's plain one-token outputs come as packed columns
+(proto/executor.proto), which reach a RequestStream as ColumnTokens (outputs.py).
 
 If the stream breaks (executor restart), every request in flight fails with
 `ExecutorUnavailable` and the stream is reopened in the background.
@@ -24,6 +24,10 @@ import grpc
 from pagemesh.proto import executor_pb2 as pb
 from pagemesh.proto import executor_pb2_grpc as pb_grpc
 from pagemesh.proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
+from pagemesh.services.gateway.request_stream import RequestStream, fan_out
+
+# RequestStream is part of this module's API (submit returns one): callers import it from here.
+__all__ = ["ExecutorClient", "ExecutorUnavailable", "RequestStream", "pack_generates"]
 
 log = logging.getLogger("pagemesh.gateway.executor")
 
@@ -70,45 +74,6 @@ class ExecutorUnavailable(Exception):
     """The executor cannot be reached or its stream broke while the request was in flight."""
 
 
-class RequestStream:
-    """The outputs of one request: one list of SequenceOutputs per scheduler step."""
-
-    def __init__(self, request_id: str, n: int) -> None:
-        self.request_id = request_id
-        self._queue: asyncio.Queue[list[pb.SequenceOutput] | BaseException] = asyncio.Queue()
-        self._open_choices = set(range(n))
-        self.done = False
-        # What the request's columnar outputs carry besides index and token (executor.proto):
-        # its id and the usage counts of its last full output; each one starts as a copy.
-        self._column_base = pb.SequenceOutput(request_id=request_id)
-
-    def _deliver(self, outputs: list[pb.SequenceOutput]) -> None:
-        for out in outputs:
-            if out.finish_reason != pb.FINISH_NONE:
-                self._open_choices.discard(out.index)
-            if out.rejected:
-                self._open_choices.clear()
-        if not self._open_choices:
-            self.done = True
-        self._queue.put_nowait(outputs)
-
-    def _fail(self, exc: BaseException) -> None:
-        self.done = True
-        self._queue.put_nowait(exc)
-
-    def __aiter__(self) -> AsyncIterator[list[pb.SequenceOutput]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[list[pb.SequenceOutput]]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if self.done and self._queue.empty():
-                return
-
-
 class ExecutorClient:
     def __init__(self, address: str) -> None:
         self.address = address
@@ -121,7 +86,7 @@ class ExecutorClient:
         self._outbox: asyncio.Queue[pb.ServeRequest | None] | None = None
         self._batches = False  # the executor of the open stream reads generate batches
         self._connected = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         # Unique across gateway processes and restarts: the executor serves several gateways.
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self._counter = itertools.count()
@@ -195,7 +160,9 @@ class ExecutorClient:
         choice = pb.ChoiceAbort(request_id=request_id, indices=indices)
         self._outbox.put_nowait(pb.ServeRequest(abort=pb.AbortRequest(choices=[choice])))
 
-    async def _outgoing(self, outbox: asyncio.Queue) -> AsyncIterator[pb.ServeRequest]:
+    async def _outgoing(
+        self, outbox: asyncio.Queue[pb.ServeRequest | None]
+    ) -> AsyncIterator[pb.ServeRequest]:
         while True:
             msg = await outbox.get()
             if msg is None:
@@ -206,7 +173,7 @@ class ExecutorClient:
             # Everything queued meanwhile goes out now, runs of generate requests as one batch:
             # each message is a write the stream awaits, and a burst's requests queued behind
             # one another's writes (~30 ms at the p50 of a 128-request burst, H200 host).
-            queued = [msg]
+            queued: list[pb.ServeRequest | None] = [msg]
             while not outbox.empty():
                 queued.append(outbox.get_nowait())
             for out in pack_generates(queued):
@@ -250,36 +217,7 @@ class ExecutorClient:
             backoff = min(backoff * 2, 5.0)
 
     def _dispatch(self, step: pb.StepOutput) -> None:
-        by_request: dict[str, list[pb.SequenceOutput]] = {}
-        streams = self._streams
-        # The token columns first: the executor puts none of a request's outputs there after a
-        # full one of the same step, so this keeps each request's order.
-        for rid, index, token in zip(
-            step.token_request_ids, step.token_indices, step.token_ids, strict=True
-        ):
-            stream = streams.get(rid)
-            if stream is None:  # aborted here already; late outputs are dropped
-                continue
-            out = pb.SequenceOutput()
-            out.CopyFrom(stream._column_base)  # faster than building it from keywords
-            out.index = index
-            out.token_ids.append(token)
-            by_request.setdefault(rid, []).append(out)
-        for out in step.outputs:
-            rid = out.request_id
-            stream = streams.get(rid)
-            if stream is None:
-                continue
-            # Set after this step's columns were read, as the executor does.
-            base = stream._column_base
-            base.num_prompt_tokens = out.num_prompt_tokens
-            base.num_cached_tokens = out.num_cached_tokens
-            by_request.setdefault(rid, []).append(out)
-        for request_id, outputs in by_request.items():
-            stream = streams[request_id]
-            stream._deliver(outputs)
-            if stream.done:
-                del streams[request_id]
+        fan_out(step, self._streams)
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -9,7 +9,7 @@ and the token counts that go into `usage`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from pagemesh.proto import executor_pb2 as pb
@@ -18,7 +18,9 @@ from pagemesh.services.gateway.beam import apply_beam
 from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.detokenizer import Detokenizer
 from pagemesh.services.gateway.errors import APIError
-from pagemesh.services.gateway.executor_client import ExecutorClient, RequestStream
+from pagemesh.services.gateway.executor_client import ExecutorClient
+from pagemesh.services.gateway.outputs import ColumnToken, Output
+from pagemesh.services.gateway.request_stream import RequestStream
 from pagemesh.services.gateway.validation import GenerationOptions
 
 FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_ABORT: "abort"}
@@ -103,6 +105,7 @@ class Generation:
         self._cut_alone = self.n > 1 and not request.params.use_beam_search
         self._cut: list[int] = []
         self._stream: RequestStream = client.submit(request)
+        self._iter: AsyncGenerator[list[ChoiceDelta], None] | None = None  # by first_step
 
     @property
     def finished(self) -> bool:
@@ -121,10 +124,12 @@ class Generation:
             return []
 
     async def steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """The deltas of the steps after the first."""
+        assert self._iter is not None, "first_step() comes first"
         async for deltas in self._iter:
             yield deltas
 
-    async def _steps(self) -> AsyncIterator[list[ChoiceDelta]]:
+    async def _steps(self) -> AsyncGenerator[list[ChoiceDelta], None]:
         async for outputs in self._stream:
             deltas = [d for out in outputs if (d := self._apply(out)) is not None]
             if self.finished and not self._stream.done:
@@ -139,7 +144,9 @@ class Generation:
                 break
         self._executor_done = True
 
-    def _apply(self, out: pb.SequenceOutput) -> ChoiceDelta | None:
+    def _apply(self, out: Output) -> ChoiceDelta | None:
+        if isinstance(out, ColumnToken):
+            return self._apply_token(out.index, out.token)
         if out.rejected:
             self._executor_done = True
             raise APIError(out.error or "The executor rejected the request.")
@@ -170,6 +177,24 @@ class Generation:
             return None
         return ChoiceDelta(i, text, self.finish_reasons[i], logprobs)
 
+    def _apply_token(self, i: int, token: int) -> ChoiceDelta | None:
+        """`_apply` for a column entry (most tokens): one plain token of a running choice, no
+        finish, logprobs or error. Its usage counts are those of the request's last full output,
+        which `_apply` has read already (a stream delivers in the engine's order), so they change
+        nothing here."""
+        if i >= self.n or self.finish_reasons[i] is not None:
+            return None  # a choice already cut by a stop string: the executor ran ahead
+        self.completion_tokens += 1
+        detok = self._detok[i]
+        text = detok.push([token])
+        if detok.stopped:
+            self.finish_reasons[i] = "stop"
+            if self._cut_alone:
+                self._cut.append(i)
+        elif not text:
+            return None
+        return ChoiceDelta(i, text, self.finish_reasons[i])
+
     def _logprobs(self, out: pb.SequenceOutput) -> list[TokenInfo]:
         text = self._tokenizer.token_text
         return [
@@ -183,6 +208,6 @@ class Generation:
         if not self._executor_done and not self._stream.done:
             self._client.abort(self.request_id)
         self._executor_done = True
-        if hasattr(self, "_iter"):
+        if self._iter is not None:
             with contextlib.suppress(Exception):
                 await self._iter.aclose()

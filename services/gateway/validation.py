@@ -118,7 +118,7 @@ def _range_error(name: str, value: Any, lo: Any, hi: Any) -> APIError:
     )
 
 
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
     value = body.get(name)
     if value is None:
         return default
@@ -130,7 +130,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
     return float(value)
 
 
-def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+def _integer(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
     value = body.get(name)
     if value is None:
         return default
@@ -143,7 +143,7 @@ def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> in
     return value
 
 
-def _boolean(body: dict, name: str, default: bool) -> bool:
+def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name)
     if value is None:
         return default
@@ -152,7 +152,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def _string(body: dict, name: str, default: str | None) -> str | None:
+def _string(body: dict[str, Any], name: str, default: str | None) -> str | None:
     value = body.get(name)
     if value is None:
         return default
@@ -161,7 +161,7 @@ def _string(body: dict, name: str, default: str | None) -> str | None:
     return value
 
 
-def _model(body: dict) -> str:
+def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if model is None:
         raise invalid("You must provide a model parameter.", param="model", code="missing_required")
@@ -170,7 +170,7 @@ def _model(body: dict) -> str:
     return model
 
 
-def _stop(body: dict, limits: Limits) -> list[str]:
+def _stop(body: dict[str, Any], limits: Limits) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
@@ -194,7 +194,7 @@ def _stop(body: dict, limits: Limits) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     opts = body.get("stream_options")
     if opts is None:
         return False
@@ -212,7 +212,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return value
 
 
-def _common_options(body: dict, limits: Limits) -> GenerationOptions:
+def _common_options(body: dict[str, Any], limits: Limits) -> GenerationOptions:
     max_tokens = _integer(body, "max_completion_tokens", None, 1, limits.max_tokens)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", None, 1, limits.max_tokens)
@@ -241,7 +241,7 @@ def _common_options(body: dict, limits: Limits) -> GenerationOptions:
     return options
 
 
-def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
+def _logit_bias(body: dict[str, Any], limits: Limits) -> dict[int, float]:
     """OpenAI's logit_bias: an object from token ids (as strings: JSON keys) to biases in
     [-100, 100]."""
     value = body.get("logit_bias")
@@ -294,7 +294,7 @@ def _message_text(content: Any, where: str) -> str:
     raise _type_error(where, "a string or an array of content parts", content)
 
 
-def _messages(body: dict, limits: Limits) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
     messages = body.get("messages")
     if messages is None:
         raise invalid(
@@ -341,7 +341,7 @@ def _messages(body: dict, limits: Limits) -> list[dict[str, str]]:
     return out
 
 
-def _reject_unsupported(body: dict) -> None:
+def _reject_unsupported(body: dict[str, Any]) -> None:
     for name in ("tools", "functions"):
         if body.get(name):
             raise invalid(f"'{name}' is not supported by this server.", param=name)
@@ -357,7 +357,7 @@ def _reject_unsupported(body: dict) -> None:
         )
 
 
-def parse_chat(body: dict, limits: Limits) -> ChatRequest:
+def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     model = _model(body)
     messages = _messages(body, limits)
     _reject_unsupported(body)
@@ -377,7 +377,7 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     )
 
 
-def _prompt(body: dict) -> str | list[int]:
+def _prompt(body: dict[str, Any]) -> str | list[int]:
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid(
@@ -404,7 +404,7 @@ def _prompt(body: dict) -> str | list[int]:
     raise _type_error("prompt", "a string or an array of token ids", prompt)
 
 
-def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
+def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
     model = _model(body)
     prompt = _prompt(body)
     stream = _boolean(body, "stream", False)

@@ -1,7 +1,8 @@
 """StepOutput's token columns (proto/executor.proto): the executor's EngineLoop sends a step's
-plain one-token outputs as packed columns, the gateway's ExecutorClient turns them back into
-SequenceOutputs. Every RequestStream must see exactly the messages, in the order, that one full
-SequenceOutput per output gave it."""
+plain one-token outputs as packed columns, the gateway's ExecutorClient hands them to each
+RequestStream as ColumnTokens (no SequenceOutput per token). Every RequestStream must see exactly
+the outputs, in the order, that one full SequenceOutput per output gave it: a ColumnToken is
+compared in the full form it stands for."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from pagemesh.proto import executor_pb2 as pb
 from pagemesh.proto import executor_pb2_grpc as pb_grpc
 from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
 from pagemesh.services.executor.server import EngineLoop, Sink, output_to_proto
+from pagemesh.services.gateway.chat import Tokenizer
+from pagemesh.services.gateway.errors import APIError
 from pagemesh.services.gateway.executor_client import ExecutorClient, RequestStream
+from pagemesh.services.gateway.generation import Generation
+from pagemesh.services.gateway.outputs import ColumnToken, Output
 
 from tests.executor.engine_support import make_engine, tokenizer
 from tests.support.executor_service import executor_service
@@ -34,9 +39,13 @@ def expected(steps: list[list[SequenceOutput]], rids: list[str]) -> Delivered:
     return out
 
 
+def full_form(out: Output) -> pb.SequenceOutput:
+    return out.to_proto() if isinstance(out, ColumnToken) else out
+
+
 async def drain(streams: dict[str, RequestStream]) -> Delivered:
     async def one(stream: RequestStream) -> list[list[pb.SequenceOutput]]:
-        return [outs async for outs in stream]
+        return [[full_form(o) for o in outs] async for outs in stream]
 
     got = await asyncio.wait_for(asyncio.gather(*(one(s) for s in streams.values())), 120)
     return dict(zip(streams, got, strict=True))
@@ -324,3 +333,85 @@ async def test_real_executor_sends_columns_the_gateway_reads_as_before(smollm2_p
     assert columns >= 20 and columns > full
     # Logprobs and single-output requests never go in the columns.
     assert not {"lp", "one"} & {rid for s in wire for rid in s.token_request_ids}
+
+
+async def test_column_entries_arrive_as_column_tokens() -> None:
+    """No SequenceOutput is built for a column entry: the stream gets a ColumnToken, which
+    reads like the full form (the fields a column entry leaves unset included)."""
+    client = ExecutorClient("127.0.0.1:1")
+    stream = register(client, "a", 1)
+    SO = pb.SequenceOutput
+    first = SO(request_id="a", token_ids=[11], num_prompt_tokens=7, num_cached_tokens=3)
+    client._dispatch(pb.StepOutput(outputs=[first]))
+    client._dispatch(pb.StepOutput(token_request_ids=["a"], token_indices=[0], token_ids=[12]))
+    client._dispatch(
+        pb.StepOutput(outputs=[SO(request_id="a", token_ids=[13], finish_reason=pb.FINISH_STOP)])
+    )
+    got = [o async for outs in stream for o in outs]
+    assert [type(o) for o in got] == [SO, ColumnToken, SO]
+    token = got[1]
+    assert (token.index, token.token_ids, token.request_id) == (0, [12], "a")
+    assert (token.num_prompt_tokens, token.num_cached_tokens) == (7, 3)
+    assert token.finish_reason == pb.FINISH_NONE and not token.rejected and not token.error
+    assert not token.logprobs and token.cumulative_logprob == 0.0
+    assert token.to_proto() == SO(
+        request_id="a", token_ids=[12], num_prompt_tokens=7, num_cached_tokens=3
+    )
+
+
+class _Submits:
+    """What Generation needs of an ExecutorClient when it is fed outputs by hand."""
+
+    def submit(self, request: pb.GenerateRequest) -> RequestStream:
+        return RequestStream(request.request_id, max(1, request.params.n))
+
+
+def _read(gen: Generation, outputs: list[Output]) -> list[object]:
+    """What Generation._apply makes of each output, then what it holds after each."""
+    seen: list[object] = []
+    for out in outputs:
+        try:
+            seen.append(gen._apply(out))
+        except APIError as exc:
+            seen.append(("raised", exc.status, str(exc)))
+            break
+        seen.append(
+            (list(gen.finish_reasons), gen.completion_tokens, gen.prompt_tokens, gen.cached_tokens)
+        )
+        seen.append(list(gen._cut))
+    return seen
+
+
+async def test_generation_reads_column_tokens_as_their_full_form(tokenizer: Tokenizer) -> None:
+    """Generation's fast path for ColumnTokens gives the deltas, finishes, stop-string cuts and
+    counts that the full SequenceOutputs they stand for give, output by output."""
+    rng = random.Random(7)
+    loop = EngineLoop(_Engine())
+    gateway = ExecutorClient("127.0.0.1:1")
+    sink = Sink(columnar=True)
+    requests = {f"r{k}": rng.choice([1, 1, 2, 3]) for k in range(30)}
+    stops = {rid: rng.choice([[], ["e"], [" the", "in"]]) for rid in requests}
+    streams = {}
+    for rid, n in requests.items():
+        loop.add(pb.GenerateRequest(request_id=rid, params=pb.SamplingParams(n=n)), sink)
+        streams[rid] = register(gateway, rid, n)
+    for step in _random_steps(rng, requests, 40):
+        loop._route(step)
+        while sink.num_waiting:
+            msg = await sink.take()
+            assert msg is not None
+            gateway._dispatch(pb.StepOutput.FromString(msg.SerializeToString()))
+    delivered = {rid: [o async for outs in stream for o in outs] for rid, stream in streams.items()}
+    tokens = cut = 0
+    for rid, outputs in delivered.items():
+        tokens += sum(isinstance(o, ColumnToken) for o in outputs)
+        request = pb.GenerateRequest(request_id=rid, params=pb.SamplingParams(n=requests[rid]))
+
+        def generation(rid: str = rid, request: pb.GenerateRequest = request) -> Generation:
+            client = _Submits()  # only submit is called: a stand-in for the ExecutorClient
+            return Generation(client, request, [1, 2, 3], tokenizer, stops[rid])  # type: ignore[arg-type]
+
+        got = _read(generation(), outputs)
+        assert got == _read(generation(), [full_form(o) for o in outputs])
+        cut += sum(1 for seen in got if isinstance(seen, list) and seen)
+    assert tokens > 100 and cut > 0  # column tokens, and choices cut alone among them
