@@ -41,6 +41,7 @@ from pagemesh.services.kvmanager.redis_records import (
     encode_seq_meta,
     encode_stats,
     executor_record,
+    int_bytes,
     meta_record,
     seq_fields,
     stale_seq_fields,
@@ -56,14 +57,6 @@ PING_INTERVAL = 1.0  # seconds: how soon an idle kvmanager notices Redis going o
 # So a flush waits until no call came for QUIET_S, for at most MAX_DEFER_S in a row.
 QUIET_S = 0.002
 MAX_DEFER_S = 0.025
-
-
-def _num(v: bytes | str) -> int:
-    return int(v)
-
-
-def _b(v: int) -> bytes:
-    return b"%d" % v
 
 
 @dataclass(slots=True)
@@ -169,7 +162,7 @@ class Persistence:
             self._set_connected(True)
             return False
         for eid_b, n in epochs.items():
-            m.last_epoch[eid_b.decode()] = _num(n)
+            m.last_epoch[eid_b.decode()] = int(n)
         for eid, (d, blocks, seq_states, meta) in per_ex.items():
             ex = m.new_executor(
                 eid, d["epoch"], d["num_blocks"], d["block_size"], d["model_fingerprint"]
@@ -211,8 +204,8 @@ class Persistence:
             if b < ex.num_blocks:
                 ref, stamp, birth, h = decode_block(raw)
                 records.append((b, ref, h, birth, stamp))
-        ex.pool.restore(records, _num(meta.get(b"next_stamp", b"0")))
-        ex.pool.evictions = _num(meta.get(b"evictions", b"0"))
+        ex.pool.restore(records, int(meta.get(b"next_stamp", b"0")))
+        ex.pool.evictions = int(meta.get(b"evictions", b"0"))
         ex.seqs.update(seqs)
         # Ref counts are persisted, and they agree with the tables (each batch is atomic); if
         # they ever did not, the tables are the truth.
@@ -405,7 +398,7 @@ class Persistence:
             ex = m.executors[eid]
             e = eid.encode()
             batch.hset(keys.top("executors"), {e: executor_record(ex)})
-            batch.hset(keys.top("epochs"), {e: _b(m.last_epoch[eid])})
+            batch.hset(keys.top("epochs"), {e: int_bytes(m.last_epoch[eid])})
             batch.hset(keys.epoch(eid, ex.epoch, "meta"), meta_record(ex))
         for ex in m.executors.values():
             ch = changes.of(ex)
@@ -466,7 +459,7 @@ class Persistence:
         batch = Batch()
         batch.delete(*[k for k in found if k not in keep])
         batch.delete(keys.top("executors"), keys.top("stats"))
-        batch.hset(keys.top("epochs"), {e.encode(): _b(n) for e, n in m.last_epoch.items()})
+        batch.hset(keys.top("epochs"), {e.encode(): int_bytes(n) for e, n in m.last_epoch.items()})
         for ex in m.executors.values():
             pool = ex.pool
             eid, epoch = ex.executor_id, ex.epoch

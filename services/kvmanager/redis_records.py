@@ -83,7 +83,10 @@ def executor_record(ex: ExecutorState) -> bytes:
 
 
 def meta_record(ex: ExecutorState) -> dict[bytes, bytes]:
-    return {b"next_stamp": _b(ex.pool.next_stamp), b"evictions": _b(ex.pool.evictions)}
+    return {
+        b"next_stamp": int_bytes(ex.pool.next_stamp),
+        b"evictions": int_bytes(ex.pool.evictions),
+    }
 
 
 def encode_seq_meta(s: SeqState) -> bytes:
@@ -154,8 +157,8 @@ def decode_stats(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int, int, int]
     return out
 
 
-def _b(v: int | str) -> bytes:
-    return v.encode() if isinstance(v, str) else b"%d" % v
+def int_bytes(v: int) -> bytes:
+    return b"%d" % v
 
 
 class Batch:
