@@ -18,10 +18,10 @@ from pagemesh.services.kvmanager.events import (
     BLOCKS,
     EXECUTOR_REGISTERED,
     HASH_REMOVED,
-    SEQ_GREW,
-    SEQ_REMOVED,
     SEQ_REPLACED,
     SEQ_STORED,
+    SEQS_GREW,
+    SEQS_REMOVED,
     Event,
     take,
 )
@@ -55,30 +55,38 @@ class ExecutorChanges:
 
     def fold(self, events: list[Event]) -> None:
         blocks, hashes, seqs = self.blocks, self.hashes, self.seqs
-        for kind, x in events:
+        for kind, x in events:  # the most frequent kinds first
             if kind == BLOCK:
                 blocks.add(x)
             elif kind == BLOCKS:
                 blocks.update(x)
+            elif kind == SEQS_GREW:
+                seqs.update(x)
             elif kind == BLOCK_STORED:
                 blocks.add(x[0])
                 hashes.add(x[1])
+            elif kind == SEQ_STORED:
+                seqs.add(x)
             elif kind == HASH_REMOVED:
                 hashes.add(x)
-            elif kind in (SEQ_GREW, SEQ_STORED):
-                seqs.add(x)
+            elif kind == SEQS_REMOVED:
+                seqs.update(x)
+                for sid in x:
+                    self._released(sid)
             elif kind == SEQ_REPLACED:
                 sid, first = x
                 seqs.add(sid)
                 if first < self.replaced_from.get(sid, NOT_REPLACED):
                     self.replaced_from[sid] = first
-            elif kind == SEQ_REMOVED:
-                seqs.add(x)
-                self.replaced_from.pop(x, None)
-                held = self.held.pop(x, None)
-                if held is not None:  # its fields in Redis go (an id may come back meanwhile)
-                    prev = self.released.get(x, (0, 0))
-                    self.released[x] = (max(prev[0], held[0]), max(prev[1], held[1]))
+
+    def _released(self, sid: str) -> None:
+        """What Redis holds of a released sequence goes (its id may be allocated again before
+        the next batch: that one is written whole, after these fields are deleted)."""
+        self.replaced_from.pop(sid, None)
+        held = self.held.pop(sid, None)
+        if held is not None:
+            prev = self.released.get(sid, (0, 0))
+            self.released[sid] = (max(prev[0], held[0]), max(prev[1], held[1]))
 
     @property
     def count(self) -> int:
@@ -126,11 +134,12 @@ class PendingChanges:
                 ch.fold(take(ex.events))
 
     def count(self, m: Manager) -> int:
-        """Changes not yet in a batch (after collecting)."""
+        """Changes not yet in a batch (after collecting, which leaves an account for each
+        current executor epoch and no other)."""
         self.collect(m)
         n = len(self.executors) + len(self.dropped_epochs)
-        for ex in m.executors.values():
-            n += self.of(ex).count
+        for ch in self.per_executor.values():
+            n += ch.count
         return n
 
     def take_registrations(self) -> tuple[set[str], list[tuple[str, int]]]:

@@ -6,7 +6,8 @@ its contents; with no consumer the list is None and nothing is recorded.
 An event names what changed, never the new value: the consumer reads the current values from the
 core when it writes, so a block changed fifty times between two writes is written once, and what
 it writes is the state of one moment. Events are plain `(kind, payload)` tuples, not objects: they
-are recorded on the allocation path (a tuple and an append cost a third of a slotted dataclass).
+are recorded on the allocation path (a tuple and an append cost half a slotted dataclass), and
+a batched call records one event for all its sequences or blocks, not one each.
 
 Per executor (`ExecutorState.events`, shared with its `BlockPool.events`), in order:
   kind            payload           meaning
@@ -17,9 +18,9 @@ Per executor (`ExecutorState.events`, shared with its `BlockPool.events`), in or
   HASH_REMOVED    hash              the hash left the index (its block was evicted; the block's
                                     own change comes as the BLOCK(S) event of the take)
   SEQ_STORED      seq id            a new table (allocate, fork)
-  SEQ_GREW        seq id            blocks appended to its table, or hashes to its chain
+  SEQS_GREW       [seq ids]         blocks appended to their tables, or hashes to their chains
   SEQ_REPLACED    (seq id, index)   copy-on-write replaced table[index:] (blocks may follow)
-  SEQ_REMOVED     seq id            the sequence was released
+  SEQS_REMOVED    [seq ids]         the sequences were released, in that order
 Manager-wide (`Manager.events`):
   EXECUTOR_REGISTERED  (executor id, replaced epoch or 0)
                                     a new epoch; the replaced epoch's state is gone (its events
@@ -40,9 +41,9 @@ class Kind(IntEnum):
     BLOCK_STORED = 2
     HASH_REMOVED = 3
     SEQ_STORED = 4
-    SEQ_GREW = 5
+    SEQS_GREW = 5
     SEQ_REPLACED = 6
-    SEQ_REMOVED = 7
+    SEQS_REMOVED = 7
     EXECUTOR_REGISTERED = 8
 
 
@@ -52,9 +53,9 @@ BLOCKS = Kind.BLOCKS
 BLOCK_STORED = Kind.BLOCK_STORED
 HASH_REMOVED = Kind.HASH_REMOVED
 SEQ_STORED = Kind.SEQ_STORED
-SEQ_GREW = Kind.SEQ_GREW
+SEQS_GREW = Kind.SEQS_GREW
 SEQ_REPLACED = Kind.SEQ_REPLACED
-SEQ_REMOVED = Kind.SEQ_REMOVED
+SEQS_REMOVED = Kind.SEQS_REMOVED
 EXECUTOR_REGISTERED = Kind.EXECUTOR_REGISTERED
 
 # The payload's type depends on the kind (table above); consumers dispatch on the kind first.

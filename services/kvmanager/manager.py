@@ -36,10 +36,10 @@ from pagemesh.services.kvmanager.api import (
 from pagemesh.services.kvmanager.block_pool import BlockPool
 from pagemesh.services.kvmanager.events import (
     EXECUTOR_REGISTERED,
-    SEQ_GREW,
-    SEQ_REMOVED,
     SEQ_REPLACED,
     SEQ_STORED,
+    SEQS_GREW,
+    SEQS_REMOVED,
     Event,
 )
 from pagemesh.services.kvmanager.stats import Residency, Stats
@@ -399,6 +399,7 @@ class Manager:
         updates: dict[str, tuple[int, list[int]]] = {}
         copies: list[tuple[int, int]] = []
         events = ex.events
+        grown: list[str] | None = [] if events is not None else None
         for sid, seq, cows, grow in plan:
             table = seq.blocks
             if cows is None:  # the common case: the table only grows
@@ -407,8 +408,8 @@ class Manager:
                 o += grow
                 table.extend(new)
                 updates[sid] = (first, new)
-                if events is not None:
-                    events.append((SEQ_GREW, sid))
+                if grown is not None:
+                    grown.append(sid)
             else:
                 first = cows[0]
                 for j in cows:
@@ -424,6 +425,8 @@ class Manager:
                 updates[sid] = (first, table[first:])
                 if events is not None:
                     events.append((SEQ_REPLACED, (sid, first)))
+        if events is not None and grown:
+            events.append((SEQS_GREW, grown))
         return updates, copies
 
     @staticmethod
@@ -488,11 +491,10 @@ class Manager:
                 pending.append(h)
             plan.append((b, h))
         now = time.time()
-        events = ex.events
         for sid, hs in new_hashes.items():
             ex.seqs[sid].hashes.extend(hs)
-            if events is not None:
-                events.append((SEQ_GREW, sid))
+        if new_hashes and ex.events is not None:
+            ex.events.append((SEQS_GREW, list(new_hashes)))
         return sum(pool.publish(b, h, now) for b, h in plan)
 
     def fork(
@@ -544,15 +546,14 @@ class Manager:
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidRequest("release: a sequence id appears twice")
         pool = ex.pool
-        events = ex.events
         for sid in seq_ids:
             seq = seqs.pop(sid)
             # Tail first: the LRU queue then evicts a chain from its end, keeping shared
             # prefixes (more likely reused) longest.
             for b in reversed(seq.blocks):
                 pool.decref(b)
-            if events is not None:
-                events.append((SEQ_REMOVED, sid))
+        if seq_ids and ex.events is not None:
+            ex.events.append((SEQS_REMOVED, list(seq_ids)))
         return len(seq_ids)
 
     def match(

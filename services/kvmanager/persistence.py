@@ -391,9 +391,11 @@ class Persistence:
         m, keys, changes = self.m, self.keys, self.changes
         changes.collect(m)
         batch = Batch()
-        registered, dropped = changes.take_registrations()
-        for eid, epoch in dropped:
-            batch.delete(*keys.epoch_keys(eid, epoch))
+        registered: set[str] = set()
+        if changes.executors or changes.dropped_epochs:
+            registered, dropped = changes.take_registrations()
+            for eid, epoch in dropped:
+                batch.delete(*keys.epoch_keys(eid, epoch))
         for eid in registered:
             ex = m.executors[eid]
             e = eid.encode()

@@ -60,7 +60,7 @@ async def test_events_name_every_change() -> None:
                 assert _first_difference(blocks0, blocks1) >= lo
                 assert hashes1[: len(hashes0)] == hashes0  # chains only grow
     assert {events.BLOCK, events.BLOCKS, events.BLOCK_STORED, events.HASH_REMOVED} <= seen
-    assert {events.SEQ_STORED, events.SEQ_GREW, events.SEQ_REPLACED, events.SEQ_REMOVED} <= seen
+    assert {events.SEQ_STORED, events.SEQS_GREW, events.SEQ_REPLACED, events.SEQS_REMOVED} <= seen
 
 
 async def test_registrations_and_nothing_without_a_consumer() -> None:
