@@ -25,22 +25,20 @@ class RegisterExecutorResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "seq_id", "token_ids", "cache_salt", "num_lookahead_tokens", "token_data")
+    __slots__ = ("executor_id", "epoch", "seq_id", "cache_salt", "num_lookahead_tokens", "token_data")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     NUM_LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_DATA_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     seq_id: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
     cache_salt: str
     num_lookahead_tokens: int
     token_data: bytes
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ..., token_data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ..., token_data: _Optional[bytes] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("block_ids", "num_cached_tokens")
@@ -50,39 +48,19 @@ class AllocateResponse(_message.Message):
     num_cached_tokens: int
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
-class ExtendEntry(_message.Message):
-    __slots__ = ("seq_id", "num_computed_tokens", "num_tokens")
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    seq_id: str
-    num_computed_tokens: int
-    num_tokens: int
-    def __init__(self, seq_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
-
 class ExtendRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "entries", "seq_ids", "num_computed_tokens", "num_tokens")
+    __slots__ = ("executor_id", "epoch", "seq_ids", "num_computed_tokens", "num_tokens")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
-    entries: _containers.RepeatedCompositeFieldContainer[ExtendEntry]
     seq_ids: _containers.RepeatedScalarFieldContainer[str]
     num_computed_tokens: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ExtendEntry, _Mapping]]] = ..., seq_ids: _Optional[_Iterable[str]] = ..., num_computed_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class BlockCopy(_message.Message):
-    __slots__ = ("src", "dst")
-    SRC_FIELD_NUMBER: _ClassVar[int]
-    DST_FIELD_NUMBER: _ClassVar[int]
-    src: int
-    dst: int
-    def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[str]] = ..., num_computed_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SeqBlocks(_message.Message):
     __slots__ = ("seq_id", "first_index", "block_ids")
@@ -95,50 +73,34 @@ class SeqBlocks(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., first_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExtendResponse(_message.Message):
-    __slots__ = ("updates", "copies", "updated_seq_ids", "first_indices", "update_counts", "update_block_ids", "copy_src", "copy_dst")
-    UPDATES_FIELD_NUMBER: _ClassVar[int]
-    COPIES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("updated_seq_ids", "first_indices", "update_counts", "update_block_ids", "copy_src", "copy_dst")
     UPDATED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_INDICES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     COPY_SRC_FIELD_NUMBER: _ClassVar[int]
     COPY_DST_FIELD_NUMBER: _ClassVar[int]
-    updates: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
-    copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
     updated_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     first_indices: _containers.RepeatedScalarFieldContainer[int]
     update_counts: _containers.RepeatedScalarFieldContainer[int]
     update_block_ids: _containers.RepeatedScalarFieldContainer[int]
     copy_src: _containers.RepeatedScalarFieldContainer[int]
     copy_dst: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, updates: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., updated_seq_ids: _Optional[_Iterable[str]] = ..., first_indices: _Optional[_Iterable[int]] = ..., update_counts: _Optional[_Iterable[int]] = ..., update_block_ids: _Optional[_Iterable[int]] = ..., copy_src: _Optional[_Iterable[int]] = ..., copy_dst: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class CommitEntry(_message.Message):
-    __slots__ = ("seq_id", "block_index", "token_ids")
-    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    seq_id: str
-    block_index: int
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[str] = ..., block_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, updated_seq_ids: _Optional[_Iterable[str]] = ..., first_indices: _Optional[_Iterable[int]] = ..., update_counts: _Optional[_Iterable[int]] = ..., update_block_ids: _Optional[_Iterable[int]] = ..., copy_src: _Optional[_Iterable[int]] = ..., copy_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "entries", "seq_ids", "block_indices", "token_ids")
+    __slots__ = ("executor_id", "epoch", "seq_ids", "block_indices", "token_ids")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
-    entries: _containers.RepeatedCompositeFieldContainer[CommitEntry]
     seq_ids: _containers.RepeatedScalarFieldContainer[str]
     block_indices: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[CommitEntry, _Mapping]]] = ..., seq_ids: _Optional[_Iterable[str]] = ..., block_indices: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[str]] = ..., block_indices: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("num_published",)

@@ -12,6 +12,9 @@ Every operation is O(1) (a bulk take is O(n) for n blocks); eviction pops the LR
 
 `stamp[b]` orders the queues: each block gets the next stamp when it enters `free` or `cached`,
 so persistence can restore the exact queue order by sorting on it.
+
+With an `events` list (events.py), every transition records what it changed (BLOCK, BLOCKS,
+BLOCK_STORED, HASH_REMOVED) for a consumer to take; None records nothing.
 """
 
 from __future__ import annotations
@@ -21,15 +24,22 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pagemesh.services.kvmanager.events import (
+    BLOCK,
+    BLOCK_STORED,
+    BLOCKS,
+    HASH_REMOVED,
+    Event,
+)
+
 
 @dataclass(slots=True)
 class BlockPool:
     num_blocks: int
     # Called with a block's age (seconds since its hash was published) when it is evicted.
     on_evict: Callable[[float], None] | None = None
-    # Persistence hooks: block ids / hashes changed since the last flush (None: not tracked).
-    dirty_blocks: set[int] | None = None
-    dirty_hashes: set[bytes] | None = None
+    # Change events for a consumer to take (events.py); None: not recorded.
+    events: list[Event] | None = None
     ref: list[int] = field(init=False)
     hash: list[bytes | None] = field(init=False)
     birth: list[float] = field(init=False)  # wall-clock time the hash was published
@@ -80,8 +90,8 @@ class BlockPool:
             b = self.cached.popitem(last=False)[0]
             self._evict(b)
         self.ref[b] = 1
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.add(b)
+        if self.events is not None:
+            self.events.append((BLOCK, b))
         return b
 
     def take_many(self, n: int) -> list[int]:
@@ -97,8 +107,8 @@ class BlockPool:
         ref = self.ref
         for b in out:
             ref[b] = 1
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.update(out)
+        if self.events is not None:
+            self.events.append((BLOCKS, out[:]))  # a copy: `out` is the caller's
         return out
 
     def _evict(self, b: int) -> None:
@@ -109,8 +119,8 @@ class BlockPool:
         self.evictions += 1
         if self.on_evict is not None:
             self.on_evict(time.time() - self.birth[b])
-        if self.dirty_hashes is not None:
-            self.dirty_hashes.add(h)
+        if self.events is not None:
+            self.events.append((HASH_REMOVED, h))
 
     def take_hits(self, blocks: list[int]) -> None:
         """Prefix hits: one more reference on each indexed block (in use or cached)."""
@@ -120,15 +130,15 @@ class BlockPool:
             if r == 0:
                 del cached[b]
             ref[b] = r + 1
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.update(blocks)
+        if self.events is not None:
+            self.events.append((BLOCKS, blocks[:]))  # a copy: `blocks` is the caller's
 
     def incref(self, b: int) -> None:
         """Another table shares an in-use block (fork)."""
         assert self.ref[b] > 0
         self.ref[b] += 1
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.add(b)
+        if self.events is not None:
+            self.events.append((BLOCK, b))
 
     def decref(self, b: int) -> None:
         r = self.ref[b] - 1
@@ -141,8 +151,8 @@ class BlockPool:
                 self.free.append(b)
             else:
                 self.cached[b] = None  # most recently used end
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.add(b)
+        if self.events is not None:
+            self.events.append((BLOCK, b))
 
     def publish(self, b: int, h: bytes, now: float) -> bool:
         """Index an in-use, fully written block under `h`. False when the block is already hashed
@@ -153,9 +163,8 @@ class BlockPool:
         self.index[h] = b
         self.hash[b] = h
         self.birth[b] = now
-        if self.dirty_blocks is not None:
-            self.dirty_blocks.add(b)
-            self.dirty_hashes.add(h)  # type: ignore[union-attr]
+        if self.events is not None:
+            self.events.append((BLOCK_STORED, (b, h)))
         return True
 
     # -- restore and checks ---------------------------------------------------------------------

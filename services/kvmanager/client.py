@@ -4,8 +4,8 @@ Same semantics and errors as the in-process allocator (services/kvmanager/local.
 - The hot calls (allocate, extend, commit, fork, release) go over one long-lived `Session`
   stream by default: a stream message costs about half a unary call on loopback. Unary calls
   remain (`use_session=False`, and for register/match/stats); both behave the same.
-- Batched calls use the columnar message forms (parallel packed lists instead of one message per
-  sequence): a 256-sequence Extend costs tens of microseconds to encode instead of hundreds.
+- Messages are filled and read by wire.py (columnar batches, packed prompts), whose other end
+  is the server's.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from pagemesh.proto import kvmanager_pb2 as pb
 from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
+from pagemesh.services.kvmanager import wire
 from pagemesh.services.kvmanager.api import (
     AdmitEntry,
     Allocation,
@@ -26,26 +29,8 @@ from pagemesh.services.kvmanager.api import (
     ExtendEntry,
     ExtendResult,
     InvalidRequest,
-    OutOfBlocks,
-    SequenceTooLarge,
-    StaleEpoch,
     StepResult,
-    TableUpdate,
-    UnknownSequence,
 )
-from pagemesh.services.kvmanager.hashing import token_bytes
-
-_ERRORS: dict[grpc.StatusCode, type[AllocatorError]] = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED: OutOfBlocks,
-    grpc.StatusCode.NOT_FOUND: UnknownSequence,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
-    grpc.StatusCode.OUT_OF_RANGE: SequenceTooLarge,
-    grpc.StatusCode.FAILED_PRECONDITION: StaleEpoch,
-    grpc.StatusCode.UNAVAILABLE: AllocatorUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: AllocatorUnavailable,
-}
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -55,16 +40,10 @@ CHANNEL_OPTIONS = [
 
 
 def error_from(e: grpc.aio.AioRpcError) -> AllocatorError:
-    cls = _ERRORS.get(e.code(), AllocatorError)
-    return cls(f"kvmanager: {e.details() or e.code().name}")
+    return wire.error_from_status(e.code(), e.details())
 
 
-def _session_error(err: pb.CallError) -> AllocatorError:
-    code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
-    return _ERRORS.get(code, AllocatorError)(f"kvmanager: {err.message or code.name}")
-
-
-def _fill(fill: Callable[[object], None], msg) -> None:
+def _fill(fill: Callable[[Any], None], msg: Message) -> None:
     """Runs a request builder; values protobuf rejects (ids >= 2**32, negatives) are the
     caller's error, raised as InvalidRequest like the in-process allocator does."""
     try:
@@ -83,7 +62,7 @@ class _Session:
     def __init__(self, stub: pb_grpc.KVManagerStub, timeout: float) -> None:
         self.stub = stub
         self.timeout = timeout
-        self.call = None
+        self.call: grpc.aio.StreamStreamCall | None = None
         self.reader: asyncio.Task | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
@@ -117,7 +96,7 @@ class _Session:
         if fut is not None and not fut.done():
             fut.set_exception(AllocatorUnavailable(f"kvmanager: no reply in {self.timeout}s"))
 
-    async def _read(self, call) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         err: AllocatorError = AllocatorUnavailable("kvmanager session closed")
         try:
             while True:
@@ -164,14 +143,17 @@ class KVManagerClient:
         self.stub = pb_grpc.KVManagerStub(self.channel)
         self._session = _Session(self.stub, timeout)
 
-    async def _call(self, method, request):
+    async def _call(self, method: Any, request: Message) -> Any:
+        """A unary call (`method`: a stub method; grpc is untyped, and so is its reply)."""
         try:
             return await method(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise error_from(e) from e
 
-    async def _hot(self, kind: str, fill: Callable[[object], None]):
-        """A hot call over the session (or unary): `fill` sets the request's fields."""
+    async def _hot(self, kind: str, fill: Callable[[Any], None]) -> Any:
+        """A hot call over the session (or unary): `fill` sets the fields of the request for
+        `kind` (a SessionRequest oneof name); returns its response. Any: the types depend on
+        `kind`, and each caller knows its own."""
         if self.use_session:
             req = self._session.new_request()
             msg = getattr(req, kind)
@@ -179,7 +161,7 @@ class KVManagerClient:
             _fill(fill, msg)
             reply = await self._session.request(req)
             if reply.HasField("error"):
-                raise _session_error(reply.error)
+                raise wire.error_from_reply(reply.error)
             return getattr(reply, kind)
         msg = getattr(pb, kind.capitalize() + "Request")()
         _fill(fill, msg)
@@ -188,7 +170,7 @@ class KVManagerClient:
     async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
         msg = pb.RegisterExecutorRequest()
 
-        def fill(m) -> None:
+        def fill(m: pb.RegisterExecutorRequest) -> None:
             m.executor_id = self.executor_id
             m.num_blocks = num_blocks
             m.block_size = block_size
@@ -207,54 +189,32 @@ class KVManagerClient:
         cache_salt: str = "",
         num_lookahead_tokens: int = 0,
     ) -> Allocation:
-        def fill(m) -> None:
-            m.executor_id = self.executor_id
-            m.epoch = self.epoch
-            m.seq_id = seq_id
-            m.token_data = token_bytes(token_ids)
-            m.cache_salt = cache_salt
-            m.num_lookahead_tokens = num_lookahead_tokens
+        def fill(m: pb.AllocateRequest) -> None:
+            wire.fill_allocate(
+                m,
+                self.executor_id,
+                self.epoch,
+                seq_id,
+                token_ids,
+                cache_salt,
+                num_lookahead_tokens,
+            )
 
-        r = await self._hot("allocate", fill)
-        return Allocation(list(r.block_ids), r.num_cached_tokens)
-
-    def _fill_extend(self, m, entries: list[ExtendEntry]) -> None:
-        m.executor_id = self.executor_id
-        m.epoch = self.epoch
-        m.seq_ids.extend([e.seq_id for e in entries])
-        m.num_computed_tokens.extend([e.num_computed_tokens for e in entries])
-        m.num_tokens.extend([e.num_tokens for e in entries])
-
-    def _commit_tokens(self, entries: list[CommitEntry]) -> list[int]:
-        tokens: list[int] = []
-        for e in entries:
-            if len(e.token_ids) != self.block_size:  # the flat columnar form cannot tell
-                raise InvalidRequest(
-                    f"commit {e.seq_id!r} block {e.block_index}: {len(e.token_ids)} token ids,"
-                    f" expected {self.block_size}"
-                )
-            tokens.extend(e.token_ids)
-        return tokens
-
-    def _fill_commit(self, m, entries: list[CommitEntry], tokens: list[int]) -> None:
-        m.executor_id = self.executor_id
-        m.epoch = self.epoch
-        m.seq_ids.extend([e.seq_id for e in entries])
-        m.block_indices.extend([e.block_index for e in entries])
-        m.token_ids.extend(tokens)
-
-    def _fill_release(self, m, seq_ids: list[str]) -> None:
-        m.executor_id = self.executor_id
-        m.epoch = self.epoch
-        m.seq_ids.extend(seq_ids)
+        return wire.decode_allocation(await self._hot("allocate", fill))
 
     async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
-        return decode_extend(await self._hot("extend", lambda m: self._fill_extend(m, entries)))
+        def fill(m: pb.ExtendRequest) -> None:
+            wire.fill_extend(m, self.executor_id, self.epoch, entries)
+
+        return wire.decode_extend(await self._hot("extend", fill))
 
     async def commit(self, entries: list[CommitEntry]) -> int:
-        tokens = self._commit_tokens(entries)
-        reply = await self._hot("commit", lambda m: self._fill_commit(m, entries, tokens))
-        return reply.num_published
+        tokens = wire.commit_tokens(entries, self.block_size)
+
+        def fill(m: pb.CommitRequest) -> None:
+            wire.fill_commit(m, self.executor_id, self.epoch, entries, tokens)
+
+        return (await self._hot("commit", fill)).num_published
 
     async def step(
         self,
@@ -264,53 +224,25 @@ class KVManagerClient:
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
     ) -> StepResult:
-        tokens = self._commit_tokens(commits)
+        tokens = wire.commit_tokens(commits, self.block_size)
+        eid, epoch = self.executor_id, self.epoch
 
-        def fill(m) -> None:
+        def fill(m: pb.StepRequest) -> None:
+            # A part is sent only when it has entries: an absent part is not applied.
             if commits:
-                self._fill_commit(m.commit, commits, tokens)
+                wire.fill_commit(m.commit, eid, epoch, commits, tokens)
             if releases:
-                self._fill_release(m.release, releases)
+                wire.fill_release(m.release, eid, epoch, releases)
             if extends:
-                self._fill_extend(m.extend, extends)
-            for a in admits or ():
-                m.allocate.add(
-                    executor_id=self.executor_id,
-                    epoch=self.epoch,
-                    seq_id=a.seq_id,
-                    token_data=a.token_ids
-                    if isinstance(a.token_ids, bytes)
-                    else token_bytes(a.token_ids),
-                    cache_salt=a.cache_salt,
-                    num_lookahead_tokens=a.num_lookahead_tokens,
-                )
-            m.allocate_token_budget = admit_token_budget
+                wire.fill_extend(m.extend, eid, epoch, extends)
+            wire.fill_admits(m, eid, epoch, admits or [], admit_token_budget)
 
-        r = await self._hot("step", fill)
-        result = StepResult()
-        if r.HasField("commit_error"):
-            result.commit_error = _session_error(r.commit_error)
-        else:
-            result.num_published = r.commit.num_published
-        if r.HasField("release_error"):
-            result.release_error = _session_error(r.release_error)
-        else:
-            result.num_released = r.release.num_released
-        if r.HasField("extend_error"):
-            result.extend_error = _session_error(r.extend_error)
-        elif extends:
-            result.extend = decode_extend(r.extend)
-        result.allocations = [
-            Allocation(list(a.block_ids), a.num_cached_tokens) for a in r.allocate
-        ]
-        if r.HasField("allocate_error"):
-            result.allocate_error = _session_error(r.allocate_error)
-        return result
+        return wire.decode_step(await self._hot("step", fill), had_extend=bool(extends))
 
     async def fork(
         self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int
     ) -> dict[str, list[int]]:
-        def fill(m) -> None:
+        def fill(m: pb.ForkRequest) -> None:
             m.executor_id = self.executor_id
             m.epoch = self.epoch
             m.parent_seq_id = parent_seq_id
@@ -321,13 +253,15 @@ class KVManagerClient:
         return {t.seq_id: list(t.block_ids) for t in r.tables}
 
     async def release(self, seq_ids: list[str]) -> int:
-        reply = await self._hot("release", lambda m: self._fill_release(m, seq_ids))
-        return reply.num_released
+        def fill(m: pb.ReleaseRequest) -> None:
+            wire.fill_release(m, self.executor_id, self.epoch, seq_ids)
+
+        return (await self._hot("release", fill)).num_released
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         msg = pb.MatchRequest()
 
-        def fill(m) -> None:
+        def fill(m: pb.MatchRequest) -> None:
             m.token_ids.extend(token_ids)
             m.cache_salt = cache_salt
             m.executor_id = self.executor_id
@@ -348,21 +282,3 @@ class KVManagerClient:
     async def close(self) -> None:
         await self._session.close()
         await self.channel.close()
-
-
-def decode_extend(r: pb.ExtendResponse) -> ExtendResult:
-    """Either response form -> ExtendResult."""
-    if r.updates or r.copies:
-        return ExtendResult(
-            {u.seq_id: TableUpdate(u.first_index, list(u.block_ids)) for u in r.updates},
-            [(c.src, c.dst) for c in r.copies],
-        )
-    if not r.updated_seq_ids and not r.copy_src:
-        return ExtendResult()
-    flat = list(r.update_block_ids)
-    updates = {}
-    o = 0
-    for sid, first, n in zip(r.updated_seq_ids, r.first_indices, r.update_counts, strict=True):
-        updates[sid] = TableUpdate(first, flat[o : o + n])
-        o += n
-    return ExtendResult(updates, list(zip(r.copy_src, r.copy_dst, strict=True)))

@@ -18,6 +18,7 @@ from pagemesh.services.kvmanager.api import (
     TableUpdate,
 )
 from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.step import ExtendChanges, ExtendPart, run_step
 
 
 class LocalAllocator:
@@ -49,21 +50,19 @@ class LocalAllocator:
         )
 
     async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
-        updates, copies = self.manager.extend(
+        return _extend_result(self.manager.extend(*self._extend_part(entries)))
+
+    def _extend_part(self, entries: list[ExtendEntry]) -> ExtendPart:
+        return (
             self.executor_id,
             self.epoch,
             [e.seq_id for e in entries],
             [e.num_computed_tokens for e in entries],
             [e.num_tokens for e in entries],
         )
-        return ExtendResult({s: TableUpdate(f, b) for s, (f, b) in updates.items()}, copies)
 
     async def commit(self, entries: list[CommitEntry]) -> int:
-        return self.manager.commit(
-            self.executor_id,
-            self.epoch,
-            [(e.seq_id, e.block_index, e.token_ids) for e in entries],
-        )
+        return self.manager.commit(self.executor_id, self.epoch, _commit_tuples(entries))
 
     async def fork(
         self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int
@@ -83,30 +82,33 @@ class LocalAllocator:
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
     ) -> StepResult:
-        result = StepResult()
-        if commits:
-            try:
-                result.num_published = await self.commit(commits)
-            except AllocatorError as e:
-                result.commit_error = e
-        if releases:
-            try:
-                result.num_released = await self.release(releases)
-            except AllocatorError as e:
-                result.release_error = e
-        if extends:
-            try:
-                result.extend = await self.extend(extends)
-            except AllocatorError as e:
-                result.extend_error = e
-        if admits:
-            result.allocations, result.allocate_error = self.manager.allocate_many(
-                self.executor_id,
-                self.epoch,
-                [(a.seq_id, a.token_ids, a.cache_salt, a.num_lookahead_tokens) for a in admits],
-                admit_token_budget,
-            )
-        return result
+        eid, epoch = self.executor_id, self.epoch
+        o = run_step(
+            self.manager,
+            commit=(eid, epoch, _commit_tuples(commits)) if commits else None,
+            release=(eid, epoch, releases) if releases else None,
+            extend=self._extend_part(extends) if extends else None,
+            admit=(
+                (
+                    eid,
+                    epoch,
+                    [(a.seq_id, a.token_ids, a.cache_salt, a.num_lookahead_tokens) for a in admits],
+                )
+                if admits
+                else None
+            ),
+            admit_token_budget=admit_token_budget,
+        )
+        return StepResult(
+            num_published=o.num_published,
+            num_released=o.num_released,
+            extend=_extend_result(o.extend) if o.extend is not None else None,
+            commit_error=o.commit_error,
+            release_error=o.release_error,
+            extend_error=o.extend_error,
+            allocations=o.allocations,
+            allocate_error=o.allocate_error,
+        )
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         try:
@@ -116,3 +118,12 @@ class LocalAllocator:
 
     async def close(self) -> None:
         return None
+
+
+def _commit_tuples(entries: list[CommitEntry]) -> list[tuple[str, int, list[int]]]:
+    return [(e.seq_id, e.block_index, e.token_ids) for e in entries]
+
+
+def _extend_result(changes: ExtendChanges) -> ExtendResult:
+    updates, copies = changes
+    return ExtendResult({s: TableUpdate(f, b) for s, (f, b) in updates.items()}, copies)

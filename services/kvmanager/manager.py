@@ -9,6 +9,11 @@ Invariants (tests/kvmanager/test_properties.py checks them after random operatio
 - a table never holds a block twice; a block with ref > 0 is neither free nor cached;
 - seq.hashes is the hash chain of seq.blocks[:len(seq.hashes)] (committed, in order);
 - an executor's state belongs to one epoch; re-registering replaces it entirely.
+
+With `Manager(track_changes=True)` every change is recorded as an event (events.py): per executor
+in `ExecutorState.events` (shared with its pool), registrations in `Manager.events`. The core
+keeps nothing else for whoever mirrors it (persistence.py takes the events and keeps its own
+account of what Redis holds).
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from pagemesh.services.kvmanager.api import (
     UnknownSequence,
 )
 from pagemesh.services.kvmanager.block_pool import BlockPool
+from pagemesh.services.kvmanager.events import (
+    EXECUTOR_REGISTERED,
+    SEQ_REPLACED,
+    SEQ_STORED,
+    SEQS_GREW,
+    SEQS_REMOVED,
+    Event,
+)
 from pagemesh.services.kvmanager.stats import Residency, Stats
 
 MAX_BLOCK_SIZE = 4096
@@ -41,13 +54,6 @@ class SeqState:
     tenant: str  # salt digest, for stats
     blocks: list[int]
     hashes: list[bytes]  # chain hashes of blocks[:len(hashes)], the committed prefix
-    # Persistence bookkeeping, so a flush writes only what changed (tables only grow, except
-    # copy-on-write replacements, and hashes only grow): whether Redis has this sequence at all,
-    # how much of each list it has, and the lowest table index replaced since the last flush.
-    saved: bool = False
-    saved_blocks: int = 0
-    saved_hashes: int = 0
-    replaced_from: int = 1 << 62
 
 
 @dataclass(slots=True)
@@ -61,11 +67,10 @@ class ExecutorState:
     seqs: dict[str, SeqState] = field(default_factory=dict)
     age_at_hit: Residency = field(default_factory=Residency)
     age_at_eviction: Residency = field(default_factory=Residency)
+    # Change events (events.py), the same list as pool.events; None: not recorded.
+    events: list[Event] | None = None
     # salt -> (extra digest, tenant id): hashing the salt once per tenant, not per request.
     _extras: dict[str, tuple[bytes, str]] = field(default_factory=dict)
-    dirty_seqs: set[str] | None = None  # persistence: sequences changed since the last flush
-    # persistence: released sequences -> (blocks, hashes) Redis holds of them, to delete
-    released: dict[str, tuple[int, int]] | None = None
 
     def extra_for(self, cache_salt: str) -> tuple[bytes, str]:
         e = self._extras.get(cache_salt)
@@ -77,10 +82,6 @@ class ExecutorState:
                 hashing.salt_id(cache_salt),
             )
         return e
-
-    def mark(self, seq_id: str) -> None:
-        if self.dirty_seqs is not None:
-            self.dirty_seqs.add(seq_id)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -109,38 +110,64 @@ class _Chain:
     hashes: list[bytes]
 
 
+@dataclass(slots=True)
+class CommitColumns:
+    """Commit entries in the wire's columnar form (proto CommitRequest): entry i is sequence
+    seq_ids[i], block block_indices[i], token ids token_ids[i*block_size:(i+1)*block_size]. The
+    block size is the executor's, so `Manager.commit` splits them once it has checked the
+    executor and epoch. Empty `seq_ids`: no entries (the other lists are not looked at)."""
+
+    seq_ids: Sequence[str]
+    block_indices: Sequence[int]
+    token_ids: Sequence[int]
+
+    def entries(self, block_size: int) -> list[tuple[str, int, Sequence[int]]]:
+        n = len(self.seq_ids)
+        if not n:
+            return []
+        toks = self.token_ids
+        if len(toks) != block_size * n or len(self.block_indices) != n:
+            raise InvalidRequest(
+                "commit: columnar form needs one block index and block_size token ids per seq_id"
+            )
+        bs = block_size
+        return [
+            (s, i, toks[k * bs : (k + 1) * bs])
+            for k, (s, i) in enumerate(zip(self.seq_ids, self.block_indices, strict=True))
+        ]
+
+
 class Manager:
-    """All executors' logical KV state. `track_changes` keeps the dirty sets persistence drains
-    (off for a purely in-process allocator, so nothing grows unboundedly)."""
+    """All executors' logical KV state. `track_changes` records change events for persistence
+    to take (off for a purely in-process allocator, so nothing grows unboundedly)."""
 
     def __init__(self, track_changes: bool = False) -> None:
         self.executors: dict[str, ExecutorState] = {}
         # Highest epoch ever handed to each executor: epochs never repeat (persisted too).
         self.last_epoch: dict[str, int] = {}
         self.stats = Stats()
-        self.track_changes = track_changes
-        # Persistence: executors whose descriptor changed, and old epochs whose keys to drop.
-        self.dirty_executors: set[str] = set()
-        self.dropped_epochs: list[tuple[str, int]] = []
+        # Registrations (events.py); each executor's own changes are in its ExecutorState.
+        self.events: list[Event] | None = [] if track_changes else None
+
+    @property
+    def track_changes(self) -> bool:
+        return self.events is not None
 
     # -- executors ------------------------------------------------------------------------------
     def new_executor(
         self, executor_id: str, epoch: int, num_blocks: int, block_size: int, fingerprint: str
     ) -> ExecutorState:
+        events: list[Event] | None = [] if self.track_changes else None
         ex = ExecutorState(
             executor_id=executor_id,
             epoch=epoch,
             num_blocks=num_blocks,
             block_size=block_size,
             model_fingerprint=fingerprint,
-            pool=BlockPool(num_blocks),
+            pool=BlockPool(num_blocks, events=events),
+            events=events,
         )
         ex.pool.on_evict = ex.age_at_eviction.record
-        if self.track_changes:
-            ex.pool.dirty_blocks = set()
-            ex.pool.dirty_hashes = set()
-            ex.dirty_seqs = set()
-            ex.released = {}
         return ex
 
     def register(
@@ -153,15 +180,15 @@ class Manager:
         if not 1 <= num_blocks <= MAX_NUM_BLOCKS:
             raise InvalidRequest(f"num_blocks must be in [1, {MAX_NUM_BLOCKS}], got {num_blocks}")
         epoch = self.last_epoch.get(executor_id, 0) + 1
+        # The old epoch's state goes whole: its GPU memory is gone, so nothing of it may ever be
+        # hit again.
         old = self.executors.get(executor_id)
-        if old is not None:
-            # Its GPU memory is gone: nothing of the old epoch may ever be hit again.
-            self.dropped_epochs.append((executor_id, old.epoch))
         self.last_epoch[executor_id] = epoch
         self.executors[executor_id] = self.new_executor(
             executor_id, epoch, num_blocks, block_size, model_fingerprint
         )
-        self.dirty_executors.add(executor_id)
+        if self.events is not None:
+            self.events.append((EXECUTOR_REGISTERED, (executor_id, old.epoch if old else 0)))
         return epoch
 
     def executor(self, executor_id: str, epoch: int) -> ExecutorState:
@@ -267,7 +294,8 @@ class Manager:
             pool.take_hits(hits)
         blocks = hits + pool.take_many(fresh)
         ex.seqs[seq_id] = SeqState(extra, tenant, blocks, hashes)
-        ex.mark(seq_id)
+        if ex.events is not None:
+            ex.events.append((SEQ_STORED, seq_id))
         num_cached = len(hits) * ex.block_size
         self.stats.record(executor_id, tenant, n, num_cached)
         return Allocation(blocks, num_cached), _Chain(extra, data, hashes)
@@ -370,7 +398,8 @@ class Manager:
         o = 0
         updates: dict[str, tuple[int, list[int]]] = {}
         copies: list[tuple[int, int]] = []
-        mark = ex.dirty_seqs.add if ex.dirty_seqs is not None else None
+        events = ex.events
+        grown: list[str] | None = [] if events is not None else None
         for sid, seq, cows, grow in plan:
             table = seq.blocks
             if cows is None:  # the common case: the table only grows
@@ -379,10 +408,10 @@ class Manager:
                 o += grow
                 table.extend(new)
                 updates[sid] = (first, new)
+                if grown is not None:
+                    grown.append(sid)
             else:
                 first = cows[0]
-                if first < seq.replaced_from:
-                    seq.replaced_from = first
                 for j in cows:
                     src = table[j]
                     dst = fresh[o]
@@ -394,8 +423,10 @@ class Manager:
                     table.extend(fresh[o : o + grow])
                     o += grow
                 updates[sid] = (first, table[first:])
-            if mark is not None:
-                mark(sid)
+                if events is not None:
+                    events.append((SEQ_REPLACED, (sid, first)))
+        if events is not None and grown:
+            events.append((SEQS_GREW, grown))
         return updates, copies
 
     @staticmethod
@@ -407,12 +438,18 @@ class Manager:
         )
 
     def commit(
-        self, executor_id: str, epoch: int, entries: Iterable[tuple[str, int, Sequence[int]]]
+        self,
+        executor_id: str,
+        epoch: int,
+        entries: Iterable[tuple[str, int, Sequence[int]]] | CommitColumns,
     ) -> int:
-        """Publishes full, written blocks. Re-committing an already committed index is a no-op;
-        skipping one is an error. Returns how many hashes entered the index."""
+        """Publishes full, written blocks: (seq_id, block_index, token_ids) entries, or their
+        columnar form. Re-committing an already committed index is a no-op; skipping one is an
+        error. Returns how many hashes entered the index."""
         ex = self.executor(executor_id, epoch)
         bs = ex.block_size
+        if isinstance(entries, CommitColumns):
+            entries = entries.entries(bs)
         pool = ex.pool
         new_hashes: dict[str, list[bytes]] = {}
         plan: list[tuple[int, bytes]] = []
@@ -456,7 +493,8 @@ class Manager:
         now = time.time()
         for sid, hs in new_hashes.items():
             ex.seqs[sid].hashes.extend(hs)
-            ex.mark(sid)
+        if new_hashes and ex.events is not None:
+            ex.events.append((SEQS_GREW, list(new_hashes)))
         return sum(pool.publish(b, h, now) for b, h in plan)
 
     def fork(
@@ -494,7 +532,8 @@ class Manager:
             for b in shared:
                 pool.incref(b)
             ex.seqs[c] = SeqState(parent.extra, parent.tenant, list(shared), list(hashes))
-            ex.mark(c)
+            if ex.events is not None:
+                ex.events.append((SEQ_STORED, c))
             out[c] = list(shared)
         return out
 
@@ -507,17 +546,14 @@ class Manager:
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidRequest("release: a sequence id appears twice")
         pool = ex.pool
-        released = ex.released
         for sid in seq_ids:
             seq = seqs.pop(sid)
-            if released is not None and seq.saved:
-                prev = released.get(sid, (0, 0))
-                released[sid] = (max(prev[0], seq.saved_blocks), max(prev[1], seq.saved_hashes))
             # Tail first: the LRU queue then evicts a chain from its end, keeping shared
             # prefixes (more likely reused) longest.
             for b in reversed(seq.blocks):
                 pool.decref(b)
-            ex.mark(sid)
+        if seq_ids and ex.events is not None:
+            ex.events.append((SEQS_REMOVED, list(seq_ids)))
         return len(seq_ids)
 
     def match(

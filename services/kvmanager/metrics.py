@@ -72,14 +72,14 @@ class KVCollector:
             "pagemesh_kv_executor_epoch", "Current epoch per executor", labels=["executor"]
         )
         for eid, ex in m.executors.items():
-            p = ex.pool
+            pool = ex.pool
             for state, n in (
-                ("free", p.num_free),
-                ("in_use", p.num_in_use),
-                ("cached", p.num_cached),
+                ("free", pool.num_free),
+                ("in_use", pool.num_in_use),
+                ("cached", pool.num_cached),
             ):
                 blocks.add_metric([eid, state], n)
-            ev.add_metric([eid], p.evictions)
+            ev.add_metric([eid], pool.evictions)
             seqs.add_metric([eid], len(ex.seqs))
             epoch.add_metric([eid], ex.epoch)
         yield from (blocks, ev, seqs, epoch)
@@ -122,7 +122,7 @@ class KVCollector:
 
 def make_registry(manager: Manager, persistence: Persistence | None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KVCollector(manager, persistence))  # type: ignore[arg-type]
+    registry.register(KVCollector(manager, persistence))
     return registry
 
 

@@ -2,10 +2,9 @@
 server reflection, the write-behind persistence task and the /metrics endpoint.
 
 Handlers call the synchronous core with no await before they answer, so every RPC is atomic with
-respect to the others and Redis never sits on the allocation path. Errors map to status codes:
-  OutOfBlocks -> RESOURCE_EXHAUSTED   UnknownSequence -> NOT_FOUND
-  InvalidRequest -> INVALID_ARGUMENT  StaleEpoch -> FAILED_PRECONDITION
-  SequenceTooLarge (bigger than the whole pool) -> OUT_OF_RANGE
+respect to the others and Redis never sits on the allocation path. Messages are read and written
+by wire.py (errors as status codes: see there); Step runs step.py's run_step, the one
+implementation the in-process allocator runs too.
 Health: "" and "pagemesh.v1.KVManager" are SERVING while the server runs (allocation works with
 or without Redis); "pagemesh.v1.KVManager.redis" is SERVING only while Redis is reachable.
 """
@@ -15,28 +14,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagemesh.proto import health_names
 from pagemesh.proto import kvmanager_pb2 as pb
 from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
-from pagemesh.services.kvmanager.api import (
-    AllocatorError,
-    InvalidRequest,
-    OutOfBlocks,
-    SequenceTooLarge,
-    StaleEpoch,
-    UnknownSequence,
-)
+from pagemesh.services.kvmanager import wire
+from pagemesh.services.kvmanager.api import AllocatorError
 from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.persistence import Persistence
 from pagemesh.services.kvmanager.stats import HitCounts, HitWindows, Residency
+from pagemesh.services.kvmanager.step import run_step
 from redis.exceptions import RedisError
 
 from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("pagemesh.kvmanager")
 
@@ -44,35 +44,8 @@ SERVICE_NAME = health_names.KVMANAGER
 REDIS_HEALTH = health_names.KVMANAGER_REDIS
 MAX_MESSAGE = 64 << 20
 
-
-def status_for(e: AllocatorError) -> grpc.StatusCode:
-    if isinstance(e, SequenceTooLarge):
-        return grpc.StatusCode.OUT_OF_RANGE
-    if isinstance(e, OutOfBlocks):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(e, UnknownSequence):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(e, StaleEpoch):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(e, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
-
-
-def fill_error(err: pb.CallError, e: AllocatorError) -> None:
-    """A failed call's error inside a reply (Session, Step): the status its unary call would
-    have returned, and the message."""
-    err.code = status_for(e).value[0]
-    err.message = str(e)
-
-
-def prompt_of(a: pb.AllocateRequest):
-    """An AllocateRequest's prompt: token_data's bytes, or its token_ids."""
-    if a.token_data:
-        if len(a.token_ids):
-            raise InvalidRequest("set token_ids or token_data, not both")
-        return a.token_data
-    return a.token_ids
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
 
 
 def _hits(h: HitCounts) -> pb.HitStats:
@@ -101,11 +74,28 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         self.m = manager
         self.p = persistence
         self.started = time.time()
+        # The hot calls by their SessionRequest oneof name. Any: each takes its own request
+        # and response types, which one Callable type cannot spell.
+        self._calls: dict[str, Callable[[Any, Any], None]] = {
+            "allocate": self._allocate,
+            "extend": self._extend,
+            "commit": self._commit,
+            "fork": self._fork,
+            "release": self._release,
+            "step": self._step,
+        }
 
-    async def _fail(self, context: grpc.aio.ServicerContext, e: AllocatorError) -> None:
-        await context.abort(status_for(e), str(e))
+    async def _fail(self, context: grpc.aio.ServicerContext, e: AllocatorError) -> NoReturn:
+        await context.abort(wire.status_for(e), str(e))
+        raise AssertionError("unreachable: context.abort raises")
 
-    async def RegisterExecutor(self, request, context):
+    def _touch(self) -> None:
+        if self.p is not None:
+            self.p.touch()
+
+    async def RegisterExecutor(
+        self, request: pb.RegisterExecutorRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterExecutorResponse:
         try:
             epoch = self.m.register(
                 request.executor_id,
@@ -124,151 +114,90 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         )
         return pb.RegisterExecutorResponse(epoch=epoch)
 
-    # Each _do_* fills `out` (a fresh response, or a Session reply's oneof field) and raises
-    # AllocatorError; the unary handlers and Session share them.
-    def _do_allocate(self, request, out) -> None:
+    # The hot calls: each fills `out` (a fresh response, or a Session reply's oneof field) or
+    # raises AllocatorError having changed nothing; the unary handlers and Session share them.
+    def _allocate(self, r: pb.AllocateRequest, out: pb.AllocateResponse) -> None:
         a = self.m.allocate(
-            request.executor_id,
-            request.epoch,
-            request.seq_id,
-            prompt_of(request),
-            request.cache_salt,
-            request.num_lookahead_tokens,
+            r.executor_id, r.epoch, r.seq_id, r.token_data, r.cache_salt, r.num_lookahead_tokens
         )
-        out.block_ids.extend(a.block_ids)
-        out.num_cached_tokens = a.num_cached_tokens
+        wire.fill_allocation(out, a)
 
-    def _do_extend(self, request, out) -> None:
-        entries = request.entries
-        columnar = not entries
-        if columnar:
-            ids, nc, nt = request.seq_ids, request.num_computed_tokens, request.num_tokens
-        else:
-            ids = [e.seq_id for e in entries]
-            nc = [e.num_computed_tokens for e in entries]
-            nt = [e.num_tokens for e in entries]
-            ids.extend(request.seq_ids)
-            nc.extend(request.num_computed_tokens)
-            nt.extend(request.num_tokens)
-        updates, copies = self.m.extend(request.executor_id, request.epoch, ids, nc, nt)
-        if columnar:
-            if updates:
-                ups = updates.values()
-                out.updated_seq_ids.extend(updates.keys())
-                out.first_indices.extend([u[0] for u in ups])
-                out.update_counts.extend([len(u[1]) for u in ups])
-                out.update_block_ids.extend([b for u in ups for b in u[1]])
-            if copies:
-                out.copy_src.extend([s for s, _ in copies])
-                out.copy_dst.extend([d for _, d in copies])
-            return
-        for sid, (first, blocks) in updates.items():
-            out.updates.add(seq_id=sid, first_index=first, block_ids=blocks)
-        for src, dst in copies:
-            out.copies.add(src=src, dst=dst)
+    def _extend(self, r: pb.ExtendRequest, out: pb.ExtendResponse) -> None:
+        wire.fill_extend_response(out, self.m.extend(*wire.extend_part(r)))
 
-    def _do_commit(self, request, out) -> None:
-        entries = [(e.seq_id, e.block_index, e.token_ids) for e in request.entries]
-        if request.seq_ids:
-            bs = self.m.executor(request.executor_id, request.epoch).block_size  # or StaleEpoch
-            toks = request.token_ids
-            n = len(request.seq_ids)
-            if len(toks) != bs * n or len(request.block_indices) != n:
-                raise InvalidRequest(
-                    "commit: columnar form needs one block index and block_size token ids"
-                    " per seq_id"
-                )
-            entries.extend(
-                (s, i, toks[k * bs : (k + 1) * bs])
-                for k, (s, i) in enumerate(zip(request.seq_ids, request.block_indices, strict=True))
-            )
-        out.num_published = self.m.commit(request.executor_id, request.epoch, entries)
+    def _commit(self, r: pb.CommitRequest, out: pb.CommitResponse) -> None:
+        out.num_published = self.m.commit(*wire.commit_part(r))
 
-    def _do_fork(self, request, out) -> None:
-        tables = self.m.fork(
-            request.executor_id,
-            request.epoch,
-            request.parent_seq_id,
-            request.child_seq_ids,
-            request.num_tokens,
-        )
+    def _fork(self, r: pb.ForkRequest, out: pb.ForkResponse) -> None:
+        tables = self.m.fork(r.executor_id, r.epoch, r.parent_seq_id, r.child_seq_ids, r.num_tokens)
         for c, t in tables.items():
             out.tables.add(seq_id=c, first_index=0, block_ids=t)
 
-    def _do_release(self, request, out) -> None:
-        out.num_released = self.m.release(request.executor_id, request.epoch, request.seq_ids)
+    def _release(self, r: pb.ReleaseRequest, out: pb.ReleaseResponse) -> None:
+        out.num_released = self.m.release(*wire.release_part(r))
 
-    def _do_step(self, request, out) -> None:
-        # Each part as its own call would be: applied atomically or not at all, its error kept
-        # in the reply (the parts after it still run, as they would if sent back to back).
-        for part in ("commit", "release", "extend"):
-            if not request.HasField(part):
-                continue
-            result = getattr(out, part)
-            result.SetInParent()
-            try:
-                getattr(self, "_do_" + part)(getattr(request, part), result)
-            except AllocatorError as e:
-                out.ClearField(part)
-                fill_error(getattr(out, part + "_error"), e)
-        if request.allocate:
-            allocs, error = self.m.allocate_many(
-                request.allocate[0].executor_id,
-                request.allocate[0].epoch,
-                [
-                    (a.seq_id, prompt_of(a), a.cache_salt, a.num_lookahead_tokens)
-                    for a in request.allocate
-                ],
-                request.allocate_token_budget,
-            )
-            for a in allocs:
-                out.allocate.add(block_ids=a.block_ids, num_cached_tokens=a.num_cached_tokens)
-            if error is not None:
-                fill_error(out.allocate_error, error)
+    def _step(self, r: pb.StepRequest, out: pb.StepResponse) -> None:
+        o = run_step(
+            self.m,
+            commit=wire.commit_part(r.commit) if r.HasField("commit") else None,
+            release=wire.release_part(r.release) if r.HasField("release") else None,
+            extend=wire.extend_part(r.extend) if r.HasField("extend") else None,
+            admit=wire.admit_part(r.allocate),
+            admit_token_budget=r.allocate_token_budget,
+        )
+        wire.fill_step_response(out, r, o)
 
-    async def _unary(self, do, request, out, context):
+    async def _unary(
+        self,
+        call: Callable[[Req, Resp], None],
+        request: Req,
+        out: Resp,
+        context: grpc.aio.ServicerContext,
+    ) -> Resp:
         try:
-            do(request, out)
+            call(request, out)
         except AllocatorError as e:
             await self._fail(context, e)
         finally:
             self._touch()
         return out
 
-    def _touch(self) -> None:
-        if self.p is not None:
-            self.p.touch()
+    async def Allocate(
+        self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AllocateResponse:
+        return await self._unary(self._allocate, request, pb.AllocateResponse(), context)
 
-    async def Allocate(self, request, context):
-        return await self._unary(self._do_allocate, request, pb.AllocateResponse(), context)
+    async def Extend(
+        self, request: pb.ExtendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExtendResponse:
+        return await self._unary(self._extend, request, pb.ExtendResponse(), context)
 
-    async def Extend(self, request, context):
-        return await self._unary(self._do_extend, request, pb.ExtendResponse(), context)
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        return await self._unary(self._commit, request, pb.CommitResponse(), context)
 
-    async def Commit(self, request, context):
-        return await self._unary(self._do_commit, request, pb.CommitResponse(), context)
+    async def Fork(
+        self, request: pb.ForkRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForkResponse:
+        return await self._unary(self._fork, request, pb.ForkResponse(), context)
 
-    async def Fork(self, request, context):
-        return await self._unary(self._do_fork, request, pb.ForkResponse(), context)
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        return await self._unary(self._release, request, pb.ReleaseResponse(), context)
 
-    async def Release(self, request, context):
-        return await self._unary(self._do_release, request, pb.ReleaseResponse(), context)
+    async def Step(
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
+        return await self._unary(self._step, request, pb.StepResponse(), context)
 
-    async def Step(self, request, context):
-        return await self._unary(self._do_step, request, pb.StepResponse(), context)
-
-    async def Session(self, request_iterator, context):
-        do = {
-            "allocate": self._do_allocate,
-            "extend": self._do_extend,
-            "commit": self._do_commit,
-            "fork": self._do_fork,
-            "release": self._do_release,
-            "step": self._do_step,
-        }
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> None:
         try:
             async for req in request_iterator:
-                reply = self._session_reply(req, do)
+                reply = self._session_reply(req)
                 self._touch()
                 await context.write(reply)
         except asyncio.CancelledError:
@@ -276,7 +205,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             # answer; every call it sent was applied atomically or not at all.
             log.debug("session stream cancelled")
 
-    def _session_reply(self, req: pb.SessionRequest, do: dict) -> pb.SessionResponse:
+    def _session_reply(self, req: pb.SessionRequest) -> pb.SessionResponse:
         reply = pb.SessionResponse(id=req.id)
         kind = req.WhichOneof("call")
         if kind is None:
@@ -286,13 +215,15 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         out = getattr(reply, kind)
         out.SetInParent()
         try:
-            do[kind](getattr(req, kind), out)
+            self._calls[kind](getattr(req, kind), out)
         except AllocatorError as e:
             reply.ClearField(kind)
-            fill_error(reply.error, e)
+            wire.fill_error(reply.error, e)
         return reply
 
-    async def Match(self, request, context):
+    async def Match(
+        self, request: pb.MatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MatchResponse:
         try:
             found = self.m.match(request.token_ids, request.cache_salt, request.executor_id)
         except AllocatorError as e:
@@ -301,7 +232,9 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             matches=[pb.ExecutorMatch(executor_id=e, num_cached_tokens=n) for e, n in found.items()]
         )
 
-    async def GetStats(self, request, context):
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
         m = self.m
         now = time.time()
         if request.executor_id and request.executor_id not in m.executors:
@@ -353,14 +286,14 @@ class KVManagerServer:
     manager: Manager
     persistence: Persistence | None
     health: health.aio.HealthServicer
-    metrics_runner: object | None = None
+    metrics_runner: web.AppRunner | None = None
     metrics_port: int = 0
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.metrics_runner is not None:
-            await self.metrics_runner.cleanup()  # type: ignore[attr-defined]
+            await self.metrics_runner.cleanup()
         if self.persistence is not None:
             await self.persistence.stop(flush=True)
 

@@ -1,5 +1,6 @@
 """The gRPC surface over real loopback: status codes with clear messages and no state change,
-both message forms, health, reflection, GetStats, /metrics and `pagemesh kv stats`."""
+the columnar and packed message forms, health, reflection, GetStats, /metrics and
+`pagemesh kv stats`."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pagemesh.proto import kvmanager_pb2 as pb
 from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
+from pagemesh.proto.packed_ids import pack
 from pagemesh.services.kvmanager import cli
 from pagemesh.services.kvmanager.api import InvalidRequest
-from pagemesh.services.kvmanager.client import decode_extend
 from pagemesh.services.kvmanager.server import SERVICE_NAME, start_server
+from pagemesh.services.kvmanager.wire import decode_extend
 
 from tests.kvmanager.test_persistence import ROOT
 
@@ -44,19 +46,22 @@ async def served():
 
 
 BAD = [
-    ("Allocate", dict(seq_id="s", token_ids=[1]), C.INVALID_ARGUMENT, "already exists"),
-    ("Allocate", dict(seq_id="n", token_ids=[]), C.INVALID_ARGUMENT, "must not be empty"),
-    ("Allocate", dict(seq_id="n", token_ids=[1] * 33), C.OUT_OF_RANGE, "pool has only 8"),
-    ("Allocate", dict(seq_id="n", token_ids=[1] * 28), C.RESOURCE_EXHAUSTED, "free or evictable"),
-    ("Allocate", dict(seq_id="n", token_ids=[1], epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
-    ("Allocate", dict(seq_id="n", token_ids=[1], executor_id="zz"), C.FAILED_PRECONDITION, "not registered"),
+    ("Allocate", dict(seq_id="s", token_data=pack([1])), C.INVALID_ARGUMENT, "already exists"),
+    ("Allocate", dict(seq_id="n", token_data=b""), C.INVALID_ARGUMENT, "must not be empty"),
+    ("Allocate", dict(seq_id="n", token_data=pack([1] * 33)), C.OUT_OF_RANGE, "pool has only 8"),
+    ("Allocate", dict(seq_id="n", token_data=pack([1] * 28)), C.RESOURCE_EXHAUSTED, "free or evictable"),
+    ("Allocate", dict(seq_id="n", token_data=pack([1]), epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
+    ("Allocate", dict(seq_id="n", token_data=pack([1]), executor_id="zz"), C.FAILED_PRECONDITION, "not registered"),
     ("Allocate", dict(seq_id="n", token_data=b"\x01\x00\x00"), C.INVALID_ARGUMENT, "multiple of 4"),
-    ("Allocate", dict(seq_id="n", token_ids=[1], token_data=b"\x01\x00\x00\x00"), C.INVALID_ARGUMENT, "not both"),
     ("Extend", dict(seq_ids=["nope"], num_computed_tokens=[0], num_tokens=[1]), C.NOT_FOUND, "unknown sequence"),
     ("Extend", dict(seq_ids=["s"], num_computed_tokens=[0], num_tokens=[]), C.INVALID_ARGUMENT, "differ in length"),
     ("Extend", dict(seq_ids=["s"], num_computed_tokens=[5], num_tokens=[32]), C.RESOURCE_EXHAUSTED, "free or evictable"),
-    ("Commit", dict(entries=[pb.CommitEntry(seq_id="s", block_index=0, token_ids=[1])]), C.INVALID_ARGUMENT, "expected 4"),
     ("Commit", dict(seq_ids=["s"], block_indices=[0], token_ids=[1, 2]), C.INVALID_ARGUMENT, "block_size token ids"),
+    ("Commit", dict(seq_ids=["s"], block_indices=[0, 1], token_ids=[1] * 4), C.INVALID_ARGUMENT, "block_size token ids"),
+    ("Commit", dict(seq_ids=["s"], block_indices=[5], token_ids=[1] * 4), C.INVALID_ARGUMENT, "beyond its table"),
+    ("Commit", dict(seq_ids=["s"], block_indices=[1], token_ids=[1] * 4), C.INVALID_ARGUMENT, "commit in order"),
+    ("Commit", dict(seq_ids=["x"], block_indices=[0], token_ids=[1] * 4), C.NOT_FOUND, "unknown sequence"),
+    ("Commit", dict(seq_ids=["s"], block_indices=[0], token_ids=[1] * 4, epoch_delta=1), C.FAILED_PRECONDITION, "stale"),
     ("Fork", dict(parent_seq_id="x", child_seq_ids=["c"], num_tokens=1), C.NOT_FOUND, "unknown parent"),
     ("Fork", dict(parent_seq_id="s", child_seq_ids=["c"], num_tokens=99), C.INVALID_ARGUMENT, "holds"),
     ("Release", dict(seq_ids=["x"]), C.NOT_FOUND, "already released"),
@@ -71,7 +76,7 @@ async def test_bad_input_status_codes(served, method, fields, code, text) -> Non
     server, stub, epoch = served
     for sid, toks in (("s", [1, 2, 3, 4, 5]), ("t", [9] * 4)):  # 3 of 8 blocks in use
         await stub.Allocate(
-            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, token_ids=toks)
+            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, token_data=pack(toks))
         )
     before = server.manager.snapshot()
     fields = dict(fields)
@@ -85,11 +90,13 @@ async def test_bad_input_status_codes(served, method, fields, code, text) -> Non
     assert server.manager.snapshot() == before
 
 
-async def test_extend_both_forms_agree(served) -> None:
+async def test_extend_columns_in_and_out(served) -> None:
+    """Extend's columns: a copy-on-write (a forked child writing into the shared partial block)
+    and plain growth, read back through the client's decoder."""
     server, stub, epoch = served
     for s in ("a", "b"):
         await stub.Allocate(
-            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=s, token_ids=[1, 2, 3])
+            pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=s, token_data=pack([1, 2, 3]))
         )
     await stub.Fork(
         pb.ForkRequest(
@@ -98,9 +105,7 @@ async def test_extend_both_forms_agree(served) -> None:
     )
     r1 = await stub.Extend(
         pb.ExtendRequest(
-            executor_id="ex",
-            epoch=epoch,
-            entries=[pb.ExtendEntry(seq_id="c", num_computed_tokens=3, num_tokens=6)],
+            executor_id="ex", epoch=epoch, seq_ids=["c"], num_computed_tokens=[3], num_tokens=[6]
         )
     )
     r2 = await stub.Extend(
@@ -112,12 +117,52 @@ async def test_extend_both_forms_agree(served) -> None:
             num_tokens=[5, 4],
         )
     )
-    assert not r2.updates and not r2.copies  # columnar in, columnar out
+    assert list(r1.updated_seq_ids) == ["c"] and list(r1.update_counts) == [2]
+    assert len(r1.copy_src) == len(r1.copy_dst) == 1
+    assert list(r2.updated_seq_ids) == ["a"] and not r2.copy_src  # "b" still fits its block
     d1, d2 = decode_extend(r1), decode_extend(r2)
     assert d1.updates["c"].first_index == 0 and len(d1.updates["c"].block_ids) == 2
     assert len(d1.copies) == 1
+    assert d1.copies[0] == (
+        server.manager.executors["ex"].seqs["a"].blocks[0],
+        d1.updates["c"].block_ids[0],
+    )
     assert list(d2.updates) == ["a"] and d2.updates["a"].first_index == 1 and d2.copies == []
     server.manager.check()
+
+
+async def test_a_dropped_message_form_changes_nothing(served) -> None:
+    """What an old client's second forms (now reserved field numbers) get: an Allocate whose
+    prompt came as repeated ids has no prompt (refused as empty), and Extend or Commit entries
+    as one message each are unknown fields, so those calls apply nothing."""
+    server, stub, epoch = served
+
+    def field(number: int, wire_type: int, payload: bytes) -> bytes:
+        assert number < 16  # one-byte tag
+        tag = bytes([number << 3 | wire_type])
+        return tag + (bytes([len(payload)]) + payload if wire_type == 2 else payload)
+
+    await stub.Allocate(
+        pb.AllocateRequest(
+            executor_id="ex", epoch=epoch, seq_id="s", token_data=pack([1, 2, 3, 4, 5])
+        )
+    )
+    before = server.manager.snapshot()
+    ids = field(4, 2, bytes([1, 2, 3]))  # AllocateRequest.token_ids = [1, 2, 3], packed
+    old_alloc = pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id="n")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Allocate(pb.AllocateRequest.FromString(old_alloc.SerializeToString() + ids))
+    assert e.value.code() == C.INVALID_ARGUMENT and "must not be empty" in e.value.details()
+    # ExtendRequest.entries / CommitRequest.entries: one entry {seq_id "s", 4, 8} / {"s", 0, ids}
+    entry = field(1, 2, b"s") + field(2, 0, bytes([4])) + field(3, 0, bytes([8]))
+    old_extend = pb.ExtendRequest(executor_id="ex", epoch=epoch).SerializeToString()
+    r = await stub.Extend(pb.ExtendRequest.FromString(old_extend + field(3, 2, entry)))
+    assert not r.updated_seq_ids
+    entry = field(1, 2, b"s") + field(2, 0, bytes([0])) + field(3, 2, bytes([1, 2, 3, 4]))
+    old_commit = pb.CommitRequest(executor_id="ex", epoch=epoch).SerializeToString()
+    r = await stub.Commit(pb.CommitRequest.FromString(old_commit + field(3, 2, entry)))
+    assert r.num_published == 0
+    assert server.manager.snapshot() == before
 
 
 async def test_health_and_reflection(served) -> None:
@@ -142,7 +187,7 @@ async def _workload(stub, epoch) -> None:
     toks = list(range(9))
     await stub.Allocate(
         pb.AllocateRequest(
-            executor_id="ex", epoch=epoch, seq_id="a", token_ids=toks, cache_salt="t"
+            executor_id="ex", epoch=epoch, seq_id="a", token_data=pack(toks), cache_salt="t"
         )
     )
     await stub.Commit(
@@ -156,7 +201,7 @@ async def _workload(stub, epoch) -> None:
     )
     r = await stub.Allocate(
         pb.AllocateRequest(
-            executor_id="ex", epoch=epoch, seq_id="b", token_ids=toks, cache_salt="t"
+            executor_id="ex", epoch=epoch, seq_id="b", token_data=pack(toks), cache_salt="t"
         )
     )
     assert r.num_cached_tokens == 8
@@ -303,7 +348,9 @@ async def test_session_raw_stream_errors_keep_it_open(served) -> None:
     await call.write(
         pb.SessionRequest(
             id=3,
-            allocate=pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id="a", token_ids=[1]),
+            allocate=pb.AllocateRequest(
+                executor_id="ex", epoch=epoch, seq_id="a", token_data=pack([1])
+            ),
         )
     )
     replies = [await call.read() for _ in range(3)]
@@ -319,28 +366,32 @@ async def test_session_raw_stream_errors_keep_it_open(served) -> None:
 
 
 async def test_token_data_is_the_same_prompt_as_token_ids(served) -> None:
-    """The packed form (u32 little-endian) allocates and hits exactly as the repeated ids do."""
+    """The packed prompt (u32 little-endian) is the same prompt as its ids: it allocates and
+    hits exactly as Match, which takes the repeated ids, finds it cached."""
     server, stub, epoch = served
     prompt = [70000, 2, 3, 4, 5, 6, 7, 8, 9]  # 2 full blocks + 1 (an id above 16 bits)
 
-    def alloc(sid: str, **prompt_field) -> pb.AllocateRequest:
-        return pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, **prompt_field)
+    def alloc(sid: str, ids: list[int]) -> pb.AllocateRequest:
+        data = b"".join(t.to_bytes(4, "little") for t in ids)
+        return pb.AllocateRequest(executor_id="ex", epoch=epoch, seq_id=sid, token_data=data)
 
-    await stub.Allocate(alloc("ids", token_ids=prompt))
+    async def match(ids: list[int]) -> int:
+        r = await stub.Match(pb.MatchRequest(token_ids=ids, executor_id="ex"))
+        return r.matches[0].num_cached_tokens
+
+    await stub.Allocate(alloc("first", prompt))
+    assert await match(prompt) == 0
     await stub.Commit(
         pb.CommitRequest(
-            executor_id="ex", epoch=epoch, seq_ids=["ids"] * 2, block_indices=[0, 1],
+            executor_id="ex", epoch=epoch, seq_ids=["first"] * 2, block_indices=[0, 1],
             token_ids=prompt[:8],
         )
     )  # fmt: skip
-    data = b"".join(t.to_bytes(4, "little") for t in prompt)
-    r = await stub.Allocate(alloc("data", token_data=data))
+    assert await match(prompt) == 8
+    r = await stub.Allocate(alloc("again", prompt))
     assert r.num_cached_tokens == 8
-    assert list(r.block_ids[:2]) == server.manager.executors["ex"].seqs["ids"].blocks[:2]
+    assert list(r.block_ids[:2]) == server.manager.executors["ex"].seqs["first"].blocks[:2]
     # One id different in the second block: the hit stops after the first, in both forms.
     other = [*prompt[:5], 99, *prompt[6:]]
-    r_ids = await stub.Allocate(alloc("o1", token_ids=other))
-    r_data = await stub.Allocate(
-        alloc("o2", token_data=b"".join(t.to_bytes(4, "little") for t in other))
-    )
-    assert r_ids.num_cached_tokens == r_data.num_cached_tokens == 4
+    r = await stub.Allocate(alloc("other", other))
+    assert r.num_cached_tokens == await match(other) == 4

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pagemesh.proto import executor_pb2, kvmanager_pb2
+from pagemesh.proto import executor_pb2, kvmanager_pb2, packed_ids
 
 from tests.support.mesh import LOOPBACK, Mesh
 
@@ -344,7 +344,8 @@ def _bad_kv_requests(mesh: Mesh) -> st.SearchStrategy:
             executor_id=ids,
             epoch=epochs,
             seq_id=seqs,
-            token_ids=tokens,
+            # The packed prompt: whole u32 ids, or a byte count no id list has.
+            token_data=tokens.map(packed_ids.pack) | st.binary(max_size=64),
             cache_salt=st.text(max_size=20),
             num_lookahead_tokens=u32,
         ).map(lambda r: ("Allocate", r)),
@@ -352,26 +353,14 @@ def _bad_kv_requests(mesh: Mesh) -> st.SearchStrategy:
             kvmanager_pb2.ExtendRequest,
             executor_id=ids,
             epoch=epochs,
-            entries=st.lists(
-                st.builds(
-                    kvmanager_pb2.ExtendEntry, seq_id=seqs, num_computed_tokens=u32, num_tokens=u32
-                ),
-                max_size=4,
-            ),
-            seq_ids=st.lists(seqs, max_size=3),
-            num_computed_tokens=st.lists(u32, max_size=3),
-            num_tokens=st.lists(u32, max_size=3),
+            seq_ids=st.lists(seqs, max_size=4),
+            num_computed_tokens=st.lists(u32, max_size=4),
+            num_tokens=st.lists(u32, max_size=4),
         ).map(lambda r: ("Extend", r)),
         st.builds(
             kvmanager_pb2.CommitRequest,
             executor_id=ids,
             epoch=epochs,
-            entries=st.lists(
-                st.builds(
-                    kvmanager_pb2.CommitEntry, seq_id=seqs, block_index=u32, token_ids=tokens
-                ),
-                max_size=3,
-            ),
             seq_ids=st.lists(seqs, max_size=3),
             block_indices=st.lists(u32, max_size=3),
             token_ids=tokens,
