@@ -239,10 +239,7 @@ class EngineLoop:
 
     def __init__(self, engine: EngineClient, trace: StepTrace | None = None) -> None:
         self.engine = engine
-        # Its load figures, if it keeps them (GetInfo, the step trace).
-        self.load = engine if isinstance(engine, EngineLoad) else None
-        # Tracing needs the engine's step times: none without them.
-        self.trace = trace if self.load is not None else None
+        self.trace = trace
         self._wake = asyncio.Event()
         self._owner: dict[str, Sink] = {}
         self._open_choices: dict[str, set[int]] = {}
@@ -251,6 +248,13 @@ class EngineLoop:
     @property
     def num_requests(self) -> int:
         return len(self._owner)
+
+    @property
+    def load(self) -> EngineLoad | None:
+        """The engine's load figures (GetInfo, the step trace), if it keeps them. Asked each
+        time: the check reads the figures, which a real engine has once it is started."""
+        engine = self.engine
+        return engine if isinstance(engine, EngineLoad) else None
 
     def add(self, request: pb.GenerateRequest, sink: Sink) -> None:
         """Raises ValueError (from the engine) for a request it refuses."""
@@ -333,8 +337,10 @@ class EngineLoop:
             await asyncio.sleep(0)
 
     def _trace_step(self, outputs: list[SequenceOutput]) -> None:
-        assert self.trace is not None and self.load is not None
+        assert self.trace is not None
         load = self.load
+        if load is None:
+            return  # (tracing needs the engine's step times)
         self.trace.first([o.request_id for o in outputs if o.token_ids])
         self.trace.step(
             load.step_times,
