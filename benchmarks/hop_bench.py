@@ -120,7 +120,7 @@ async def run_once(
         "steps": steps,
         "step_ms": round(elapsed / steps * 1e3, 3),
         "process_cpu_s": round(cpu, 2),
-        "kvmanager_step_calls": engine.scheduler.num_step_calls,
+        "kvmanager_step_calls": engine.scheduler.link.num_step_calls,
     }
 
 

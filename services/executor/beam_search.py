@@ -27,12 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
-from pagemesh.services.executor.engine_api import SamplingParams
-
-EarlyStopping = bool | Literal["never"]
+from pagemesh.services.executor.engine_api import EarlyStopping, SamplingParams
 
 _F32 = np.float32
 

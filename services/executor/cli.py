@@ -9,10 +9,13 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagemesh.env import add_option
 from pagemesh.heap import freeze_startup_heap
+
+if TYPE_CHECKING:  # (imported when run: loading torch is not for `--help`)
+    from pagemesh.services.executor.engine import LLMEngine
 
 DEFAULT_PORT = 50052
 DEFAULT_KVMANAGER = "127.0.0.1:50051"
@@ -80,11 +83,11 @@ def make_allocator(args: argparse.Namespace) -> Any:
     return KVManagerClient(args.kvmanager, executor_id=args.executor_id)
 
 
-def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
+def executor_info(engine: LLMEngine, args: argparse.Namespace, device: str) -> Any:
     from pagemesh.proto import executor_pb2 as pb
 
     cfg = engine.config
-    eos = sorted(getattr(engine, "eos_token_ids", ()) or ())
+    eos = sorted(engine.eos_token_ids)
     return pb.ExecutorInfo(
         executor_id=cfg.executor_id,
         model=served_name(args.model),
@@ -102,7 +105,7 @@ def executor_info(engine: Any, args: argparse.Namespace, device: str) -> Any:
     )
 
 
-async def _start_engine(engine: Any, attempts: int = 30) -> None:
+async def _start_engine(engine: LLMEngine, attempts: int = 30) -> None:
     """engine.start(), retried while kvmanager is unreachable (it may start after us under
     compose or a supervisor); the model is loaded once, only registration is retried."""
     from pagemesh.services.kvmanager.api import AllocatorUnavailable

@@ -23,9 +23,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
+from pagemesh.services.executor.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    # A graph memory pool's handle (CUDAGraph.pool()); torch.cuda names it for typing only.
+    from torch.cuda import _POOL_HANDLE as GraphPool
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,9 +39,9 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 def capture_graphs(
     sizes: list[int],
     forward: Callable[[int], None],
-    pool: tuple | None,
+    pool: GraphPool | None,
     prepare: Callable[[int], None] | None = None,
-) -> tuple[dict[int, torch.cuda.CUDAGraph], tuple | None]:
+) -> tuple[dict[int, torch.cuda.CUDAGraph], GraphPool | None]:
     """A graph of `forward(size)` per size, largest first into `pool` (a new one if None), so
     smaller ones reuse its blocks; returns the graphs and the pool. Each size runs once eagerly
     first: compiles, autotuning and lazy init stay out of the graph. `prepare(size)` sets the
@@ -72,7 +78,7 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class CUDAGraphRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LlamaForCausalLM,
         kv_caches: list[KVCache],
         max_batch_size: int,
         max_blocks: int,
@@ -112,7 +118,7 @@ class CUDAGraphRunner:
         self.logits[:bs] = self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self, pool: tuple | None = None) -> tuple | None:
+    def capture(self, pool: GraphPool | None = None) -> GraphPool | None:
         """Captures every size into `pool` (a new one if None); returns the pool."""
         self.graphs, pool = capture_graphs(self.sizes, self._forward, pool)
         return pool
@@ -154,7 +160,7 @@ class PrefillGraphRunner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LlamaForCausalLM,
         kv_caches: list[KVCache],
         max_tokens: int,
         max_seqs: int,
@@ -211,7 +217,7 @@ class PrefillGraphRunner:
         self.seq_lens[0] = num_tokens
 
     @torch.inference_mode()
-    def capture(self, pool: tuple | None = None) -> tuple | None:
+    def capture(self, pool: GraphPool | None = None) -> GraphPool | None:
         """Captures every bucket into `pool` (a new one if None) on a dummy batch; returns the
         pool."""
         self.graphs, pool = capture_graphs(self.sizes, self._forward, pool, self._dummy_batch)

@@ -1,4 +1,5 @@
-"""The engine's public types: what the executor's gRPC service hands to the engine and gets back.
+"""The engine's public types: what the executor's gRPC service hands to the engine and gets back,
+and the Protocols the service codes against (EngineClient, EngineLoad).
 
     engine = LLMEngine(config, allocator)      # services/executor/engine.py
     await engine.start()                       # registers the pool with the allocator
@@ -16,7 +17,16 @@ finish_reason is not None.
 from __future__ import annotations
 
 import enum
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+from pagemesh.services.executor.trace import StepTimes
+
+# transformers' beam-search early stopping: True, False or "never".
+EarlyStopping = bool | Literal["never"]
 
 
 class FinishReason(enum.IntEnum):
@@ -49,7 +59,7 @@ class SamplingParams:
     use_beam_search: bool = False
     beam_width: int = 0
     length_penalty: float = 1.0
-    early_stopping: bool | str = False  # True, False or "never", as transformers' beam search
+    early_stopping: EarlyStopping = False  # True, False or "never", as transformers' beam search
 
 
 @dataclass(slots=True)
@@ -74,3 +84,72 @@ class SequenceOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason != FinishReason.NONE
+
+
+class PackedIds:
+    """Prompt token ids in the form the wire carries them (GenerateRequest.prompt_token_data):
+    u32 little-endian bytes, 4 an id (proto/packed_ids). The service hands these bytes to the
+    engine as they came, and the engine keeps them as the request's packed prompt (what
+    kvmanager hashes and the device token table is filled from): they are never unpacked into
+    an array and packed again. `len()` is the number of ids, so a stand-in engine can treat it
+    like a list."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) % 4:
+            raise ValueError("must be whole u32 ids (a multiple of 4 bytes)")
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // 4
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.frombuffer(self.data, "<u4").tolist())
+
+
+# What add_request takes as a prompt: ids, an integer array, or the wire's packed bytes.
+PromptTokens = Iterable[int] | array | PackedIds
+
+
+class EngineClient(Protocol):
+    """What the executor's gRPC service (server.py) drives: LLMEngine, or a scripted stand-in
+    in tests. One task calls `step()` while `has_unfinished_requests()`; the other calls come
+    from the gRPC handlers between steps."""
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: PromptTokens,
+        params: SamplingParams,
+        cache_salt: str = "",
+    ) -> None:
+        """Raises ValueError for a request it refuses (INVALID_ARGUMENT)."""
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def abort_choices(self, request_id: str, indices: list[int]) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    async def step(self) -> list[SequenceOutput]: ...
+
+
+@runtime_checkable
+class EngineLoad(Protocol):
+    """What GetInfo and the step trace report, from an engine that keeps these figures
+    (LLMEngine does; the scripted stand-ins of the gateway tests do not, and report zeros)."""
+
+    step_times: StepTimes  # the last step's (trace.py)
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def prefix_caching(self) -> bool: ...
+
+    def kv_occupancy(self) -> tuple[int, int, int]:
+        """(tokens, distinct blocks, table blocks) held by the running sequences."""

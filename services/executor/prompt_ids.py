@@ -1,5 +1,6 @@
 """Prompt token ids as the engine keeps them: a list of ints, the packed u32 bytes (what
-kvmanager hashes, proto/packed_ids) and their range, made in C.
+kvmanager hashes, proto/packed_ids) and their range, made in C. A prompt that comes packed (the
+wire's bytes, engine_api.PackedIds) keeps those very bytes: only the list is made from them.
 
 A prompt is ~1k ids and a burst brings hundreds of prompts to the executor's one event loop,
 which also launches the steps: a Python loop over each id cost ~0.2 ms a prompt, and a fresh
@@ -12,10 +13,10 @@ only the new tail is converted, and the shared part costs a pointer an id.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
 
 import numpy as np
 from pagemesh.proto import packed_ids
+from pagemesh.services.executor.engine_api import PackedIds, PromptTokens
 
 # Below this many common ids a plain conversion is as cheap as comparing and slicing.
 MIN_SHARED_IDS = 64
@@ -32,11 +33,13 @@ class PromptIds:
         self._last_data = b""
         self._last_ids: list[int] = []
 
-    def convert(self, token_ids: Iterable[int] | array) -> tuple[list[int], bytes, int, int]:
-        """(ids, packed u32, min, max). array('q') takes anything with __index__ (numpy and
-        torch integers) and refuses the rest; an integer array (the Serve stream's u32 form)
-        is taken as it is. The packed form is only meaningful once the caller has checked the
-        range (ids in [0, 2**32))."""
+    def convert(self, token_ids: PromptTokens) -> tuple[list[int], bytes, int, int]:
+        """(ids, packed u32, min, max). PackedIds (the wire's form) is used as it is; array('q')
+        takes anything else with __index__ (numpy and torch integers) and refuses the rest; an
+        integer array is taken as it is. The packed form is only meaningful once the caller has
+        checked the range (ids in [0, 2**32))."""
+        if isinstance(token_ids, PackedIds):
+            return self._from_packed(token_ids.data)
         if not (isinstance(token_ids, array) and token_ids.typecode in "bBhHiIlLqQ"):
             try:
                 token_ids = array("q", token_ids)
@@ -56,5 +59,21 @@ class PromptIds:
             ids += token_ids[shared:].tolist()
         else:
             ids = token_ids.tolist()
+        self._last_data, self._last_ids = data, ids
+        return ids, data, lo, hi
+
+    def _from_packed(self, data: bytes) -> tuple[list[int], bytes, int, int]:
+        """A prompt already packed: `data` is kept as the packed form (no copy, no re-packing);
+        every id of it is in range by construction."""
+        if not data:
+            return [], b"", 0, 0
+        view = np.frombuffer(data, "<u4")
+        lo, hi = int(view.min()), int(view.max())
+        shared = packed_ids.common_prefix(data, self._last_data, 4)
+        if shared >= MIN_SHARED_IDS:
+            ids = self._last_ids[:shared]
+            ids += view[shared:].tolist()
+        else:
+            ids = view.tolist()
         self._last_data, self._last_ids = data, ids
         return ids, data, lo, hi

@@ -1,4 +1,8 @@
-"""Continuous batching over a paged KV pool whose logical side lives in a BlockAllocator.
+"""Continuous batching over a paged KV pool whose logical side lives in kvmanager.
+
+The scheduler is the only code that changes the queues (waiting, running), the rows (rows.py)
+and the sequences' block tables; kvmanager is reached through its AllocatorLink
+(allocator_link.py), which hands back the results it must apply.
 
 Each step:
 1. Running sequences first (decodes and unfinished prefill chunks), in admission order, under a
@@ -12,59 +16,44 @@ Each step:
 3. Waiting sequences are admitted while the budget, max_num_seqs and the pool allow: one Step
    call a round allocates them (kvmanager reports each one's cached prefix and stops when their
    uncached tokens fill the budget); only the uncached suffix is computed.
-Then, while the step computes, `issue_lookahead` decides whether this step sends kvmanager one
-`Step` call: the blocks earlier steps filled (commits), the sequences that ended (releases) and
-the blocks coming steps will write into (a batched Extend). Each gRPC message costs the thread
-that drives the GPU a few hundred microseconds, so the call goes out only when a sequence's table
-is about to run short (URGENT_TOKENS), and then reserves for every sequence within the look-ahead
-window: a call every ~(num_lookahead_tokens - URGENT_TOKENS) steps at most, whatever the batch
-size. Commits and releases ride along (or go after FLUSH_STEPS steps, or before anything that
-must see them: an admission, a synchronous Extend, idling). Calls are chained (a sequence's
-commits land before its release; a later call never overtakes an earlier one), and their results
-are applied only at the start of `schedule` or in `_settle`, never mid-step: a table changes only
-where no one is reading it.
+4. An n > 1 request whose prompt ends in this step gets its n - 1 children now (on the rows
+   reserved at admission): the step samples n tokens from the parent's logits, and the children
+   are forked (`fork`) when it lands.
+Then the engine launches the step (`launched`: the sequences advance, the link reserves the
+coming blocks) and, when it lands, hands the sampled tokens to `postprocess` (tokens, finishes,
+releases). Beam search forks its beams through the same `fork`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import logging
-import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from pagemesh.services.executor.beam_engine import unstall
+from pagemesh.services.executor.allocator_link import AllocatorLink
 from pagemesh.services.executor.config import EngineConfig
-from pagemesh.services.executor.engine_api import FinishReason
-from pagemesh.services.executor.sequence import PLACEHOLDER, SeqStatus, Sequence
+from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
+from pagemesh.services.executor.rows import Rows
+from pagemesh.services.executor.sequence import (
+    PLACEHOLDER,
+    Fork,
+    Request,
+    SeqStatus,
+    Sequence,
+    new_sequence,
+)
 from pagemesh.services.kvmanager.api import (
-    AdmitEntry,
     Allocation,
-    AllocatorError,
-    AllocatorUnavailable,
     BlockAllocator,
     CommitEntry,
     ExtendEntry,
     ExtendResult,
     OutOfBlocks,
-    StepResult,
-    UnknownSequence,
 )
-
-log = logging.getLogger(__name__)
 
 # How far past the token budget (at the estimated hit rate) an admission round offers.
 OFFER_MARGIN = 1.3
-
-
-# A look-ahead Extend goes out once a sequence's table covers fewer than this many tokens beyond
-# its next write: the reply then has a step or two to come back before any step needs it.
-URGENT_TOKENS = 2
-# Commits and releases wait at most this many steps for a call to ride on.
-FLUSH_STEPS = 8
 
 
 @dataclass(slots=True)
@@ -75,74 +64,84 @@ class SchedulerOutput:
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, run first
     failed: list[Sequence] = field(default_factory=list)  # could never fit: finished with ERROR
     num_preempted: int = 0
+    # n > 1 parents whose prompt ends in this step, with their new children (rows taken): the
+    # step samples for them too; `Scheduler.fork` runs when it lands.
+    forks: list[Fork] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
 
+@dataclass(slots=True)
+class StepUpdate:
+    """What `postprocess` made of a step's tokens."""
+
+    outputs: list[SequenceOutput]
+    releases: list[str]  # sequences that ended: their blocks go back (AllocatorLink.defer)
+    finished_requests: list[str]  # every choice of these requests has ended
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        allocator: BlockAllocator,
+        max_model_len: int,
+        eos_token_ids: Collection[int] = (),
+    ) -> None:
         self.config = config
-        self.allocator = allocator
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # Rows of the engine's persistent device tables; a request with n choices holds n rows
-        # from admission on (n - 1 reserved for the children forked after its prefill).
-        self.free_rows: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
-        self.reserved_rows = 0
+        # Rows of the device tables; a request with n choices holds n rows from admission on
+        # (n - 1 reserved for the children forked after its prefill).
+        self.rows = Rows(config.max_num_seqs)
+        # n > 1 children holding a row, in no queue until their fork (async scheduling: the
+        # step that samples their first token lands one step later).
+        self.spawned: set[Sequence] = set()
+        # n > 1 requests (not beams) whose children are not made yet: while there are none, a
+        # step does not look for prompts that end.
+        self._unforked: set[Request] = set()
         self.pending_copies: list[tuple[int, int]] = []
         self._arrival = itertools.count()
-        # kvmanager traffic: what the next Step call carries, and the calls in flight (oldest
-        # first), each with the sequences whose look-ahead it carries.
-        self._commits: list[CommitEntry] = []
-        self._releases: list[str] = []
-        self._calls: deque[tuple[asyncio.Task, list[Sequence]]] = deque()
-        self._steps_since_call = 0
-        self._retry: asyncio.TimerHandle | None = None
+        self.link = AllocatorLink(allocator, config, max_model_len, self._land_extend)
         self.num_preemptions = 0
-        self.num_step_calls = 0
         # Fraction of the prompts found cached in the last admission round: how far past the
         # budget (at no hits) the next round offers the queue.
         self._hit_estimate = 0.0
-        # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
-        # kv_wait: what of a slow schedule is the allocator's round trips).
-        self.kv_wait = 0.0
 
     # -- queues ---------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._arrival)
+        req = seq.request
+        if req.params.n > 1 and req.beam is None and not req.forked:
+            self._unforked.add(req)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def take_row(self) -> int:
-        return self.free_rows.pop()
-
     def _rows_needed(self, seq: Sequence) -> int:
         # Children of a not-yet-forked request need rows later; reserve them at admission.
         return seq.request.num_rows if not seq.request.forked else 1
 
-    def _covered(self, seq: Sequence) -> int:
-        return len(seq.block_table) * self.block_size
-
     def _short(self, seq: Sequence, n: int) -> bool:
         """Its table cannot take this step's n writes as it stands (too short, or it may hold
         a shared partial block): a synchronous Extend must come first."""
-        return seq.needs_extend or self._covered(seq) < seq.num_computed_tokens + n
-
-    def _lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
-        return min(num_tokens + self.config.num_lookahead_tokens, self.max_model_len)
+        return seq.needs_extend or len(seq.block_table) * self.block_size < (
+            seq.num_computed_tokens + n
+        )
 
     # -- the step -------------------------------------------------------------------------------
 
     async def schedule(self) -> SchedulerOutput:
-        self.kv_wait = 0.0
-        self._land_calls()
+        link = self.link
+        link.kv_wait = 0.0
+        link.land()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         need: list[tuple[Sequence, int]] = []
@@ -166,7 +165,7 @@ class Scheduler:
             if self._short(seq, n):
                 need.append((seq, n))
         if need:
-            await self._settle()  # the look-ahead in flight may cover them
+            await link.settle()  # the look-ahead in flight may cover them
             need = [(q, n) for q, n in need if self._short(q, n)]
         if need:
             preempted = await self._extend_or_preempt(need, out)
@@ -176,10 +175,12 @@ class Scheduler:
         if not out.num_preempted:
             await self._admit(out, budget)
             if not out.seqs and self.running and self.waiting:
-                await unstall(self, out)  # only parked beams run (beam_engine.py)
+                await self._unstall(out)  # only parked beams run (beam_engine.py)
         # Copy-on-write copies landed so far run first in this step.
         out.copies.extend(self.pending_copies)
         self.pending_copies = []
+        if self._unforked:
+            out.forks = self._spawn_children(out)
         return out
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -199,7 +200,7 @@ class Scheduler:
             batch = self._admission_candidates(budget, offer)
             if not batch:
                 return
-            result = await self._admission_call(batch, budget)
+            result = await self.link.admit(batch, budget)
             tokens = cached = 0
             for seq, alloc in zip(batch, result.allocations, strict=False):
                 budget = self._admit_one(seq, alloc, out, budget)
@@ -219,16 +220,21 @@ class Scheduler:
                 return  # blocks come back as running sequences finish
             # Nothing runs and even an empty pool (cached blocks are evictable) cannot hold the
             # queue's head: it can never run.
-            seq = self.waiting.popleft()
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason = FinishReason.ERROR
-            out.failed.append(seq)
+            self._fail_head(out)
             offer -= 1
+
+    def _fail_head(self, out: SchedulerOutput) -> None:
+        """The queue's head can never run: finished with ERROR (the engine reports it)."""
+        seq = self.waiting.popleft()
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = FinishReason.ERROR
+        self._unforked.discard(seq.request)
+        out.failed.append(seq)
 
     def _admission_candidates(self, budget: int, limit: int) -> list[Sequence]:
         """The queue's head, at most `limit` sequences, as far as rows and budget allow."""
         batch: list[Sequence] = []
-        rows_left = len(self.free_rows) - self.reserved_rows
+        rows_left = self.rows.available
         miss = 1.0 - self._hit_estimate
         if self.config.enable_chunked_prefill:
             # Offer past the estimate: kvmanager stops at the budget itself, and a round that
@@ -251,29 +257,6 @@ class Scheduler:
             budget -= max(1, int(seq.num_tokens * miss))
         return batch
 
-    async def _admission_call(self, batch: list[Sequence], budget: int) -> StepResult:
-        """One call: the commits and releases waiting, then the admissions; every call in
-        flight lands first (its releases may be what makes room; its tables must be current)."""
-        commits, releases = self._begin_call()
-        await self._settle()  # (nothing left for it to send)
-        admits = [
-            AdmitEntry(
-                seq.seq_id,
-                seq.packed_prompt or seq.token_ids,  # packed: what kvmanager hashes
-                seq.request.cache_salt,
-                self._lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
-            )
-            for seq in batch
-        ]
-        try:
-            with self._awaiting_kvmanager():
-                result = await self.allocator.step(commits, releases, [], admits, budget)
-        except AllocatorError:
-            self._defer_releases(releases)
-            raise
-        await self._check_parts(result, releases)
-        return result
-
     def _admit_one(
         self, seq: Sequence, alloc: Allocation, out: SchedulerOutput, budget: int
     ) -> int:
@@ -288,8 +271,8 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
         seq.num_committed_blocks = alloc.num_cached_tokens // self.block_size
         seq.status = SeqStatus.RUNNING
-        seq.row = self.free_rows.pop()
-        self.reserved_rows += rows - 1
+        seq.row = self.rows.take()
+        self.rows.reserve(rows - 1)
         self.running.append(seq)
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
         out.seqs.append(seq)
@@ -308,11 +291,10 @@ class Scheduler:
             entries = []
             for seq, n in need:
                 end = seq.num_computed_tokens + n
-                target = self._lookahead_target(seq, end + 1) if lookahead else end
+                target = self.link.lookahead_target(seq, end + 1) if lookahead else end
                 entries.append(ExtendEntry(seq.seq_id, seq.num_computed_tokens, max(target, end)))
             try:
-                with self._awaiting_kvmanager():
-                    result = await self.allocator.extend(entries)
+                result = await self.link.extend(entries)
             except OutOfBlocks:
                 if lookahead and self.config.num_lookahead_tokens:
                     lookahead = False  # first ask only for what this step writes
@@ -325,18 +307,42 @@ class Scheduler:
                     del out.seqs[i], out.num_new_tokens[i]
                 need = [(s, n) for s, n in need if s is not victim]
                 continue
-            self._apply(result)
+            self._apply_updates(result)
             out.copies.extend(result.copies)
             for seq, _ in need:
                 seq.needs_extend = False
             break
         return preempted
 
+    async def _unstall(self, out: SchedulerOutput) -> None:
+        """Called when a step schedules nothing although sequences run and wait: every running
+        sequence is a parked beam (waiting for a preempted sibling) and the queue's head does
+        not fit. Preempts the newest other request's beams, queued behind the head's request,
+        which must become whole to make progress; if the head's own beams are all that holds
+        the pool, they can never be resident together and the head fails (the engine ends its
+        whole request)."""
+        if any(len(s.token_ids) > s.num_computed_tokens for s in self.running):
+            return
+        head = self.waiting[0].request
+        others = [s for s in self.running if s.request is not head]
+        await self.link.settle()
+        if not others:
+            self._fail_head(out)
+            return
+        victim = others[-1].request
+        for s in [s for s in self.running if s.request is victim][::-1]:
+            await self.preempt(s)
+        first = [s for s in self.waiting if s.request is head]
+        rest = [s for s in self.waiting if s.request is not head]
+        self.waiting.clear()
+        self.waiting.extend(first + rest)
+
     async def preempt(self, seq: Sequence) -> None:
         """Recompute later: release every block (the committed ones stay cached) and requeue at
-        the front. The token ids, outputs and generator state are kept."""
+        the front. The token ids, outputs and generator state are kept. Only once nothing of
+        the sequence is on its way to kvmanager (after `link.settle`)."""
         self.running.remove(seq)
-        await self.allocator.release([seq.seq_id])
+        await self.link.release_now([seq.seq_id])
         self._free_row(seq)
         seq.status = SeqStatus.WAITING
         seq.block_table = []
@@ -349,13 +355,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _free_row(self, seq: Sequence) -> None:
-        self.free_rows.append(seq.row)
+        self.rows.free(seq.row)
         seq.row = -1
         if not seq.request.forked and seq.request.num_rows > 1:
             # The rows reserved for children (or beams) that will never be forked.
-            self.reserved_rows -= seq.request.num_rows - 1
+            self.rows.unreserve(seq.request.num_rows - 1)
 
-    def _apply(self, result: ExtendResult) -> None:
+    def _apply_updates(self, result: ExtendResult) -> None:
         if not result.updates:
             return
         by_id = {s.seq_id: s for s in self.running}
@@ -364,155 +370,115 @@ class Scheduler:
             if seq is not None:
                 seq.apply_update(update.first_index, list(update.block_ids))
 
-    # -- kvmanager traffic (overlapped with the steps) -----------------------------------------
-
-    def issue_lookahead(self, seqs: list[Sequence]) -> None:
-        """After a step is launched: sends one Step call if a table of `seqs` (this step's
-        sampling sequences; num_computed_tokens already counts this step) is about to run short,
-        reserving for every one of them within the look-ahead window, or if commits and releases
-        have waited FLUSH_STEPS steps. Its result is applied by a later `schedule`."""
-        entries: list[tuple[Sequence, ExtendEntry]] = []
-        urgent = False
-        for seq in seqs:
-            end = seq.num_computed_tokens  # the next step writes the sampled token here
-            if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
-                continue  # finishes this step
-            if end + 1 >= self.max_model_len:
-                continue
-            target = self._lookahead_target(seq, end + 1)
-            covered = max(self._covered(seq), seq.lookahead_sent)
-            if covered < target:
-                entries.append((seq, ExtendEntry(seq.seq_id, end, target)))
-                urgent = urgent or covered < min(end + 1 + URGENT_TOKENS, target)
-        self._steps_since_call += 1
-        if urgent or (self._steps_since_call >= FLUSH_STEPS and (self._commits or self._releases)):
-            self._send(entries if urgent else [])
-
-    def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
-        """Commits and releases for the next Step call (a sequence's commits before its
-        release: they go in one call, commits first, or in calls sent in order)."""
-        self._commits.extend(commits)
-        self._releases.extend(releases)
-
-    def _begin_call(self) -> tuple[list[CommitEntry], list[str]]:
-        """A Step call goes out: it takes the commits and releases waiting."""
-        commits, self._commits = self._commits, []
-        releases, self._releases = self._releases, []
-        self._steps_since_call = 0
-        self.num_step_calls += 1
-        return commits, releases
-
-    def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
-        if not (self._commits or self._releases or entries):
-            return
-        commits, releases = self._begin_call()
-        for seq, e in entries:
-            seq.lookahead_sent = e.num_tokens
-        prev = self._calls[-1][0] if self._calls else None
-        call = self._call(prev, commits, releases, [e for _, e in entries])
-        self._calls.append((asyncio.create_task(call), [seq for seq, _ in entries]))
-
-    async def _call(
-        self,
-        prev: asyncio.Task | None,
-        commits: list[CommitEntry],
-        releases: list[str],
-        extends: list[ExtendEntry],
-    ) -> StepResult | None:
-        if prev is not None:
-            await asyncio.wait([prev])  # in order, whatever became of it
-        try:
-            result = await self.allocator.step(commits, releases, extends)
-        except AllocatorUnavailable:
-            self._defer_releases(releases)
-            return None  # the commits are lost (those blocks stay unshared); extends retried
-        except AllocatorError:
-            log.exception("Step call failed")
-            self._defer_releases(releases)
-            return None
-        await self._check_parts(result, releases)
-        if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
-            log.error("look-ahead Extend failed: %s", result.extend_error)
-        return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
-
-    async def _check_parts(self, result: StepResult, releases: list[str]) -> None:
-        if result.commit_error is not None:  # those blocks stay unshared
-            log.error("commit failed: %s", result.commit_error)
-        err = result.release_error
-        if isinstance(err, AllocatorUnavailable):
-            self._defer_releases(releases)
-        elif isinstance(err, UnknownSequence):
-            # One unknown id fails the whole part: settle the rest one by one.
-            for sid in releases:
-                await self._release([sid])
-        elif err is not None:
-            log.error("release failed: %s", err)
-
-    def _defer_releases(self, releases: list[str]) -> None:
-        """A release kvmanager could not take is retried until it does: dropping it would leak
-        the sequence's blocks for good once kvmanager restores its tables from Redis."""
-        if not releases:
-            return
-        self._releases[:0] = releases
-        log.warning("kvmanager unreachable: %d releases deferred", len(self._releases))
-        if self._retry is None:
-            self._retry = asyncio.get_running_loop().call_later(0.5, self._retry_releases)
-
-    def _retry_releases(self) -> None:
-        self._retry = None
-        self._send([])
-
-    def _land_calls(self) -> None:
-        """Applies the results of the calls that are done, oldest first (never past one that
-        is not: results apply in the order sent)."""
-        while self._calls and self._calls[0][0].done():
-            task, seqs = self._calls.popleft()
-            self._apply_call(task.result(), seqs)
-
-    def _apply_call(self, result: StepResult | None, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            seq.lookahead_sent = 0  # covered now, or to be asked again
-        if result is not None and result.extend is not None:
-            self._apply(result.extend)
-            # Copies come only for a shared block a sequence writes into next; sequences that
-            # may hold one (just forked) extend synchronously (needs_extend), before any write,
-            # so a look-ahead's copies concern blocks no step has been scheduled into yet.
-            self.pending_copies.extend(result.extend.copies)
-
-    async def _release(self, seq_ids: list[str]) -> None:
-        try:
-            await self.allocator.release(seq_ids)
-        except AllocatorUnavailable:
-            self._defer_releases(seq_ids)
-        except UnknownSequence:
-            if len(seq_ids) == 1:
-                return  # kvmanager lost it (crash before its write-behind flush): nothing held
-            for sid in seq_ids:
-                await self._release([sid])
-        except AllocatorError:
-            log.exception("release failed")
-
-    async def _settle(self) -> None:
-        """Sends what waits and applies every call's result: before anything that must see
-        them (an admission may hit the blocks just committed, or need the blocks just released;
-        a synchronous Extend must start from the tables kvmanager has)."""
-        self._send([])
-        with self._awaiting_kvmanager():
-            while self._calls:
-                task, seqs = self._calls.popleft()
-                self._apply_call(await task, seqs)
-
-    @contextlib.contextmanager
-    def _awaiting_kvmanager(self) -> Iterator[None]:
-        """Adds the block's time to kv_wait."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.kv_wait += time.perf_counter() - start
+    def _land_extend(self, result: ExtendResult) -> None:
+        """A look-ahead's result, from the link (at the start of a schedule or while settling:
+        never mid-step)."""
+        self._apply_updates(result)
+        # Copies come only for a shared block a sequence writes into next; sequences that
+        # may hold one (just forked) extend synchronously (needs_extend), before any write,
+        # so a look-ahead's copies concern blocks no step has been scheduled into yet.
+        self.pending_copies.extend(result.copies)
 
     async def drain(self) -> None:
-        await self._settle()
+        """Nothing left in flight: every Step call sent and its result applied."""
+        await self.link.settle()
+
+    # -- forks (n > 1 and beam search) ----------------------------------------------------------
+
+    def _spawn_children(self, out: SchedulerOutput) -> list[Fork]:
+        """n > 1: a parent whose prompt ends in this step samples n tokens from its one row of
+        logits; its n - 1 children are created here, on the rows reserved at admission."""
+        forks = []
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            if seq.request in self._unforked and seq.num_computed_tokens + n == seq.num_tokens:
+                forks.append(Fork(seq, self._make_children(seq), seq.num_prompt_tokens))
+        return forks
+
+    def _make_children(self, parent: Sequence) -> list[Sequence]:
+        req = parent.request
+        self.begin_fork(req)
+        self._unforked.discard(req)
+        children = []
+        for index in range(1, req.params.n):
+            child = new_sequence(req, index, list(parent.token_ids), self.config.device)
+            child.row = self.rows.take()
+            child.status = SeqStatus.RUNNING
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.arrival = parent.arrival
+            self.spawned.add(child)
+            children.append(child)
+        return children
+
+    def begin_fork(self, req: Request) -> None:
+        """The rows reserved at admission are the children's (or beams') from now on."""
+        req.forked = True
+        self.rows.unreserve(req.num_rows - 1)
+
+    def place_child(self, parent: Sequence, child: Sequence) -> bool:
+        """A beam's extra candidate: True when it gets a row, to share `parent`'s blocks by a
+        `fork` (the parent's KV is resident and a row is free). Otherwise it waits at the front
+        of the queue to be recomputed, mostly a prefix hit on the blocks the beams committed."""
+        if parent.status == SeqStatus.RUNNING and self.rows.available > 0:
+            child.row = self.rows.take()
+            child.status = SeqStatus.RUNNING
+            self.spawned.add(child)
+            return True
+        child.status = SeqStatus.WAITING
+        self.waiting.appendleft(child)
+        return False
+
+    async def fork(
+        self, forks: list[Fork], commits: list[CommitEntry], releases: list[str] | None = None
+    ) -> None:
+        """The children share their parent's blocks covering num_tokens (copy-on-write) and
+        run from the next step. A child copies the parent's committed hashes at fork time, so
+        the parent's full blocks up to there are committed first (n > 1: the prompt's; a block
+        past the fork point holds the parent's own tokens). `commits` (the step's) and
+        `releases` (dropped beams) go in the same round (AllocatorLink.fork). Parent and
+        children are marked needs_extend: the next step's Extend runs before they write, so the
+        first writer into a shared partial block gets a copy."""
+        bs = self.block_size
+        live: list[tuple[Fork, list[CommitEntry]]] = []
+        for f in forks:
+            parent = f.parent
+            if parent.is_finished:
+                continue  # aborted before its fork: the children were finished with it
+            full = f.num_tokens // bs
+            entries = [
+                CommitEntry(parent.seq_id, i, parent.token_ids[i * bs : (i + 1) * bs])
+                for i in range(parent.num_committed_blocks, full)
+            ]
+            if entries:
+                parent.num_committed_blocks = full
+            live.append((f, entries))
+        tables = await self.link.fork(live, commits, releases or [])
+        for (f, _), table in zip(live, tables, strict=True):
+            parent = f.parent
+            parent.needs_extend = True  # its partial last block is shared now
+            committed = min(parent.num_committed_blocks, f.num_tokens // bs)
+            for child in f.children:
+                child.block_table = list(table[child.seq_id])
+                child.num_computed_tokens = f.num_tokens
+                child.num_cached_tokens = parent.num_cached_tokens
+                child.num_committed_blocks = committed
+                child.needs_extend = True
+                self.spawned.discard(child)
+                self.running.append(child)
+
+    # -- a step's progress ----------------------------------------------------------------------
+
+    def launched(
+        self, sched: SchedulerOutput, sample_seqs: list[Sequence], lookahead: list[Sequence]
+    ) -> None:
+        """The step is on the device: its sequences advance, the link reserves what the coming
+        steps write (`lookahead`: sampling sequences short of the look-ahead target), and each
+        sampling sequence gets a placeholder token until the step lands."""
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        self.link.issue_lookahead(lookahead)
+        for seq in sample_seqs:
+            if seq.request.beam is None:  # beams append their own tokens (beam_engine.py)
+                seq.token_ids.append(PLACEHOLDER)
 
     def commit_entries(self, seqs: list[Sequence]) -> list[CommitEntry]:
         """Blocks that became full with their KV written (num_computed_tokens already advanced)."""
@@ -526,11 +492,154 @@ class Scheduler:
                 seq.num_committed_blocks = full
         return entries
 
+    def postprocess(
+        self,
+        seqs: list[Sequence],
+        positions: list[int],
+        token_ids: list[int],
+        logprobs: list[float] | None,
+        top_ids: list[list[int]] | None,
+        top_logprobs: list[list[float]] | None,
+    ) -> StepUpdate:
+        """A landed step's sampled tokens (beams aside: beam_engine.py): each takes its
+        placeholder's place (`positions`) and makes one output; a sequence that ends (EOS, a
+        stop id, max_tokens, the context) is finished, its blocks to be released."""
+        outputs: list[SequenceOutput] = []
+        releases: list[str] = []
+        finished: list[str] = []
+        eos = self.eos_token_ids
+        max_len = self.max_model_len
+        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
+            if seq.request.beam is not None:
+                continue  # beams: beam_engine.py
+            if seq.is_finished:
+                continue  # aborted, or finished by an earlier token while this one computed
+            pos = positions[i]
+            tokens = seq.token_ids
+            tokens[pos] = token
+            req = seq.request
+            p = req.params
+            lps: list[TokenLogprob] = []
+            if logprobs is not None and (p.return_logprobs or p.logprobs):
+                lp = logprobs[i]
+                seq.cumulative_logprob += lp
+                top = []
+                if p.logprobs and top_ids is not None and top_logprobs is not None:
+                    k = p.logprobs
+                    top = list(zip(top_ids[i][:k], top_logprobs[i][:k], strict=True))
+                lps.append(TokenLogprob(token, lp, top))
+            reason = FinishReason.NONE
+            if (token in eos and not p.ignore_eos) or (
+                p.stop_token_ids and token in p.stop_token_ids
+            ):
+                reason = FinishReason.STOP
+            elif pos + 1 - seq.num_prompt_tokens >= p.max_tokens or pos + 1 >= max_len:
+                reason = FinishReason.LENGTH
+            outputs.append(
+                SequenceOutput(
+                    req.request_id,
+                    seq.index,
+                    [token],
+                    reason,
+                    lps,
+                    req.num_prompt_tokens,
+                    req.num_cached_tokens if req.num_cached_tokens > 0 else 0,
+                    "",
+                    seq.cumulative_logprob,
+                )
+            )
+            if reason != FinishReason.NONE:
+                del tokens[pos + 1 :]  # a placeholder of a step that ran past the end
+                if seq.status == SeqStatus.RUNNING:  # (a preempted one holds no blocks)
+                    releases.append(seq.seq_id)
+                self.finish(seq, reason)
+                if all(q.is_finished for q in req.seqs):
+                    finished.append(req.request_id)
+        return StepUpdate(outputs, releases, finished)
+
+    def abort(self, seq: Sequence, releases: list[str]) -> bool:
+        """Finishes `seq` as aborted, its blocks to be released with `releases`; False if it had
+        finished already."""
+        if seq.is_finished:
+            return False
+        if seq.status == SeqStatus.RUNNING and seq.block_table:
+            releases.append(seq.seq_id)
+        self.finish(seq, FinishReason.ABORT)
+        return True
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Out of its queue and its row (the caller releases its blocks, if it holds any)."""
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         if seq.row >= 0:
-            self.running.remove(seq)
-            self._free_row(seq)
+            if not seq.block_table:
+                # A child made for a fork that has not happened yet (async scheduling): it
+                # holds a row but is in no queue.
+                self.rows.free(seq.row)
+                seq.row = -1
+                self.spawned.discard(seq)
+            else:
+                self.running.remove(seq)
+                self._free_row(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if not seq.request.forked:
+            self._unforked.discard(seq.request)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def kv_occupancy(self) -> tuple[int, int, int]:
+        """(tokens, distinct blocks, table blocks) of the running sequences: memory utilization
+        is tokens held for live requests over the slots of the blocks they hold; distinct blocks
+        show what sharing saves on top."""
+        bs = self.block_size
+        tokens = 0
+        table_blocks = 0
+        blocks: set[int] = set()
+        for seq in list(self.running):
+            # A token just sampled has no slot until its block is reserved: count what the
+            # table can hold.
+            tokens += min(len(seq.token_ids), len(seq.block_table) * bs)
+            table_blocks += len(seq.block_table)
+            blocks.update(seq.block_table)
+        return tokens, len(blocks), table_blocks
+
+    def check(self) -> None:
+        """Asserts the scheduler's invariants (tests; between steps). Raises AssertionError."""
+        bs = self.block_size
+        running, waiting, spawned = self.running, list(self.waiting), self.spawned
+        ids = [id(s) for s in running] + [id(s) for s in waiting] + [id(s) for s in spawned]
+        assert len(ids) == len(set(ids)), "a sequence is in two places (running/waiting/spawned)"
+        seq_ids = [s.seq_id for s in running] + [s.seq_id for s in waiting]
+        seq_ids += [s.seq_id for s in spawned]
+        assert len(seq_ids) == len(set(seq_ids)), "two live sequences share a seq_id"
+        # Rows: every row is free or held by exactly one running or spawned sequence.
+        held = [s.row for s in running] + [s.row for s in spawned]
+        free = self.rows.free_rows()
+        assert all(r >= 0 for r in held), "a running or spawned sequence has no row"
+        assert sorted(held + free) == list(range(self.rows.num_rows)), "rows lost or shared"
+        # Reserved rows are free rows set aside for the children of admitted, unforked requests.
+        reserved = sum(
+            s.request.num_rows - 1 for s in running if not s.request.forked and s.row >= 0
+        )
+        assert self.rows.num_reserved == reserved, (self.rows.num_reserved, reserved)
+        assert 0 <= self.rows.num_reserved <= len(free), "more rows reserved than free"
+        for s in running:
+            assert s.status == SeqStatus.RUNNING, f"{s.seq_id} runs with status {s.status}"
+            assert s.block_table, f"running {s.seq_id} holds no block"
+            assert s.num_computed_tokens <= s.num_tokens, s.seq_id
+            assert len(s.block_table) * bs >= s.num_computed_tokens, (
+                f"{s.seq_id}: table covers {len(s.block_table) * bs} < {s.num_computed_tokens}"
+            )
+            assert s.num_committed_blocks * bs <= s.num_computed_tokens, s.seq_id
+            assert s.num_synced_blocks <= len(s.block_table), s.seq_id
+        for s in waiting:
+            assert s.status == SeqStatus.WAITING, f"{s.seq_id} waits with status {s.status}"
+            assert s.row == -1 and not s.block_table, f"waiting {s.seq_id} holds a row or blocks"
+            assert s.num_computed_tokens == 0 and s.num_committed_blocks == 0, s.seq_id
+            assert not s.needs_extend, s.seq_id
+        for s in spawned:
+            assert s.status == SeqStatus.RUNNING and not s.block_table, s.seq_id
+            assert s.request.forked, s.seq_id
+        for r in self._unforked:
+            assert not r.forked and r.beam is None and r.params.n > 1, r.request_id

@@ -1,4 +1,4 @@
-"""Request and sequence state.
+"""Request and sequence state (the scheduler, scheduler.py, is the one that changes it).
 
 A Request is what add_request receives; it owns n Sequences (one per choice). With n > 1 only the
 first sequence is prefilled: when its prompt is done, n - 1 children are forked from it and share
@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from pagemesh.services.executor.beam_search import BeamSearch
 from pagemesh.services.executor.engine_api import (
     FinishReason,
     SamplingParams,
     SequenceOutput,
     TokenLogprob,
 )
-
-if TYPE_CHECKING:
-    from pagemesh.services.executor.beam_engine import BeamState
-
 
 # A sampled token still on its way from the device (async scheduling): token_ids holds this
 # until the step that sampled it lands.
@@ -140,3 +137,46 @@ class Sequence:
         del self.block_table[first_index:]
         self.block_table.extend(block_ids)
         self.num_synced_blocks = min(self.num_synced_blocks, first_index)
+
+
+def new_sequence(req: Request, index: int, token_ids: list[int], device: str) -> Sequence:
+    """Choice `index` of `req` (added to req.seqs), with its own generator when the request is
+    seeded: seed + index, so each choice's samples depend only on its seed and its history."""
+    gen = None
+    if req.params.seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed((req.params.seed + index) % 2**63)
+    suffix = f"#{index}" if req.params.n > 1 else ""
+    seq = Sequence(
+        seq_id=f"{req.request_id}{suffix}",
+        request=req,
+        index=index,
+        token_ids=token_ids,
+        num_prompt_tokens=req.num_prompt_tokens,
+        arrival=0,
+        generator=gen,
+    )
+    req.seqs.append(seq)
+    return seq
+
+
+@dataclass(slots=True, eq=False)
+class Fork:
+    """Children that will share `parent`'s KV blocks covering its first `num_tokens` tokens
+    (copy-on-write): n > 1 children after the prompt, or a beam's extra candidates. Each child
+    holds a row already; Scheduler.fork makes them run."""
+
+    parent: Sequence
+    children: list[Sequence]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class BeamState:
+    """A beam-search request's search state (Request.beam; driven by beam_engine.py)."""
+
+    search: BeamSearch
+    beams: list[Sequence]  # running beams, in the order of the search's parent indices
+    # This round's candidates so far: beam -> (top logprobs [K], token ids [K]).
+    reports: dict[Sequence, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    next_id: int = 1  # for the seq ids of forked beams

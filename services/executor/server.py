@@ -9,6 +9,9 @@ this thread's time, the one that also launches the GPU steps.
 
 A stream (Serve or Generate) that goes away aborts every request it still owns: the engine
 releases their blocks within one step.
+
+The service drives the engine through engine_api.EngineClient, and reports its load
+(GetInfo, the step trace) through engine_api.EngineLoad where the engine keeps one.
 """
 
 from __future__ import annotations
@@ -18,18 +21,22 @@ import collections
 import contextlib
 import logging
 import time
-from array import array
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagemesh.proto import executor_pb2 as pb
 from pagemesh.proto import executor_pb2_grpc as pb_grpc
-from pagemesh.proto import packed_ids
 from pagemesh.proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
-from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
+from pagemesh.services.executor.engine_api import (
+    EngineClient,
+    EngineLoad,
+    FinishReason,
+    PackedIds,
+    SamplingParams,
+    SequenceOutput,
+)
 from pagemesh.services.executor.trace import StepTrace
 
 from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
@@ -71,15 +78,16 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def prompt_of(request: pb.GenerateRequest) -> array | list[int]:
-    """A GenerateRequest's prompt ids: prompt_token_data's u32s, or prompt_token_ids."""
+def prompt_of(request: pb.GenerateRequest) -> PackedIds | list[int]:
+    """A GenerateRequest's prompt ids: prompt_token_data's u32s as they came (the engine keeps
+    those bytes as the packed prompt), or prompt_token_ids."""
     data = request.prompt_token_data
     if not data:
         return list(request.prompt_token_ids)
     if len(request.prompt_token_ids):
         raise ValueError("set prompt_token_ids or prompt_token_data, not both")
     try:
-        return packed_ids.unpack(data)
+        return PackedIds(data)
     except ValueError as e:
         raise ValueError(f"prompt_token_data {e}") from None
 
@@ -97,7 +105,8 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
             )
             for lp in o.logprobs
         ],
-        finish_reason=int(o.finish_reason),
+        # The stub types it as the generated enum; engine_api.FinishReason has its numbers.
+        finish_reason=int(o.finish_reason),  # type: ignore[arg-type]
         num_prompt_tokens=o.num_prompt_tokens,
         num_cached_tokens=o.num_cached_tokens,
         error=o.error,
@@ -228,7 +237,7 @@ class Sink:
 class EngineLoop:
     """Owns the engine: the only place `step()` is called."""
 
-    def __init__(self, engine: Any, trace: StepTrace | None = None) -> None:
+    def __init__(self, engine: EngineClient, trace: StepTrace | None = None) -> None:
         self.engine = engine
         self.trace = trace
         self._wake = asyncio.Event()
@@ -239,6 +248,13 @@ class EngineLoop:
     @property
     def num_requests(self) -> int:
         return len(self._owner)
+
+    @property
+    def load(self) -> EngineLoad | None:
+        """The engine's load figures (GetInfo, the step trace), if it keeps them. Asked each
+        time: the check reads the figures, which a real engine has once it is started."""
+        engine = self.engine
+        return engine if isinstance(engine, EngineLoad) else None
 
     def add(self, request: pb.GenerateRequest, sink: Sink) -> None:
         """Raises ValueError (from the engine) for a request it refuses."""
@@ -322,13 +338,15 @@ class EngineLoop:
 
     def _trace_step(self, outputs: list[SequenceOutput]) -> None:
         assert self.trace is not None
-        engine = self.engine
+        load = self.load
+        if load is None:
+            return  # (tracing needs the engine's step times)
         self.trace.first([o.request_id for o in outputs if o.token_ids])
         self.trace.step(
-            engine.step_times,
+            load.step_times,
             time.perf_counter(),
-            engine.num_waiting,
-            engine.num_running,
+            load.num_waiting,
+            load.num_running,
             len(outputs),
         )
 
@@ -472,57 +490,22 @@ class ExecutorService(pb_grpc.ExecutorServicer):
     ) -> pb.ExecutorInfo:
         info = pb.ExecutorInfo()
         info.CopyFrom(self._info)
-        running, waiting = engine_load(self.loop.engine)
-        info.num_running = running
-        info.num_waiting = waiting
-        info.kv_tokens_held, info.kv_blocks_held, info.kv_table_blocks = kv_occupancy(
-            self.loop.engine
-        )
-        config = getattr(self.loop.engine, "config", None)
-        info.prefix_caching = bool(getattr(config, "enable_prefix_caching", True))
+        load = self.loop.load
+        if load is not None:
+            info.num_running = load.num_running
+            info.num_waiting = load.num_waiting
+            info.kv_tokens_held, info.kv_blocks_held, info.kv_table_blocks = load.kv_occupancy()
+            info.prefix_caching = load.prefix_caching
+        else:  # an engine that keeps no figures
+            info.num_running = info.num_waiting = 0
+            info.kv_tokens_held = info.kv_blocks_held = info.kv_table_blocks = 0
+            info.prefix_caching = True
         info.num_serve_streams = self.num_serve_streams
         return info
 
 
-def kv_occupancy(engine: Any) -> tuple[int, int, int]:
-    """(tokens, distinct blocks, table blocks) of the running sequences: memory utilization is
-    tokens held for live requests over the slots of the blocks they hold; distinct blocks show
-    what sharing saves on top."""
-    scheduler = getattr(engine, "scheduler", None)
-    running = getattr(scheduler, "running", None) or []
-    block_size = getattr(getattr(engine, "config", None), "block_size", 16)
-    tokens = 0
-    table_blocks = 0
-    blocks: set[int] = set()
-    for seq in list(running):
-        # A token just sampled has no slot until its block is reserved: count what the table
-        # can hold.
-        tokens += min(len(seq.token_ids), len(seq.block_table) * block_size)
-        table_blocks += len(seq.block_table)
-        blocks.update(seq.block_table)
-    return tokens, len(blocks), table_blocks
-
-
-def engine_load(engine: Any) -> tuple[int, int]:
-    """(running, waiting) sequences, from whichever counters this engine exposes."""
-    for obj in (engine, getattr(engine, "scheduler", None)):
-        if obj is None:
-            continue
-        running = getattr(obj, "num_running", None)
-        waiting = getattr(obj, "num_waiting", None)
-        if running is not None and waiting is not None:
-            running = running() if callable(running) else running
-            waiting = waiting() if callable(waiting) else waiting
-            return int(running), int(waiting)
-        running = getattr(obj, "running", None)
-        waiting = getattr(obj, "waiting", None)
-        if running is not None and waiting is not None:
-            return len(running), len(waiting)
-    return 0, 0
-
-
 async def serve(
-    engine: Any,
+    engine: EngineClient,
     info: pb.ExecutorInfo,
     host: str,
     port: int,

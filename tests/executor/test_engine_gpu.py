@@ -106,7 +106,7 @@ async def test_cuda_engine_chunked_and_cached_prefills(
     )
     engine = LLMEngine(config, LocalAllocator())
     await engine.start()
-    assert (engine.prefill_graphs is not None) == prefill_graphs
+    assert (engine.runner.prefill_graphs is not None) == prefill_graphs
     engine.add_request("r0", prompts[0], SamplingParams(temperature=0.0, max_tokens=16))
     first = await run_all(engine)  # the shared prefix is committed before the rest arrive
     for i, p in enumerate(prompts[1:], 1):
@@ -130,7 +130,7 @@ async def test_prefill_graph_equals_eager_forward(random_llama: Path) -> None:
     config = EngineConfig(model=str(random_llama), device="cuda", dtype="float32", num_blocks=1024)
     engine = LLMEngine(config, LocalAllocator())
     await engine.start()
-    graphs = engine.prefill_graphs
+    graphs = engine.runner.prefill_graphs
     assert graphs is not None
     gen = torch.Generator().manual_seed(3)
     for k, v in engine.pool.kv_caches:

@@ -8,6 +8,7 @@ from array import array
 import numpy as np
 import pytest
 from pagemesh.proto import packed_ids
+from pagemesh.services.executor.engine_api import PackedIds
 from pagemesh.services.executor.prompt_ids import MIN_SHARED_IDS, PromptIds
 
 
@@ -81,3 +82,25 @@ def test_edge_inputs() -> None:
         conv.convert(["1"])
     with pytest.raises(ValueError, match="integers"):
         conv.convert([1 << 70])
+
+
+def test_packed_prompts_are_kept_as_they_came() -> None:
+    """The wire's bytes (PackedIds) give the same ids and range as any other form, and are the
+    packed prompt themselves: not unpacked and packed again."""
+    rng = random.Random(3)
+    conv = PromptIds()
+    system = [rng.randrange(1 << 32) for _ in range(2 * MIN_SHARED_IDS)]
+    for _ in range(50):
+        ids = (system if rng.random() < 0.5 else []) + [
+            rng.randrange(1 << 32) for _ in range(rng.randrange(1, 100))
+        ]
+        data = packed_ids.pack(ids)
+        got = conv.convert(PackedIds(data))
+        assert got == _expect(ids)
+        assert got[1] is data
+        assert all(type(t) is int for t in got[0])
+    assert conv.convert(PackedIds(b"")) == ([], b"", 0, 0)
+    packed = PackedIds(packed_ids.pack([5, 6, 7]))
+    assert len(packed) == 3 and list(packed) == [5, 6, 7]
+    with pytest.raises(ValueError, match="whole u32 ids"):
+        PackedIds(b"\x01\x02\x03")

@@ -65,11 +65,11 @@ async def _step(sc: Scheduler, token: int = 7):
         seq.num_computed_tokens += n
         if seq.num_computed_tokens == len(seq.token_ids):
             sampling.append(seq)
-    sc.issue_lookahead(sampling)
+    sc.link.issue_lookahead(sampling)
     await asyncio.sleep(0)  # the device computes; the Step call (if any) goes out meanwhile
     for seq in sampling:
         seq.token_ids.append(token)
-    sc.defer(sc.commit_entries(out.seqs), [])
+    sc.link.defer(sc.commit_entries(out.seqs), [])
     return out
 
 
@@ -136,7 +136,7 @@ async def test_prefix_hit_skips_cached_tokens() -> None:
     sc.add(a)
     await _step(sc)
     sc.finish(a, a.finish_reason)
-    sc.defer([], ["a"])
+    sc.link.defer([], ["a"])
     b = _seq("b", [*prompt[:40], 1, 2, 3])
     sc.add(b)
     out = await sc.schedule()
@@ -211,7 +211,7 @@ async def test_one_admission_call_fills_a_step_when_hits_scatter() -> None:
         assert all(s.num_cached_tokens == 160 for s in out.admitted)
         for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-        sc.defer(sc.commit_entries(out.seqs), [])
+        sc.link.defer(sc.commit_entries(out.seqs), [])
 
 
 async def test_arrivals_during_admission_wait_for_the_next_step() -> None:

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,18 @@ def _compile_enabled() -> bool:
     return os.environ.get("PAGEMESH_COMPILE", "1") not in ("0", "false", "no")
 
 
-def cuda_compiled(fn: Fn | None = None, *, token_args: tuple[int, ...] = (0,)) -> Fn:
+# Typed both ways it is used: `@cuda_compiled` and `@cuda_compiled(token_args=...)`.
+@overload
+def cuda_compiled(fn: Fn, *, token_args: tuple[int, ...] = ...) -> Fn: ...
+
+
+@overload
+def cuda_compiled(fn: None = None, *, token_args: tuple[int, ...] = ...) -> Callable[[Fn], Fn]: ...
+
+
+def cuda_compiled(
+    fn: Fn | None = None, *, token_args: tuple[int, ...] = (0,)
+) -> Fn | Callable[[Fn], Fn]:
     """Run `fn` compiled (one graph) when its first argument is on CUDA.
 
     Only the token dimension (dim 0 of the positional arguments in `token_args`) is dynamic:
@@ -45,7 +56,7 @@ def cuda_compiled(fn: Fn | None = None, *, token_args: tuple[int, ...] = (0,)) -
     (a test run) would then fail its next model's forward. Past that limit the new configuration
     runs eagerly (same numerics, more kernels); the ones compiled before keep their kernels."""
     if fn is None:
-        return functools.partial(cuda_compiled, token_args=token_args)  # type: ignore[return-value]
+        return functools.partial(cuda_compiled, token_args=token_args)
     compiled: Callable | None = None
     eager_past_limit = False
 
@@ -66,7 +77,7 @@ def cuda_compiled(fn: Fn | None = None, *, token_args: tuple[int, ...] = (0,)) -
                 log.warning("%s: dynamo recompile limit reached, new shapes run eagerly", fn)
             return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

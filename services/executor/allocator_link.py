@@ -1,0 +1,304 @@
+"""The executor's one link to kvmanager: every call to the BlockAllocator goes through here.
+
+Most traffic rides on batched `Step` calls, overlapped with the steps:
+- After a step is launched, `issue_lookahead` decides whether this step sends kvmanager one
+  Step call: the blocks earlier steps filled (commits), the sequences that ended (releases) and
+  the blocks coming steps will write into (a batched Extend). Each gRPC message costs the thread
+  that drives the GPU a few hundred microseconds, so the call goes out only when a sequence's
+  table is about to run short (URGENT_TOKENS), and then reserves for every one of them within the
+  look-ahead window: a call every ~(num_lookahead_tokens - URGENT_TOKENS) steps at most, whatever
+  the batch size. Commits and releases ride along (or go after FLUSH_STEPS steps, or before
+  anything that must see them: an admission, a synchronous Extend, idling, a fork).
+- Calls are chained (a sequence's commits land before its release; a later call never overtakes
+  an earlier one). Their Extend results are handed to the scheduler (`apply`) only from `land`
+  (the start of a step's schedule) or `settle`, never mid-step: a table changes only where no
+  one is reading it. The scheduler owns the tables; this module only carries the messages.
+- A release kvmanager could not take (unreachable) is kept and retried until it does.
+
+The other calls: an admission round (one Step call carrying the waiting commits and releases),
+the synchronous Extend of a step whose tables fall short, a preemption's release, the forks
+(n > 1 and beams alike), and `register` at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import cast
+
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.prefix_caching import CommitsDropped
+from pagemesh.services.executor.sequence import Fork, Sequence
+from pagemesh.services.kvmanager.api import (
+    AdmitEntry,
+    AllocatorError,
+    AllocatorUnavailable,
+    BlockAllocator,
+    CommitEntry,
+    ExtendEntry,
+    ExtendResult,
+    OutOfBlocks,
+    StepResult,
+    UnknownSequence,
+)
+
+log = logging.getLogger(__name__)
+
+# A look-ahead Extend goes out once a sequence's table covers fewer than this many tokens beyond
+# its next write: the reply then has a step or two to come back before any step needs it.
+URGENT_TOKENS = 2
+# Commits and releases wait at most this many steps for a call to ride on.
+FLUSH_STEPS = 8
+
+
+class AllocatorLink:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        config: EngineConfig,
+        max_model_len: int,
+        apply: Callable[[ExtendResult], None],
+    ) -> None:
+        """`apply`: the scheduler's hook for a landed look-ahead's Extend result (table updates
+        and copy-on-write copies), called in the order the calls were sent."""
+        # Prefix caching off: nothing is ever published to the index (see prefix_caching.py).
+        self.allocator: BlockAllocator = (
+            allocator if config.enable_prefix_caching else CommitsDropped(allocator)
+        )
+        self.block_size = config.block_size
+        self.num_lookahead_tokens = config.num_lookahead_tokens
+        self.max_model_len = max_model_len
+        self._apply = apply
+        # What the next Step call carries, and the calls in flight (oldest first), each with the
+        # sequences whose look-ahead it carries.
+        self._commits: list[CommitEntry] = []
+        self._releases: list[str] = []
+        self._calls: deque[tuple[asyncio.Task, list[Sequence]]] = deque()
+        self._steps_since_call = 0
+        self._retry: asyncio.TimerHandle | None = None
+        self.num_step_calls = 0
+        # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
+        # kv_wait: what of a slow schedule is the allocator's round trips); the scheduler
+        # zeroes it when a step begins.
+        self.kv_wait = 0.0
+
+    async def register(self, num_blocks: int, block_size: int, fingerprint: str) -> int:
+        """Announces the pool (the engine's start); returns the new epoch."""
+        return await self.allocator.register(num_blocks, block_size, fingerprint)
+
+    def lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
+        """Table coverage (tokens) to ask for when `seq` must hold `num_tokens`."""
+        return min(num_tokens + self.num_lookahead_tokens, self.max_model_len)
+
+    # -- the Step calls overlapped with the steps ----------------------------------------------
+
+    def issue_lookahead(self, seqs: list[Sequence]) -> None:
+        """After a step is launched: sends one Step call if a table of `seqs` (this step's
+        sampling sequences; num_computed_tokens already counts this step) is about to run short,
+        reserving for every one of them within the look-ahead window, or if commits and releases
+        have waited FLUSH_STEPS steps. Its result is applied by a later `land` or `settle`."""
+        entries: list[tuple[Sequence, ExtendEntry]] = []
+        urgent = False
+        bs = self.block_size
+        for seq in seqs:
+            end = seq.num_computed_tokens  # the next step writes the sampled token here
+            if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
+                continue  # finishes this step
+            if end + 1 >= self.max_model_len:
+                continue
+            target = self.lookahead_target(seq, end + 1)
+            covered = max(len(seq.block_table) * bs, seq.lookahead_sent)
+            if covered < target:
+                entries.append((seq, ExtendEntry(seq.seq_id, end, target)))
+                urgent = urgent or covered < min(end + 1 + URGENT_TOKENS, target)
+        self._steps_since_call += 1
+        if urgent or (self._steps_since_call >= FLUSH_STEPS and (self._commits or self._releases)):
+            self._send(entries if urgent else [])
+
+    def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
+        """Commits and releases for the next Step call (a sequence's commits before its
+        release: they go in one call, commits first, or in calls sent in order)."""
+        self._commits.extend(commits)
+        self._releases.extend(releases)
+
+    def land(self) -> None:
+        """Applies the results of the calls that are done, oldest first (never past one that
+        is not: results apply in the order sent)."""
+        while self._calls and self._calls[0][0].done():
+            task, seqs = self._calls.popleft()
+            self._land(task.result(), seqs)
+
+    async def settle(self) -> None:
+        """Sends what waits and applies every call's result: before anything that must see
+        them (an admission may hit the blocks just committed, or need the blocks just released;
+        a synchronous Extend must start from the tables kvmanager has; a child copies its
+        parent's committed hashes)."""
+        self._send([])
+        with self._awaiting_kvmanager():
+            while self._calls:
+                task, seqs = self._calls.popleft()
+                self._land(await task, seqs)
+
+    def _begin_call(self) -> tuple[list[CommitEntry], list[str]]:
+        """A Step call goes out: it takes the commits and releases waiting."""
+        commits, self._commits = self._commits, []
+        releases, self._releases = self._releases, []
+        self._steps_since_call = 0
+        self.num_step_calls += 1
+        return commits, releases
+
+    def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
+        if not (self._commits or self._releases or entries):
+            return
+        commits, releases = self._begin_call()
+        for seq, e in entries:
+            seq.lookahead_sent = e.num_tokens
+        prev = self._calls[-1][0] if self._calls else None
+        call = self._call(prev, commits, releases, [e for _, e in entries])
+        self._calls.append((asyncio.create_task(call), [seq for seq, _ in entries]))
+
+    async def _call(
+        self,
+        prev: asyncio.Task | None,
+        commits: list[CommitEntry],
+        releases: list[str],
+        extends: list[ExtendEntry],
+    ) -> StepResult | None:
+        if prev is not None:
+            await asyncio.wait([prev])  # in order, whatever became of it
+        try:
+            result = await self.allocator.step(commits, releases, extends)
+        except AllocatorUnavailable:
+            self._defer_releases(releases)
+            return None  # the commits are lost (those blocks stay unshared); extends retried
+        except AllocatorError:
+            log.exception("Step call failed")
+            self._defer_releases(releases)
+            return None
+        await self._check_parts(result, releases)
+        if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
+            log.error("look-ahead Extend failed: %s", result.extend_error)
+        return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
+
+    def _land(self, result: StepResult | None, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.lookahead_sent = 0  # covered now, or to be asked again
+        if result is not None and result.extend is not None:
+            self._apply(result.extend)
+
+    async def _check_parts(self, result: StepResult, releases: list[str]) -> None:
+        if result.commit_error is not None:  # those blocks stay unshared
+            log.error("commit failed: %s", result.commit_error)
+        err = result.release_error
+        if isinstance(err, AllocatorUnavailable):
+            self._defer_releases(releases)
+        elif isinstance(err, UnknownSequence):
+            # One unknown id fails the whole part: settle the rest one by one.
+            for sid in releases:
+                await self._release([sid])
+        elif err is not None:
+            log.error("release failed: %s", err)
+
+    def _defer_releases(self, releases: list[str]) -> None:
+        """A release kvmanager could not take is retried until it does: dropping it would leak
+        the sequence's blocks for good once kvmanager restores its tables from Redis."""
+        if not releases:
+            return
+        self._releases[:0] = releases
+        log.warning("kvmanager unreachable: %d releases deferred", len(self._releases))
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(0.5, self._retry_releases)
+
+    def _retry_releases(self) -> None:
+        self._retry = None
+        self._send([])
+
+    async def _release(self, seq_ids: list[str]) -> None:
+        try:
+            await self.allocator.release(seq_ids)
+        except AllocatorUnavailable:
+            self._defer_releases(seq_ids)
+        except UnknownSequence:
+            if len(seq_ids) == 1:
+                return  # kvmanager lost it (crash before its write-behind flush): nothing held
+            for sid in seq_ids:
+                await self._release([sid])
+        except AllocatorError:
+            log.exception("release failed")
+
+    @contextlib.contextmanager
+    def _awaiting_kvmanager(self) -> Iterator[None]:
+        """Adds the block's time to kv_wait."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.kv_wait += time.perf_counter() - start
+
+    # -- the calls a step waits for ------------------------------------------------------------
+
+    async def admit(self, batch: list[Sequence], budget: int) -> StepResult:
+        """An admission round, one call: the commits and releases waiting, then the admissions;
+        every call in flight lands first (its releases may be what makes room; its tables must
+        be current)."""
+        commits, releases = self._begin_call()
+        await self.settle()  # (nothing left for it to send)
+        admits = [
+            AdmitEntry(
+                seq.seq_id,
+                seq.packed_prompt or seq.token_ids,  # packed: what kvmanager hashes
+                seq.request.cache_salt,
+                self.lookahead_target(seq, seq.num_tokens + 1) - seq.num_tokens,
+            )
+            for seq in batch
+        ]
+        try:
+            with self._awaiting_kvmanager():
+                result = await self.allocator.step(commits, releases, [], admits, budget)
+        except AllocatorError:
+            self._defer_releases(releases)
+            raise
+        await self._check_parts(result, releases)
+        return result
+
+    async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
+        """A synchronous Extend (tables that fall short of this step's writes); raises
+        OutOfBlocks when the pool cannot take it (nothing changed)."""
+        with self._awaiting_kvmanager():
+            return await self.allocator.extend(entries)
+
+    async def release_now(self, seq_ids: list[str]) -> None:
+        """A release the caller waits for (a preemption, after `settle`: nothing of the
+        sequence is still on its way)."""
+        await self.allocator.release(seq_ids)
+
+    async def fork(
+        self,
+        forks: list[tuple[Fork, list[CommitEntry]]],
+        commits: list[CommitEntry],
+        releases: list[str],
+    ) -> list[dict[str, list[int]]]:
+        """Forks, each with the parent's commits that must land before it (a child copies the
+        parent's committed hashes at fork time); returns each fork's child tables. `commits`
+        (the step's) go first, after every call in flight has landed; then `releases` (dropped
+        beams: released before the forks, so no moment holds both the dropped tables and the
+        new ones) and the forks, all in flight at once (they touch different sequences, and a
+        fork takes no fresh block)."""
+        await self.settle()
+        if commits:
+            await self.allocator.commit(commits)
+        release = [self.allocator.release(releases)] if releases else []
+        results = await asyncio.gather(*release, *(self._fork(f, e) for f, e in forks))
+        # gather types its results by their join (object): these are the forks' tables.
+        return cast(list[dict[str, list[int]]], results[len(release) :])
+
+    async def _fork(self, f: Fork, commits: list[CommitEntry]) -> dict[str, list[int]]:
+        if commits:
+            await self.allocator.commit(commits)
+        return await self.allocator.fork(
+            f.parent.seq_id, [c.seq_id for c in f.children], f.num_tokens
+        )
