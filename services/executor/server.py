@@ -540,8 +540,8 @@ async def serve(
         if stop is not None:
             waiters.append(asyncio.create_task(stop.wait()))
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if engine_task in done and engine_task.exception() is not None:
-            raise engine_task.exception()  # type: ignore[misc]
+        if engine_task in done and (error := engine_task.exception()) is not None:
+            raise error
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from pagemesh.proto import packed_ids
 from pagemesh.services.kvmanager import hashing
@@ -357,7 +358,7 @@ class Manager:
             seq = get(sid)
             if seq is None or nt < nc or nc < 0:
                 self._bad_extend_entry(seq, sid, nc, nt)
-            table = seq.blocks  # type: ignore[union-attr]
+            table = seq.blocks
             have = len(table)
             nb = -(-nt // bs)
             lo = nc // bs
@@ -381,9 +382,9 @@ class Manager:
                         f" {ex.num_blocks}"
                     )
                 need += nb - have
-                plan.append((sid, seq, cows, nb - have))  # type: ignore[arg-type]
+                plan.append((sid, seq, cows, nb - have))
             elif cows is not None:
-                plan.append((sid, seq, cows, 0))  # type: ignore[arg-type]
+                plan.append((sid, seq, cows, 0))
         if len(plan) > 1 and len({p[0] for p in plan}) != len(plan):
             raise InvalidRequest("extend: a sequence appears twice in one batch")
         pool = ex.pool
@@ -430,7 +431,7 @@ class Manager:
         return updates, copies
 
     @staticmethod
-    def _bad_extend_entry(seq: SeqState | None, sid: str, nc: int, nt: int) -> None:
+    def _bad_extend_entry(seq: SeqState | None, sid: str, nc: int, nt: int) -> NoReturn:
         if seq is None:
             raise UnknownSequence(f"extend: unknown sequence {sid!r}")
         raise InvalidRequest(
