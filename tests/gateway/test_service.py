@@ -130,7 +130,7 @@ async def mesh(
     )
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    app = create_app(GatewayConfig(executor=f"127.0.0.1:{port}", api_keys=["sekrit"]))
+    app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"], api_keys=["sekrit"]))
     async with TestClient(TestServer(app)) as client:
         for _ in range(200):
             if (await client.get("/health")).status == 200:
