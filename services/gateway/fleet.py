@@ -41,18 +41,14 @@ def apply_snapshot(registry: ModelRegistry, snapshot: fleet_pb.FleetSnapshot) ->
             log.info("executor %s left the fleet", member.executor_id)
             registry.remove(member)
     for executor_id, m in wanted.items():
-        member = registry.members.get(executor_id)
-        if member is None:
+        known = registry.members.get(executor_id)
+        if known is None:
             log.info("executor %s joined the fleet (model %r)", executor_id, m.model)
-            member = Member(executor_id, m.address, m.model, ExecutorClient(m.address), m.live)
-            registry.add(member)
-        elif member.live != m.live:
-            log.warning(
-                "executor %s is %s",
-                executor_id,
-                "live again" if m.live else "down: no new requests",
-            )
-            member.live = m.live
+            registry.add(Member(executor_id, m.address, m.model, ExecutorClient(m.address), m.live))
+        elif known.live != m.live:
+            state = "live again" if m.live else "down: no new requests"
+            log.warning("executor %s is %s", executor_id, state)
+            known.live = m.live
     registry.synced = True
 
 
@@ -62,7 +58,6 @@ class FleetFollower:
     def __init__(self, address: str, registry: ModelRegistry) -> None:
         self.address = address
         self.registry = registry
-        self.snapshots = 0  # received since start (tests wait on it)
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -94,7 +89,6 @@ class FleetFollower:
                         log.info("following kvmanager's fleet again")
                         outage = False
                     backoff = WATCH_BACKOFF_S[0]
-                    self.snapshots += 1
                     apply_snapshot(self.registry, snapshot)
                 why = "kvmanager ended the fleet stream"
             except grpc.aio.AioRpcError as exc:

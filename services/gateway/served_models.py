@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
+import grpc
 from pagemesh.proto import executor_pb2 as pb
 from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.errors import APIError
@@ -33,6 +34,10 @@ log = logging.getLogger("pagemesh.gateway.models")
 # each time: an operator may fix the mount while the gateway runs.
 TOKENIZER_RETRY_S = (1.0, 30.0)
 MAX_NAMES_IN_ERRORS = 8
+# A member that left is closed once its requests in flight are done: checked this often.
+DRAIN_POLL_S = 0.2
+# GetInfo of a new member is retried this often (backoff) until it answers or leaves.
+INFO_RETRY_S = (0.25, 5.0)
 
 
 @dataclass(eq=False, slots=True)
@@ -141,6 +146,7 @@ class ModelRegistry:
         self.synced = False
         self._tokenizers: dict[str, asyncio.Task[Tokenizer]] = {}  # by path, shared by models
         self._closing: set[asyncio.Task[None]] = set()
+        self._shutting_down = False
         self._heap_frozen = False
 
     # -- requests ---------------------------------------------------------------------------
@@ -191,9 +197,12 @@ class ModelRegistry:
             self._admit(member, model), name=f"admit-{member.executor_id}"
         )
 
-    def remove(self, member: Member) -> None:
-        """Drops `member` and closes its stream (its requests in flight fail: the executor left
-        the fleet). A model left without members is forgotten: its name becomes a 404."""
+    def remove(self, member: Member, drain: bool = True) -> None:
+        """Drops `member`: it takes no new request at once. Its stream is closed once the
+        requests on it have finished (`drain`; an executor that is really gone fails them at
+        once, one that only left kvmanager's view, e.g. a kvmanager restarted without Redis,
+        finishes them), else now. A model left without members is forgotten: its name becomes
+        unknown."""
         if self.members.pop(member.executor_id, None) is None:
             return
         model = self.models.get(member.model)
@@ -203,29 +212,35 @@ class ModelRegistry:
                 model.refresh_limits()
             else:
                 del self.models[member.model]
-        task = asyncio.create_task(self._close(member), name=f"close-{member.executor_id}")
+        task = asyncio.create_task(self._close(member, drain), name=f"close-{member.executor_id}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        """Shutdown: every stream closed now."""
+        self._shutting_down = True  # members still draining close now too
         for member in list(self.members.values()):
-            self.remove(member)
+            self.remove(member, drain=False)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        for task in self._tokenizers.values():
-            task.cancel()
+        for tokenizer_task in self._tokenizers.values():
+            tokenizer_task.cancel()
 
-    async def _close(self, member: Member) -> None:
-        if member.task is not None:
-            member.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await member.task
-        await member.client.close()
+    async def _close(self, member: Member, drain: bool) -> None:
+        try:
+            if member.task is not None:
+                member.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await member.task
+            while drain and member.client.num_in_flight and not self._shutting_down:
+                await asyncio.sleep(DRAIN_POLL_S)
+        finally:
+            await member.client.close()
 
     async def _admit(self, member: Member, model: ServedModel) -> None:
         """GetInfo (waiting while the executor loads its model), the model's tokenizer, then
         the Serve stream. Cancelled when the member leaves first."""
-        info = member.info if member.info is not None else await member.client.wait_for_info()
+        info = member.info if member.info is not None else await self._info(member)
         delay = TOKENIZER_RETRY_S[0]
         while model.tokenizer is None:
             path = self._tokenizer_path or info.model_path or info.model
@@ -247,6 +262,26 @@ class ModelRegistry:
             model.name,
             info.max_model_len,
         )
+
+    async def _info(self, member: Member) -> pb.ExecutorInfo:
+        """GetInfo, retried with backoff while the executor does not answer (still loading its
+        model, or not reachable from here): logged once, not at every try."""
+        delay = INFO_RETRY_S[0]
+        logged = False
+        while True:
+            try:
+                return await member.client.get_info()
+            except grpc.aio.AioRpcError as exc:
+                if not logged:
+                    logged = True
+                    log.warning(
+                        "executor %s at %s does not answer GetInfo (%s); retrying",
+                        member.executor_id,
+                        member.address,
+                        exc.code().name,
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, INFO_RETRY_S[1])
 
     async def _tokenizer(self, path: str) -> Tokenizer:
         """One load per path, shared by every model and member that needs it."""
