@@ -3,9 +3,9 @@
 Lifecycle of a generation request: read (bounded) → the model it names (served_models.py: 404
 unknown, 503 not servable now) → validate → tokenize → check the context → route (router.py: one
 executor of that model) → submit on that executor's Serve stream → wait for the first step (a
-refusal still becomes a 400) → answer (SSE or one JSON body). Whatever ends the handler early (client disconnect cancels it,
-a write fails, an error) aborts the request at the executor in `finally`, which frees its blocks
-within one scheduler step.
+refusal still becomes a 400) → answer (SSE or one JSON body). Whatever ends the handler early
+(client disconnect cancels it, a write fails, an error) aborts the request at the executor that
+holds it in `finally`, which frees its blocks within one scheduler step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ParsedT = TypeVar("ParsedT", ChatRequest, CompletionRequest)
 
 
-DEFAULT_EXECUTOR = "127.0.0.1:50052"
+DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors nor kvmanager
 
 # What a client reads when an executor's stream fails under its request: never the executor's
 # address or gRPC's own words (the log has them).

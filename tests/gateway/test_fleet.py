@@ -46,6 +46,7 @@ class FakeFleet(fleet_grpc.FleetServicer):
         self.members: list[fleet_pb.FleetMember] = []
         self.routes: list[fleet_pb.RouteRequest] = []
         self.route_to: str | None = None
+        self.route_delay = 0.0  # seconds Route takes: a hung kvmanager
         self._version = 0
         self._changed = asyncio.Condition()
 
@@ -70,6 +71,7 @@ class FakeFleet(fleet_grpc.FleetServicer):
         self, request: fleet_pb.RouteRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb.RouteResponse:
         self.routes.append(request)
+        await asyncio.sleep(self.route_delay)
         serving = [m for m in self.members if m.model == request.model]
         if not serving:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no executor serves {request.model}")
@@ -377,6 +379,19 @@ async def test_route_failure_falls_back_locally_and_logs_once(
 
     await until(routed_again, timeout=15, what="Route to be asked again")
     assert any("answers Route again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hung_kvmanager_costs_one_deadline_a_second(mesh: FleetMesh) -> None:
+    a, b = mesh.executors["ex-a"], mesh.executors["ex-b"]
+    await publish(mesh, a.member(), b.member())
+    mesh.fleet.route_delay = 30.0  # answers nothing in time
+    started = time.monotonic()
+    for _ in range(4):
+        assert (await chat(mesh))[0] == 200
+    elapsed = time.monotonic() - started
+    # The first request waited Route's deadline, the next ones were routed locally at once.
+    assert router.ROUTE_TIMEOUT_S <= elapsed < router.ROUTE_TIMEOUT_S + 2
+    assert len(mesh.fleet.routes) == 1
 
 
 async def test_two_models_each_with_its_executors(mesh: FleetMesh) -> None:
