@@ -1,32 +1,35 @@
 """The OpenAI-compatible HTTP API: routes, auth, limits and the request lifecycle.
 
-Lifecycle of a generation request: read (bounded) → validate → tokenize → check the context →
-submit on the shared Serve stream → wait for the first step (a refusal still becomes a 400) →
-answer (SSE or one JSON body). Whatever ends the handler early (client disconnect cancels it,
-a write fails, an error) aborts the request at the executor in `finally`, which frees its blocks
-within one scheduler step.
+Lifecycle of a generation request: read (bounded) → the model it names (served_models.py: 404
+unknown, 503 not servable now) → validate → tokenize → check the context → route (router.py: one
+executor of that model) → submit on that executor's Serve stream → wait for the first step (a
+refusal still becomes a 400) → answer (SSE or one JSON body). Whatever ends the handler early
+(client disconnect cancels it, a write fails, an error) aborts the request at the executor that
+holds it in `finally`, which frees its blocks within one scheduler step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pagemesh.services.gateway.chat import PromptError, Tokenizer
+from pagemesh.services.gateway.chat import PromptError
 from pagemesh.services.gateway.errors import APIError, invalid
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
+from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import GatewayMetrics
 from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
+from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
+from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
 from pagemesh.services.gateway.sse import SSEWriter, encode_event
 from pagemesh.services.gateway.trace import RequestTimes, RequestTrace
 from pagemesh.services.gateway.turnstile import Turnstile
@@ -40,19 +43,28 @@ from pagemesh.services.gateway.validation import (
     parse_json,
 )
 
-from pagemesh.heap import freeze_startup_heap
-
 log = logging.getLogger("pagemesh.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ParsedT = TypeVar("ParsedT", ChatRequest, CompletionRequest)
+
+
+DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors nor kvmanager
+
+# What a client reads when an executor's stream fails under its request: never the executor's
+# address or gRPC's own words (the log has them).
+EXECUTOR_UNAVAILABLE = "The executor serving this request is unavailable; retry shortly."
 
 
 @dataclass(slots=True)
 class GatewayConfig:
-    executor: str = "127.0.0.1:50052"
+    # Static mode: these executors (none and no kvmanager: DEFAULT_EXECUTOR). Fleet mode (none
+    # and a kvmanager): whichever executors kvmanager's fleet has (fleet.py).
+    executors: list[str] = field(default_factory=list)
     kvmanager: str | None = None
-    model_name: str | None = None  # None: the executor's model name
-    tokenizer: str | None = None  # None: the executor's model_path
+    model_name: str | None = None  # static mode; None: each executor's model name
+    tokenizer: str | None = None  # static mode; None: the executor's model_path
+    routing_policy: str = "kv"  # fleet mode: Route's policy (router.POLICIES)
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 4 << 20
     # Generations in flight at once; more get a 429 instead of queueing without bound.
@@ -60,76 +72,66 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     trace_requests: str = ""  # a JSON line per request there (trace.py)
 
+    @property
+    def fleet_mode(self) -> bool:
+        return not self.executors and bool(self.kvmanager)
+
 
 class Gateway:
-    """Process-wide state: the executor stream, the tokenizer and the metrics."""
+    """Process-wide state: the served models and their executors' streams, the router, the
+    metrics."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.client = ExecutorClient(config.executor)
+        self.fleet_mode = config.fleet_mode
         self.turnstile = Turnstile()  # one request's ingest per loop iteration (turnstile.py)
         # kvmanager's stats (/metrics) and health (/health); it is not on the token path.
         self.kvmanager = KVManagerLink(config.kvmanager) if config.kvmanager else None
         self.metrics = GatewayMetrics(self.kvmanager)
-        self.tokenizer: Tokenizer | None = None
-        self.model_name = config.model_name or ""
-        self.max_model_len = 0
-        self.created = int(time.time())
+        self.router: Router
+        self.fleet: FleetFollower | StaticFleet
+        if self.fleet_mode:
+            assert config.kvmanager is not None
+            if config.model_name or config.tokenizer:
+                log.warning("--model-name and --tokenizer apply to --executor only: ignored")
+            self.registry = ModelRegistry(config.limits)
+            self.fleet = FleetFollower(config.kvmanager, self.registry)
+            self.router = FleetRouter(config.kvmanager, config.routing_policy)
+        else:
+            self.registry = ModelRegistry(config.limits, config.tokenizer, unknown_model_status=400)
+            executors = config.executors or [DEFAULT_EXECUTOR]
+            self.fleet = StaticFleet(executors, self.registry, config.model_name)
+            self.router = LocalRouter()
         self.in_flight = 0
         self.trace = RequestTrace(config.trace_requests) if config.trace_requests else None
-        self._prepare_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
-        return self.tokenizer is not None and self.client.connected
+        return self.registry.ready
+
+    @property
+    def client(self) -> ExecutorClient:
+        """The executor stream of the single-executor mode (tests and tools look at it)."""
+        return next(iter(self.registry.members.values())).client
 
     async def start(self) -> None:
-        self._prepare_task = asyncio.create_task(self._prepare(), name="gateway-prepare")
-        self._prepare_task.add_done_callback(_log_prepare_failure)
-
-    async def _prepare(self) -> None:
-        """Waits for the executor, loads the tokenizer, opens the Serve stream. A failure is
-        logged (_log_prepare_failure); /health then keeps answering 503."""
-        # The HTTP port is open from the start (health says 503) while the executor loads.
-        info = await self.client.wait_for_info()
-        self.max_model_len = info.max_model_len
-        if info.max_beam_width:  # beam.py checks beam_width against the executor's limits
-            width = info.max_beam_width
-            if info.max_num_seqs:  # each beam runs as a sequence of its own
-                width = min(width, info.max_num_seqs)
-            self.config.limits.max_beam_width = width
-        if not self.model_name:
-            self.model_name = info.model
-        path = self.config.tokenizer or info.model_path or info.model
-        log.info("loading tokenizer from %s", path)
-        self.tokenizer = await asyncio.to_thread(Tokenizer.load, path)
-        freeze_startup_heap()
-        self.client.start()
-        log.info(
-            "serving %r (max_model_len %d) via executor %s",
-            self.model_name,
-            self.max_model_len,
-            self.config.executor,
-        )
+        # The HTTP port is open from the start (health says 503) while executors load.
+        self.fleet.start()
 
     async def stop(self) -> None:
-        if self._prepare_task is not None:
-            self._prepare_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._prepare_task
-        await self.client.close()
+        await self.fleet.close()
+        await self.registry.close()
+        await self.router.close()
         if self.trace is not None:
             self.trace.close()
         if self.kvmanager is not None:
             await self.kvmanager.close()
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise invalid(
-                f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
+    def model_for(self, body: dict[str, Any]) -> ServedModel | None:
+        """The model a request body names (404/503 when it can't be served), or None when it
+        names none: the body's validation then says what is wrong."""
+        name = body.get("model")
+        return self.registry.resolve(name) if isinstance(name, str) else None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -196,59 +198,60 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise APIError(f"The request body exceeds {limit} bytes.", status=413) from None
 
 
-def _gateway(request: web.Request) -> Gateway:
+async def _ingest(
+    request: web.Request, parse: Callable[[dict[str, Any], Limits], ParsedT]
+) -> tuple[Gateway, ServedModel, ParsedT]:
+    """The request's turn, its body, the model it names (404 unknown, 503 not servable now) and
+    the body validated against that model's limits (its executors' beam width)."""
     gw = request.app[GATEWAY]
-    if not gw.ready:
-        raise APIError(
-            "The model is not ready yet; retry shortly.", status=503, type="server_error"
-        )
-    return gw
+    await gw.turnstile.turn()
+    body = parse_json(await _read_body(request, gw.config.max_body_bytes))
+    model = gw.model_for(body)
+    req = parse(body, model.limits if model is not None else gw.config.limits)
+    if model is None:  # not reached: a body without a model string fails validation
+        model = gw.registry.resolve(req.model)
+    return gw, model, req
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     times = RequestTimes(entry=RequestTimes.now())
-    gw = _gateway(request)
-    await gw.turnstile.turn()
-    body = parse_json(await _read_body(request, gw.config.max_body_bytes))
-    req = parse_chat(body, gw.config.limits)
-    gw.check_model(req.model)
-    assert gw.tokenizer is not None
+    gw, model, req = await _ingest(request, parse_chat)
+    tokenizer = model.tokenizer
+    assert tokenizer is not None  # resolve() returns ready models only
     times.parsed = RequestTimes.now()
     try:
-        prompt_ids = await gw.tokenizer.encode_chat_async(req.messages)
+        prompt_ids = await tokenizer.encode_chat_async(req.messages)
     except PromptError as exc:
         raise invalid(str(exc), param="messages") from None
     times.encoded = RequestTimes.now()
-    meta = ResponseMeta.new("chatcmpl", gw.model_name)
+    meta = ResponseMeta.new("chatcmpl", model.name)
     fmt = ChatFormatter(meta, req.include_usage, req.options.logprobs)
-    return await _generate(request, gw, "chat", req, prompt_ids, fmt, times)
+    return await _generate(request, gw, model, "chat", req, prompt_ids, fmt, times)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     times = RequestTimes(entry=RequestTimes.now())
-    gw = _gateway(request)
-    await gw.turnstile.turn()
-    body = parse_json(await _read_body(request, gw.config.max_body_bytes))
-    req = parse_completion(body, gw.config.limits)
-    gw.check_model(req.model)
-    assert gw.tokenizer is not None
+    gw, model, req = await _ingest(request, parse_completion)
+    tokenizer = model.tokenizer
+    assert tokenizer is not None  # resolve() returns ready models only
     times.parsed = RequestTimes.now()
     if isinstance(req.prompt, str):
-        prompt_ids = await gw.tokenizer.encode_async(req.prompt, add_special_tokens=True)
+        prompt_ids = await tokenizer.encode_async(req.prompt, add_special_tokens=True)
         prompt_text = req.prompt
     else:
         prompt_ids = req.prompt
-        prompt_text = gw.tokenizer.decode(prompt_ids) if req.echo else ""
+        prompt_text = tokenizer.decode(prompt_ids) if req.echo else ""
     times.encoded = RequestTimes.now()
-    meta = ResponseMeta.new("cmpl", gw.model_name)
+    meta = ResponseMeta.new("cmpl", model.name)
     echo = prompt_text if req.echo else ""
     fmt = CompletionFormatter(meta, req.include_usage, req.options.logprobs, echo)
-    return await _generate(request, gw, "completions", req, prompt_ids, fmt, times)
+    return await _generate(request, gw, model, "completions", req, prompt_ids, fmt, times)
 
 
 async def _generate(
     request: web.Request,
     gw: Gateway,
+    model: ServedModel,
     endpoint: str,
     req: ChatRequest | CompletionRequest,
     prompt_ids: list[int],
@@ -257,15 +260,13 @@ async def _generate(
 ) -> web.StreamResponse:
     if not prompt_ids:
         raise invalid("The prompt is empty after tokenization.", param="prompt")
-    info = gw.client.info  # refreshed whenever the Serve stream reopens (executor restart)
-    vocab = info.vocab_size if info else 0
-    if max(prompt_ids) >= (vocab or 1 << 32):  # ids go to the executor as u32
+    bounds = model.bounds()  # the tightest of its executors': any of them can take the request
+    if max(prompt_ids) >= (bounds.vocab_size or 1 << 32):  # ids go to the executor as u32
         raise invalid(
-            f"Token ids must be below the vocabulary size {vocab or 1 << 32}.", param="prompt"
+            f"Token ids must be below the vocabulary size {bounds.vocab_size or 1 << 32}.",
+            param="prompt",
         )
-    max_model_len = info.max_model_len if info else gw.max_model_len
-    capacity = info.num_blocks * info.block_size if info else 0
-    max_tokens = check_context(req.options, len(prompt_ids), max_model_len, capacity)
+    max_tokens = check_context(req.options, len(prompt_ids), bounds.max_model_len, bounds.capacity)
     if gw.in_flight >= gw.config.max_concurrent:
         raise APIError(
             f"Too many requests in flight (limit {gw.config.max_concurrent}); retry shortly.",
@@ -273,14 +274,23 @@ async def _generate(
             type="requests",
             code="rate_limit_exceeded",
         )
-    request_id = gw.client.new_request_id(endpoint)
-    grpc_req = build_request(request_id, prompt_ids, req.options, max_tokens)
+    grpc_req = build_request("", prompt_ids, req.options, max_tokens)
+    # One choice per request, n > 1 and beams included: they are one GenerateRequest.
+    route = await gw.router.route(model, grpc_req.prompt_token_data, req.options.cache_salt)
+    member = route.member
+    times.routed = RequestTimes.now()
+    times.executor = member.executor_id
+    times.route_reason = route.reason
+    gw.metrics.routed.labels(member.executor_id, route.reason).inc()
+    # Aborts and choice aborts (Generation) go up the stream of the executor holding it.
+    request_id = grpc_req.request_id = member.client.new_request_id(endpoint)
     started = time.monotonic()
-    assert gw.tokenizer is not None
+    tokenizer = model.tokenizer
+    assert tokenizer is not None
     try:
-        gen = Generation(gw.client, grpc_req, prompt_ids, gw.tokenizer, req.options.stop)
+        gen = Generation(member.client, grpc_req, prompt_ids, tokenizer, req.options.stop)
     except ExecutorUnavailable as exc:
-        raise APIError(str(exc), status=503, type="server_error") from None
+        raise _unavailable(exc) from None
     times.submitted = RequestTimes.now()
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
@@ -300,7 +310,7 @@ async def _generate(
         raise
     except ExecutorUnavailable as exc:
         status = "503"
-        raise APIError(str(exc), status=503, type="server_error") from None
+        raise _unavailable(exc) from None
     except (asyncio.CancelledError, ConnectionResetError):
         status = "disconnected"
         gw.metrics.aborts.labels("client_disconnect").inc()
@@ -317,6 +327,11 @@ async def _generate(
             gw.metrics.prompt_tokens.inc(gen.prompt_tokens)
             gw.metrics.cached_tokens.inc(gen.cached_tokens)
             gw.metrics.completion_tokens.inc(gen.completion_tokens)
+
+
+def _unavailable(exc: ExecutorUnavailable) -> APIError:
+    log.debug("request failed: %s", exc)
+    return APIError(EXECUTOR_UNAVAILABLE, status=503, type="server_error")
 
 
 async def _collect(
@@ -349,11 +364,7 @@ async def _stream(
             await sse.send_many([c for d in deltas for c in fmt.delta_chunks(d)])
     except (APIError, ExecutorUnavailable) as exc:
         # Headers are gone already: report in-band the way OpenAI does, then end the stream.
-        err = (
-            exc
-            if isinstance(exc, APIError)
-            else APIError(str(exc), status=503, type="server_error")
-        )
+        err = exc if isinstance(exc, APIError) else _unavailable(exc)
         await sse.response.write(encode_event(err.body()))
         await sse.response.write_eof()
         return sse.response
@@ -364,32 +375,45 @@ async def _stream(
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Each served model once, whichever number of executors serve it (OpenAI's list)."""
     gw = request.app[GATEWAY]
-    data: list[dict[str, Any]] = []
-    if gw.model_name:
-        data.append(
-            {
-                "id": gw.model_name,
-                "object": "model",
-                "created": gw.created,
-                "owned_by": "pagemesh",
-                "max_model_len": gw.max_model_len,
-            }
-        )
+    data: list[dict[str, Any]] = [
+        {
+            "id": model.name,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "pagemesh",
+            "max_model_len": model.max_model_len,
+        }
+        for model in sorted(gw.registry.models.values(), key=lambda m: m.name)
+        if model.tokenizer is not None  # known and loaded: not a name that would 503 "loading"
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while this gateway can serve (tokenizer loaded, executor stream open), else 503. With
-    `--kvmanager`, the body also says how kvmanager and its Redis link are: a Redis outage leaves
-    the status 200 (serving goes on, kvmanager writes its state behind once Redis is back) but
-    "degraded", and so does a kvmanager that does not answer the check."""
+    """200 while this gateway can serve (a model's tokenizer loaded, an executor stream open),
+    else 503. Static mode names its model ("model"), fleet mode lists those it can serve now
+    ("models") and counts the executors it follows. With `--kvmanager`, the body also says how
+    kvmanager and its Redis link are: a Redis outage leaves the status 200 (serving goes on,
+    kvmanager writes its state behind once Redis is back) but "degraded", and so does a
+    kvmanager that does not answer the check."""
     gw = request.app[GATEWAY]
-    body: dict[str, str]
-    if gw.ready:
-        body = {"status": "ok", "model": gw.model_name}
+    registry = gw.registry
+    body: dict[str, Any]
+    if not gw.ready:
+        body = {"status": "loading" if registry.loading else "executor unavailable"}
+    elif gw.fleet_mode:
+        serving = sorted(m.name for m in registry.models.values() if m.ready)
+        body = {"status": "ok", "models": serving}
     else:
-        body = {"status": "loading" if gw.tokenizer is None else "executor unavailable"}
+        body = {"status": "ok", "model": next(m.name for m in registry.models.values() if m.ready)}
+    if gw.fleet_mode:
+        members = registry.members.values()
+        body["executors"] = {
+            "total": len(members),
+            "routable": sum(1 for m in members if m.routable),
+        }
     if gw.kvmanager is not None:
         parts = await gw.kvmanager.health()
         body.update(parts)
@@ -426,8 +450,3 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-def _log_prepare_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("gateway could not start serving", exc_info=task.exception())

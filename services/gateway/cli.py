@@ -1,4 +1,7 @@
-"""`pagemesh gateway`: the OpenAI-compatible HTTP API in front of one executor."""
+"""`pagemesh gateway`: the OpenAI-compatible HTTP API in front of one executor, a static list of
+them (`--executor`, repeatable), or kvmanager's whole fleet (`--kvmanager` without `--executor`:
+the executors of every model, followed as they join and leave, each request routed by kvmanager's
+prefix index and load)."""
 
 from __future__ import annotations
 
@@ -13,15 +16,37 @@ from pagemesh.services.gateway.validation import Limits
 
 from pagemesh.env import add_option, env_default
 
-DEFAULT_EXECUTOR = "127.0.0.1:50052"
+DEFAULT_EXECUTOR = "127.0.0.1:50052"  # neither --executor nor --kvmanager: one executor here
+# router.POLICIES, spelled here so that parsing the command line imports no gRPC (every
+# `pagemesh` command builds this parser); tests/gateway/test_fleet.py checks they agree.
+ROUTING_POLICIES = ("kv", "least_loaded", "round_robin")
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     add_option(p, "--host", "127.0.0.1", "address to bind (0.0.0.0 to serve other hosts)")
     add_option(p, "--port", 8000, "HTTP port", int)
-    add_option(p, "--executor", DEFAULT_EXECUTOR, "executor gRPC address")
-    add_option(p, "--kvmanager", "", "kvmanager gRPC address, for hit rates on /metrics")
+    p.add_argument(
+        "--executor",
+        action="append",
+        default=None,
+        help="executor gRPC address, repeatable or comma-separated (env PAGEMESH_EXECUTOR): "
+        "static mode, these executors only. None and a --kvmanager: fleet mode, every executor "
+        f"registered with kvmanager. Neither: {DEFAULT_EXECUTOR}",
+    )
+    add_option(
+        p,
+        "--kvmanager",
+        "",
+        "kvmanager gRPC address: hit rates on /metrics; without --executor, the fleet to serve",
+    )
+    p.add_argument(
+        "--routing-policy",
+        choices=ROUTING_POLICIES,
+        default=env_default("ROUTING_POLICY", "kv"),
+        help="fleet mode: how kvmanager picks each request's executor: kv (cached prefix "
+        "against load), least_loaded or round_robin (env PAGEMESH_ROUTING_POLICY, default 'kv')",
+    )
     add_option(p, "--model-name", "", "model id clients send (default: the executor's model)")
     add_option(p, "--tokenizer", "", "tokenizer directory (default: the executor's model path)")
     p.add_argument(
@@ -48,6 +73,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _executors(args: argparse.Namespace) -> list[str]:
+    """The --executor addresses; none given and no --kvmanager: the default one."""
+    raw = args.executor or [env_default("EXECUTOR", "")]
+    addresses = [a.strip() for item in raw for a in item.split(",") if a.strip()]
+    if not addresses and not args.kvmanager:
+        addresses = [DEFAULT_EXECUTOR]
+    return addresses
 
 
 def _api_keys(args: argparse.Namespace) -> list[str]:
@@ -103,22 +137,29 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    executors = _executors(args)
     config = GatewayConfig(
-        executor=args.executor,
+        executors=executors,
         kvmanager=args.kvmanager or None,
         model_name=args.model_name or None,
         tokenizer=args.tokenizer or None,
+        routing_policy=args.routing_policy,
         api_keys=_api_keys(args),
         max_body_bytes=args.max_body_bytes,
         max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
         trace_requests=args.trace_requests,
     )
+    serving = (
+        f"kvmanager {args.kvmanager}'s fleet, routing policy {args.routing_policy}"
+        if config.fleet_mode
+        else "executor " + ", ".join(executors)
+    )
     logging.getLogger("pagemesh.gateway").info(
-        "gateway on http://%s:%d (executor %s, auth %s)",
+        "gateway on http://%s:%d (%s, auth %s)",
         args.host,
         args.port,
-        args.executor,
+        serving,
         "on" if config.api_keys else "off",
     )
     # handler_cancellation: a client that disconnects cancels its handler, whose `finally`

@@ -30,6 +30,14 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "pagemesh_gateway_completion_tokens", "Generated tokens", registry=r
         )
+        # Where requests went and why: kvmanager's reasons ("prefix", "load", "fallback", a
+        # policy's name) or the gateway's own (router.py: "static", "kvmanager_unreachable", ...).
+        self.routed = Counter(
+            "pagemesh_gateway_routed_requests",
+            "Requests sent to each executor, by the reason it was chosen",
+            ["executor", "reason"],
+            registry=r,
+        )
         self.aborts = Counter(
             "pagemesh_gateway_aborts", "Requests aborted before the end", ["reason"], registry=r
         )

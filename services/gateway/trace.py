@@ -5,8 +5,10 @@ one clock for every process on the host). Worker processes append to the same fi
 is one write, so lines do not interleave.
 
   {"rid": id, "pid": worker, "entry": handler start, "parsed": body read and validated,
-   "encoded": prompt tokenized, "submitted": handed to the executor stream,
-   "first_step": the executor's first output read, "first_write": first SSE bytes written}
+   "encoded": prompt tokenized, "routed": its executor chosen (router.py),
+   "submitted": handed to the executor stream, "first_step": the executor's first output read,
+   "first_write": first SSE bytes written, "executor": the chosen executor's id,
+   "route_reason": why it was chosen}
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ class RequestTimes:
     entry: float = 0.0
     parsed: float = 0.0
     encoded: float = 0.0
+    routed: float = 0.0
     submitted: float = 0.0
     first_step: float = 0.0
     first_write: float = 0.0
+    executor: str = ""
+    route_reason: str = ""
 
     @staticmethod
     def now() -> float:

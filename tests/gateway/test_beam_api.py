@@ -43,7 +43,7 @@ async def api(smollm2_path: Path) -> AsyncIterator[tuple[TestClient, object]]:
     port = free_port()
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    app = create_app(GatewayConfig(executor=f"127.0.0.1:{port}"))
+    app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"]))
     async with TestClient(TestServer(app)) as client:
         for _ in range(400):
             if (await client.get("/health")).status == 200:

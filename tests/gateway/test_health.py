@@ -56,7 +56,7 @@ async def test_health_without_redis_and_without_kvmanager() -> None:
 async def test_gateway_health_names_kvmanager() -> None:
     """No executor yet: 503 as before, and the body says what kvmanager is doing."""
     config = GatewayConfig(
-        executor=f"127.0.0.1:{free_port()}", kvmanager=f"127.0.0.1:{free_port()}"
+        executors=[f"127.0.0.1:{free_port()}"], kvmanager=f"127.0.0.1:{free_port()}"
     )
     async with TestClient(TestServer(create_app(config))) as client:
         resp = await client.get("/health")

@@ -15,101 +15,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pagemesh.proto import executor_pb2 as pb
 from pagemesh.proto import executor_pb2_grpc as pb_grpc
-from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
 from pagemesh.services.executor.server import serve
 from pagemesh.services.gateway.app import GATEWAY, GatewayConfig, create_app
 from pagemesh.services.gateway.chat import Tokenizer
 
 from pagemesh.redis_process import free_port
+from tests.gateway.scripted_engine import ScriptedEngine
 
 ANSWER = "The capital of France is Paris. 🎉 It is lovely."
-
-
-class ScriptedEngine:
-    """Emits a fixed answer one token per step (choice i: `choice_answers[i]` if set); honours
-    n, max_tokens, abort, single-choice abort and EOS."""
-
-    def __init__(self, answer_ids: list[int], eos: int, step_delay: float = 0.005) -> None:
-        self.answer = answer_ids
-        self.eos = eos
-        self.delay = step_delay
-        self.live: dict[str, tuple[SamplingParams, list[int], int]] = {}
-        self.aborted: list[str] = []
-        self._aborts: list[str] = []
-        self.capacity = 1 << 30
-        self.step_sizes: list[int] = []
-        self.cached = 0
-        self.choice_answers: dict[int, list[int]] = {}
-        self.choice_aborts: list[tuple[str, list[int]]] = []
-        self._cuts: list[tuple[str, list[int]]] = []
-        self.generated: dict[tuple[str, int], int] = {}  # tokens made per (request, choice)
-
-    def add_request(
-        self, rid: str, prompt: list[int], params: SamplingParams, cache_salt: str = ""
-    ) -> None:
-        if not prompt:
-            raise ValueError("empty prompt")
-        if len(prompt) + params.max_tokens > self.capacity:  # as the real engine's pool check
-            raise ValueError(f"the request needs more than the pool's {self.capacity} tokens")
-        self.live[rid] = (params, [0] * params.n, len(prompt))
-
-    def abort_request(self, rid: str) -> None:
-        if rid in self.live and rid not in self._aborts:
-            self._aborts.append(rid)
-
-    def abort_choices(self, rid: str, indices: list[int]) -> None:
-        if rid in self.live:
-            self.choice_aborts.append((rid, indices))
-            self._cuts.append((rid, indices))
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.live)
-
-    async def step(self) -> list[SequenceOutput]:
-        await asyncio.sleep(self.delay)
-        outs = []
-        # Like the real engine: aborts are taken at the next step, each open choice ending
-        # with an ABORT output.
-        for rid in self._aborts:
-            params, pos, plen = self.live.pop(rid)
-            outs += [
-                SequenceOutput(rid, i, [], FinishReason.ABORT, [], plen)
-                for i in range(params.n)
-                if pos[i] >= 0
-            ]
-            self.aborted.append(rid)
-        self._aborts.clear()
-        for rid, indices in self._cuts:
-            if rid not in self.live:
-                continue
-            params, pos, plen = self.live[rid]
-            for i in indices:
-                if i < params.n and pos[i] >= 0:
-                    outs.append(SequenceOutput(rid, i, [], FinishReason.ABORT, [], plen))
-                    pos[i] = -1
-            if all(p < 0 for p in pos):
-                del self.live[rid]
-        self._cuts.clear()
-        for rid, (params, pos, plen) in list(self.live.items()):
-            for i in range(params.n):
-                if pos[i] < 0:
-                    continue
-                script = [*self.choice_answers.get(i, self.answer), self.eos]
-                self.generated[rid, i] = self.generated.get((rid, i), 0) + 1
-                tok = script[min(pos[i], len(script) - 1)]
-                pos[i] += 1
-                reason = FinishReason.NONE
-                if tok == self.eos:
-                    reason = FinishReason.STOP
-                elif pos[i] >= params.max_tokens:
-                    reason = FinishReason.LENGTH
-                outs.append(SequenceOutput(rid, i, [tok], reason, [], plen, self.cached))
-                if reason != FinishReason.NONE:
-                    pos[i] = -1
-            if all(p < 0 for p in pos):
-                del self.live[rid]
-        self.step_sizes.append(len(outs))
-        return outs
 
 
 @pytest.fixture
@@ -130,7 +43,7 @@ async def mesh(
     )
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    app = create_app(GatewayConfig(executor=f"127.0.0.1:{port}", api_keys=["sekrit"]))
+    app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"], api_keys=["sekrit"]))
     async with TestClient(TestServer(app)) as client:
         for _ in range(200):
             if (await client.get("/health")).status == 200:

@@ -1,0 +1,166 @@
+"""Which executor takes a request: kvmanager's `Fleet.Route`, or a local choice.
+
+kvmanager allocated every block of every executor, so it knows exactly which prefixes each one
+holds and how loaded it is: in fleet mode each request costs one Route call (about 0.5 ms on
+loopback) and goes where kvmanager says. Serving must not depend on it, though: when Route fails
+(kvmanager restarting or unreachable), the gateway picks locally, the member with the fewest of
+its own requests in flight, logs the outage once and, for a second after each failure, does not
+ask again (a hung kvmanager would otherwise cost every request the call's deadline).
+
+The choice is one per request: n > 1 and beam search are one GenerateRequest, routed once, and
+stay on that executor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from pagemesh.proto import fleet_pb2 as fleet_pb
+from pagemesh.proto import fleet_pb2_grpc as fleet_grpc
+from pagemesh.services.gateway.executor_client import CHANNEL_OPTIONS
+from pagemesh.services.gateway.served_models import Member, ServedModel, no_executor
+
+log = logging.getLogger("pagemesh.gateway.router")
+
+POLICIES = ("kv", "least_loaded", "round_robin")
+ROUTE_TIMEOUT_S = 0.5
+# After a failed Route, requests are routed locally this long before kvmanager is asked again.
+RETRY_AFTER_S = 1.0
+
+# Reasons of the gateway's own choices (kvmanager's are "prefix", "load", "fallback" and the
+# policies' names): labels of pagemesh_gateway_routed_requests and fields of the trace.
+REASON_STATIC = "static"  # a static --executor list: the least in flight
+REASON_KV_DOWN = "kvmanager_unreachable"  # Route failed: the least in flight
+REASON_NOT_HERE = "route_target_unavailable"  # Route named an executor this gateway can't use
+REASON_REFUSED = "route_refused"  # Route answered an error about this request: the least in flight
+
+# Route errors that say kvmanager cannot answer at all (down, restarting, hung, too old to serve
+# Fleet), as opposed to an answer about this one request (NOT_FOUND: its snapshot and this
+# gateway's disagree for a moment; UNAVAILABLE is both, and counted as an outage: harmless).
+OUTAGE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    member: Member
+    reason: str
+    cached_tokens: int = 0  # kvmanager's count of prompt tokens cached there (0: unknown)
+
+
+class _Rotation:
+    """Ties between equally loaded members go round the list, not always to the first."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def least_in_flight(self, members: list[Member]) -> Member:
+        start = next(self._counter) % len(members)
+        turned = members[start:] + members[:start]
+        return min(turned, key=lambda m: m.in_flight)
+
+
+class LocalRouter:
+    """Static mode: the member with the fewest requests in flight (there is usually one)."""
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    async def route(self, model: ServedModel, prompt: bytes, cache_salt: str) -> Route:
+        members = model.routable()
+        if not members:
+            raise no_executor(model.name)
+        return Route(self._rotation.least_in_flight(members), REASON_STATIC)
+
+    async def close(self) -> None:
+        pass
+
+
+class FleetRouter:
+    """Fleet mode: one `Fleet.Route` call per request, a local choice while it fails."""
+
+    def __init__(self, address: str, policy: str = "kv", timeout: float = ROUTE_TIMEOUT_S) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r} (one of {', '.join(POLICIES)})")
+        self.address = address
+        self.policy = policy
+        self.timeout = timeout
+        self._rotation = _Rotation()
+        # Made on first use, inside the running loop (grpc.aio channels bind to their loop).
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: fleet_grpc.FleetStub | None = None
+        self._retry_at = 0.0  # monotonic time before which Route is not asked (after a failure)
+        self._outage = False
+
+    async def route(self, model: ServedModel, prompt: bytes, cache_salt: str) -> Route:
+        """`prompt`: the token ids packed as on every wire (packed_ids.pack)."""
+        members = model.routable()
+        if not members:  # nothing to ask kvmanager about: a 503 now, no call
+            raise no_executor(model.name)
+        if time.monotonic() < self._retry_at:
+            return Route(self._rotation.least_in_flight(members), REASON_KV_DOWN)
+        # Members kvmanager thinks live that this gateway can't reach yet (stream reconnecting,
+        # still admitting) are excluded, so that kvmanager's choice is one this gateway can use.
+        exclude = [m.executor_id for m in model.members.values() if m.live and not m.routable]
+        request = fleet_pb.RouteRequest(
+            model=model.name,
+            prompt=prompt,
+            cache_salt=cache_salt,
+            policy=self.policy,
+            exclude=exclude,
+        )
+        try:
+            reply = await self._fleet().Route(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in OUTAGE_CODES:
+                log.debug("Route refused a request for %r: %s", model.name, exc.code().name)
+                return Route(self._rotation.least_in_flight(members), REASON_REFUSED)
+            self._failed(exc)
+            return Route(self._rotation.least_in_flight(members), REASON_KV_DOWN)
+        if self._outage:
+            self._outage = False
+            log.info("kvmanager answers Route again: routing by %s", self.policy)
+        chosen = model.members.get(reply.executor_id)
+        if chosen is None or not chosen.routable:
+            # A member this gateway has not admitted yet (its snapshot or GetInfo is on the way)
+            # or whose stream just dropped: the local choice rather than a failed request.
+            return Route(self._rotation.least_in_flight(members), REASON_NOT_HERE)
+        return Route(chosen, reply.reason or reply.policy or self.policy, reply.cached_tokens)
+
+    def _failed(self, exc: grpc.aio.AioRpcError) -> None:
+        self._retry_at = time.monotonic() + RETRY_AFTER_S
+        if not self._outage:
+            self._outage = True
+            log.warning(
+                "kvmanager's Route failed (%s): routing locally (fewest in flight) until it "
+                "answers again",
+                exc.code().name,
+            )
+
+    def _fleet(self) -> fleet_grpc.FleetStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub = fleet_grpc.FleetStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+
+Router = LocalRouter | FleetRouter
