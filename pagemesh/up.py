@@ -35,7 +35,7 @@ MAX_START_FAILURES = 3
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("up", help="run Redis, kvmanager, an executor and the gateway")
+    p = subparsers.add_parser("up", help="run Redis, kvmanager, the executors and the gateway")
     add_option(p, "--model", "SmolLM2-135M-Instruct", "HF directory, hub id or .gguf file")
     add_option(p, "--model-name", "", "model id for clients (default: from the model)")
     add_option(p, "--device", "auto", "auto (CUDA if present), cpu or cuda[:N]")
@@ -43,7 +43,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add_option(p, "--port", 8000, "gateway HTTP port", int)
     add_option(p, "--kv-port", 50051, "kvmanager gRPC port (loopback)", int)
     add_option(p, "--kv-metrics-port", 9051, "kvmanager /metrics port (0: off)", int)
-    add_option(p, "--executor-port", 50052, "executor gRPC port (loopback)", int)
+    add_option(p, "--executor-port", 50052, "first executor's gRPC port (loopback)", int)
+    add_option(
+        p,
+        "--executors",
+        0,
+        "executors to run (0: one per visible GPU on CUDA, one on CPU); each its own process,"
+        " port --executor-port + i",
+        int,
+    )
+    add_option(p, "--gpus", "", "GPU indices for the executors, e.g. 0,1,2 (default: all)")
     add_option(p, "--redis-url", "", "use this Redis instead of starting a local one")
     add_option(p, "--redis-port", 0, "port of the local Redis (0: a free one)", int)
     add_option(
@@ -84,6 +93,7 @@ class Service:
     name: str
     argv: list[str]
     healthy: Callable[[], Awaitable[bool]]
+    env: dict[str, str] = field(default_factory=dict)  # on top of ours
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     ever_healthy: bool = False
@@ -100,7 +110,7 @@ class Supervisor:
         self._watchers: list[asyncio.Task[None]] = []
 
     async def _spawn(self, svc: Service) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **svc.env)
         svc.proc = await asyncio.create_subprocess_exec(
             *svc.argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -277,7 +287,6 @@ async def _up(args: argparse.Namespace) -> int:
     redis: RedisProcess | None = None
     redis_url = args.redis_url
     kv = f"127.0.0.1:{args.kv_port}"
-    executor = f"127.0.0.1:{args.executor_port}"
     level = args.log_level
     try:
         if not redis_url:
@@ -288,9 +297,7 @@ async def _up(args: argparse.Namespace) -> int:
             await asyncio.to_thread(redis.start)
             redis_url = redis.url
             console.say(f"redis-server on {redis_url} (data in {data}, log redis-server.log)")
-        startup = asyncio.create_task(
-            _start_services(sup, args, redis_url, kv, executor, level, console)
-        )
+        startup = asyncio.create_task(_start_services(sup, args, redis_url, kv, level, console))
         stop = asyncio.create_task(interrupted.wait())
         done, _ = await asyncio.wait([startup, stop], return_when=asyncio.FIRST_COMPLETED)
         if startup in done:
@@ -318,7 +325,6 @@ async def _start_services(
     args: argparse.Namespace,
     redis_url: str,
     kv: str,
-    executor: str,
     level: str,
     console: Console,
 ) -> None:
@@ -328,26 +334,59 @@ async def _start_services(
     kv_argv += ["--metrics-port", str(args.kv_metrics_port), "--log-level", level]
     await sup.start(Service("kvmanager", kv_argv, grpc_healthy(kv)))
 
-    ex_argv = _cli("executor", "--model", args.model, "--host", "127.0.0.1")
-    ex_argv += ["--port", str(args.executor_port)]
-    ex_argv += ["--kvmanager", kv, "--device", args.device, "--block-size", str(args.block_size)]
-    ex_argv += ["--log-level", level]
-    if args.num_blocks:
-        ex_argv += ["--num-blocks", str(args.num_blocks)]
-    if args.max_model_len:
-        ex_argv += ["--max-model-len", str(args.max_model_len)]
-    await sup.start(Service("executor", ex_argv, grpc_healthy(executor)))
+    for i, gpu in enumerate(executor_gpus(args)):
+        port = args.executor_port + i
+        ex_argv = _cli("executor", "--model", args.model, "--host", "127.0.0.1")
+        ex_argv += ["--port", str(port), "--executor-id", f"executor-{i}"]
+        ex_argv += ["--kvmanager", kv, "--block-size", str(args.block_size)]
+        ex_argv += ["--log-level", level]
+        env = {}
+        if gpu is None:
+            ex_argv += ["--device", args.device]
+        else:  # one GPU each: the process sees only its own
+            ex_argv += ["--device", "cuda"]
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        if args.model_name:
+            ex_argv += ["--served-model-name", args.model_name]
+        if args.num_blocks:
+            ex_argv += ["--num-blocks", str(args.num_blocks)]
+        if args.max_model_len:
+            ex_argv += ["--max-model-len", str(args.max_model_len)]
+        name = "executor" if i == 0 else f"executor-{i}"
+        await sup.start(Service(name, ex_argv, grpc_healthy(f"127.0.0.1:{port}"), env))
 
     gw_argv = _cli("gateway", "--host", args.host, "--port", str(args.port))
-    gw_argv += ["--executor", executor, "--kvmanager", kv, "--log-level", level]
-    if args.model_name:
-        gw_argv += ["--model-name", args.model_name]
+    # No --executor: the gateway follows the fleet through kvmanager (and routes by it).
+    gw_argv += ["--kvmanager", kv, "--log-level", level]
     if args.api_key:
         gw_argv += ["--api-key", args.api_key]
     url = f"http://{_loopback(args.host)}:{args.port}"
     await sup.start(Service("gateway", gw_argv, http_healthy(url + "/health")))
     console.say(f"pagemesh is up: {url}/v1  (Ctrl-C stops everything)")
     console.say(f"hit rates: pagemesh kv stats --address {kv}   |   {url}/metrics")
+
+
+def executor_gpus(args: argparse.Namespace) -> list[str | None]:
+    """One entry per executor to start: the GPU it gets (a CUDA_VISIBLE_DEVICES value), or None
+    on the CPU or where --device names the device itself."""
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    if not gpus and args.device in ("auto", "cuda"):
+        gpus = [str(i) for i in range(_visible_gpus())]
+    count = args.executors or max(1, len(gpus))
+    if not gpus:
+        return [None] * count
+    if count > len(gpus):
+        raise RuntimeError(f"--executors {count} but only {len(gpus)} GPU(s): {','.join(gpus)}")
+    return list(gpus[:count])
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from pagemesh.services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     ExtendResult,
+    LoadReport,
     OutOfBlocks,
     StepResult,
     UnknownSequence,
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 URGENT_TOKENS = 2
 # Commits and releases wait at most this many steps for a call to ride on.
 FLUSH_STEPS = 8
+# An idle executor reports its load this often (kvmanager marks one it has not heard from for
+# its --executor-timeout, 10 s by default, as down).
+HEARTBEAT_SECONDS = 1.0
 
 
 class AllocatorLink:
@@ -62,15 +66,20 @@ class AllocatorLink:
         config: EngineConfig,
         max_model_len: int,
         apply: Callable[[ExtendResult], None],
+        load: Callable[[], LoadReport],
     ) -> None:
         """`apply`: the scheduler's hook for a landed look-ahead's Extend result (table updates
-        and copy-on-write copies), called in the order the calls were sent."""
+        and copy-on-write copies), called in the order the calls were sent. `load`: the
+        scheduler's load now, sent with every Step call for kvmanager's router."""
         # Prefix caching off: nothing is ever published to the index (see prefix_caching.py).
         self.allocator: BlockAllocator = (
             allocator if config.enable_prefix_caching else CommitsDropped(allocator)
         )
+        self.config = config
         self.block_size = config.block_size
         self.num_lookahead_tokens = config.num_lookahead_tokens
+        self._load = load
+        self._last_call = time.monotonic()  # the heartbeat's clock (heartbeats)
         self.max_model_len = max_model_len
         self._apply = apply
         # What the next Step call carries, and the calls in flight (oldest first), each with the
@@ -87,8 +96,30 @@ class AllocatorLink:
         self.kv_wait = 0.0
 
     async def register(self, num_blocks: int, block_size: int, fingerprint: str) -> int:
-        """Announces the pool (the engine's start); returns the new epoch."""
-        return await self.allocator.register(num_blocks, block_size, fingerprint)
+        """Announces the pool (the engine's start), with what the fleet routes by; returns the
+        new epoch."""
+        return await self.allocator.register(
+            num_blocks,
+            block_size,
+            fingerprint,
+            address=self.config.advertise,
+            model=self.config.served_model_name,
+            max_model_len=self.max_model_len,
+        )
+
+    async def heartbeats(self, interval: float = HEARTBEAT_SECONDS) -> None:
+        """Runs for the engine's life: while no Step call has gone out for `interval` (an idle
+        executor makes none), sends one with nothing but the load, so kvmanager keeps it live
+        and its router sees the load fall to zero. Never overlaps a call in flight."""
+        while True:
+            await asyncio.sleep(interval - (time.monotonic() - self._last_call))
+            if self._calls or time.monotonic() - self._last_call < interval:
+                continue
+            self._last_call = time.monotonic()
+            try:
+                await self.allocator.step([], [], [], load=self._load())
+            except AllocatorError as exc:  # unreachable: the next one retries
+                log.debug("heartbeat: %s", exc)
 
     def lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
         """Table coverage (tokens) to ask for when `seq` must hold `num_tokens`."""
@@ -149,6 +180,7 @@ class AllocatorLink:
         releases, self._releases = self._releases, []
         self._steps_since_call = 0
         self.num_step_calls += 1
+        self._last_call = time.monotonic()
         return commits, releases
 
     def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
@@ -171,7 +203,7 @@ class AllocatorLink:
         if prev is not None:
             await asyncio.wait([prev])  # in order, whatever became of it
         try:
-            result = await self.allocator.step(commits, releases, extends)
+            result = await self.allocator.step(commits, releases, extends, load=self._load())
         except AllocatorUnavailable:
             self._defer_releases(releases)
             return None  # the commits are lost (those blocks stay unshared); extends retried
@@ -258,7 +290,9 @@ class AllocatorLink:
         ]
         try:
             with self._awaiting_kvmanager():
-                result = await self.allocator.step(commits, releases, [], admits, budget)
+                result = await self.allocator.step(
+                    commits, releases, [], admits, budget, load=self._load()
+                )
         except AllocatorError:
             self._defer_releases(releases)
             raise

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--kvmanager", DEFAULT_KVMANAGER, "kvmanager gRPC address")
     add_option(p, "--allocator", "grpc", "grpc (kvmanager) or local (in-process, for A/B)")
     add_option(p, "--executor-id", "executor-0", "name of this executor at kvmanager")
+    add_option(
+        p,
+        "--advertise",
+        "",
+        "host:port gateways reach this executor on (default: --host:--port, the machine's"
+        " hostname when --host is 0.0.0.0)",
+    )
+    add_option(
+        p,
+        "--served-model-name",
+        "",
+        "the model name clients send (default: from --model); kvmanager routes by it",
+    )
     add_option(p, "--device", "auto", "auto (CUDA if present), cpu or cuda[:N]")
     add_option(p, "--dtype", "auto", "auto, float32, float16 or bfloat16")
     add_option(p, "--num-blocks", 0, "KV pool blocks (0: profiled on CUDA, default on CPU)", int)
@@ -71,6 +85,15 @@ def served_name(spec: str) -> str:
     return spec
 
 
+def advertised_address(args: argparse.Namespace) -> str:
+    """Where gateways reach this executor: --advertise, else the bind address (a wildcard bind
+    is reached by the machine's name)."""
+    if args.advertise:
+        return str(args.advertise)
+    host = args.host if args.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    return f"{host}:{args.port}"
+
+
 def make_allocator(args: argparse.Namespace) -> Any:
     if args.allocator == "local":
         from pagemesh.services.kvmanager.local import LocalAllocator
@@ -90,7 +113,7 @@ def executor_info(engine: LLMEngine, args: argparse.Namespace, device: str) -> A
     eos = sorted(engine.eos_token_ids)
     return pb.ExecutorInfo(
         executor_id=cfg.executor_id,
-        model=served_name(args.model),
+        model=engine.config.served_model_name or served_name(args.model),
         model_path=engine.model_path,
         model_fingerprint=engine.model_fingerprint,
         block_size=cfg.block_size,
@@ -141,6 +164,8 @@ async def _main(args: argparse.Namespace) -> None:
         max_beam_width=args.max_beam_width,
         gpu_memory_utilization=args.gpu_memory_utilization,
         executor_id=args.executor_id,
+        advertise=advertised_address(args),
+        served_model_name=args.served_model_name or served_name(args.model),
         enable_prefix_caching=args.prefix_caching,
         use_prefill_cuda_graphs=args.prefill_cuda_graphs,
     )
@@ -169,7 +194,10 @@ async def _main(args: argparse.Namespace) -> None:
             info.block_size,
             info.max_model_len,
         )
-        await serve(engine, info, args.host, args.port, stop, args.trace_steps)
+        try:
+            await serve(engine, info, args.host, args.port, stop, args.trace_steps)
+        finally:
+            await engine.close()
     finally:
         with contextlib.suppress(Exception):
             await allocator.close()

@@ -38,6 +38,10 @@ class EngineConfig:
     max_beam_width: int = 8
     max_n: int = 64  # parallel samples per request
     executor_id: str = "executor-0"
+    # What the fleet knows this executor by (kvmanager's registry, routing): the gRPC address
+    # gateways reach it on, and the model name requests ask for. Empty: not routed to.
+    advertise: str = ""
+    served_model_name: str = ""
     seed: int = 0  # the generator of unseeded requests
 
     def __post_init__(self) -> None:

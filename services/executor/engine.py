@@ -14,6 +14,7 @@ their step lands (sequence.PLACEHOLDER), and outputs come one step later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 
@@ -84,6 +85,7 @@ class LLMEngine:
         self._choice_aborts: list[tuple[str, list[int]]] = []  # (request id, choice indices)
         self._inflight: InFlight | None = None  # async scheduling: the step not landed yet
         self.started = False
+        self._heartbeats: asyncio.Task[None] | None = None
         self.epoch = 0
         self.num_steps = 0
         self.step_times = StepTimes()  # the last step's, for --trace-steps (trace.py)
@@ -117,7 +119,17 @@ class LLMEngine:
         self.beams = BeamSearchRunner(
             self.scheduler, self.runner, self.eos_token_ids, self.max_model_len, self._drop
         )
+        if cfg.served_model_name:  # a fleet member: keep kvmanager hearing from it when idle
+            self._heartbeats = asyncio.create_task(self.scheduler.link.heartbeats())
         self.started = True
+
+    async def close(self) -> None:
+        """Stops the engine's background work (the fleet heartbeats)."""
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+            self._heartbeats = None
 
     def _load_model(self) -> None:
         from pagemesh.services.executor.model.loader import (

@@ -14,6 +14,7 @@ from pagemesh.services.kvmanager.api import (
     BlockAllocator,
     CommitEntry,
     ExtendEntry,
+    LoadReport,
     StepResult,
 )
 
@@ -38,5 +39,7 @@ class CommitsDropped:
         extends: list[ExtendEntry],
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
+        *,
+        load: LoadReport | None = None,
     ) -> StepResult:
-        return await self._inner.step([], releases, extends, admits, admit_token_budget)
+        return await self._inner.step([], releases, extends, admits, admit_token_budget, load=load)

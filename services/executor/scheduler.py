@@ -49,6 +49,7 @@ from pagemesh.services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     ExtendResult,
+    LoadReport,
     OutOfBlocks,
 )
 
@@ -107,7 +108,9 @@ class Scheduler:
         self._unforked: set[Request] = set()
         self.pending_copies: list[tuple[int, int]] = []
         self._arrival = itertools.count()
-        self.link = AllocatorLink(allocator, config, max_model_len, self._land_extend)
+        self.link = AllocatorLink(
+            allocator, config, max_model_len, self._land_extend, self.load_report
+        )
         self.num_preemptions = 0
         # Fraction of the prompts found cached in the last admission round: how far past the
         # budget (at no hits) the next round offers the queue.
@@ -587,6 +590,16 @@ class Scheduler:
             self._unforked.discard(seq.request)
 
     # -- state ----------------------------------------------------------------------------------
+
+    def load_report(self) -> LoadReport:
+        """What kvmanager's router weighs (sent with every Step call): the batch, the queue and
+        the prompt tokens the queue still has to prefill (its cached prefix unknown until
+        admission: all of it counts)."""
+        return LoadReport(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            queued_prompt_tokens=sum(seq.num_tokens for seq in self.waiting),
+        )
 
     def kv_occupancy(self) -> tuple[int, int, int]:
         """(tokens, distinct blocks, table blocks) of the running sequences: memory utilization

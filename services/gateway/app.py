@@ -98,7 +98,7 @@ class Gateway:
             self.fleet = FleetFollower(config.kvmanager, self.registry)
             self.router = FleetRouter(config.kvmanager, config.routing_policy)
         else:
-            self.registry = ModelRegistry(config.limits, config.tokenizer, unknown_model_status=400)
+            self.registry = ModelRegistry(config.limits, config.tokenizer)
             executors = config.executors or [DEFAULT_EXECUTOR]
             self.fleet = StaticFleet(executors, self.registry, config.model_name)
             self.router = LocalRouter()

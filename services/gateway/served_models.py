@@ -131,14 +131,9 @@ class ModelRegistry:
     """Every member executor, grouped by the model it serves. fleet.py adds and removes members;
     request handlers resolve a model name (404/503) and the router picks among its members."""
 
-    def __init__(
-        self, limits: Limits, tokenizer_path: str | None = None, unknown_model_status: int = 404
-    ) -> None:
+    def __init__(self, limits: Limits, tokenizer_path: str | None = None) -> None:
         self._limits = limits
         self._tokenizer_path = tokenizer_path  # operator's override (static mode only)
-        # OpenAI answers an unknown model with a 404 (fleet mode does); the static mode keeps its
-        # 400 of before, which clients and tests/e2e/test_mesh.py rely on.
-        self._unknown_model_status = unknown_model_status
         self.models: dict[str, ServedModel] = {}
         self.members: dict[str, Member] = {}
         # The gateway has learned the fleet at least once (a snapshot, or a static executor
@@ -164,7 +159,7 @@ class ModelRegistry:
             raise APIError(
                 f"The model '{name}' does not exist"
                 + (f"; this server serves {served}{more}." if names else "."),
-                status=self._unknown_model_status,
+                status=404,  # OpenAI's answer to an unknown model
                 param="model",
                 code="model_not_found",
             )

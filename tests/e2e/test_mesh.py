@@ -318,7 +318,6 @@ BAD_INPUT = [
     ("temperature wrong type", _chat(temperature="warm"), "temperature"),
     ("stream wrong type", _chat(stream="yes"), "stream"),
     ("empty messages", json.dumps({"model": MODEL, "messages": []}).encode(), "messages"),
-    ("unknown model", json.dumps({"model": "gpt-9", "messages": CAPITAL}).encode(), "model"),
     (
         "prompt longer than context",
         json.dumps(
@@ -340,6 +339,19 @@ BAD_INPUT = [
         "messages[0].role",
     ),
 ]
+
+
+def test_unknown_model_is_404(mesh: Mesh) -> None:
+    """OpenAI's answer to a model the server does not serve: 404, code model_not_found."""
+    raw = json.dumps({"model": "gpt-9", "messages": CAPITAL}).encode()
+    status, headers, body = post(mesh, "/v1/chat/completions", raw)
+    assert status == 404, body
+    assert headers["Content-Type"].startswith("application/json")
+    err = json.loads(body)["error"]
+    assert (err["param"], err["code"]) == ("model", "model_not_found"), err
+    assert "gpt-9" in err["message"] and MODEL in err["message"], err
+    with pytest.raises(openai.NotFoundError):
+        client(mesh).chat.completions.create(model="gpt-9", messages=CAPITAL, max_tokens=4)
 
 
 def test_bad_input_is_400_and_costs_no_block(mesh: Mesh) -> None:
