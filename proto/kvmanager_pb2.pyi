@@ -1,3 +1,4 @@
+from pagemesh.proto import fleet_pb2 as _fleet_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,16 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterExecutorRequest(_message.Message):
-    __slots__ = ("executor_id", "num_blocks", "block_size", "model_fingerprint")
+    __slots__ = ("executor_id", "num_blocks", "block_size", "model_fingerprint", "address", "model", "max_model_len")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     num_blocks: int
     block_size: int
     model_fingerprint: str
-    def __init__(self, executor_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    address: str
+    model: str
+    max_model_len: int
+    def __init__(self, executor_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class RegisterExecutorResponse(_message.Message):
     __slots__ = ("epoch",)
@@ -229,20 +236,44 @@ class WindowStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., hits: _Optional[_Union[HitStats, _Mapping]] = ...) -> None: ...
 
 class ExecutorStats(_message.Message):
-    __slots__ = ("executor_id", "epoch", "pool", "windows", "age_at_hit", "age_at_eviction")
+    __slots__ = ("executor_id", "epoch", "pool", "windows", "age_at_hit", "age_at_eviction", "address", "model", "max_model_len", "live", "seconds_since_seen", "load", "routed")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_HIT_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_EVICTION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     pool: PoolStats
     windows: _containers.RepeatedCompositeFieldContainer[WindowStats]
     age_at_hit: Residency
     age_at_eviction: Residency
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., pool: _Optional[_Union[PoolStats, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., age_at_hit: _Optional[_Union[Residency, _Mapping]] = ..., age_at_eviction: _Optional[_Union[Residency, _Mapping]] = ...) -> None: ...
+    address: str
+    model: str
+    max_model_len: int
+    live: bool
+    seconds_since_seen: float
+    load: _fleet_pb2.ExecutorLoad
+    routed: _containers.RepeatedCompositeFieldContainer[RouteCount]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., pool: _Optional[_Union[PoolStats, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., age_at_hit: _Optional[_Union[Residency, _Mapping]] = ..., age_at_eviction: _Optional[_Union[Residency, _Mapping]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., live: _Optional[bool] = ..., seconds_since_seen: _Optional[float] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ..., routed: _Optional[_Iterable[_Union[RouteCount, _Mapping]]] = ...) -> None: ...
+
+class RouteCount(_message.Message):
+    __slots__ = ("policy", "reason", "count")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    reason: str
+    count: int
+    def __init__(self, policy: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class TenantStats(_message.Message):
     __slots__ = ("cache_salt_id", "windows")
@@ -269,21 +300,33 @@ class GetStatsResponse(_message.Message):
     def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., redis_connected: _Optional[bool] = ..., redis_pending_writes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("commit", "release", "extend", "allocate", "allocate_token_budget")
+    __slots__ = ("commit", "release", "extend", "allocate", "allocate_token_budget", "load")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     commit: CommitRequest
     release: ReleaseRequest
     extend: ExtendRequest
     allocate: _containers.RepeatedCompositeFieldContainer[AllocateRequest]
     allocate_token_budget: int
-    def __init__(self, commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateRequest, _Mapping]]] = ..., allocate_token_budget: _Optional[int] = ...) -> None: ...
+    load: LoadReport
+    def __init__(self, commit: _Optional[_Union[CommitRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateRequest, _Mapping]]] = ..., allocate_token_budget: _Optional[int] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ...) -> None: ...
+
+class LoadReport(_message.Message):
+    __slots__ = ("executor_id", "epoch", "load")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    load: _fleet_pb2.ExecutorLoad
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error")
+    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error", "load_error")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +335,7 @@ class StepResponse(_message.Message):
     EXTEND_ERROR_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     commit: CommitResponse
     release: ReleaseResponse
     extend: ExtendResponse
@@ -300,7 +344,8 @@ class StepResponse(_message.Message):
     extend_error: CallError
     allocate: _containers.RepeatedCompositeFieldContainer[AllocateResponse]
     allocate_error: CallError
-    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    load_error: CallError
+    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ..., load_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("id", "allocate", "extend", "commit", "fork", "release", "step")

@@ -96,6 +96,21 @@ class StepResult:
     extend_error: AllocatorError | None = None
     allocations: list[Allocation] = field(default_factory=list)  # a prefix of the admissions
     allocate_error: AllocatorError | None = None  # why the next admission failed, if it did
+    # Why the load report was not taken (StaleEpoch: kvmanager does not know this executor's
+    # epoch, e.g. it restarted without Redis: re-register). Set only for a call with a load.
+    load_error: AllocatorError | None = None
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """An executor's load, sent with `step` for routing (kvmanager's router, Fleet.Route). Each
+    report replaces the previous one. An idle executor sends one about every second as a step
+    with no parts (a heartbeat): an executor kvmanager has not heard from for longer than its
+    --executor-timeout is routed around. Free blocks are not reported: kvmanager owns the pool."""
+
+    running: int = 0  # sequences in the running batch
+    waiting: int = 0  # sequences queued for admission
+    queued_prompt_tokens: int = 0  # prompt tokens of the waiting sequences, not yet prefilled
 
 
 @dataclass(slots=True)
@@ -114,8 +129,20 @@ class BlockAllocator(Protocol):
 
     block_size: int
 
-    async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
-        """Announce the pool; returns the new epoch."""
+    async def register(
+        self,
+        num_blocks: int,
+        block_size: int,
+        model_fingerprint: str,
+        *,
+        address: str = "",
+        model: str = "",
+        max_model_len: int = 0,
+    ) -> int:
+        """Announce the pool; returns the new epoch. `address` (the gRPC host:port gateways
+        reach this executor on), `model` (the served model name requests ask for) and
+        `max_model_len` are what the fleet routes by: an executor without a model is never
+        routed to."""
 
     async def allocate(
         self,
@@ -143,12 +170,15 @@ class BlockAllocator(Protocol):
         extends: list[ExtendEntry],
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
+        *,
+        load: LoadReport | None = None,
     ) -> StepResult:
         """commit, release, extend, then admit, in one call (a part with no entries is
         skipped); each part fails on its own, reported in the result. Admissions are allocated
         in order while their uncached tokens stay below `admit_token_budget` (0: no limit).
-        Raises only when the call as a whole fails (AllocatorUnavailable: kvmanager
-        unreachable, nothing known to be applied)."""
+        `load`, when given, is taken last (its failure in `load_error`); a call with only a
+        load is a heartbeat. Raises only when the call as a whole fails (AllocatorUnavailable:
+        kvmanager unreachable, nothing known to be applied)."""
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 from pagemesh.env import add_option
 
@@ -26,6 +27,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--redis-prefix", "pagemesh:kv:", "prefix of every Redis key")
     add_option(p, "--metrics-port", 9051, "HTTP port of /metrics (0: off)", int)
     add_option(p, "--flush-interval-ms", 2.0, "write-behind period", float)
+    add_option(
+        p,
+        "--executor-timeout",
+        10.0,
+        "seconds without a call after which an executor is down (routed around)",
+        float,
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     p.set_defaults(func=run_service)
 
@@ -67,6 +75,7 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or None,
         redis_prefix=args.redis_prefix,
         flush_interval=args.flush_interval_ms / 1000,
+        executor_timeout=args.executor_timeout,
     )
     freeze_startup_heap()
     # Printed for whoever started us (tests, `pagemesh up`): the port actually bound.
@@ -147,12 +156,76 @@ def _age(seconds: float) -> str:
     return f"{seconds / 60:.1f}min"
 
 
+def _since_start(windows: Any) -> Any:
+    """The since-start HitStats of a reply's windows (None if absent)."""
+    return next((w.hits for w in windows if w.name == "since_start"), None)
+
+
+def format_fleet(r: Any) -> str:
+    """One row per executor: where it is, what it serves, whether it is live, its load, its
+    pool, its hit rate and the requests routed to it and why; then the fleet-wide hit rate."""
+    rows = []
+    for e in r.executors:
+        hits = _since_start(e.windows)
+        routed = sum(c.count for c in e.routed)
+        why: dict[str, int] = {}
+        for c in e.routed:
+            why[c.reason] = why.get(c.reason, 0) + c.count
+        x = e.load
+        rows.append(
+            [
+                e.executor_id,
+                e.address or "-",
+                e.model or "-",
+                str(e.epoch),
+                "yes" if e.live else f"DOWN {e.seconds_since_seen:.0f}s",
+                f"{x.running}/{x.waiting}/{x.queued_prompt_tokens}",
+                f"{e.pool.in_use + e.pool.cached}/{e.pool.num_blocks}",
+                _pct(hits.token_hit_rate) if hits is not None else "-",
+                str(routed),
+                ", ".join(f"{k} {n}" for k, n in sorted(why.items(), key=lambda kv: -kv[1])) or "-",
+            ]
+        )
+    live = sum(1 for e in r.executors if e.live)
+    total = _since_start(r.windows)
+    routed_all = sum(c.count for e in r.executors for c in e.routed)
+    line = f"fleet: {len(r.executors)} executor(s), {live} live, {routed_all} requests routed"
+    if total is not None:
+        line += (
+            f"; prefix-cache hit rate {_pct(total.token_hit_rate)} of tokens,"
+            f" {_pct(total.request_hit_rate)} of requests (since start)"
+        )
+    return "\n".join(
+        [
+            _table(
+                [
+                    "executor",
+                    "address",
+                    "model",
+                    "epoch",
+                    "live",
+                    "run/wait/queued tok",
+                    "blocks held",
+                    "tok hit",
+                    "routed",
+                    "why",
+                ],
+                rows,
+                left=3,
+            ),
+            line,
+        ]
+    )
+
+
 def format_stats(r, address: str) -> str:
-    """The GetStats reply as readable tables."""
+    """The GetStats reply as readable tables: the fleet first, then pools, hit rates, ages."""
     redis = "connected" if r.redis_connected else "NOT CONNECTED"
     out = [
         f"kvmanager {address}   up {r.uptime_seconds:.0f}s   redis: {redis},"
         f" {r.redis_pending_writes} pending writes   ({time.strftime('%H:%M:%S')})",
+        "",
+        format_fleet(r),
         "",
         _table(
             [

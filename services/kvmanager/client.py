@@ -29,6 +29,7 @@ from pagemesh.services.kvmanager.api import (
     ExtendEntry,
     ExtendResult,
     InvalidRequest,
+    LoadReport,
     StepResult,
 )
 
@@ -167,7 +168,16 @@ class KVManagerClient:
         _fill(fill, msg)
         return await self._call(getattr(self.stub, kind.capitalize()), msg)
 
-    async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
+    async def register(
+        self,
+        num_blocks: int,
+        block_size: int,
+        model_fingerprint: str,
+        *,
+        address: str = "",
+        model: str = "",
+        max_model_len: int = 0,
+    ) -> int:
         msg = pb.RegisterExecutorRequest()
 
         def fill(m: pb.RegisterExecutorRequest) -> None:
@@ -175,6 +185,9 @@ class KVManagerClient:
             m.num_blocks = num_blocks
             m.block_size = block_size
             m.model_fingerprint = model_fingerprint
+            m.address = address
+            m.model = model
+            m.max_model_len = max_model_len
 
         _fill(fill, msg)
         r = await self._call(self.stub.RegisterExecutor, msg)
@@ -223,6 +236,8 @@ class KVManagerClient:
         extends: list[ExtendEntry],
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
+        *,
+        load: LoadReport | None = None,
     ) -> StepResult:
         tokens = wire.commit_tokens(commits, self.block_size)
         eid, epoch = self.executor_id, self.epoch
@@ -236,6 +251,8 @@ class KVManagerClient:
             if extends:
                 wire.fill_extend(m.extend, eid, epoch, extends)
             wire.fill_admits(m, eid, epoch, admits or [], admit_token_budget)
+            if load is not None:
+                wire.fill_load(m.load, eid, epoch, load)
 
         return wire.decode_step(await self._hot("step", fill), had_extend=bool(extends))
 

@@ -14,6 +14,7 @@ from pagemesh.services.kvmanager.api import (
     CommitEntry,
     ExtendEntry,
     ExtendResult,
+    LoadReport,
     StepResult,
     TableUpdate,
 )
@@ -31,9 +32,24 @@ class LocalAllocator:
         self.epoch = 0
         self.block_size = 0
 
-    async def register(self, num_blocks: int, block_size: int, model_fingerprint: str) -> int:
+    async def register(
+        self,
+        num_blocks: int,
+        block_size: int,
+        model_fingerprint: str,
+        *,
+        address: str = "",
+        model: str = "",
+        max_model_len: int = 0,
+    ) -> int:
         self.epoch = self.manager.register(
-            self.executor_id, num_blocks, block_size, model_fingerprint
+            self.executor_id,
+            num_blocks,
+            block_size,
+            model_fingerprint,
+            address,
+            model,
+            max_model_len,
         )
         self.block_size = block_size
         return self.epoch
@@ -81,6 +97,8 @@ class LocalAllocator:
         extends: list[ExtendEntry],
         admits: list[AdmitEntry] | None = None,
         admit_token_budget: int = 0,
+        *,
+        load: LoadReport | None = None,
     ) -> StepResult:
         eid, epoch = self.executor_id, self.epoch
         o = run_step(
@@ -98,6 +116,11 @@ class LocalAllocator:
                 else None
             ),
             admit_token_budget=admit_token_budget,
+            load=(
+                (eid, epoch, load.running, load.waiting, load.queued_prompt_tokens)
+                if load is not None
+                else None
+            ),
         )
         return StepResult(
             num_published=o.num_published,
@@ -108,6 +131,7 @@ class LocalAllocator:
             extend_error=o.extend_error,
             allocations=o.allocations,
             allocate_error=o.allocate_error,
+            load_error=o.load_error,
         )
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:

@@ -43,10 +43,13 @@ from pagemesh.services.kvmanager.events import (
     SEQS_REMOVED,
     Event,
 )
+from pagemesh.services.kvmanager.load import Load
 from pagemesh.services.kvmanager.stats import Residency, Stats
 
 MAX_BLOCK_SIZE = 4096
 MAX_NUM_BLOCKS = 1 << 24
+MAX_NAME_LEN = 1024  # address and model: client-chosen strings kept in Redis and in metrics
+_monotonic = time.monotonic  # a global lookup on the path every call takes (Manager.executor)
 
 
 @dataclass(slots=True)
@@ -65,6 +68,16 @@ class ExecutorState:
     block_size: int
     model_fingerprint: str
     pool: BlockPool
+    # What the fleet routes by (registration; persisted with the pool sizes). No model: never
+    # a Route candidate.
+    address: str = ""
+    model: str = ""
+    max_model_len: int = 0
+    # time.monotonic() of its last call (registration, or a restore from Redis, counts): any
+    # call naming this executor and its current epoch is a sign of life (fleet.py decides
+    # liveness from it).
+    last_seen: float = 0.0
+    load: Load = field(default_factory=Load)
     seqs: dict[str, SeqState] = field(default_factory=dict)
     age_at_hit: Residency = field(default_factory=Residency)
     age_at_eviction: Residency = field(default_factory=Residency)
@@ -156,7 +169,15 @@ class Manager:
 
     # -- executors ------------------------------------------------------------------------------
     def new_executor(
-        self, executor_id: str, epoch: int, num_blocks: int, block_size: int, fingerprint: str
+        self,
+        executor_id: str,
+        epoch: int,
+        num_blocks: int,
+        block_size: int,
+        fingerprint: str,
+        address: str = "",
+        model: str = "",
+        max_model_len: int = 0,
     ) -> ExecutorState:
         events: list[Event] | None = [] if self.track_changes else None
         ex = ExecutorState(
@@ -166,16 +187,29 @@ class Manager:
             block_size=block_size,
             model_fingerprint=fingerprint,
             pool=BlockPool(num_blocks, events=events),
+            address=address,
+            model=model,
+            max_model_len=max_model_len,
+            last_seen=_monotonic(),
             events=events,
         )
         ex.pool.on_evict = ex.age_at_eviction.record
         return ex
 
     def register(
-        self, executor_id: str, num_blocks: int, block_size: int, model_fingerprint: str
+        self,
+        executor_id: str,
+        num_blocks: int,
+        block_size: int,
+        model_fingerprint: str,
+        address: str = "",
+        model: str = "",
+        max_model_len: int = 0,
     ) -> int:
         if not executor_id:
             raise InvalidRequest("executor_id must not be empty")
+        if len(address) > MAX_NAME_LEN or len(model) > MAX_NAME_LEN:
+            raise InvalidRequest(f"address and model must be at most {MAX_NAME_LEN} characters")
         if not 1 <= block_size <= MAX_BLOCK_SIZE:
             raise InvalidRequest(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
         if not 1 <= num_blocks <= MAX_NUM_BLOCKS:
@@ -186,7 +220,14 @@ class Manager:
         old = self.executors.get(executor_id)
         self.last_epoch[executor_id] = epoch
         self.executors[executor_id] = self.new_executor(
-            executor_id, epoch, num_blocks, block_size, model_fingerprint
+            executor_id,
+            epoch,
+            num_blocks,
+            block_size,
+            model_fingerprint,
+            address,
+            model,
+            max_model_len,
         )
         if self.events is not None:
             self.events.append((EXECUTOR_REGISTERED, (executor_id, old.epoch if old else 0)))
@@ -201,7 +242,17 @@ class Manager:
                 f"epoch {epoch} of executor {executor_id!r} is stale (current epoch {ex.epoch}):"
                 " re-register"
             )
+        ex.last_seen = _monotonic()
         return ex
+
+    def report_load(
+        self, executor_id: str, epoch: int, running: int, waiting: int, queued_prompt_tokens: int
+    ) -> None:
+        """The executor's load (a Step's load part): replaces its last report and what was
+        routed to it since (load.py)."""
+        if running < 0 or waiting < 0 or queued_prompt_tokens < 0:
+            raise InvalidRequest("load: running, waiting and queued_prompt_tokens must be >= 0")
+        self.executor(executor_id, epoch).load.report(running, waiting, queued_prompt_tokens)
 
     # -- allocation -----------------------------------------------------------------------------
     def _prefix_hits(
@@ -557,6 +608,31 @@ class Manager:
             ex.events.append((SEQS_REMOVED, list(seq_ids)))
         return len(seq_ids)
 
+    def cached_tokens(
+        self, executors: Sequence[ExecutorState], data: bytes, cache_salt: str = ""
+    ) -> list[int]:
+        """`match`'s figure (the cached prefix of the prompt `data`, token_data's encoding, that
+        an allocation would hit: whole blocks, never the last token) for each of `executors`,
+        for routing. Executors that share a block size and extra keys (one model's fingerprint,
+        one salt) share a hash chain: it is computed once, and only as far as the longest hit
+        among them, instead of once per executor."""
+        out = [0] * len(executors)
+        groups: dict[tuple[int, bytes], list[int]] = {}
+        for i, ex in enumerate(executors):
+            groups.setdefault((ex.block_size, ex.extra_for(cache_salt)[0]), []).append(i)
+        for (bs, extra), members in groups.items():
+            num_full = (len(data) // 4 - 1) // bs
+            if num_full <= 0:
+                continue
+            alive = members
+            for h in hashing.iter_chain_data(extra, data, bs, 0, num_full, hashing.ROOT):
+                alive = [i for i in alive if h in executors[i].pool.index]
+                if not alive:
+                    break
+                for i in alive:
+                    out[i] += bs
+        return out
+
     def match(
         self, token_ids: Sequence[int], cache_salt: str = "", executor_id: str = ""
     ) -> dict[str, int]:
@@ -586,6 +662,9 @@ class Manager:
                 "num_blocks": ex.num_blocks,
                 "block_size": ex.block_size,
                 "fingerprint": ex.model_fingerprint,
+                "address": ex.address,
+                "model": ex.model,
+                "max_model_len": ex.max_model_len,
                 "ref": list(p.ref),
                 "hash": list(p.hash),
                 "free": list(p.free),

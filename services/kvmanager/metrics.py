@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
+from pagemesh.services.kvmanager.fleet import Fleet
 from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.persistence import Persistence
+from pagemesh.services.kvmanager.router import Router
 from pagemesh.services.kvmanager.stats import AGE_BUCKETS, HitWindows, Residency
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -43,9 +45,17 @@ def _histogram(name: str, doc: str, label: str, rows: dict[str, Residency]) -> M
 
 
 class KVCollector:
-    def __init__(self, manager: Manager, persistence: Persistence | None) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        persistence: Persistence | None,
+        fleet: Fleet | None = None,
+        router: Router | None = None,
+    ) -> None:
         self.m = manager
         self.p = persistence
+        self.fleet = fleet
+        self.router = router
 
     def _hits(self, prefix: str, label: str, rows: dict[str, HitWindows]) -> Iterator[Metric]:
         for field, doc in _HITS:
@@ -95,6 +105,8 @@ class KVCollector:
             "executor",
             {eid: ex.age_at_eviction for eid, ex in m.executors.items()},
         )
+        if self.fleet is not None and self.router is not None:
+            yield from self._fleet(self.fleet, self.router)
         if self.p is not None:
             p = self.p
             yield GaugeMetricFamily(
@@ -119,10 +131,71 @@ class KVCollector:
             ):
                 yield CounterMetricFamily(f"pagemesh_kv_redis_{name}", doc, value=v)
 
+    def _fleet(self, fleet: Fleet, router: Router) -> Iterator[Metric]:
+        """Per executor (label `executor`): its registration, liveness and load, and the
+        requests routed to it by policy and reason; requests not routed, by why."""
+        info = GaugeMetricFamily(
+            "pagemesh_kv_executor_info",
+            "1 per registered executor, labelled with what it registered",
+            labels=["executor", "address", "model"],
+        )
+        live = GaugeMetricFamily(
+            "pagemesh_kv_executor_live",
+            "1 while the executor calls within the timeout (routed to), 0 while down",
+            labels=["executor"],
+        )
+        load = GaugeMetricFamily(
+            "pagemesh_kv_executor_load",
+            "The load routing compares: sequences running and waiting (routed since the last"
+            " report included) plus queued prompt tokens per TOKENS_PER_SEQ",
+            labels=["executor"],
+        )
+        seqs = GaugeMetricFamily(
+            "pagemesh_kv_executor_sequences",
+            "Sequences as last reported (waiting: plus those routed since)",
+            labels=["executor", "state"],
+        )
+        queued = GaugeMetricFamily(
+            "pagemesh_kv_executor_queued_prompt_tokens",
+            "Prompt tokens waiting for prefill as last reported, plus the uncached tokens routed"
+            " since",
+            labels=["executor"],
+        )
+        for ex, is_live in fleet.members():
+            eid, x = ex.executor_id, ex.load
+            info.add_metric([eid, ex.address, ex.model], 1)
+            live.add_metric([eid], int(is_live))
+            load.add_metric([eid], x.value)
+            seqs.add_metric([eid, "running"], x.running)
+            seqs.add_metric([eid, "waiting"], x.waiting + x.routed_seqs)
+            queued.add_metric([eid], x.queued_prompt_tokens + x.routed_tokens)
+        routed = CounterMetricFamily(
+            "pagemesh_kv_routed_requests",
+            "Route decisions, by chosen executor, policy and reason",
+            labels=["executor", "policy", "reason"],
+        )
+        for eid, counts in sorted(router.routed.items()):
+            for (policy, reason), n in sorted(counts.items()):
+                routed.add_metric([eid, policy, reason], n)
+        failed = CounterMetricFamily(
+            "pagemesh_kv_route_failures",
+            "Route calls answered with an error, by kind (BadRouteRequest, UnknownModel,"
+            " NoLiveExecutor)",
+            labels=["kind"],
+        )
+        for kind, n in sorted(router.failures.items()):
+            failed.add_metric([kind], n)
+        yield from (info, live, load, seqs, queued, routed, failed)
 
-def make_registry(manager: Manager, persistence: Persistence | None) -> CollectorRegistry:
+
+def make_registry(
+    manager: Manager,
+    persistence: Persistence | None,
+    fleet: Fleet | None = None,
+    router: Router | None = None,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KVCollector(manager, persistence))
+    registry.register(KVCollector(manager, persistence, fleet, router))
     return registry
 
 

@@ -165,7 +165,14 @@ class Persistence:
             m.last_epoch[eid_b.decode()] = int(n)
         for eid, (d, blocks, seq_states, meta) in per_ex.items():
             ex = m.new_executor(
-                eid, d["epoch"], d["num_blocks"], d["block_size"], d["model_fingerprint"]
+                eid,
+                d["epoch"],
+                d["num_blocks"],
+                d["block_size"],
+                d["model_fingerprint"],
+                d.get("address", ""),
+                d.get("model", ""),
+                d.get("max_model_len", 0),
             )
             self._restore_executor(ex, blocks, seq_states, meta)
             m.executors[eid] = ex

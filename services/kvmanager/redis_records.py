@@ -2,7 +2,9 @@
 RESP packing of a write batch. No I/O here (persistence.py does the reading and writing).
 
 Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
-  P executors          HASH  E -> JSON {epoch, num_blocks, block_size, model_fingerprint}
+  P executors          HASH  E -> JSON {epoch, num_blocks, block_size, model_fingerprint,
+                                        address, model, max_model_len} (the last three absent
+                                        in records written before the fleet: read as empty)
   P epochs             HASH  E -> highest epoch ever handed out (epochs never repeat)
   P stats              HASH  "*" | "ex:E" | "tenant:<salt digest>" -> "qtok,htok,qreq,hreq"
   P ex:E:N:meta        HASH  next_stamp, evictions
@@ -78,6 +80,9 @@ def executor_record(ex: ExecutorState) -> bytes:
             "num_blocks": ex.num_blocks,
             "block_size": ex.block_size,
             "model_fingerprint": ex.model_fingerprint,
+            "address": ex.address,
+            "model": ex.model,
+            "max_model_len": ex.max_model_len,
         }
     ).encode()
 

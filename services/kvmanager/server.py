@@ -1,17 +1,20 @@
-"""kvmanager's gRPC service (grpc.aio): the KVManager RPCs over the core, plus gRPC health,
-server reflection, the write-behind persistence task and the /metrics endpoint.
+"""kvmanager's gRPC service (grpc.aio): the KVManager RPCs over the core, the Fleet service
+(fleet_service.py: routing and membership) beside it, plus gRPC health, server reflection, the
+write-behind persistence task, the executors' liveness check and the /metrics endpoint.
 
 Handlers call the synchronous core with no await before they answer, so every RPC is atomic with
 respect to the others and Redis never sits on the allocation path. Messages are read and written
 by wire.py (errors as status codes: see there); Step runs step.py's run_step, the one
 implementation the in-process allocator runs too.
-Health: "" and "pagemesh.v1.KVManager" are SERVING while the server runs (allocation works with
-or without Redis); "pagemesh.v1.KVManager.redis" is SERVING only while Redis is reachable.
+Health: "", "pagemesh.v1.KVManager" and "pagemesh.v1.Fleet" are SERVING while the server runs
+(allocation and routing work with or without Redis); "pagemesh.v1.KVManager.redis" is SERVING
+only while Redis is reachable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,13 +25,15 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pagemesh.proto import health_names
+from pagemesh.proto import fleet_pb2_grpc, health_names
 from pagemesh.proto import kvmanager_pb2 as pb
 from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
-from pagemesh.services.kvmanager import wire
+from pagemesh.services.kvmanager import fleet_service, wire
 from pagemesh.services.kvmanager.api import AllocatorError
+from pagemesh.services.kvmanager.fleet import DEFAULT_TIMEOUT, Fleet
 from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.persistence import Persistence
+from pagemesh.services.kvmanager.router import Router
 from pagemesh.services.kvmanager.stats import HitCounts, HitWindows, Residency
 from pagemesh.services.kvmanager.step import run_step
 from redis.exceptions import RedisError
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pagemesh.kvmanager")
 
 SERVICE_NAME = health_names.KVMANAGER
+FLEET_SERVICE_NAME = fleet_service.SERVICE_NAME
 REDIS_HEALTH = health_names.KVMANAGER_REDIS
 MAX_MESSAGE = 64 << 20
 
@@ -70,9 +76,17 @@ def _residency(r: Residency) -> pb.Residency:
 
 
 class KVManagerService(pb_grpc.KVManagerServicer):
-    def __init__(self, manager: Manager, persistence: Persistence | None = None) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        persistence: Persistence | None = None,
+        fleet: Fleet | None = None,
+        router: Router | None = None,
+    ) -> None:
         self.m = manager
         self.p = persistence
+        self.fleet = fleet if fleet is not None else Fleet(manager)
+        self.router = router if router is not None else Router(manager, self.fleet)
         self.started = time.time()
         # The hot calls by their SessionRequest oneof name. Any: each takes its own request
         # and response types, which one Callable type cannot spell.
@@ -102,16 +116,22 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 request.num_blocks,
                 request.block_size,
                 request.model_fingerprint,
+                request.address,
+                request.model,
+                request.max_model_len,
             )
         except AllocatorError as e:
             await self._fail(context, e)
         log.info(
-            "executor %s registered: epoch %d, %d blocks of %d tokens",
+            "executor %s registered: epoch %d, %d blocks of %d tokens, model %r at %r",
             request.executor_id,
             epoch,
             request.num_blocks,
             request.block_size,
+            request.model,
+            request.address,
         )
+        self.fleet.check()  # watchers hear of it now, not at the next liveness check
         return pb.RegisterExecutorResponse(epoch=epoch)
 
     # The hot calls: each fills `out` (a fresh response, or a Session reply's oneof field) or
@@ -144,6 +164,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             extend=wire.extend_part(r.extend) if r.HasField("extend") else None,
             admit=wire.admit_part(r.allocate),
             admit_token_budget=r.allocate_token_budget,
+            load=wire.load_part(r.load) if r.HasField("load") else None,
         )
         wire.fill_step_response(out, r, o)
 
@@ -242,6 +263,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 grpc.StatusCode.NOT_FOUND, f"executor {request.executor_id!r} is not registered"
             )
         executors = []
+        mono = time.monotonic()
         for eid, ex in sorted(m.executors.items()):
             if request.executor_id and eid != request.executor_id:
                 continue
@@ -262,6 +284,16 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                     windows=_windows(m.stats.executors.get(eid), now),
                     age_at_hit=_residency(ex.age_at_hit),
                     age_at_eviction=_residency(ex.age_at_eviction),
+                    address=ex.address,
+                    model=ex.model,
+                    max_model_len=ex.max_model_len,
+                    live=self.fleet.is_live(ex, mono),
+                    seconds_since_seen=max(0.0, mono - ex.last_seen),
+                    load=fleet_service.load_message(ex),
+                    routed=[
+                        pb.RouteCount(policy=policy, reason=reason, count=n)
+                        for (policy, reason), n in sorted(self.router.routed.get(eid, {}).items())
+                    ],
                 )
             )
         return pb.GetStatsResponse(
@@ -288,9 +320,16 @@ class KVManagerServer:
     health: health.aio.HealthServicer
     metrics_runner: web.AppRunner | None = None
     metrics_port: int = 0
+    fleet: Fleet | None = None
+    router: Router | None = None
+    fleet_task: asyncio.Task | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.fleet_task is not None:
+            self.fleet_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.fleet_task
         await self.server.stop(grace)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
@@ -309,9 +348,11 @@ async def start_server(
     redis_prefix: str = "pagemesh:kv:",
     flush_interval: float = 0.002,
     restore_timeout: float = 5.0,
+    executor_timeout: float = DEFAULT_TIMEOUT,
 ) -> KVManagerServer:
     """Restores state from Redis (waiting up to `restore_timeout` for it), then serves.
-    port 0 picks a free port; metrics_port None disables /metrics, 0 picks a free port."""
+    port 0 picks a free port; metrics_port None disables /metrics, 0 picks a free port.
+    An executor not heard from for `executor_timeout` seconds is down (fleet.py)."""
     manager = Manager(track_changes=redis_url is not None)
     persistence = None
     if redis_url:
@@ -340,12 +381,18 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_KVManagerServicer_to_server(KVManagerService(manager, persistence), server)
+    fleet = Fleet(manager, executor_timeout)
+    router = Router(manager, fleet)
+    pb_grpc.add_KVManagerServicer_to_server(
+        KVManagerService(manager, persistence, fleet, router), server
+    )
+    fleet_pb2_grpc.add_FleetServicer_to_server(fleet_service.FleetService(router, fleet), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            FLEET_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -358,6 +405,7 @@ async def start_server(
     NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
     await health_servicer.set("", SERVING)
     await health_servicer.set(SERVICE_NAME, SERVING)
+    await health_servicer.set(FLEET_SERVICE_NAME, SERVING)
     if persistence is not None:
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
@@ -371,7 +419,17 @@ async def start_server(
         await health_servicer.set(REDIS_HEALTH, SERVING if persistence.connected else NOT_SERVING)
         persistence.start()
     await server.start()
-    out = KVManagerServer(server, bound, manager, persistence, health_servicer)
+    fleet.check()  # what watchers start from: the executors restored from Redis
+    out = KVManagerServer(
+        server,
+        bound,
+        manager,
+        persistence,
+        health_servicer,
+        fleet=fleet,
+        router=router,
+        fleet_task=asyncio.create_task(fleet.run(), name="kvmanager-liveness"),
+    )
     if metrics_port is not None:
         from pagemesh.services.kvmanager.metrics import make_registry, start_metrics_server
 
@@ -382,7 +440,7 @@ async def start_server(
             mport = free_port(host)
         try:
             out.metrics_runner = await start_metrics_server(
-                make_registry(manager, persistence), host, mport
+                make_registry(manager, persistence, fleet, router), host, mport
             )
             out.metrics_port = mport
         except OSError as e:  # metrics are auxiliary: serve allocations regardless

@@ -8,7 +8,8 @@ with its error kept in the outcome, while the parts after it still run, as they 
 calls were sent back to back. An absent part (None) is not run at all; a present but empty one
 is (it still checks the executor and epoch). Admission allocates its entries in order while the
 uncached tokens of those allocated so far stay below the budget (0: no limit), stopping at the
-first that fails (Manager.allocate_many).
+first that fails (Manager.allocate_many). The load report, when present, comes last
+(Manager.report_load): a step with nothing but a load is an idle executor's heartbeat.
 
 Each part is the arguments of the Manager call it stands for, executor id and epoch first (on
 the wire each part names its own executor and epoch).
@@ -28,6 +29,8 @@ ReleasePart = tuple[str, int, Sequence[str]]
 ExtendPart = tuple[str, int, Sequence[str], Sequence[int], Sequence[int]]
 # (seq_id, token_ids or their packed bytes, cache_salt, num_lookahead_tokens) per admission.
 AdmitPart = tuple[str, int, Sequence[tuple[str, Sequence[int] | bytes, str, int]]]
+# running, waiting, queued_prompt_tokens: Manager.report_load's figures.
+LoadPart = tuple[str, int, int, int, int]
 # What Manager.extend returns: {seq_id: (first_index, table[first_index:])}, [(src, dst)].
 ExtendChanges = tuple[dict[str, tuple[int, list[int]]], list[tuple[int, int]]]
 
@@ -45,6 +48,7 @@ class StepOutcome:
     extend_error: AllocatorError | None = None
     allocations: list[Allocation] = field(default_factory=list)  # a prefix of the admissions
     allocate_error: AllocatorError | None = None  # why the next admission failed, if it did
+    load_error: AllocatorError | None = None
 
 
 def run_step(
@@ -54,6 +58,7 @@ def run_step(
     extend: ExtendPart | None = None,
     admit: AdmitPart | None = None,
     admit_token_budget: int = 0,
+    load: LoadPart | None = None,
 ) -> StepOutcome:
     out = StepOutcome()
     if commit is not None:
@@ -73,4 +78,9 @@ def run_step(
             out.extend_error = e
     if admit is not None:
         out.allocations, out.allocate_error = m.allocate_many(*admit, admit_token_budget)
+    if load is not None:
+        try:
+            m.report_load(*load)
+        except AllocatorError as e:
+            out.load_error = e
     return out

@@ -27,6 +27,7 @@ from pagemesh.services.kvmanager.api import (
     ExtendEntry,
     ExtendResult,
     InvalidRequest,
+    LoadReport,
     OutOfBlocks,
     SequenceTooLarge,
     StaleEpoch,
@@ -41,6 +42,7 @@ from pagemesh.services.kvmanager.step import (
     CommitPart,
     ExtendChanges,
     ExtendPart,
+    LoadPart,
     ReleasePart,
     StepOutcome,
 )
@@ -191,6 +193,19 @@ def admit_part(entries: RepeatedCompositeFieldContainer[pb.AllocateRequest]) -> 
     )
 
 
+def fill_load(m: pb.LoadReport, executor_id: str, epoch: int, load: LoadReport) -> None:
+    m.executor_id = executor_id
+    m.epoch = epoch
+    m.load.running = load.running
+    m.load.waiting = load.waiting
+    m.load.queued_prompt_tokens = load.queued_prompt_tokens
+
+
+def load_part(r: pb.LoadReport) -> LoadPart:
+    x = r.load
+    return (r.executor_id, r.epoch, x.running, x.waiting, x.queued_prompt_tokens)
+
+
 # -- replies: the server fills them, the client reads them ----------------------------------------
 def fill_allocation(out: pb.AllocateResponse, a: Allocation) -> None:
     out.block_ids.extend(a.block_ids)
@@ -251,6 +266,8 @@ def fill_step_response(out: pb.StepResponse, request: pb.StepRequest, o: StepOut
         fill_allocation(out.allocate.add(), a)
     if o.allocate_error is not None:
         fill_error(out.allocate_error, o.allocate_error)
+    if o.load_error is not None:
+        fill_error(out.load_error, o.load_error)
 
 
 def decode_step(r: pb.StepResponse, had_extend: bool) -> StepResult:
@@ -270,4 +287,6 @@ def decode_step(r: pb.StepResponse, had_extend: bool) -> StepResult:
     result.allocations = [decode_allocation(a) for a in r.allocate]
     if r.HasField("allocate_error"):
         result.allocate_error = error_from_reply(r.allocate_error)
+    if r.HasField("load_error"):
+        result.load_error = error_from_reply(r.load_error)
     return result

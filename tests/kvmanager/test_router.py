@@ -1,0 +1,223 @@
+"""The router's policies on the real core (no gRPC): prefix affinity, the load guard, pending
+load spreading a burst, fallback, round robin, least loaded, cache_salt isolation, the model
+filter, liveness and exclusion, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+from pagemesh.proto.packed_ids import pack
+from pagemesh.services.kvmanager.fleet import Fleet
+from pagemesh.services.kvmanager.load import TOKENS_PER_SEQ
+from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.router import (
+    GUARD_FACTOR,
+    GUARD_MARGIN,
+    BadRouteRequest,
+    NoLiveExecutor,
+    Router,
+    UnknownModel,
+)
+
+BS = 4
+PROMPT = list(range(100, 133))  # 33 tokens: 8 full blocks can hit (never the last token)
+
+
+def fleet(*executors: str, model: str = "m", num_blocks: int = 64) -> tuple[Manager, Router]:
+    m = Manager()
+    for eid in executors:
+        m.register(eid, num_blocks, BS, "fp", address=f"{eid}.local:7000", model=model)
+    return m, Router(m, Fleet(m, timeout=60))
+
+
+def cache(m: Manager, eid: str, tokens: list[int], salt: str = "") -> None:
+    """Leaves `tokens`' full blocks cached (committed, then released) on `eid`."""
+    ex = m.executors[eid]
+    sid = f"seed-{len(ex.pool.index)}"
+    m.allocate(eid, ex.epoch, sid, tokens, salt)
+    full = len(tokens) // BS
+    m.commit(eid, ex.epoch, [(sid, i, tokens[i * BS : (i + 1) * BS]) for i in range(full)])
+    m.release(eid, ex.epoch, [sid])
+
+
+def report(m: Manager, eid: str, running: int = 0, waiting: int = 0, queued: int = 0) -> None:
+    m.report_load(eid, m.executors[eid].epoch, running, waiting, queued)
+
+
+def route(r: Router, tokens: list[int] = PROMPT, **kw) -> tuple[str, str, int]:
+    d = r.route(kw.pop("model", "m"), pack(tokens), **kw)
+    return d.executor.executor_id, d.reason, d.cached_tokens
+
+
+def test_the_longest_cached_prefix_wins() -> None:
+    m, r = fleet("a", "b", "c")
+    cache(m, "a", PROMPT[:17])  # 4 blocks
+    cache(m, "b", PROMPT)  # all 8 blocks that can hit
+    assert route(r) == ("b", "prefix", 32)
+    # Within the guard's bounds, a modest load difference does not move it.
+    m2, r2 = fleet("a", "b")
+    cache(m2, "b", PROMPT)
+    report(m2, "b", running=6)
+    report(m2, "a", running=1)
+    assert route(r2) == ("b", "prefix", 32)
+    # The answer matches what an allocation there gets.
+    assert m.allocate("b", 1, "x", PROMPT).num_cached_tokens == 32
+
+
+def test_the_load_guard_sends_a_hot_prefix_to_the_least_loaded() -> None:
+    m, r = fleet("a", "b", "c")
+    cache(m, "b", PROMPT)
+    report(m, "a", running=3)
+    report(m, "c", running=2)
+    report(m, "b", running=int(GUARD_FACTOR * 2 + GUARD_MARGIN))  # at the bound: still prefix
+    assert route(r)[:2] == ("b", "prefix")
+    report(m, "b", running=40)  # far beyond the bound
+    assert route(r) == ("c", "load", 0)
+    # Without the load term (all equal), the prefix wins again.
+    for eid in "abc":
+        report(m, eid, running=40)
+    assert route(r)[:2] == ("b", "prefix")
+
+
+def test_load_outweighs_a_short_shared_prefix() -> None:
+    """A hit on a small part of the prompt is worth less than a large load gap, even below the
+    guard: the score weighs the cached fraction against relative load."""
+    m, r = fleet("a", "b")
+    long_prompt = list(range(1000, 1000 + 129))  # 32 blocks
+    cache(m, "a", long_prompt[:9])  # 2 of 32 blocks
+    report(m, "a", running=9)
+    report(m, "b", running=2)
+    assert route(r, long_prompt) == ("b", "load", 0)
+    report(m, "a", running=2)
+    assert route(r, long_prompt) == ("a", "prefix", 8)
+
+
+def test_pending_load_spreads_a_burst() -> None:
+    """Between two load reports every routed request counts at once: a burst is spread."""
+    m, r = fleet("a", "b")
+    picks = [route(r, [7, *PROMPT])[0] for _ in range(10)]  # cached nowhere
+    assert picks == ["a", "b"] * 5
+    # A hot prefix takes most of a burst, but not all of it: the guard sees the pending load.
+    m, r = fleet("a", "b")
+    cache(m, "a", PROMPT)
+    picks = [route(r)[0] for _ in range(40)]
+    assert picks[0] == "a" and picks.count("b") >= 5 and picks.count("a") > picks.count("b")
+    ex_a = m.executors["a"]
+    assert ex_a.load.routed_seqs == picks.count("a")
+    assert ex_a.load.routed_tokens == picks.count("a") * (len(PROMPT) - 32)
+    b_uncached = m.executors["b"].load.routed_tokens
+    assert b_uncached >= len(PROMPT)  # b holds nothing of it: the whole prompt is queued
+    # The executor's report supersedes the estimate.
+    report(m, "a", running=3)
+    assert ex_a.load.routed_seqs == 0 and ex_a.load.value == 3
+    report(m, "b", queued=TOKENS_PER_SEQ)
+    assert m.executors["b"].load.value == 1
+
+
+def test_fallback_is_the_least_loaded_with_ties_to_the_lowest_id() -> None:
+    m, r = fleet("c", "a", "b")
+    assert route(r) == ("a", "fallback", 0)
+    report(m, "a", running=1)  # supersedes the request just routed to it, and adds one
+    assert route(r) == ("b", "fallback", 0)
+    report(m, "a", waiting=5)
+    report(m, "b", running=3)
+    report(m, "c", queued=2 * TOKENS_PER_SEQ)
+    assert route(r) == ("c", "fallback", 0)
+
+
+def test_round_robin_takes_turns_and_ignores_the_cache() -> None:
+    m, r = fleet("a", "b", "c")
+    cache(m, "b", PROMPT)
+    picks = [route(r, policy="round_robin") for _ in range(6)]
+    assert [p[0] for p in picks] == ["a", "b", "c", "a", "b", "c"]
+    assert {p[1] for p in picks} == {"round_robin"}
+    assert picks[1][2] == 32  # it still says what is cached where it went
+
+
+def test_least_loaded_ignores_the_cache() -> None:
+    m, r = fleet("a", "b")
+    cache(m, "a", PROMPT)
+    report(m, "a", running=2)
+    report(m, "b", running=1)
+    assert route(r, policy="least_loaded") == ("b", "least_loaded", 0)
+    d = r.route("m", pack(PROMPT), policy="least_loaded")
+    assert d.policy == "least_loaded"
+
+
+def test_cache_salt_isolates_tenants() -> None:
+    m, r = fleet("a", "b")
+    cache(m, "b", PROMPT, salt="tenant-1")
+    report(m, "b", running=1)
+    assert route(r, cache_salt="tenant-1") == ("b", "prefix", 32)
+    assert route(r, cache_salt="tenant-2") == ("a", "fallback", 0)
+    assert route(r) == ("a", "fallback", 0)
+
+
+def test_only_executors_of_the_model_live_and_not_excluded_are_candidates() -> None:
+    m = Manager()
+    m.register("a", 64, BS, "fp-1", address="a:1", model="small")
+    m.register("b", 64, BS, "fp-2", address="b:1", model="large")
+    m.register("c", 64, BS, "fp-2", address="c:1", model="large")
+    m.register("old", 64, BS, "fp-2")  # no model: never routed to
+    f = Fleet(m, timeout=10)
+    r = Router(m, f)
+    cache(m, "a", PROMPT)
+    assert route(r, model="large") == ("b", "fallback", 0)
+    assert route(r, model="small") == ("a", "prefix", 32)
+    assert route(r, model="large", exclude=["b"])[0] == "c"
+    with pytest.raises(NoLiveExecutor):
+        r.route("large", pack(PROMPT), exclude=["b", "c"])
+    with pytest.raises(UnknownModel):
+        r.route("medium", pack(PROMPT))
+    # Liveness: a down executor is routed around, and is back with its next call.
+    m.executors["b"].last_seen -= 11
+    assert not f.is_live(m.executors["b"])
+    assert route(r, model="large")[0] == "c"
+    m.executors["c"].last_seen -= 11
+    with pytest.raises(NoLiveExecutor):
+        r.route("large", pack(PROMPT))
+    report(m, "b")  # any call naming it and its epoch
+    assert route(r, model="large")[0] == "b"
+
+
+def test_malformed_requests_and_the_counts() -> None:
+    m, r = fleet("a")
+    for model, prompt, policy, what in [
+        ("", pack(PROMPT), "", "model"),
+        ("m", b"", "", "prompt must not be empty"),
+        ("m", b"\x01\x00\x00", "", "multiple of 4"),
+        ("m", pack(PROMPT), "fastest", "unknown policy"),
+    ]:
+        with pytest.raises(BadRouteRequest, match=what):
+            r.route(model, prompt, policy=policy)
+    assert r.failures == {"BadRouteRequest": 4}
+    assert m.executors["a"].load.routed_seqs == 0  # a failed route adds no load
+    route(r)
+    route(r, policy="round_robin")
+    route(r, policy="round_robin")
+    assert r.routed == {"a": {("kv", "fallback"): 1, ("round_robin", "round_robin"): 2}}
+    # A new epoch keeps the executor's counts (they are the executor's, not the epoch's).
+    m.register("a", 64, BS, "fp", model="m")
+    route(r)
+    assert r.routed["a"][("kv", "fallback")] == 2
+
+
+def test_cached_tokens_matches_match_for_every_executor() -> None:
+    """The shared-chain computation agrees with Match executor by executor: different block
+    sizes, fingerprints, salts and partial hits."""
+    m = Manager()
+    m.register("a", 64, 4, "fp")
+    m.register("b", 64, 4, "fp")
+    m.register("c", 64, 8, "fp")
+    m.register("d", 64, 4, "other")
+    cache(m, "a", PROMPT[:13])
+    cache(m, "b", PROMPT)
+    cache(m, "d", PROMPT)
+    ex = m.executors["c"]
+    m.allocate("c", ex.epoch, "s", PROMPT)
+    m.commit("c", ex.epoch, [("s", 0, PROMPT[:8]), ("s", 1, PROMPT[8:16])])
+    exs = [m.executors[e] for e in "abcd"]
+    for prompt in (PROMPT, PROMPT[:5], PROMPT[:1], [*PROMPT[:6], 0, *PROMPT[7:]]):
+        for salt in ("", "s"):
+            got = m.cached_tokens(exs, pack(prompt), salt)
+            assert got == [m.match(prompt, salt, e)[e] for e in "abcd"], (prompt, salt)
+    assert m.cached_tokens(exs, pack(PROMPT)) == [12, 32, 16, 32]
