@@ -187,6 +187,7 @@ async def run_workload(
     warmup_first: bool = True,
     executor_address: str | None = None,
     clients: ClientPool | None = None,
+    ttft_slo: float | None = None,
 ) -> dict[str, Any]:
     """One workload through the mesh, sent by `clients` (None: a pool of DEFAULT_CLIENT_PROCS
     started for this run alone); conversations arrive in a burst (rate inf) or as a Poisson
@@ -232,6 +233,11 @@ async def run_workload(
             k: round(v, 4) for k, v in percentiles([r.ttft for r in ok], (10, 50, 90, 99)).items()
         },
         "tpot_s": {k: round(v, 5) for k, v in percentiles(tpot).items()},
+        **(
+            {"ttft_slo_s": ttft_slo, "within_ttft_slo": sum(r.ttft <= ttft_slo for r in ok)}
+            if ttft_slo is not None
+            else {}
+        ),
         "theoretical_hit_rate": round(theo_hits / theo_total, 4) if theo_total else 0.0,
         # The clients' CPU over the run, the parent's and every worker's summed, and the busiest
         # one's: near 1.0 there means that process, not the server, set the pace.

@@ -139,7 +139,11 @@ class Router:
             ex = cands[turn % len(cands)]
             return Decision(ex, self.m.cached_tokens([ex], prompt, salt)[0], policy, policy)
         loads = [ex.load.value for ex in cands]
-        least = min(range(len(cands)), key=loads.__getitem__)  # the first: lowest id
+        # Equal loads (an idle fleet, most often): the one with the largest free share of its
+        # pool, so that new prefixes spread over the fleet's pools instead of all filling the
+        # first executor's and evicting each other there (then the lowest id).
+        free = [ex.pool.num_free / max(1, ex.pool.num_blocks) for ex in cands]
+        least = min(range(len(cands)), key=lambda i: (loads[i], -free[i]))
         if policy == "least_loaded":
             ex = cands[least]
             return Decision(ex, self.m.cached_tokens([ex], prompt, salt)[0], policy, policy)
