@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 from pagemesh.services.gateway.chat import Tokenizer
 
 from benchmarks import workloads
@@ -43,7 +44,7 @@ def multi_tenant(
     max_tokens: int, seed: int,
 ) -> list[Conversation]:  # fmt: skip
     rng = random.Random(seed)
-    words = workloads.single_token_words(tokenizer)
+    words = workloads.single_token_words(tokenizer.hf)
     contexts = [workloads.text_of(words, rng, context) for _ in range(tenants)]
     convs = [
         Conversation([Turn(workloads.text_of(words, rng, rng.randint(q_min, q_max)), max_tokens)],
@@ -89,7 +90,7 @@ async def run_policy(args: argparse.Namespace, policy: str, tokenizer: Tokenizer
                     args.max_tokens, args.seed,
                 )  # fmt: skip
                 runs.append(("multi_tenant", convs, rate))
-            mixed = workloads.build("mixed", tokenizer, args.mixed_requests, args.seed)
+            mixed = workloads.build("mixed", tokenizer.hf, args.mixed_requests, args.seed)
             for conv in mixed:
                 for turn in conv.turns:
                     turn.max_tokens = min(turn.max_tokens, args.mixed_max_tokens)
