@@ -24,6 +24,7 @@ from pagemesh.proto.packed_ids import pack
 from pagemesh.services.kvmanager import cli
 from pagemesh.services.kvmanager.api import CommitEntry, LoadReport, StaleEpoch
 from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.fleet import Fleet
 from pagemesh.services.kvmanager.local import LocalAllocator
 from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.server import FLEET_SERVICE_NAME, KVManagerServer, start_server
@@ -34,7 +35,7 @@ PROMPT = list(range(100, 133))  # 33 tokens: 8 full blocks can hit
 TIMEOUT = 0.5  # the executor timeout of these servers: liveness tests wait about this long
 
 
-class Fleet:
+class KV:
     """A kvmanager on loopback, its Fleet stub and the executors' clients."""
 
     def __init__(self, server: KVManagerServer) -> None:
@@ -62,8 +63,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    f = Fleet(await start_server(port=0, metrics_port=0, executor_timeout=TIMEOUT))
+async def fleet() -> AsyncIterator[KV]:
+    f = KV(await start_server(port=0, metrics_port=0, executor_timeout=TIMEOUT))
     yield f
     await f.close()
 
@@ -88,11 +89,19 @@ async def until(
             return snap
 
 
+def silence(server: KVManagerServer, eid: str, seconds: float) -> None:
+    """As if `eid` had made no call for `seconds`: the liveness check notes the calls it made
+    so far (the hot path only counts them), then its last sign of life moves back."""
+    assert server.fleet is not None
+    server.fleet.check()
+    server.manager.executors[eid].last_seen -= seconds
+
+
 def members(snap: fpb.FleetSnapshot) -> dict[str, fpb.FleetMember]:
     return {m.executor_id: m for m in snap.members}
 
 
-async def test_route_reasons_and_addresses(fleet: Fleet) -> None:
+async def test_route_reasons_and_addresses(fleet: KV) -> None:
     a = await fleet.join("a")
     b = await fleet.join("b")
     await fleet.join("x", model="other")
@@ -123,7 +132,7 @@ async def test_route_reasons_and_addresses(fleet: Fleet) -> None:
     assert r.reason == "fallback"  # b's blocks are not this tenant's
 
 
-async def test_route_errors(fleet: Fleet) -> None:
+async def test_route_errors(fleet: KV) -> None:
     await fleet.join("a")
     cases = [
         (dict(model=""), C.INVALID_ARGUMENT, "model must not be empty"),
@@ -146,7 +155,7 @@ async def test_route_errors(fleet: Fleet) -> None:
         assert text in (e.value.details() or ""), (fields, e.value.details())
         assert "a.local" not in (e.value.details() or "")  # never an internal address
     # Down: not heard from for longer than the bound.
-    fleet.server.manager.executors["a"].last_seen -= 2 * TIMEOUT
+    silence(fleet.server, "a", 2 * TIMEOUT)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await fleet.route()
     assert e.value.code() == C.UNAVAILABLE
@@ -163,7 +172,7 @@ async def test_route_errors(fleet: Fleet) -> None:
     }
 
 
-async def test_watch_fleet_snapshots(fleet: Fleet) -> None:
+async def test_watch_fleet_snapshots(fleet: KV) -> None:
     a = await fleet.join("a")
     stream = fleet.stub.WatchFleet(fpb.WatchFleetRequest())
     first = await asyncio.wait_for(stream.read(), 10)
@@ -198,22 +207,28 @@ async def test_watch_fleet_snapshots(fleet: Fleet) -> None:
     stream.cancel()
 
 
-async def test_heartbeats_load_and_last_seen(fleet: Fleet) -> None:
-    """A Step with only a load is a heartbeat; every call (Session and unary) refreshes
-    last_seen; a report from a replaced epoch comes back as load_error (StaleEpoch)."""
+async def test_heartbeats_load_and_last_seen(fleet: KV) -> None:
+    """A Step with only a load is a heartbeat; every call (Session and unary) is a sign of
+    life; a report from a replaced epoch comes back as load_error (StaleEpoch)."""
     m = fleet.server.manager
+    live = fleet.server.fleet
+    assert live is not None
     a = await fleet.join("a")
     u = await fleet.join("u", use_session=False)
     for c in (a, u):
-        ex = m.executors[c.executor_id]
-        ex.last_seen -= 100
+        eid = c.executor_id
+        ex = m.executors[eid]
+        silence(fleet.server, eid, 100)
+        assert not live.is_live(ex) and live.idle_for(ex) >= 100
         r = await c.step([], [], [], load=LoadReport(running=4, waiting=1))
         assert r.load_error is None and r.extend is None
-        assert time.monotonic() - ex.last_seen < 5
+        assert live.is_live(ex) and live.idle_for(ex) == 0
         assert (ex.load.running, ex.load.waiting, ex.load.reports) == (4, 1, 1)
-        ex.last_seen -= 100
-        await c.allocate("s", [1, 2, 3])
+        live.check()
         assert time.monotonic() - ex.last_seen < 5
+        silence(fleet.server, eid, 100)
+        await c.allocate("s", [1, 2, 3])
+        assert live.is_live(ex)
     # Load rides along with the step's other parts, without changing their results.
     r = await a.step([], ["s"], [], load=LoadReport(queued_prompt_tokens=64))
     assert r.num_released == 1 and m.executors["a"].load.queued_prompt_tokens == 64
@@ -229,6 +244,33 @@ async def test_heartbeats_load_and_last_seen(fleet: Fleet) -> None:
     assert isinstance(r.load_error, StaleEpoch)
 
 
+async def test_down_after_the_bound_and_back_with_the_next_call() -> None:
+    """The liveness check on the real core with a short bound: silence past it is down (the
+    watchers are woken), the next call is live at once (and woken again)."""
+    m = Manager()
+    f = Fleet(m, timeout=0.2)
+    m.register("a", 8, BS, "fp", model="m")
+    ex = m.executors["a"]
+    woken = f.watch()
+    assert f.check() and woken.is_set()  # the registration
+    woken.clear()
+    await asyncio.sleep(0.15)
+    m.report_load("a", 1, 1, 0, 0)  # a call within the bound
+    await asyncio.sleep(0.1)
+    assert f.is_live(ex) and not f.check() and not woken.is_set()
+    await asyncio.sleep(0.25)
+    assert not f.is_live(ex)
+    assert f.check() and woken.is_set()
+    woken.clear()
+    m.allocate("a", 1, "s", [1, 2])  # any call naming it and its epoch
+    assert f.is_live(ex) and f.idle_for(ex) == 0
+    assert f.check() and woken.is_set()
+    m.register("a", 8, BS, "fp", model="m")  # a new epoch
+    woken.clear()
+    assert f.check() and woken.is_set()
+    f.unwatch(woken)
+
+
 async def test_local_allocator_takes_loads_and_registration() -> None:
     m = Manager()
     a = LocalAllocator("a", m)
@@ -242,14 +284,14 @@ async def test_local_allocator_takes_loads_and_registration() -> None:
     assert r.load_error is not None and "must be >= 0" in str(r.load_error)
 
 
-async def test_stats_metrics_and_cli_show_the_fleet(fleet: Fleet, capsys) -> None:
+async def test_stats_metrics_and_cli_show_the_fleet(fleet: KV, capsys) -> None:
     a = await fleet.join("a")
     b = await fleet.join("b")
     await cache(b, PROMPT)
     await a.step([], [], [], load=LoadReport(running=2))
     assert (await fleet.route()).reason == "prefix"
     assert (await fleet.route(policy="round_robin")).executor_id == "a"
-    fleet.server.manager.executors["a"].last_seen -= 2 * TIMEOUT
+    silence(fleet.server, "a", 2 * TIMEOUT)
     st = await b.get_stats(all_executors=True)
     ex = {e.executor_id: e for e in st.executors}
     assert (ex["a"].address, ex["a"].model, ex["a"].max_model_len) == ("a.local:7000", "m", 4096)
@@ -294,7 +336,7 @@ async def test_stats_metrics_and_cli_show_the_fleet(fleet: Fleet, capsys) -> Non
         assert line in text, line
 
 
-async def test_fleet_health_and_reflection(fleet: Fleet) -> None:
+async def test_fleet_health_and_reflection(fleet: KV) -> None:
     health = health_pb2_grpc.HealthStub(fleet.channel)
     r = await health.Check(health_pb2.HealthCheckRequest(service=FLEET_SERVICE_NAME), timeout=10)
     assert FLEET_SERVICE_NAME == "pagemesh.v1.Fleet"
@@ -315,7 +357,7 @@ async def test_registration_survives_a_restart(redis_url: str) -> None:
     restarted kvmanager, which routes to the executor at once (a restore counts as a call:
     the executor has one timeout to show up)."""
     server = await start_server(port=0, redis_url=redis_url, executor_timeout=TIMEOUT)
-    f = Fleet(server)
+    f = KV(server)
     c = await f.join("a")
     await cache(c, PROMPT)
     await f.join("b", model="m2")
@@ -325,7 +367,7 @@ async def test_registration_survives_a_restart(redis_url: str) -> None:
     await f.close()
 
     server = await start_server(port=0, redis_url=redis_url, executor_timeout=TIMEOUT)
-    f = Fleet(server)
+    f = KV(server)
     try:
         assert server.manager.snapshot() == snap_before
         ex = server.manager.executors["a"]
