@@ -4,8 +4,9 @@ changes (the Fleet service's WatchFleet watchers, fleet_service.py).
 An executor is live while its last call is at most `timeout` seconds old. Every call naming it
 and its current epoch counts (Manager.executor counts them in `calls`: a Step, a Session
 message, an idle executor's heartbeat; its registration, and a restore from Redis, set
-`last_seen`, so restored executors get one timeout to show up). A down executor is routed
-around and is live again with its next call.
+`last_seen`, so restored executors get one timeout to show up). Match and GetStats, which anyone
+may send about an executor, are no sign of its life. A down executor is routed around and is
+live again with its next call.
 
 The hot path only counts; the check that runs every `interval` seconds (`run`) turns a changed
 count into `last_seen` (the check's time, at most `interval` after the call), so an executor
