@@ -254,7 +254,9 @@ class KVManagerClient:
             if load is not None:
                 wire.fill_load(m.load, eid, epoch, load)
 
-        return wire.decode_step(await self._hot("step", fill), had_extend=bool(extends))
+        return wire.decode_step(
+            await self._hot("step", fill), had_extend=bool(extends), had_load=load is not None
+        )
 
     async def fork(
         self, parent_seq_id: str, child_seq_ids: list[str], num_tokens: int

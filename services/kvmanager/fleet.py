@@ -2,14 +2,20 @@
 changes (the Fleet service's WatchFleet watchers, fleet_service.py).
 
 An executor is live while its last call is at most `timeout` seconds old. Every call naming it
-and its current epoch counts (Manager.executor stamps `last_seen`: a Step, a Session message,
-an idle executor's heartbeat, its registration; a restore from Redis counts as one, so
-restored executors get one timeout to show up). A down executor is routed around and is live
-again with its next call. Liveness is decided from `last_seen` whenever it is asked (the
-router, stats), so a call counts at once; `run` looks every `interval` seconds for what changed
-since watchers were last told (a registration, a new epoch, an executor going down or coming
-back) and wakes them, each then sending one fresh snapshot however many changes came meanwhile.
-Load moves are not changes: whoever routes asks kvmanager, which has the current load.
+and its current epoch counts (Manager.executor counts them in `calls`: a Step, a Session
+message, an idle executor's heartbeat; its registration, and a restore from Redis, set
+`last_seen`, so restored executors get one timeout to show up). Match and GetStats, which anyone
+may send about an executor, are no sign of its life. A down executor is routed around and is
+live again with its next call.
+
+The hot path only counts; the check that runs every `interval` seconds (`run`) turns a changed
+count into `last_seen` (the check's time, at most `interval` after the call), so an executor
+goes down between `timeout` and `timeout + interval` after its last call. Liveness is decided
+whenever it is asked (the router, stats): an executor that called since the last check is live
+at once. The same check finds what changed since watchers were last told (a registration, a new
+epoch, an executor going down or coming back) and wakes them, each then sending one fresh
+snapshot however many changes came meanwhile. Load moves are not changes: whoever routes asks
+kvmanager, which has the current load.
 """
 
 from __future__ import annotations
@@ -41,7 +47,15 @@ class Fleet:
         self.changes = 0  # changes told so far
 
     def is_live(self, ex: ExecutorState, now: float | None = None) -> bool:
+        if ex.calls != ex.seen_calls:  # it called since the last check
+            return True
         return (time.monotonic() if now is None else now) - ex.last_seen <= self.timeout
+
+    def idle_for(self, ex: ExecutorState, now: float | None = None) -> float:
+        """Seconds since its last call, as far as the checks tell (0: since the last one)."""
+        if ex.calls != ex.seen_calls:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - ex.last_seen)
 
     def members(self) -> list[tuple[ExecutorState, bool]]:
         """Every registered executor (by id) and whether it is live."""
@@ -60,9 +74,14 @@ class Fleet:
         self._watchers.discard(e)
 
     def check(self) -> bool:
-        """Wakes the watchers if the membership changed since they were last told; True if it
-        did. Cheap (a dict per executor): called at every registration and every `interval`."""
+        """Notes the executors that called since the last check, then wakes the watchers if the
+        membership changed since they were last told; True if it did. Cheap (a few operations
+        per executor): called every `interval`, at every registration and watch."""
         now = time.monotonic()
+        for ex in self.m.executors.values():
+            if ex.calls != ex.seen_calls:
+                ex.seen_calls = ex.calls
+                ex.last_seen = now
         state = {eid: (ex.epoch, self.is_live(ex, now)) for eid, ex in self.m.executors.items()}
         if state == self._told:
             return False
@@ -78,7 +97,7 @@ class Fleet:
                         " routed around until it calls again",
                         eid,
                         epoch,
-                        now - ex.last_seen,
+                        self.idle_for(ex, now),
                         self.timeout,
                     )
         self._told = state

@@ -267,7 +267,14 @@ class Persistence:
     async def _run(self) -> None:
         backoff = 0.05
         last_ok = time.monotonic()
+        task = asyncio.current_task()
         while True:
+            # A cancel (stop) that lands while a flush awaits Redis does not always come out of
+            # redis-py as a CancelledError: seen with Python 3.11, the flush returned normally,
+            # this loop slept again and stop() waited on it forever. The request to cancel
+            # stays recorded on the task, so it is honoured here.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self.interval)
             idle = self.restored and not self.full_resync and self.pending == 0
             if idle and time.monotonic() - last_ok < PING_INTERVAL:

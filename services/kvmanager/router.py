@@ -4,7 +4,10 @@ prefix of a prompt each one holds (Manager.cached_tokens: the blocks an allocati
 hit, cache_salt respected), and it has each executor's load (load.py).
 
 Candidates: the live executors (fleet.py) registered with the request's model, less those the
-request excludes (a request sent again after its executor failed). Policies, per request:
+request excludes (a request sent again after its executor failed); of those, the ones whose
+max_model_len leaves room for at least one token after the prompt, when any does (when none
+does, all stay: the executor then refuses the request with its own error, as with one executor).
+Policies, per request:
   kv (default)   the cached fraction of the prompt on each candidate, weighed against its load
                  relative to the fleet's mean; when the executor that wins is far more loaded
                  than the least loaded one (the guard), the least loaded. Reasons: "prefix" (it
@@ -108,7 +111,9 @@ class Router:
         counts[key] = counts.get(key, 0) + 1
         return d
 
-    def _candidates(self, model: str, exclude: Iterable[str]) -> list[ExecutorState]:
+    def _candidates(
+        self, model: str, exclude: Iterable[str], num_tokens: int
+    ) -> list[ExecutorState]:
         serving = [ex for _, ex in sorted(self.m.executors.items()) if ex.model == model]
         if not serving:
             raise UnknownModel(f"no executor serves model {model[:200]!r}")
@@ -117,7 +122,8 @@ class Router:
         out = [ex for ex in serving if ex.executor_id not in skip and live(ex)]
         if not out:
             raise NoLiveExecutor(f"no executor serving model {model[:200]!r} is available")
-        return out
+        fits = [ex for ex in out if not ex.max_model_len or num_tokens < ex.max_model_len]
+        return fits or out
 
     def _decide(
         self, model: str, prompt: bytes, salt: str, policy: str, exclude: Iterable[str]
@@ -132,7 +138,8 @@ class Router:
             raise BadRouteRequest("prompt must not be empty")
         if len(prompt) % 4:
             raise BadRouteRequest("prompt must be whole u32 ids (a multiple of 4 bytes)")
-        cands = self._candidates(model, exclude)
+        n = len(prompt) // 4
+        cands = self._candidates(model, exclude, n)
         if policy == "round_robin":
             turn = self._turn.get(model, 0)
             self._turn[model] = turn + 1
@@ -151,7 +158,6 @@ class Router:
         longest = max(cached)
         if not longest:
             return Decision(cands[least], 0, "fallback", policy)
-        n = len(prompt) // 4
         scale = LOAD_WEIGHT / max(sum(loads) / len(loads), LOAD_FLOOR)
         scores = [c / n - scale * x for c, x in zip(cached, loads, strict=True)]
         pick = max(range(len(cands)), key=scores.__getitem__)  # the first: lowest id

@@ -288,7 +288,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                     model=ex.model,
                     max_model_len=ex.max_model_len,
                     live=self.fleet.is_live(ex, mono),
-                    seconds_since_seen=max(0.0, mono - ex.last_seen),
+                    seconds_since_seen=self.fleet.idle_for(ex, mono),
                     load=fleet_service.load_message(ex),
                     routed=[
                         pb.RouteCount(policy=policy, reason=reason, count=n)

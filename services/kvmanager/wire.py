@@ -270,7 +270,9 @@ def fill_step_response(out: pb.StepResponse, request: pb.StepRequest, o: StepOut
         fill_error(out.load_error, o.load_error)
 
 
-def decode_step(r: pb.StepResponse, had_extend: bool) -> StepResult:
+def decode_step(r: pb.StepResponse, had_extend: bool, had_load: bool = False) -> StepResult:
+    """`had_load`: the request carried a load (only then can a load_error come back, and only
+    then is it looked for: this runs on the executor's thread every step)."""
     result = StepResult()
     if r.HasField("commit_error"):
         result.commit_error = error_from_reply(r.commit_error)
@@ -287,6 +289,6 @@ def decode_step(r: pb.StepResponse, had_extend: bool) -> StepResult:
     result.allocations = [decode_allocation(a) for a in r.allocate]
     if r.HasField("allocate_error"):
         result.allocate_error = error_from_reply(r.allocate_error)
-    if r.HasField("load_error"):
+    if had_load and r.HasField("load_error"):
         result.load_error = error_from_reply(r.load_error)
     return result

@@ -169,6 +169,7 @@ def test_only_executors_of_the_model_live_and_not_excluded_are_candidates() -> N
     with pytest.raises(UnknownModel):
         r.route("medium", pack(PROMPT))
     # Liveness: a down executor is routed around, and is back with its next call.
+    f.check()  # notes the calls so far (cache() made some): the hot path only counts them
     m.executors["b"].last_seen -= 11
     assert not f.is_live(m.executors["b"])
     assert route(r, model="large")[0] == "c"
@@ -177,6 +178,23 @@ def test_only_executors_of_the_model_live_and_not_excluded_are_candidates() -> N
         r.route("large", pack(PROMPT))
     report(m, "b")  # any call naming it and its epoch
     assert route(r, model="large")[0] == "b"
+
+
+def test_executors_whose_max_model_len_the_prompt_fits_are_preferred() -> None:
+    m = Manager()
+    m.register("a", 64, BS, "fp", model="m", max_model_len=len(PROMPT))  # no room to generate
+    m.register("b", 64, BS, "fp", model="m", max_model_len=len(PROMPT) + 1)
+    m.register("c", 64, BS, "fp", model="m")  # 0: not said
+    r = Router(m, Fleet(m))
+    cache(m, "a", PROMPT)
+    assert [route(r, policy="round_robin")[0] for _ in range(3)] == ["b", "c", "b"]
+    # a's prefix does not help: a cannot take it (c: b has two routed requests pending).
+    assert route(r)[:2] == ("c", "fallback")
+    m.executors["b"].max_model_len = m.executors["c"].max_model_len = 8
+    assert route(r)[0] == "a"
+    m.executors["a"].max_model_len = 8
+    # None fits: routed anyway (the executor refuses it with its own error).
+    assert route(r)[:2] == ("a", "prefix")
 
 
 def test_malformed_requests_and_the_counts() -> None:
