@@ -13,7 +13,6 @@ Prints one JSON line per policy.
 
 from __future__ import annotations
 
-import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import argparse
 import asyncio
 import json
@@ -22,12 +21,14 @@ import random
 import time
 from array import array
 
+import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import grpc
-from kvmanager_bench import pct, proc_cpu, spawn, wait_ready
 from pagemesh.proto import fleet_pb2, fleet_pb2_grpc
-from pagemesh.redis_process import free_port
 from pagemesh.services.kvmanager.api import CommitEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
+
+from benchmarks.kvmanager_bench import pct, proc_cpu, spawn, wait_ready
+from pagemesh.redis_process import free_port
 
 BS = 16
 CONTEXT = 2048
@@ -40,7 +41,9 @@ async def setup(port: int, rng: random.Random) -> list[list[int]]:
         await c.register(4096, BS, "bench-model", address=f"10.0.0.{i}:50052", model="bench")
         ctx = [rng.randrange(32000) for _ in range(CONTEXT)]
         await c.allocate("ctx", ctx)
-        await c.commit([CommitEntry("ctx", b, ctx[b * BS : (b + 1) * BS]) for b in range(CONTEXT // BS)])
+        await c.commit(
+            [CommitEntry("ctx", b, ctx[b * BS : (b + 1) * BS]) for b in range(CONTEXT // BS)]
+        )
         contexts.append(ctx)
         await c.close()
     return contexts
@@ -49,7 +52,9 @@ async def setup(port: int, rng: random.Random) -> list[list[int]]:
 async def run(port: int, pid: int, contexts: list[list[int]], policy: str, calls: int) -> dict:
     rng = random.Random(1)
     prompts = [
-        array("I", contexts[i % 3] + [rng.randrange(32000) for _ in range(rng.randint(128, 256))]).tobytes()
+        array(
+            "I", contexts[i % 3] + [rng.randrange(32000) for _ in range(rng.randint(128, 256))]
+        ).tobytes()
         for i in range(64)
     ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -60,7 +65,9 @@ async def run(port: int, pid: int, contexts: list[list[int]], policy: str, calls
         reasons: dict[str, int] = {}
         cpu0 = proc_cpu(pid)
         for i in range(calls):
-            req = fleet_pb2.RouteRequest(model="bench", prompt=prompts[i % len(prompts)], policy=policy)
+            req = fleet_pb2.RouteRequest(
+                model="bench", prompt=prompts[i % len(prompts)], policy=policy
+            )
             t0 = time.perf_counter()
             reply = await stub.Route(req)
             lat.append(time.perf_counter() - t0)
