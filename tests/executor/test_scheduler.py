@@ -31,13 +31,17 @@ class CountingAllocator(LocalAllocator):
         self.extends += not self._in_step
         return await super().extend(entries)
 
-    async def step(self, commits, releases, extends, admits=None, admit_token_budget=0):
+    async def step(
+        self, commits, releases, extends, admits=None, admit_token_budget=0, *, load=None
+    ):
         self.step_calls += 1
         self.lookahead_calls += bool(extends)
         self.admission_calls += bool(admits)
         self._in_step = True
         try:
-            return await super().step(commits, releases, extends, admits, admit_token_budget)
+            return await super().step(
+                commits, releases, extends, admits, admit_token_budget, load=load
+            )
         finally:
             self._in_step = False
 

@@ -169,7 +169,6 @@ async def test_bad_requests_are_400s(mesh: tuple[TestClient, ScriptedEngine]) ->
     client, _ = mesh
     cases = [
         b"{not json",
-        json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode(),
         json.dumps(
             {"model": "smol", "messages": [{"role": "user", "content": "x " * 400}]}
         ).encode(),
@@ -183,6 +182,14 @@ async def test_bad_requests_are_400s(mesh: tuple[TestClient, ScriptedEngine]) ->
         )
         assert resp.status == 400, raw
         assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+    # A model this server does not serve: OpenAI's 404, code model_not_found.
+    raw = json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode()
+    resp = await client.post(
+        "/v1/chat/completions", data=raw, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
 
 
 async def test_disconnect_aborts(mesh: tuple[TestClient, ScriptedEngine]) -> None:
