@@ -10,19 +10,9 @@
 # Set NEW_REV/OLD_REV to name the commits in the log, ROUNDS (default 2) for the pairs, TP_ARGS
 # for extra throughput.py arguments. Steps: `tests` (pytest -m gpu over tests/executor and tests/kernels), `throughput`
 # (benchmarks/throughput.py --skip-hf), `kernels` (benchmarks/kernels_bench.py). Logs and JSON lines go to $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-# This tree as it installs (pagemesh.services, pagemesh.kernels, ...); the old tree's benchmarks
-# put its own root first on sys.path (that layout predates the one import name).
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/pm . || exit 1
-rm -rf build
-export PYTHONPATH=/tmp/pm:/tmp/site
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+# The old tree's benchmarks put its own root first on sys.path (that layout predates the one
+# import name), so it runs beside the installed new tree.
+source "$(dirname "$0")/device_env.sh"
 echo "new tree: ${NEW_REV:-?}, old tree: ${OLD_REV:-?}" | tee -a "$OUT/device.txt"
 ROUNDS=${ROUNDS:-2}
 TP_ARGS=${TP_ARGS:-}
