@@ -104,3 +104,43 @@ def test_priority_and_timeout_are_refused(mesh: Mesh, name: str) -> None:
     status, _, raw = post(mesh, "/v1/chat/completions", {"model": MODEL, "messages": HI, name: 5})
     assert status == 400
     assert json.loads(raw)["error"]["param"] == name
+
+
+# Item 9. Completions logprobs: 0 - each position's top_logprobs entry holds the sampled token
+# and its logprob (OpenAI and vLLM), not an empty object.
+def test_completion_logprobs_zero(mesh: Mesh) -> None:
+    out = client(mesh).completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=0
+    )
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top == {token: logprob}
+
+
+EMOJI = [{"role": "user", "content": "Reply with two monkey emojis 🐵🐵 and nothing else."}]
+
+
+# Item 10. text_offset counts characters of the returned text and never runs past its end.
+def test_completion_text_offsets_within_the_text(mesh: Mesh) -> None:
+    out = client(mesh).completions.create(
+        model=MODEL, prompt="Monkeys: 🐵🐵🐵 and more 🐵", max_tokens=12, temperature=0, logprobs=1
+    )
+    text = out.choices[0].text
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.text_offset
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(o < max(len(text), 1) for o in lp.text_offset)
+
+
+# Item 11. Chat logprobs `bytes` are each token's own: concatenated, they rebuild the content.
+def test_chat_logprob_bytes_rebuild_the_text(mesh: Mesh) -> None:
+    out = client(mesh).chat.completions.create(
+        model=MODEL, messages=EMOJI, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    choice = out.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    raw = bytes(b for t in choice.logprobs.content for b in (t.bytes or []))
+    assert raw.decode("utf-8", errors="ignore").startswith(choice.message.content or "")
+    for t in choice.logprobs.content:
+        assert "\ufffd" not in t.token

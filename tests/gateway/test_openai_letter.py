@@ -11,8 +11,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pagemesh.services.gateway.app import GATEWAY, _stream
+from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.errors import APIError
-from pagemesh.services.gateway.responses import ChatFormatter, ResponseMeta
+from pagemesh.services.gateway.generation import ChoiceDelta, TokenInfo
+from pagemesh.services.gateway.responses import (
+    ChatFormatter,
+    CompletionFormatter,
+    ResponseMeta,
+    TextOffsets,
+    chat_logprobs,
+    completion_logprobs,
+)
 from pagemesh.services.gateway.trace import RequestTimes
 from pagemesh.services.gateway.validation import (
     GenerationOptions,
@@ -142,3 +151,55 @@ async def test_http_surface(mesh: tuple[TestClient, ScriptedEngine]) -> None:  #
     client.server.app[GATEWAY].config.max_concurrent = 0
     resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert resp.status == 429 and resp.headers["Retry-After"]
+
+
+def infos(tokenizer: Tokenizer, text: str) -> list[TokenInfo]:
+    """The TokenInfos Generation makes for `text`'s tokens (logprobs made up, no top)."""
+    return [
+        TokenInfo(tokenizer.token_text(i), -0.5, [], tokenizer.token_bytes(i))
+        for i in tokenizer.encode(text)
+    ]
+
+
+# Item 9. Completions `logprobs: 0`: each top_logprobs entry still holds the sampled token's own
+# logprob (OpenAI and vLLM), never an empty object.
+def test_completion_logprobs_zero_has_the_sampled_token(tokenizer: Tokenizer) -> None:
+    tokens = infos(tokenizer, "Paris is")
+    lp = completion_logprobs(tokens, TextOffsets(0), len("Paris is"))
+    assert lp["top_logprobs"] == [{t.token: -0.5} for t in tokens]
+
+
+# Item 10. Completions `text_offset` counts characters of the returned text: "🐵🐵" is two
+# characters over six tokens, and no offset runs past the text's end.
+def test_text_offset_counts_characters(tokenizer: Tokenizer) -> None:
+    tokens = infos(tokenizer, "🐵🐵")
+    assert len(tokens) == 6  # three byte-level tokens per emoji
+    lp = completion_logprobs(tokens, TextOffsets(0), 2)
+    assert lp["text_offset"] == [0, 0, 0, 1, 1, 1]
+    # With an echo, offsets start after it; streamed in pieces, they are the same.
+    fmt = CompletionFormatter(ResponseMeta.new("cmpl", "m"), False, True, "ab")
+    streamed: list[int] = []
+    for k, text in [(0, ""), (1, ""), (2, "🐵"), (3, ""), (4, ""), (5, "🐵")]:
+        (chunk,) = fmt.delta_chunks(ChoiceDelta(0, text, None, [tokens[k]]))
+        streamed += chunk["choices"][0]["logprobs"]["text_offset"]
+    assert streamed == [2, 2, 2, 3, 3, 3]
+
+
+# Item 11. Chat logprobs `bytes`: "A list of integers representing the UTF-8 bytes
+# representation of the token. Useful in instances where characters are represented by multiple
+# tokens and their byte representations must be combined to generate the correct text
+# representation." So each token's bytes are its own and concatenated they rebuild the text.
+def test_chat_logprob_bytes_are_each_tokens_own(tokenizer: Tokenizer) -> None:
+    text = "Hi 🐵 é!"
+    content = chat_logprobs(infos(tokenizer, text))["content"]
+    assert bytes(b for entry in content for b in entry["bytes"]).decode() == text
+    # A token that is part of a character shows those bytes escaped (as OpenAI shows such
+    # tokens), never U+FFFD; whole characters are plain text.
+    assert [(e["token"], e["bytes"]) for e in content] == [
+        ("Hi", [72, 105]),
+        (" \\xf0\\x9f", [32, 240, 159]),
+        ("\\x90", [144]),
+        ("\\xb5", [181]),
+        (" é", [32, 195, 169]),
+        ("!", [33]),
+    ]
