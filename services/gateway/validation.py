@@ -30,7 +30,7 @@ class Limits:
     max_messages: int = 1024
     max_tokens: int = 1 << 20  # absolute bound; the context length is usually tighter
     max_beam_width: int = 8  # the executor's own limit is checked there too
-    max_logit_bias: int = 1024  # entries; ids past the vocabulary are the executor's 400
+    max_logit_bias: int = 1024  # entries; ids past the vocabulary: check_logit_bias, per model
 
 
 @dataclass(slots=True)
