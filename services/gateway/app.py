@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pagemesh.services.gateway.chat import PromptError
-from pagemesh.services.gateway.errors import APIError, invalid
+from pagemesh.services.gateway.errors import RETRY_AFTER_S, APIError, invalid
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
 from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
@@ -38,6 +38,7 @@ from pagemesh.services.gateway.validation import (
     CompletionRequest,
     Limits,
     check_context,
+    check_logit_bias,
     parse_chat,
     parse_completion,
     parse_json,
@@ -198,12 +199,26 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise APIError(f"The request body exceeds {limit} bytes.", status=413) from None
 
 
+def _check_content_type(request: web.Request) -> None:
+    """A body declared as anything but JSON (a form, plain text) is a 415, as vLLM answers: it
+    would otherwise be parsed as JSON it never claimed to be. No Content-Type at all is let
+    through (aiohttp would call it application/octet-stream), so bare clients keep working."""
+    if "Content-Type" in request.headers and request.content_type != "application/json":
+        raise APIError(
+            f"Unsupported Content-Type {request.content_type!r}; send the body as"
+            " 'application/json'.",
+            status=415,
+            code="unsupported_media_type",
+        )
+
+
 async def _ingest(
     request: web.Request, parse: Callable[[dict[str, Any], Limits], ParsedT]
 ) -> tuple[Gateway, ServedModel, ParsedT]:
     """The request's turn, its body, the model it names (404 unknown, 503 not servable now) and
     the body validated against that model's limits (its executors' beam width)."""
     gw = request.app[GATEWAY]
+    _check_content_type(request)
     await gw.turnstile.turn()
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
     model = gw.model_for(body)
@@ -266,6 +281,8 @@ async def _generate(
             f"Token ids must be below the vocabulary size {bounds.vocab_size or 1 << 32}.",
             param="prompt",
         )
+    if bounds.vocab_size:
+        check_logit_bias(req.options, bounds.vocab_size)
     max_tokens = check_context(req.options, len(prompt_ids), bounds.max_model_len, bounds.capacity)
     if gw.in_flight >= gw.config.max_concurrent:
         raise APIError(
@@ -366,7 +383,8 @@ async def _stream(
         # Headers are gone already: report in-band the way OpenAI does, then end the stream.
         err = exc if isinstance(exc, APIError) else _unavailable(exc)
         await sse.response.write(encode_event(err.body()))
-        await sse.response.write_eof()
+        # The terminator still follows: clients stop reading at [DONE], not at the error.
+        await sse.done()
         return sse.response
     if fmt.include_usage:
         await sse.send(fmt.usage_chunk(gen))
@@ -374,21 +392,40 @@ async def _stream(
     return sse.response
 
 
+def _model_object(model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "pagemesh",
+        "max_model_len": model.max_model_len,
+    }
+
+
+def _listed(gw: Gateway) -> list[ServedModel]:
+    # Known and loaded: not a name that would 503 "loading".
+    models = sorted(gw.registry.models.values(), key=lambda m: m.name)
+    return [m for m in models if m.tokenizer is not None]
+
+
 async def list_models(request: web.Request) -> web.Response:
     """Each served model once, whichever number of executors serve it (OpenAI's list)."""
-    gw = request.app[GATEWAY]
-    data: list[dict[str, Any]] = [
-        {
-            "id": model.name,
-            "object": "model",
-            "created": model.created,
-            "owned_by": "pagemesh",
-            "max_model_len": model.max_model_len,
-        }
-        for model in sorted(gw.registry.models.values(), key=lambda m: m.name)
-        if model.tokenizer is not None  # known and loaded: not a name that would 503 "loading"
-    ]
+    data = [_model_object(m) for m in _listed(request.app[GATEWAY])]
     return web.json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: the model object the list holds, or OpenAI's 404."""
+    name = request.match_info["model"]
+    for model in _listed(request.app[GATEWAY]):
+        if model.name == name:
+            return web.json_response(_model_object(model))
+    raise APIError(
+        f"The model '{name}' does not exist or you do not have access to it.",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -419,7 +456,8 @@ async def health(request: web.Request) -> web.Response:
         body.update(parts)
         if gw.ready and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
             body["status"] = "degraded"
-    return web.json_response(body, status=200 if gw.ready else 503)
+    headers = None if gw.ready else {"Retry-After": str(RETRY_AFTER_S)}
+    return web.json_response(body, status=200 if gw.ready else 503, headers=headers)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -447,6 +485,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    # {model:.+}: ids may hold slashes ("org/name"), as OpenAI's fine-tune ids hold colons.
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

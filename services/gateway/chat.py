@@ -77,6 +77,25 @@ class _SegmentCache:
             self._cost = 0
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to the printable characters byte-level BPE pieces are
+    written in (the same table as transformers' and tiktoken's)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += range(ord("®"), ord("ÿ") + 1)
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class Tokenizer:
     """The model's tokenizer plus the bits of it the gateway needs."""
 
@@ -95,6 +114,10 @@ class Tokenizer:
         # cuts), when the tokenizer's configuration shows that this is exact and probe strings
         # confirm it. The hf tokenizer must not be reconfigured afterwards (added tokens,
         # split_special_tokens), or that no longer holds.
+        # token_bytes: byte-level BPE pieces map back to raw bytes one character per byte.
+        decoder = getattr(backend, "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._bytes: dict[int, bytes] = {}
         self._segments = _SegmentCache(SEGMENT_CACHE_ENTRIES, SEGMENT_CACHE_COST)
         self._split_after: re.Pattern[str] | None = None
         split_tokens, reason = _split_tokens(self)
@@ -122,6 +145,25 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, also when they are only part of a UTF-8 character (an emoji
+        split over tokens), so that concatenating them rebuilds the text. Decoding one token
+        alone cannot give them: a partial character decodes as U+FFFD."""
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        out: bytes | None = None
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _BYTE_DECODER for c in piece):
+                out = bytes(_BYTE_DECODER[c] for c in piece)  # GPT-2 style byte-level BPE
+            elif m := _BYTE_FALLBACK.fullmatch(piece):
+                out = bytes([int(m.group(1), 16)])  # SentencePiece byte fallback: <0xE2>
+        if out is None:
+            out = self.token_text(token_id).encode("utf-8")
+        self._bytes[token_id] = out
+        return out
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         try:

@@ -38,7 +38,16 @@ class APIError(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        headers = None
+        if self.status in RETRYABLE:
+            # Both mean "not now": say when to come back, as OpenAI's rate limits do; the
+            # official clients honour Retry-After in their retry backoff.
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+RETRYABLE = (429, 503)
+RETRY_AFTER_S = 1  # seconds: an executor reconnects or a slot frees within about that
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -28,11 +28,14 @@ FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_
 
 @dataclass(slots=True)
 class TokenInfo:
-    """A sampled token's logprob and the top alternatives, as text."""
+    """A sampled token's logprob and the top alternatives, as text, with each token's own bytes
+    (the text of a token that is part of a character is U+FFFD; its bytes are exact)."""
 
     token: str
     logprob: float
     top: list[tuple[str, float]]
+    token_bytes: bytes = b""
+    top_bytes: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -197,9 +200,14 @@ class Generation:
 
     def _logprobs(self, out: pb.SequenceOutput) -> list[TokenInfo]:
         text = self._tokenizer.token_text
+        raw = self._tokenizer.token_bytes
         return [
             TokenInfo(
-                text(lp.token_id), lp.logprob, [(text(t.token_id), t.logprob) for t in lp.top]
+                text(lp.token_id),
+                lp.logprob,
+                [(text(t.token_id), t.logprob) for t in lp.top],
+                raw(lp.token_id),
+                [raw(t.token_id) for t in lp.top],
             )
             for lp in out.logprobs
         ]

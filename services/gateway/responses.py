@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,37 +34,64 @@ def usage(gen: Generation) -> dict[str, Any]:
     }
 
 
-def _token_bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
+def _shown(text: str, raw: bytes) -> tuple[str, list[int]]:
+    """A chat logprob entry's `token` and `bytes`. OpenAI: bytes are "the UTF-8 bytes
+    representation of the token. Useful in instances where characters are represented by
+    multiple tokens and their byte representations must be combined to generate the correct
+    text representation". So `bytes` are the token's own (concatenated, they rebuild the text),
+    and `token` is those bytes as text, a byte that is only part of a character written as
+    `\\xNN` (as OpenAI shows such tokens) rather than U+FFFD."""
+    if not raw:  # no byte form known: the text's own bytes
+        return text, list(text.encode("utf-8", errors="replace"))
+    return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+
+def _entry(text: str, raw: bytes, logprob: float) -> dict[str, Any]:
+    token, raw_list = _shown(text, raw)
+    return {"token": token, "logprob": logprob, "bytes": raw_list}
 
 
 def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": t.token,
-                "logprob": t.logprob,
-                "bytes": _token_bytes(t.token),
-                "top_logprobs": [
-                    {"token": s, "logprob": lp, "bytes": _token_bytes(s)} for s, lp in t.top
-                ],
-            }
-            for t in tokens
-        ],
-        "refusal": None,
-    }
-
-
-def completion_logprobs(tokens: list[TokenInfo], offset: int) -> dict[str, Any]:
-    offsets = []
+    content = []
     for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
+        top_bytes = t.top_bytes or [b""] * len(t.top)
+        entry = _entry(t.token, t.token_bytes, t.logprob)
+        entry["top_logprobs"] = [
+            _entry(s, raw, lp) for (s, lp), raw in zip(t.top, top_bytes, strict=True)
+        ]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+class TextOffsets:
+    """One choice's `text_offset`s: where each token starts in the returned text, in
+    characters. A token that is part of a character (an emoji over three tokens) starts at that
+    character, so "🐵🐵" over six tokens has offsets 0,0,0,1,1,1 and none runs past the text."""
+
+    def __init__(self, start: int) -> None:
+        self.chars = start  # characters before the next token: the echo, then whole ones
+        # Bytes of a character not complete yet wait here until it is.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, t: TokenInfo) -> int:
+        offset = self.chars
+        raw = t.token_bytes or t.token.encode("utf-8")
+        self.chars += len(self._utf8.decode(raw))
+        return offset
+
+
+def completion_logprobs(
+    tokens: list[TokenInfo], offsets: TextOffsets, text_end: int
+) -> dict[str, Any]:
+    """`text_end`: the returned text's length so far; an offset never goes past it (the tokens
+    of a stop string the text was cut at count no characters in it)."""
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
-        "text_offset": offsets,
+        # logprobs: 0 still gives each position its entry: the sampled token's own logprob
+        # (OpenAI and vLLM), not an empty object.
+        "top_logprobs": [dict(t.top) if t.top else {t.token: t.logprob} for t in tokens],
+        "text_offset": [min(offsets.take(t), text_end) for t in tokens],
     }
 
 
@@ -169,7 +197,8 @@ class CompletionFormatter:
         self.include_usage = include_usage
         self.want_logprobs = want_logprobs
         self.echo = echo
-        self._offsets: dict[int, int] = {}
+        self._offsets: dict[int, int] = {}  # characters sent per choice, echo included
+        self._text_offsets: dict[int, TextOffsets] = {}
         self._echoed: set[int] = set()
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,8 +228,11 @@ class CompletionFormatter:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return []
         offset = self._offsets.get(delta.index, len(self.echo))
-        lp = completion_logprobs(delta.logprobs, offset) if self.want_logprobs else None
         self._offsets[delta.index] = offset + len(delta.text)
+        lp = None
+        if self.want_logprobs:
+            counter = self._text_offsets.setdefault(delta.index, TextOffsets(len(self.echo)))
+            lp = completion_logprobs(delta.logprobs, counter, self._offsets[delta.index])
         return [
             self._chunk(
                 [
@@ -231,7 +263,9 @@ class CompletionFormatter:
                     "text": self.echo + text,
                     "index": i,
                     "logprobs": (
-                        completion_logprobs(logprobs[i], len(self.echo))
+                        completion_logprobs(
+                            logprobs[i], TextOffsets(len(self.echo)), len(self.echo + text)
+                        )
                         if self.want_logprobs
                         else None
                     ),

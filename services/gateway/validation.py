@@ -30,12 +30,13 @@ class Limits:
     max_messages: int = 1024
     max_tokens: int = 1 << 20  # absolute bound; the context length is usually tighter
     max_beam_width: int = 8  # the executor's own limit is checked there too
-    max_logit_bias: int = 1024  # entries; ids past the vocabulary are the executor's 400
+    max_logit_bias: int = 1024  # entries; ids past the vocabulary: check_logit_bias, per model
 
 
 @dataclass(slots=True)
 class GenerationOptions:
     max_tokens: int | None = None  # None: up to the context length
+    max_tokens_param: str = "max_tokens"  # the parameter it came from, for check_context's 400
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -213,15 +214,21 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
 
 
 def _common_options(body: dict[str, Any], limits: Limits) -> GenerationOptions:
+    # OpenAI: `max_tokens` is deprecated in favor of `max_completion_tokens`; when both are sent
+    # the latter is the bound (as vLLM does), but each is still checked as what it claims to be.
+    legacy = _integer(body, "max_tokens", None, 1, limits.max_tokens)
     max_tokens = _integer(body, "max_completion_tokens", None, 1, limits.max_tokens)
+    max_tokens_param = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, 1, limits.max_tokens)
-    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+        max_tokens, max_tokens_param = legacy, "max_tokens"
+    # OpenAI and vLLM bound seed to a signed 64-bit integer; past that is a 400 naming `seed`.
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 63) - 1)
     if seed is not None and seed < 0:  # the executor takes uint64; keep the caller's bits
         seed &= (1 << 64) - 1
     cache_salt = _string(body, "cache_salt", "") or ""
     options = GenerationOptions(
         max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         top_k=_integer(body, "top_k", 0, -1, 1 << 20) or 0,
@@ -345,6 +352,19 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
     for name in ("tools", "functions"):
         if body.get(name):
             raise invalid(f"'{name}' is not supported by this server.", param=name)
+    _reject_unhonoured(body)
+
+
+def _reject_unhonoured(body: dict[str, Any]) -> None:
+    """Request-level scheduling knobs this server would otherwise ignore silently: a client that
+    sets a deadline or a priority must hear that it does not hold, not assume it does."""
+    for name in ("priority", "timeout"):
+        if body.get(name) is not None:
+            raise invalid(
+                f"'{name}' is not supported by this server; remove it from the request.",
+                param=name,
+                code="unsupported_parameter",
+            )
     # Plain text is all this server makes: a client that asks for JSON must hear so, not get
     # free text it would fail to parse.
     fmt = body.get("response_format")
@@ -407,6 +427,7 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
 def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
     model = _model(body)
     prompt = _prompt(body)
+    _reject_unhonoured(body)
     stream = _boolean(body, "stream", False)
     options = _common_options(body, limits)
     if _string(body, "suffix", None):
@@ -429,6 +450,20 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
         echo=_boolean(body, "echo", False),
         options=options,
     )
+
+
+def check_logit_bias(options: GenerationOptions, vocab_size: int) -> None:
+    """A 400 naming `logit_bias` and every id in it past the model's vocabulary (not just the
+    first), so the client fixes them all in one go."""
+    bad = sorted(t for t in options.logit_bias if t >= vocab_size)
+    if bad:
+        ids = ", ".join(str(t) for t in bad)
+        raise invalid(
+            f"Invalid 'logit_bias': token ids {ids} are out of range; this model's vocabulary "
+            f"has {vocab_size} tokens (ids 0 to {vocab_size - 1}).",
+            param="logit_bias",
+            code="invalid_value",
+        )
 
 
 def check_context(
@@ -457,7 +492,7 @@ def check_context(
             f"requested {num_prompt_tokens + options.max_tokens} tokens ({num_prompt_tokens} in "
             f"the prompt, {options.max_tokens} for the completion). Please reduce the prompt or "
             "max_tokens.",
-            param="max_tokens",
+            param=options.max_tokens_param,
             code="context_length_exceeded",
         )
     return options.max_tokens
