@@ -112,7 +112,10 @@ class AllocatorLink:
         executor makes none), sends one with nothing but the load, so kvmanager keeps it live
         and its router sees the load fall to zero. Never overlaps a call in flight."""
         while True:
-            await asyncio.sleep(interval - (time.monotonic() - self._last_call))
+            # At least a tenth of the interval: while a call hangs (kvmanager unreachable) the
+            # clock runs past the interval and this must not spin.
+            wait = interval - (time.monotonic() - self._last_call)
+            await asyncio.sleep(max(wait, interval / 10))
             if self._calls or time.monotonic() - self._last_call < interval:
                 continue
             self._last_call = time.monotonic()
