@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 from pagemesh.services.kvmanager.fleet import Fleet
 from pagemesh.services.kvmanager.manager import ExecutorState, Manager
-from pagemesh.services.kvmanager.pending_prefixes import PendingPrefixes
 
 POLICIES = ("kv", "least_loaded", "round_robin")
 DEFAULT_POLICY = "kv"
@@ -89,7 +88,6 @@ class Router:
         # Requests not routed, by the error's kind (BadRouteRequest, UnknownModel, ...).
         self.failures: dict[str, int] = {}
         self._turn: dict[str, int] = {}  # round robin: the next turn, per model
-        self.pending = PendingPrefixes()  # kv: prefixes routed but not committed yet
 
     def route(
         self,
@@ -156,29 +154,14 @@ class Router:
         if policy == "least_loaded":
             ex = cands[least]
             return Decision(ex, self.m.cached_tokens([ex], prompt, salt)[0], policy, policy)
-        real = self.m.cached_tokens(cands, prompt, salt)
-        cached = list(real)
+        cached = self.m.cached_tokens(cands, prompt, salt)
         longest = max(cached)
-        key = None
         if not longest:
-            # Nothing holds it yet; the executor this prefix was just routed to soon will
-            # (pending_prefixes.py): it scores as holding the key's blocks, a "prefix" decision.
-            first = cands[0]
-            key = PendingPrefixes.key(first.extra_for(salt)[0], prompt, first.block_size)
-            where = self.pending.lookup(key[0]) if key is not None else None
-            for i, ex in enumerate(cands):
-                if key is not None and ex.executor_id == where:
-                    cached[i] = longest = key[1]
-        if not longest:
-            d = Decision(cands[least], 0, "fallback", policy)
-        else:
-            scale = LOAD_WEIGHT / max(sum(loads) / len(loads), LOAD_FLOOR)
-            scores = [c / n - scale * x for c, x in zip(cached, loads, strict=True)]
-            pick = max(range(len(cands)), key=scores.__getitem__)  # the first: lowest id
-            if loads[pick] > GUARD_FACTOR * loads[least] + GUARD_MARGIN:
-                pick = least
-            reason = "prefix" if cached[pick] == longest else "load"
-            d = Decision(cands[pick], real[pick], reason, policy)
-        if key is not None:
-            self.pending.record(key[0], d.executor.executor_id)
-        return d
+            return Decision(cands[least], 0, "fallback", policy)
+        scale = LOAD_WEIGHT / max(sum(loads) / len(loads), LOAD_FLOOR)
+        scores = [c / n - scale * x for c, x in zip(cached, loads, strict=True)]
+        pick = max(range(len(cands)), key=scores.__getitem__)  # the first: lowest id
+        if loads[pick] > GUARD_FACTOR * loads[least] + GUARD_MARGIN:
+            pick = least
+        reason = "prefix" if cached[pick] == longest else "load"
+        return Decision(cands[pick], cached[pick], reason, policy)

@@ -93,30 +93,9 @@ def test_load_outweighs_a_short_shared_prefix() -> None:
 
 def test_pending_load_spreads_a_burst() -> None:
     """Between two load reports every routed request counts at once: a burst is spread."""
-    _, r = fleet("a", "b")
-    picks = [route(r, [7 + i, *PROMPT])[0] for i in range(10)]  # cached nowhere, all distinct
-    assert picks == ["a", "b"] * 5
-
-
-def test_a_burst_sharing_an_uncached_prefix_follows_its_first_request() -> None:
-    """A prefix routed but not committed yet (its prefill still to come) draws the requests that
-    share it to the same executor (pending_prefixes.py), until the load term says otherwise;
-    the index itself takes over once the blocks are committed."""
     m, r = fleet("a", "b")
-    first = route(r, [7, *PROMPT])
-    assert first == ("a", "fallback", 0)
-    again = route(r, [7, *PROMPT[:-1], 999])  # the same context, another question
-    assert again == ("a", "prefix", 0)  # nothing cached yet: 0 tokens reported
-    other = route(r, [8, *PROMPT])  # another context: spread by load
-    assert other[0] == "b"
-    # A burst of one context: it stays with its executor while the load gap is small, then
-    # spreads (the load term), so a hot new context still cannot take the whole fleet.
-    picks = [route(r, [9, *PROMPT])[0] for _ in range(12)]
-    assert picks[:2] == [picks[0]] * 2 and set(picks) == {"a", "b"}, picks
-    # Expired: it no longer counts.
-    r.pending.ttl = 0.0
-    r.pending.record(b"x", "a")
-    assert r.pending.lookup(b"x") is None
+    picks = [route(r, [7, *PROMPT])[0] for _ in range(10)]  # cached nowhere
+    assert picks == ["a", "b"] * 5
     # A hot prefix takes most of a burst, but not all of it: the guard sees the pending load.
     m, r = fleet("a", "b")
     cache(m, "a", PROMPT)
@@ -135,15 +114,14 @@ def test_a_burst_sharing_an_uncached_prefix_follows_its_first_request() -> None:
 
 
 def test_fallback_is_the_least_loaded_with_ties_to_the_lowest_id() -> None:
-    # Three unrelated prompts: none shares a prefix routed before (pending_prefixes.py).
     m, r = fleet("c", "a", "b")
-    assert route(r, [1, *PROMPT]) == ("a", "fallback", 0)
+    assert route(r) == ("a", "fallback", 0)
     report(m, "a", running=1)  # supersedes the request just routed to it, and adds one
-    assert route(r, [2, *PROMPT]) == ("b", "fallback", 0)
+    assert route(r) == ("b", "fallback", 0)
     report(m, "a", waiting=5)
     report(m, "b", running=3)
     report(m, "c", queued=2 * TOKENS_PER_SEQ)
-    assert route(r, [3, *PROMPT]) == ("c", "fallback", 0)
+    assert route(r) == ("c", "fallback", 0)
 
 
 def test_round_robin_takes_turns_and_ignores_the_cache() -> None:
@@ -237,7 +215,7 @@ def test_malformed_requests_and_the_counts() -> None:
     assert r.routed == {"a": {("kv", "fallback"): 1, ("round_robin", "round_robin"): 2}}
     # A new epoch keeps the executor's counts (they are the executor's, not the epoch's).
     m.register("a", 64, BS, "fp", model="m")
-    route(r, [5, *PROMPT])  # a prompt not routed before (pending_prefixes.py)
+    route(r)
     assert r.routed["a"][("kv", "fallback")] == 2
 
 
