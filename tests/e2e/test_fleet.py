@@ -145,8 +145,19 @@ def test_two_models_side_by_side(fleet: Fleet) -> None:
     other = fleet.add_executor("smol-b")
     wait_for(lambda: fleet.models() == ["smol", "smol-b"], 60, "the gateway to list smol-b")
     before = fleet.routed_total()
-    status, body = fleet.chat("smol-b", messages(context(3), "Which model are you?"))
-    assert status == 200 and body["model"] == "smol-b", body
+    answers: list[tuple[int, dict]] = []
+
+    # Listed as soon as the gateway knows it; served once its Serve stream is up: meanwhile a
+    # 503 that says to retry (no Route call is made for it).
+    def served() -> bool:
+        answers.append(fleet.chat("smol-b", messages(context(3), "Which model are you?")))
+        status, body = answers[-1]
+        assert status in (200, 503), body
+        return status == 200
+
+    wait_for(served, 60, "smol-b to be served", interval=0.5)
+    assert answers[-1][1]["model"] == "smol-b", answers[-1]
+    assert all("Retry" in str(body) or "retry" in str(body) for _, body in answers[:-1]), answers
     assert delta(before, fleet.routed_total()) == {other: 1}
     status, body = fleet.chat("gpt-9", messages("x", "y"))
     assert status == 404 and body["error"]["code"] == "model_not_found", body
