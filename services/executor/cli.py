@@ -106,14 +106,14 @@ def make_allocator(args: argparse.Namespace) -> Any:
     return KVManagerClient(args.kvmanager, executor_id=args.executor_id)
 
 
-def executor_info(engine: LLMEngine, args: argparse.Namespace, device: str) -> Any:
+def executor_info(engine: LLMEngine, device: str) -> Any:
     from pagemesh.proto import executor_pb2 as pb
 
     cfg = engine.config
     eos = sorted(engine.eos_token_ids)
     return pb.ExecutorInfo(
         executor_id=cfg.executor_id,
-        model=engine.config.served_model_name or served_name(args.model),
+        model=engine.config.served_model_name,  # set in _main: --served-model-name or --model's
         model_path=engine.model_path,
         model_fingerprint=engine.model_fingerprint,
         block_size=cfg.block_size,
@@ -186,7 +186,7 @@ async def _main(args: argparse.Namespace) -> None:
         waiter.cancel()
         start.result()
         freeze_startup_heap()
-        info = executor_info(engine, args, device)
+        info = executor_info(engine, device)
         log.info(
             "epoch %d: %d blocks x %d tokens, max_model_len %d",
             info.epoch,

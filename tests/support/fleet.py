@@ -22,7 +22,7 @@ import grpc
 from pagemesh.proto import kvmanager_pb2, kvmanager_pb2_grpc
 
 from pagemesh.redis_process import RedisProcess, free_port
-from tests.support.mesh import LOOPBACK, MeshError, Service, grpc_health_status, http_get, wait_for
+from tests.support.mesh import LOOPBACK, Service, grpc_health_status, http_get, wait_for
 
 
 @dataclass
@@ -217,7 +217,3 @@ class Fleet:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
-
-
-def raise_with_tails(fleet: Fleet, message: str) -> None:
-    raise MeshError(f"{message}\n{fleet.tails()}")
