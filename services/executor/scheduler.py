@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pagemesh.services.executor.allocator_link import AllocatorLink
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
+from pagemesh.services.executor.inflight_prefill import InflightPrefills
 from pagemesh.services.executor.rows import Rows
 from pagemesh.services.executor.sequence import (
     PLACEHOLDER,
@@ -115,6 +116,9 @@ class Scheduler:
         # Fraction of the prompts found cached in the last admission round: how far past the
         # budget (at no hits) the next round offers the queue.
         self._hit_estimate = 0.0
+        # Waiting prompts whose leading blocks a running prefill is computing are admitted once
+        # those blocks are committed, to hit them (inflight_prefill.py). Off with prefix caching.
+        self.inflight = InflightPrefills(self.block_size) if config.enable_prefix_caching else None
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -245,11 +249,16 @@ class Scheduler:
             # step, 45 admitted and then 3-5 more, as the hits per prompt scatter around the
             # estimate). Without chunking an offered prompt must fit whole, so no margin.
             budget = int(budget * OFFER_MARGIN)
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.rebuild(self.running)
         for seq in itertools.islice(self.waiting, limit):
             if budget <= 0:
                 break
             if seq.token_ids[-1] == PLACEHOLDER:
                 break  # preempted while its last token was in flight: admit once it lands
+            if inflight is not None and inflight.should_wait(seq):
+                continue  # the sequences behind it go first (FIFO otherwise)
             rows = self._rows_needed(seq)
             if rows_left < rows:
                 break
@@ -263,9 +272,12 @@ class Scheduler:
     def _admit_one(
         self, seq: Sequence, alloc: Allocation, out: SchedulerOutput, budget: int
     ) -> int:
-        """Moves the head of the queue to running with its allocation; returns the budget left."""
-        assert self.waiting[0] is seq
-        self.waiting.popleft()
+        """Moves `seq` (the queue's head, or the first not put off behind a prefill in flight)
+        to running with its allocation; returns the budget left."""
+        if self.waiting[0] is seq:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(seq)
         rows = self._rows_needed(seq)
         seq.block_table = list(alloc.block_ids)
         seq.num_synced_blocks = 0

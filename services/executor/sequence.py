@@ -102,6 +102,8 @@ class Sequence:
     # Table coverage (tokens) asked of kvmanager by a look-ahead Extend still in flight: the
     # scheduler does not ask again for what is on its way.
     lookahead_sent: int = 0
+    # Chained keys of the prompt's full blocks (inflight_prefill.py), made on first use.
+    prompt_block_keys: list[int] | None = None
 
     @property
     def params(self) -> SamplingParams:

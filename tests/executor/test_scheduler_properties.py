@@ -32,7 +32,8 @@ NUM_BLOCKS = 9
 MAX_MODEL_LEN = 40
 EOS = 0
 # A few shared prefixes (whole blocks and a partial one), so prefix hits and sharing happen.
-PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], [5, 5, 5, 5]]
+# The 4-block one outlasts a step's budget: a prompt sharing it can arrive while it prefills.
+PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], [5, 5, 5, 5], [7] * 16]
 
 
 class _Errors(logging.Handler):
@@ -81,6 +82,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             enable_prefix_caching=prefix_caching,
         )
         self.sc = Scheduler(cfg, self.alloc, MAX_MODEL_LEN, {EOS})
+        if self.sc.inflight is not None:
+            # The prefixes here are 1-2 blocks: let a single shared block in flight hold a
+            # prompt back, so admissions past a waiting one happen (inflight_prefill.py).
+            self.sc.inflight.min_shared_blocks = 1
 
     # -- what the engine does -------------------------------------------------------------------
 
@@ -153,7 +158,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         """engine._step_sync, with the model runner's sampling rows and the sampled token ids
         drawn here."""
         sc = self.sc
+        held_back = sc.inflight.num_deferred if sc.inflight is not None else 0
         out: SchedulerOutput = await sc.schedule()
+        if sc.inflight is not None and sc.inflight.num_deferred > held_back:
+            event("a prompt held back behind a prefill in flight")
         if out.num_preempted:
             event("preempted by the scheduler")
         for seq in out.failed:  # engine._fail (no beams here)
