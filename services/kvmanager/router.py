@@ -27,11 +27,14 @@ executor that looked least loaded first. Decisions are counted by executor, poli
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pagemesh.services.kvmanager import hashing
 from pagemesh.services.kvmanager.fleet import Fleet
 from pagemesh.services.kvmanager.manager import ExecutorState, Manager
+from pagemesh.services.kvmanager.pending_prefixes import PendingPrefixes
 
 POLICIES = ("kv", "least_loaded", "round_robin")
 DEFAULT_POLICY = "kv"
@@ -77,6 +80,9 @@ class Decision:
     cached_tokens: int  # prompt tokens cached on it (whole blocks)
     reason: str
     policy: str
+    # kv: prompt tokens past those that an earlier request routed there is computing now
+    # (pending_prefixes.py): the executor holds this one back until they are committed.
+    pending_tokens: int = 0
 
 
 class Router:
@@ -88,6 +94,7 @@ class Router:
         # Requests not routed, by the error's kind (BadRouteRequest, UnknownModel, ...).
         self.failures: dict[str, int] = {}
         self._turn: dict[str, int] = {}  # round robin: the next turn, per model
+        self.pending = PendingPrefixes()  # kv: blocks routed but not committed yet
 
     def route(
         self,
@@ -105,7 +112,7 @@ class Router:
             kind = type(e).__name__
             self.failures[kind] = self.failures.get(kind, 0) + 1
             raise
-        d.executor.load.add_routed(len(prompt) // 4 - d.cached_tokens)
+        d.executor.load.add_routed(len(prompt) // 4 - d.cached_tokens - d.pending_tokens)
         counts = self.routed.setdefault(d.executor.executor_id, {})
         key = (d.policy, d.reason)
         counts[key] = counts.get(key, 0) + 1
@@ -154,14 +161,53 @@ class Router:
         if policy == "least_loaded":
             ex = cands[least]
             return Decision(ex, self.m.cached_tokens([ex], prompt, salt)[0], policy, policy)
-        cached = self.m.cached_tokens(cands, prompt, salt)
-        longest = max(cached)
+        cached, reach, chains = self._kv_view(cands, prompt, salt)
+        longest = max(reach)
         if not longest:
-            return Decision(cands[least], 0, "fallback", policy)
-        scale = LOAD_WEIGHT / max(sum(loads) / len(loads), LOAD_FLOOR)
-        scores = [c / n - scale * x for c, x in zip(cached, loads, strict=True)]
-        pick = max(range(len(cands)), key=scores.__getitem__)  # the first: lowest id
-        if loads[pick] > GUARD_FACTOR * loads[least] + GUARD_MARGIN:
-            pick = least
-        reason = "prefix" if cached[pick] == longest else "load"
-        return Decision(cands[pick], cached[pick], reason, policy)
+            i = least
+            d = Decision(cands[least], 0, "fallback", policy)
+        else:
+            scale = LOAD_WEIGHT / max(sum(loads) / len(loads), LOAD_FLOOR)
+            scores = [c / n - scale * x for c, x in zip(reach, loads, strict=True)]
+            i = max(range(len(cands)), key=scores.__getitem__)  # the first: lowest id
+            if loads[i] > GUARD_FACTOR * loads[least] + GUARD_MARGIN:
+                i = least
+            reason = "prefix" if reach[i] == longest else "load"
+            d = Decision(cands[i], cached[i], reason, policy, reach[i] - cached[i])
+        # The blocks it will compute there: later prompts through them follow it.
+        self.pending.record(chains[i][cached[i] // cands[i].block_size :], d.executor.executor_id)
+        return d
+
+    def _kv_view(
+        self, cands: list[ExecutorState], prompt: bytes, salt: str
+    ) -> tuple[list[int], list[int], list[list[bytes]]]:
+        """Per candidate: the prompt tokens cached there (Manager.cached_tokens' figure: whole
+        blocks, never the last token), those cached or being computed there (pending), and the
+        hashes of the prompt's full blocks in its chain. Executors that share a block size and
+        extra keys share one chain, computed once."""
+        now = time.monotonic()
+        cached = [0] * len(cands)
+        reach = [0] * len(cands)
+        chains: list[list[bytes]] = [[] for _ in cands]
+        groups: dict[tuple[int, bytes], list[int]] = {}
+        for i, ex in enumerate(cands):
+            groups.setdefault((ex.block_size, ex.extra_for(salt)[0]), []).append(i)
+        pending = self.pending.executor_of if len(self.pending) else None
+        for (bs, extra), members in groups.items():
+            num_full = (len(prompt) // 4 - 1) // bs
+            if num_full <= 0:
+                continue
+            chain = list(hashing.iter_chain_data(extra, prompt, bs, 0, num_full, hashing.ROOT))
+            for i in members:
+                chains[i] = chain
+                index = cands[i].pool.index
+                c = 0
+                while c < num_full and chain[c] in index:
+                    c += 1
+                r = c
+                if pending is not None:
+                    me = cands[i].executor_id
+                    while r < num_full and (chain[r] in index or pending(chain[r], now) == me):
+                        r += 1
+                cached[i], reach[i] = c * bs, r * bs
+        return cached, reach, chains
