@@ -18,6 +18,7 @@ cache salt, so equal keys mean equal prefixes under the same salt.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from pagemesh.services.executor.sequence import Sequence
@@ -25,6 +26,8 @@ from pagemesh.services.executor.sequence import Sequence
 # A follower waits only for at least this many shared blocks (64 tokens at block size 16):
 # recomputing a chat template's header costs less than waiting for a step.
 MIN_SHARED_BLOCKS = 4
+# Prompt blocks remembered as cached (about 4 MiB of keys).
+KNOWN_CAPACITY = 1 << 16
 
 
 def prompt_block_keys(seq: Sequence, block_size: int) -> list[int]:
@@ -43,17 +46,27 @@ def prompt_block_keys(seq: Sequence, block_size: int) -> list[int]:
 
 
 class InflightPrefills:
-    """The uncommitted prompt blocks of the running sequences, rebuilt once per admission."""
+    """Which prompt blocks are being computed: those of the running sequences not committed yet,
+    and those of the prompts admitted earlier in the same admission round (whose cached prefix
+    kvmanager has not told yet). Rebuilt at every admission round."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.min_shared_blocks = MIN_SHARED_BLOCKS
         self._computing: set[int] = set()
+        # Prompt blocks of this round's batch so far, less those known to be cached.
+        self._batch: set[int] = set()
+        # Prompt blocks this executor committed or hit lately (LRU): prompts of one round that
+        # share only these (a cached system prompt) go in together, without a round trip to
+        # learn that they hit. kvmanager may have evicted some since: those are computed twice,
+        # as they were before this module.
+        self._known: OrderedDict[int, None] = OrderedDict()
         self.num_deferred = 0  # admissions put off, for the step trace and tests
 
-    def rebuild(self, running: Iterable[Sequence]) -> None:
+    def begin_round(self, running: Iterable[Sequence]) -> None:
         computing = self._computing
         computing.clear()
+        self._batch.clear()
         bs = self.block_size
         for seq in running:
             full = seq.num_prompt_tokens // bs
@@ -63,16 +76,32 @@ class InflightPrefills:
             computing.update(keys[seq.num_committed_blocks : full])
 
     def should_wait(self, seq: Sequence) -> bool:
-        """`seq` shares at least min_shared_blocks leading blocks that a running sequence is
-        computing now: admitting it later turns them into prefix hits."""
-        if not self._computing or seq.num_tokens != seq.num_prompt_tokens:
-            return False  # nothing in flight; or a preempted sequence (its blocks are cached)
+        """`seq` shares at least min_shared_blocks blocks that a running sequence is computing
+        now, or that a prompt admitted before it in this round may compute: admitting it later
+        turns them into prefix hits. When it need not wait, its blocks join the round's."""
+        if seq.num_tokens != seq.num_prompt_tokens:
+            return False  # preempted after sampling: its prompt's blocks are cached
+        # (about 40-80 us for a 2k-token prompt, once per admitted sequence)
         keys = prompt_block_keys(seq, self.block_size)
         least = self.min_shared_blocks
-        if len(keys) < least:
-            return False
-        computing = self._computing
-        if sum(1 for k in keys if k in computing) < least:
-            return False
-        self.num_deferred += 1
-        return True
+        computing, batch, known = self._computing, self._batch, self._known
+        if len(keys) >= least:
+            shared = sum(1 for k in keys if k in computing or (k in batch and k not in known))
+            if shared >= least:
+                self.num_deferred += 1
+                return True
+        batch.update(k for k in keys if k not in known)
+        return False
+
+    def known_cached(self, seq: Sequence, stop: int) -> None:
+        """The prompt's blocks before `stop` are in the prefix cache (committed by this
+        executor, or hit at admission)."""
+        keys = seq.prompt_block_keys
+        if keys is None:
+            return  # admitted after a preemption: its prompt's blocks were known then
+        known = self._known
+        for k in keys[:stop]:
+            known[k] = None
+            known.move_to_end(k)
+        while len(known) > KNOWN_CAPACITY:
+            known.popitem(last=False)

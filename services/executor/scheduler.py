@@ -251,7 +251,7 @@ class Scheduler:
             budget = int(budget * OFFER_MARGIN)
         inflight = self.inflight
         if inflight is not None:
-            inflight.rebuild(self.running)
+            inflight.begin_round(self.running)
         for seq in itertools.islice(self.waiting, limit):
             if budget <= 0:
                 break
@@ -285,6 +285,8 @@ class Scheduler:
             seq.request.num_cached_tokens = alloc.num_cached_tokens
         seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
         seq.num_committed_blocks = alloc.num_cached_tokens // self.block_size
+        if self.inflight is not None:
+            self.inflight.known_cached(seq, seq.num_committed_blocks)
         seq.status = SeqStatus.RUNNING
         seq.row = self.rows.take()
         self.rows.reserve(rows - 1)
@@ -505,6 +507,8 @@ class Scheduler:
                 for i in range(seq.num_committed_blocks, full):
                     entries.append(CommitEntry(seq.seq_id, i, seq.token_ids[i * bs : (i + 1) * bs]))
                 seq.num_committed_blocks = full
+                if self.inflight is not None:
+                    self.inflight.known_cached(seq, full)
         return entries
 
     def postprocess(

@@ -91,3 +91,35 @@ async def test_a_follower_is_admitted_when_the_prefill_is_preempted_or_ends() ->
     sc.link.defer([], releases)
     out = await _step(sc)
     assert follower in out.admitted
+
+
+async def test_prompts_arriving_together_compute_a_shared_context_once() -> None:
+    """Two prompts of one new context in one admission round: the second waits for the first's
+    prefill instead of computing the same blocks beside it."""
+    sc, _ = await _scheduler(num_blocks=256, max_num_batched_tokens=512, max_num_seqs=16)
+    a = _seq("a", [*CONTEXT, 1, 2])
+    b = _seq("b", [*CONTEXT, 3, 4])
+    sc.add(a)
+    sc.add(b)
+    out = await _step(sc)
+    assert a in out.admitted and b not in out.admitted
+    out = await _step(sc)
+    assert b in out.admitted and b.num_cached_tokens == len(CONTEXT)
+
+
+async def test_prompts_sharing_a_known_cached_prefix_go_in_together() -> None:
+    """Once this executor has committed a context, prompts of one round that share only it go
+    in together, in one admission call (no round trip to learn that they hit)."""
+    sc, alloc = await _scheduler(num_blocks=256, max_num_batched_tokens=1024, max_num_seqs=16)
+    sc.add(_seq("first", [*CONTEXT, 1, 2]))
+    await _step(sc)
+    await _step(sc)  # its blocks are committed
+    burst = [_seq(f"q{i}", [*CONTEXT, *range(100 * i, 100 * i + 40)]) for i in range(1, 5)]
+    for s in burst:
+        sc.add(s)
+    calls = alloc.admission_calls
+    out = await _step(sc)
+    assert all(s in out.admitted for s in burst)
+    assert all(s.num_cached_tokens == len(CONTEXT) for s in burst)
+    assert alloc.admission_calls - calls == 1
+    assert sc.inflight is not None and sc.inflight.num_deferred == 0
