@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagemesh/proto/executor.proto\x12\x0bpagemesh.v1\"\xba\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x0e \x01(\x08\x12\x17\n\x0fuse_beam_search\x18\x0f \x01(\x08\x12\x12\n\nbeam_width\x18\x10 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x11 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0e\x65\x61rly_stopping\x18\x12 \x01(\x08\x12\x1c\n\x14\x65\x61rly_stopping_never\x18\x13 \x01(\x08\x12>\n\nlogit_bias\x18\x14 \x03(\x0b\x32*.pagemesh.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x11\n\x0f_length_penalty\"\x9b\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.pagemesh.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x19\n\x11prompt_token_data\x18\x05 \x01(\x0c\"N\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12)\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x18.pagemesh.v1.ChoiceAbort\"2\n\x0b\x43hoiceAbort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"?\n\rGenerateBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.pagemesh.v1.GenerateRequest\"\xaa\x01\n\x0cServeRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.pagemesh.v1.GenerateRequestH\x00\x12*\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x19.pagemesh.v1.AbortRequestH\x00\x12\x34\n\x0egenerate_batch\x18\x03 \x01(\x0b\x32\x1a.pagemesh.v1.GenerateBatchH\x00\x42\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.pagemesh.v1.TopLogprob\"\xab\x02\n\x0eSequenceOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagemesh.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagemesh.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\t \x01(\x02\x12\x10\n\x08rejected\x18\n \x01(\x08\x12\x11\n\tretryable\x18\x0b \x01(\x08\"\x7f\n\nStepOutput\x12,\n\x07outputs\x18\x01 \x03(\x0b\x32\x1b.pagemesh.v1.SequenceOutput\x12\x19\n\x11token_request_ids\x18\x02 \x03(\t\x12\x15\n\rtoken_indices\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\x10\n\x0eGetInfoRequest\"\xbd\x03\n\x0c\x45xecutorInfo\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x16\n\x0emax_beam_width\x18\x0e \x01(\r\x12\x12\n\nmodel_path\x18\x0f \x01(\t\x12\x16\n\x0ekv_tokens_held\x18\x10 \x01(\x04\x12\x16\n\x0ekv_blocks_held\x18\x11 \x01(\r\x12\x16\n\x0eprefix_caching\x18\x12 \x01(\x08\x12\x17\n\x0fkv_table_blocks\x18\x13 \x01(\x04\x12\x19\n\x11num_serve_streams\x18\x14 \x01(\r*g\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x10\n\x0c\x46INISH_ABORT\x10\x03\x12\x10\n\x0c\x46INISH_ERROR\x10\x04\x32\x93\x02\n\x08\x45xecutor\x12?\n\x05Serve\x12\x19.pagemesh.v1.ServeRequest\x1a\x17.pagemesh.v1.StepOutput(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1c.pagemesh.v1.GenerateRequest\x1a\x17.pagemesh.v1.StepOutput0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagemesh.v1.AbortRequest\x1a\x1a.pagemesh.v1.AbortResponse\x12\x41\n\x07GetInfo\x12\x1b.pagemesh.v1.GetInfoRequest\x1a\x19.pagemesh.v1.ExecutorInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagemesh/proto/executor.proto\x12\x0bpagemesh.v1\"\xec\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x17\n\x0freturn_logprobs\x18\x0e \x01(\x08\x12\x17\n\x0fuse_beam_search\x18\x0f \x01(\x08\x12\x12\n\nbeam_width\x18\x10 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x11 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0e\x65\x61rly_stopping\x18\x12 \x01(\x08\x12\x1c\n\x14\x65\x61rly_stopping_never\x18\x13 \x01(\x08\x12>\n\nlogit_bias\x18\x14 \x03(\x0b\x32*.pagemesh.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x11\n\x0f_length_penaltyB\x12\n\x10_prompt_logprobs\"\x9b\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.pagemesh.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x19\n\x11prompt_token_data\x18\x05 \x01(\x0c\"N\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12)\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x18.pagemesh.v1.ChoiceAbort\"2\n\x0b\x43hoiceAbort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"?\n\rGenerateBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.pagemesh.v1.GenerateRequest\"\xaa\x01\n\x0cServeRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.pagemesh.v1.GenerateRequestH\x00\x12*\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x19.pagemesh.v1.AbortRequestH\x00\x12\x34\n\x0egenerate_batch\x18\x03 \x01(\x0b\x32\x1a.pagemesh.v1.GenerateBatchH\x00\x42\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.pagemesh.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\xdf\x02\n\x0eSequenceOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagemesh.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagemesh.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\t \x01(\x02\x12\x10\n\x08rejected\x18\n \x01(\x08\x12\x11\n\tretryable\x18\x0b \x01(\x08\x12\x32\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\x19.pagemesh.v1.TokenLogprob\"\x7f\n\nStepOutput\x12,\n\x07outputs\x18\x01 \x03(\x0b\x32\x1b.pagemesh.v1.SequenceOutput\x12\x19\n\x11token_request_ids\x18\x02 \x03(\t\x12\x15\n\rtoken_indices\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\x10\n\x0eGetInfoRequest\"\xbd\x03\n\x0c\x45xecutorInfo\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x16\n\x0emax_beam_width\x18\x0e \x01(\r\x12\x12\n\nmodel_path\x18\x0f \x01(\t\x12\x16\n\x0ekv_tokens_held\x18\x10 \x01(\x04\x12\x16\n\x0ekv_blocks_held\x18\x11 \x01(\r\x12\x16\n\x0eprefix_caching\x18\x12 \x01(\x08\x12\x17\n\x0fkv_table_blocks\x18\x13 \x01(\x04\x12\x19\n\x11num_serve_streams\x18\x14 \x01(\r*g\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x0f\n\x0b\x46INISH_STOP\x10\x01\x12\x11\n\rFINISH_LENGTH\x10\x02\x12\x10\n\x0c\x46INISH_ABORT\x10\x03\x12\x10\n\x0c\x46INISH_ERROR\x10\x04\x32\x93\x02\n\x08\x45xecutor\x12?\n\x05Serve\x12\x19.pagemesh.v1.ServeRequest\x1a\x17.pagemesh.v1.StepOutput(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1c.pagemesh.v1.GenerateRequest\x1a\x17.pagemesh.v1.StepOutput0\x01\x12>\n\x05\x41\x62ort\x12\x19.pagemesh.v1.AbortRequest\x1a\x1a.pagemesh.v1.AbortResponse\x12\x41\n\x07GetInfo\x12\x1b.pagemesh.v1.GetInfoRequest\x1a\x19.pagemesh.v1.ExecutorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2220
-  _globals['_FINISHREASON']._serialized_end=2323
+  _globals['_FINISHREASON']._serialized_start=2336
+  _globals['_FINISHREASON']._serialized_end=2439
   _globals['_SAMPLINGPARAMS']._serialized_start=47
-  _globals['_SAMPLINGPARAMS']._serialized_end=617
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=541
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=589
-  _globals['_GENERATEREQUEST']._serialized_start=620
-  _globals['_GENERATEREQUEST']._serialized_end=775
-  _globals['_ABORTREQUEST']._serialized_start=777
-  _globals['_ABORTREQUEST']._serialized_end=855
-  _globals['_CHOICEABORT']._serialized_start=857
-  _globals['_CHOICEABORT']._serialized_end=907
-  _globals['_ABORTRESPONSE']._serialized_start=909
-  _globals['_ABORTRESPONSE']._serialized_end=945
-  _globals['_GENERATEBATCH']._serialized_start=947
-  _globals['_GENERATEBATCH']._serialized_end=1010
-  _globals['_SERVEREQUEST']._serialized_start=1013
-  _globals['_SERVEREQUEST']._serialized_end=1183
-  _globals['_TOPLOGPROB']._serialized_start=1185
-  _globals['_TOPLOGPROB']._serialized_end=1232
-  _globals['_TOKENLOGPROB']._serialized_start=1234
-  _globals['_TOKENLOGPROB']._serialized_end=1321
-  _globals['_SEQUENCEOUTPUT']._serialized_start=1324
-  _globals['_SEQUENCEOUTPUT']._serialized_end=1623
-  _globals['_STEPOUTPUT']._serialized_start=1625
-  _globals['_STEPOUTPUT']._serialized_end=1752
-  _globals['_GETINFOREQUEST']._serialized_start=1754
-  _globals['_GETINFOREQUEST']._serialized_end=1770
-  _globals['_EXECUTORINFO']._serialized_start=1773
-  _globals['_EXECUTORINFO']._serialized_end=2218
-  _globals['_EXECUTOR']._serialized_start=2326
-  _globals['_EXECUTOR']._serialized_end=2601
+  _globals['_SAMPLINGPARAMS']._serialized_end=667
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=571
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=619
+  _globals['_GENERATEREQUEST']._serialized_start=670
+  _globals['_GENERATEREQUEST']._serialized_end=825
+  _globals['_ABORTREQUEST']._serialized_start=827
+  _globals['_ABORTREQUEST']._serialized_end=905
+  _globals['_CHOICEABORT']._serialized_start=907
+  _globals['_CHOICEABORT']._serialized_end=957
+  _globals['_ABORTRESPONSE']._serialized_start=959
+  _globals['_ABORTRESPONSE']._serialized_end=995
+  _globals['_GENERATEBATCH']._serialized_start=997
+  _globals['_GENERATEBATCH']._serialized_end=1060
+  _globals['_SERVEREQUEST']._serialized_start=1063
+  _globals['_SERVEREQUEST']._serialized_end=1233
+  _globals['_TOPLOGPROB']._serialized_start=1235
+  _globals['_TOPLOGPROB']._serialized_end=1282
+  _globals['_TOKENLOGPROB']._serialized_start=1284
+  _globals['_TOKENLOGPROB']._serialized_end=1385
+  _globals['_SEQUENCEOUTPUT']._serialized_start=1388
+  _globals['_SEQUENCEOUTPUT']._serialized_end=1739
+  _globals['_STEPOUTPUT']._serialized_start=1741
+  _globals['_STEPOUTPUT']._serialized_end=1868
+  _globals['_GETINFOREQUEST']._serialized_start=1870
+  _globals['_GETINFOREQUEST']._serialized_end=1886
+  _globals['_EXECUTORINFO']._serialized_start=1889
+  _globals['_EXECUTORINFO']._serialized_end=2334
+  _globals['_EXECUTOR']._serialized_start=2442
+  _globals['_EXECUTOR']._serialized_end=2717
 # @@protoc_insertion_point(module_scope)

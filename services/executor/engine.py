@@ -33,7 +33,12 @@ from pagemesh.services.executor.model.llama import LlamaForCausalLM
 from pagemesh.services.executor.model_runner import Batch, InFlight, ModelRunner, StepResult
 from pagemesh.services.executor.prompt_ids import PromptIds
 from pagemesh.services.executor.scheduler import Scheduler, SchedulerOutput
-from pagemesh.services.executor.sequence import Request, Sequence, new_sequence
+from pagemesh.services.executor.sequence import (
+    PROMPT_LOGPROBS_SALT,
+    Request,
+    Sequence,
+    new_sequence,
+)
 from pagemesh.services.executor.trace import StepTimes
 from pagemesh.services.executor.validation import validate_request
 from pagemesh.services.kvmanager.api import BlockAllocator, CommitEntry
@@ -174,6 +179,10 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             num_blocks=self.runner.pool.num_blocks,
         )
+        if params.prompt_logprobs is not None:
+            # Every prompt position needs its logits, so no prefix hit: under a salt of its own
+            # that nothing commits to (scheduler.commit_entries), its blocks are never found.
+            cache_salt += PROMPT_LOGPROBS_SALT
         req = Request(request_id, params, cache_salt, len(prompt), prompt_data=packed)
         seq = new_sequence(req, 0, prompt, self.config.device)
         self.requests[request_id] = req
@@ -187,6 +196,7 @@ class LLMEngine:
             and params.frequency_penalty == 0.0
             and params.repetition_penalty == 1.0
             and not params.logit_bias
+            and params.prompt_logprobs is None
         ):
             self._special.add(request_id)
         self.scheduler.add(seq)
@@ -309,6 +319,8 @@ class LLMEngine:
         self, batch: Batch, result: StepResult, commits: list[CommitEntry]
     ) -> list[SequenceOutput]:
         sc = self.scheduler
+        if result.prompt_logprobs:
+            sc.add_prompt_logprobs(result.prompt_logprobs)
         if batch.forks:
             await sc.fork(batch.forks, commits)
             commits = []

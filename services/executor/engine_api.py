@@ -60,6 +60,8 @@ class SamplingParams:
     beam_width: int = 0
     length_penalty: float = 1.0
     early_stopping: EarlyStopping = False  # True, False or "never", as transformers' beam search
+    # vLLM's prompt_logprobs: alternatives per prompt token (0: its own logprob only); None: off.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0  # 1 = the most likely token; 0 = not computed (sampled tokens)
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class SequenceOutput:
     num_cached_tokens: int = 0
     error: str = ""
     cumulative_logprob: float = 0.0
+    # SamplingParams.prompt_logprobs: prompt tokens 1.. (the first has none), in the first output.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

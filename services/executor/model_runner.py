@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pagemesh.services.executor import prompt_logprobs
 from pagemesh.services.executor.config import EngineConfig
-from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.engine_api import SamplingParams, TokenLogprob
 from pagemesh.services.executor.kv_pool import KVPool, determine_num_blocks
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 from pagemesh.services.executor.model.config import ModelConfig
@@ -94,6 +95,7 @@ class Batch:
     lookahead_seqs: list[Sequence]  # short of the look-ahead target: AllocatorLink.issue_lookahead
     sample_pos_host: list[int]  # where each sampled token goes in its sequence's token_ids
     beam: BeamBatch | None = None  # beam search rows of sample_seqs (beam_engine.py)
+    prompt_lp: prompt_logprobs.PromptLogprobRows | None = None  # prompt positions to score
 
 
 @dataclass(slots=True)
@@ -105,12 +107,15 @@ class StepResult:
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
     beam: BeamCandidates | None = None
+    # (sequence, first position, entries) per prompt chunk scored (prompt_logprobs.py)
+    prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprob]]] | None = None
 
 
 @dataclass(slots=True)
 class _Pending:
     out: SamplerOutput  # on the device, possibly not computed yet
     beam: BeamCandidates | None
+    prompt: tuple[prompt_logprobs.PromptLogprobRows, prompt_logprobs.PromptTensors] | None = None
 
 
 @dataclass(slots=True)
@@ -363,10 +368,14 @@ class ModelRunner:
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
+        prompt_lp = None
         if sampling_params:
             params = [q.request.params for q in sample_seqs]
             gens = [q.generator for q in sample_seqs]
             st = build_sampling_tensors(params, gens, self.vocab_size, dev, self.staging)
+            # (prompt_logprobs requests are among the not plain greedy ones: engine._special)
+            if t > b:  # some sequence computes more than its one decode token
+                prompt_lp = prompt_logprobs.plan(seqs, starts, q_lens, cu, str(dev))
         else:
             st = ALL_GREEDY
         return Batch(
@@ -383,6 +392,7 @@ class ModelRunner:
             lookahead_seqs=lookahead_seqs,
             sample_pos_host=sample_pos.tolist(),
             beam=self._beam_batch(sample_seqs) if beams else None,
+            prompt_lp=prompt_lp,
         )
 
     def _beam_batch(self, sample_seqs: list[Sequence]) -> BeamBatch | None:
@@ -446,7 +456,8 @@ class ModelRunner:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
         logits = None
-        if self.graphs is not None and not batch.forks:
+        prompt = None
+        if self.graphs is not None and not batch.forks and batch.prompt_lp is None:
             if batch.attn.is_decode:
                 logits = self.graphs.run(
                     batch.input_ids, batch.positions, batch.attn, batch.num_seqs
@@ -464,6 +475,11 @@ class ModelRunner:
         if logits is None:
             hidden = self.model(batch.input_ids, batch.positions, self.pool.kv_caches, batch.attn)
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_index))
+            if batch.prompt_lp is not None:
+                scored = prompt_logprobs.compute(
+                    self.model.compute_logits, hidden, batch.prompt_lp, self.vocab_size
+                )
+                prompt = (batch.prompt_lp, scored)
         counts = None
         if batch.st.presence is not None:
             length = max(batch.sample_pos_host, default=0) + 1
@@ -487,7 +503,7 @@ class ModelRunner:
                     for t in (out.logprobs, out.top_ids, out.top_logprobs)
                 ),
             )
-        return _Pending(out, beam)
+        return _Pending(out, beam, prompt)
 
     @staticmethod
     def _collect(pending: _Pending) -> StepResult:
@@ -499,6 +515,9 @@ class ModelRunner:
             top_ids=out.top_ids.tolist() if out.top_ids is not None else None,
             top_logprobs=out.top_logprobs.tolist() if out.top_logprobs is not None else None,
             beam=beam,
+            prompt_logprobs=(
+                prompt_logprobs.collect(*pending.prompt) if pending.prompt is not None else None
+            ),
         )
 
     def write_beam_tokens(

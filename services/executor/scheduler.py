@@ -502,6 +502,8 @@ class Scheduler:
         bs = self.block_size
         entries = []
         for seq in seqs:
+            if seq.request.params.prompt_logprobs is not None:
+                continue  # never published: nothing may hit it (engine.add_request)
             full = seq.num_computed_tokens // bs
             if full > seq.num_committed_blocks:
                 for i in range(seq.num_committed_blocks, full):
@@ -510,6 +512,13 @@ class Scheduler:
                 if self.inflight is not None:
                     self.inflight.known_cached(seq, full)
         return entries
+
+    def add_prompt_logprobs(self, chunks: list[tuple[Sequence, int, list[TokenLogprob]]]) -> None:
+        """A landed step's scored prompt positions (prompt_logprobs.py), kept until the first
+        output. By position: a chunk computed again after a preemption replaces its entries."""
+        for seq, start, entries in chunks:
+            if not seq.prompt_logprobs_done:
+                seq.prompt_logprobs[start : start + len(entries)] = entries
 
     def postprocess(
         self,
@@ -547,6 +556,10 @@ class Scheduler:
                     k = p.logprobs
                     top = list(zip(top_ids[i][:k], top_logprobs[i][:k], strict=True))
                 lps.append(TokenLogprob(token, lp, top))
+            prompt_lps: list[TokenLogprob] = []
+            if seq.prompt_logprobs and not seq.prompt_logprobs_done:
+                prompt_lps, seq.prompt_logprobs = seq.prompt_logprobs, []
+                seq.prompt_logprobs_done = True
             reason = FinishReason.NONE
             if (token in eos and not p.ignore_eos) or (
                 p.stop_token_ids and token in p.stop_token_ids
@@ -565,6 +578,7 @@ class Scheduler:
                     req.num_cached_tokens if req.num_cached_tokens > 0 else 0,
                     "",
                     seq.cumulative_logprob,
+                    prompt_lps,
                 )
             )
             if reason != FinishReason.NONE:

@@ -39,6 +39,10 @@ class SeqStatus(enum.Enum):
     FINISHED = 2
 
 
+# Appended to the cache salt of a request with prompt_logprobs (engine.add_request).
+PROMPT_LOGPROBS_SALT = "\x00pagemesh-prompt-logprobs"
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     request_id: str
@@ -102,6 +106,10 @@ class Sequence:
     # Table coverage (tokens) asked of kvmanager by a look-ahead Extend still in flight: the
     # scheduler does not ask again for what is on its way.
     lookahead_sent: int = 0
+    # SamplingParams.prompt_logprobs: entry j scores prompt token j + 1; sent with the first
+    # output, then done (a recompute after preemption does not send them again).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_done: bool = False
     # Chained keys of the prompt's full blocks (inflight_prefill.py), made on first use.
     prompt_block_keys: list[int] | None = None
 

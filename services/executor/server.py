@@ -36,6 +36,7 @@ from pagemesh.services.executor.engine_api import (
     PackedIds,
     SamplingParams,
     SequenceOutput,
+    TokenLogprob,
 )
 from pagemesh.services.executor.trace import StepTrace
 
@@ -75,6 +76,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         beam_width=p.beam_width,
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         early_stopping="never" if p.early_stopping_never else p.early_stopping,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
@@ -92,19 +94,22 @@ def prompt_of(request: pb.GenerateRequest) -> PackedIds | list[int]:
         raise ValueError(f"prompt_token_data {e}") from None
 
 
+def _logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        rank=lp.rank,
+    )
+
+
 def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
     return pb.SequenceOutput(
         request_id=o.request_id,
         index=o.index,
         token_ids=o.token_ids,
-        logprobs=[
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
-            for lp in o.logprobs
-        ],
+        logprobs=[_logprob_to_proto(lp) for lp in o.logprobs],
+        prompt_logprobs=[_logprob_to_proto(lp) for lp in o.prompt_logprobs],
         # The stub types it as the generated enum; engine_api.FinishReason has its numbers.
         finish_reason=int(o.finish_reason),  # type: ignore[arg-type]
         num_prompt_tokens=o.num_prompt_tokens,
@@ -371,6 +376,7 @@ class EngineLoop:
                 not o.finish_reason
                 and len(o.token_ids) == 1
                 and not o.logprobs
+                and not o.prompt_logprobs
                 and not o.error
                 and not o.cumulative_logprob
                 and sink.sent.get(rid) == (o.num_prompt_tokens, o.num_cached_tokens)

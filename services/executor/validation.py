@@ -60,6 +60,11 @@ def validate_request(
         bad(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
     if not 0 <= p.logprobs <= 20:
         bad(f"logprobs must be in [0, 20], got {p.logprobs}")
+    if p.prompt_logprobs is not None:
+        if not 0 <= p.prompt_logprobs <= 20:
+            bad(f"prompt_logprobs must be in [0, 20], got {p.prompt_logprobs}")
+        if p.use_beam_search:
+            bad("prompt_logprobs is not supported with beam search")
     if p.seed is not None and p.seed < 0:
         bad(f"seed must be >= 0, got {p.seed}")
     if any(not 0 <= int(t) < vocab_size for t in p.stop_token_ids):
