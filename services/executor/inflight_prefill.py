@@ -79,7 +79,10 @@ class InflightPrefills:
         """`seq` shares at least min_shared_blocks blocks that a running sequence is computing
         now, or that a prompt admitted before it in this round may compute: admitting it later
         turns them into prefix hits. When it need not wait, its blocks join the round's."""
-        if seq.num_tokens != seq.num_prompt_tokens or seq.request.params.prompt_logprobs is not None:
+        if (
+            seq.num_tokens != seq.num_prompt_tokens
+            or seq.request.params.prompt_logprobs is not None
+        ):
             return False  # preempted after sampling: its prompt's blocks are cached
         # (about 40-80 us for a 2k-token prompt, once per admitted sequence)
         keys = prompt_block_keys(seq, self.block_size)
