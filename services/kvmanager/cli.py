@@ -66,7 +66,12 @@ def run_service(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from pagemesh.services.kvmanager.server import start_server
 
+    from pagemesh.exits import config_error, port_taken_message
     from pagemesh.heap import freeze_startup_heap
+    from pagemesh.instance import port_in_use
+
+    if args.port and port_in_use(args.host, args.port):  # permanent: not retried (exits.py)
+        return config_error(port_taken_message("kvmanager", args.host, args.port, "--port"))
 
     server = await start_server(
         host=args.host,
