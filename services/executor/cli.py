@@ -217,9 +217,10 @@ async def _main(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from pagemesh.services.executor.model.spec import ModelSpecError, check_model
 
-    from pagemesh.exits import config_error, port_taken_message
+    from pagemesh.exits import config_error, port_taken_message, quiet_interpreter_exit
     from pagemesh.instance import port_in_use
 
+    quiet_interpreter_exit()
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
