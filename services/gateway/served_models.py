@@ -77,8 +77,7 @@ class Member:
         """Failed its last FAILING_AFTER requests, the latest within FAILING_FOR_S. Routing is
         not changed by it (the next success clears it); /health reports it."""
         return (
-            self.failures >= FAILING_AFTER
-            and time.monotonic() - self.last_failure < FAILING_FOR_S
+            self.failures >= FAILING_AFTER and time.monotonic() - self.last_failure < FAILING_FOR_S
         )
 
     @property
