@@ -47,8 +47,10 @@ class LinePrefixer:
                 start = i + 1
         rest = buf[start:]
         self._pending[name] = rest
-        if rest and name in self._redrawing and not rest.endswith(b"\r"):
-            self._redraw(name, rest)  # the bar's current state, drawn now (terminal only)
+        if rest and name in self._redrawing:
+            # The bar's current state, drawn now (terminal only); a "\r" held back for the next
+            # chunk ("\r\n"?) changes nothing on screen.
+            self._redraw(name, rest.removesuffix(b"\r"))
         self.out.flush()
 
     def end(self, name: str) -> None:
