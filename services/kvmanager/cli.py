@@ -134,7 +134,7 @@ def message_to_json(msg: Any) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             vf = field.message_type.fields_by_name["value"]
             out[field.name] = {str(k): value(vf, x) for k, x in v.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = [value(field, x) for x in v]
         elif field.type == FieldDescriptor.TYPE_MESSAGE and not msg.HasField(field.name):
             out[field.name] = None

@@ -498,7 +498,10 @@ def test_kv_stats_cli_shows_the_expected_hit_rate(mesh: Mesh) -> None:
     conn.request("GET", "/metrics")
     metrics = conn.getresponse().read().decode()
     conn.close()
-    assert 'pagemesh_gateway_kv_token_hit_rate{window="since_start"}' in metrics
+    # Counters, the ratio left to PromQL: the same 192 of 296 tokens.
+    assert "pagemesh_gateway_kv_hit_tokens_total 192.0" in metrics
+    assert "pagemesh_gateway_kv_query_tokens_total 296.0" in metrics
+    assert "hit_rate" not in metrics
     assert "pagemesh_gateway_kv_redis_connected 1.0" in metrics
 
 
