@@ -97,7 +97,8 @@ def check_ports(ports: list[tuple[str, str, int, str]]) -> None:
     for service, host, port, option in ports:
         if not port or not port_in_use(host, port):
             continue
-        holder = next((r for r in running_instances() if port in r.get("ports", {}).values()), None)
+        others = [r for r in running_instances() if r.get("pid") != os.getpid()]
+        holder = next((r for r in others if port in r.get("ports", {}).values()), None)
         who = describe(holder) if holder else "another program"
         raise InstanceConflict(
             f"port {port} ({service}, {host}) is in use by {who}: stop it, or choose another"

@@ -101,6 +101,7 @@ def test_one_instance_per_port_set(tmp_path: Path, smollm2_path: Path) -> None:
         assert third.returncode == 1, lines
         assert len(lines) == 1, lines
         assert f"port {ports['gateway']}" in lines[0] and f"pid {first.pid}" in lines[0], lines
+        assert f"data dir {tmp_path / 'redis'}" in lines[0], lines  # the first, not itself
         assert "--port" in lines[0]
 
         # The first keeps serving, and its executor is still the only one at its kvmanager.
