@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -158,3 +159,48 @@ def test_progress_bars_never_share_a_line_with_other_output(tty: bool) -> None:
     ]
     if not tty:
         assert "\r" not in text  # a log file gets lines, not redraw frames
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [False, True])
+def test_tritons_exit_noise_is_silenced(quiet: bool, smollm2_path: Path) -> None:
+    """A CPU executor (in-process allocator: no kvmanager needed) started, serving, stopped
+    with SIGTERM: `pagemesh executor` prints no "nanobind: leaked ..." at exit, where the same
+    run without quiet_interpreter_exit() (exits.py) printed them."""
+    argv = ["executor", "--model", str(smollm2_path), "--allocator", "local", "--device", "cpu"]
+    argv += ["--port", str(free_port()), "--num-blocks", "64"]
+    if quiet:
+        cmd = [sys.executable, "-P", "-m", "pagemesh.cli", *argv]
+    else:  # the command's own code, minus the silencing
+        code = (
+            "import asyncio, sys\n"
+            "from pagemesh.cli import build_parser\n"
+            "from pagemesh.services.executor import cli\n"
+            "import logging; logging.basicConfig(level='INFO')\n"
+            "asyncio.run(cli._main(build_parser().parse_args(sys.argv[1:])))\n"
+        )
+        cmd = [sys.executable, "-P", "-c", code, *argv]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if " serving " in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = "".join(seen) + rest
+    assert any(" serving " in line for line in seen), log[-3000:]
+    if quiet:
+        assert proc.returncode == 0, log[-3000:]
+        assert "nanobind" not in log, log[-3000:]
+    else:  # what an executor stop printed before
+        assert "nanobind: leaked" in log
