@@ -465,10 +465,10 @@ async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     registry = gw.registry
     body: dict[str, Any]
-    serving = gw.ready and any(m.routable and not m.failing for m in registry.members.values())
+    can_serve = gw.ready and any(m.routable and not m.failing for m in registry.members.values())
     if not gw.ready:
         body = {"status": "loading" if registry.loading else "executor unavailable"}
-    elif not serving:
+    elif not can_serve:
         body = {"status": "executor failing"}
     elif gw.fleet_mode:
         serving = sorted(m.name for m in registry.models.values() if m.ready)
@@ -484,10 +484,10 @@ async def health(request: web.Request) -> web.Response:
     if gw.kvmanager is not None:
         parts = await gw.kvmanager.health()
         body.update(parts)
-        if serving and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
+        if can_serve and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
             body["status"] = "degraded"
-    headers = None if serving else {"Retry-After": str(RETRY_AFTER_S)}
-    return web.json_response(body, status=200 if serving else 503, headers=headers)
+    headers = None if can_serve else {"Retry-After": str(RETRY_AFTER_S)}
+    return web.json_response(body, status=200 if can_serve else 503, headers=headers)
 
 
 async def metrics(request: web.Request) -> web.Response:
