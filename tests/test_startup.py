@@ -204,3 +204,31 @@ def test_tritons_exit_noise_is_silenced(quiet: bool, smollm2_path: Path) -> None
         assert "nanobind" not in log, log[-3000:]
     else:  # what an executor stop printed before
         assert "nanobind: leaked" in log
+
+
+def test_executor_ids_are_unique_unless_set() -> None:
+    """Without --executor-id two executors of one kvmanager never share an id (it is the
+    address gateways reach them on); one that is set is kept."""
+    from pagemesh.cli import build_parser
+    from pagemesh.services.executor.cli import executor_id
+
+    parse = build_parser().parse_args
+    a = parse(["executor", "--port", "50052"])
+    b = parse(["executor", "--port", "50053"])
+    c = parse(["executor", "--host", "0.0.0.0", "--advertise", "gpu-7:50052"])
+    assert executor_id(a) == "127.0.0.1:50052" != executor_id(b)
+    assert executor_id(c) == "gpu-7:50052"
+    assert executor_id(parse(["executor", "--executor-id", "executor-0"])) == "executor-0"
+
+
+def test_api_key_file(tmp_path: Path) -> None:
+    from pagemesh.services.gateway.cli import ApiKeyError, read_api_key_file
+
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated weekly\nsk-one\n\n  sk-two , sk-three\n")
+    assert read_api_key_file(str(keys)) == ["sk-one", "sk-two", "sk-three"]
+    keys.write_text("# no key yet\n")
+    with pytest.raises(ApiKeyError, match="holds no key"):  # never "no auth" by accident
+        read_api_key_file(str(keys))
+    with pytest.raises(ApiKeyError, match="cannot read"):
+        read_api_key_file(str(tmp_path / "missing"))

@@ -31,7 +31,7 @@ MAX_BODY = 4096
 
 @pytest.fixture
 async def gateway(tokenizer: Tokenizer, smollm2_path: Path) -> AsyncIterator[TestClient]:
-    kv = await start_server(port=0)
+    kv = await start_server(port=0, metrics_port=0)
     eos = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
     engine = ScriptedEngine(tokenizer.encode("Paris."), eos)
     port = free_port()
@@ -58,6 +58,7 @@ async def gateway(tokenizer: Tokenizer, smollm2_path: Path) -> AsyncIterator[Tes
                 if (await client.get("/health")).status == 200:
                     break
                 await asyncio.sleep(0.05)
+            client.kv_metrics_port = kv.metrics_port  # type: ignore[attr-defined]
             yield client
     finally:
         stop.set()
@@ -146,3 +147,19 @@ def test_the_checkers_catch_what_the_gateway_used_to_export() -> None:
     from_promtool = promtool_problems(BAD)
     if from_promtool is not None:
         assert any("_total" in line for line in from_promtool), from_promtool
+
+
+async def test_kvmanagers_exposition_is_clean_too(gateway: TestClient) -> None:
+    import aiohttp
+
+    port = gateway.kv_metrics_port  # type: ignore[attr-defined]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+    assert "pagemesh_kv_" in text
+    assert strict_problems(text) == []
+    from_promtool = promtool_problems(text)
+    assert from_promtool in (None, []), from_promtool

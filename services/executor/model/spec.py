@@ -42,7 +42,8 @@ def check_model_type(config: dict[str, Any], where: str) -> None:
     model_type = config.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(
-            f"{where} is a {model_type!r} model, an architecture pagemesh does not implement"
+            f"{where} is a {model_type!r} model (config.json's model_type), an architecture"
+            " pagemesh does not implement"
             f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)}): choose a Llama-family model"
         )
 
