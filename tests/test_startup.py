@@ -209,8 +209,9 @@ def test_tritons_exit_noise_is_silenced(quiet: bool, smollm2_path: Path) -> None
 def test_executor_ids_are_unique_unless_set() -> None:
     """Without --executor-id two executors of one kvmanager never share an id (it is the
     address gateways reach them on); one that is set is kept."""
-    from pagemesh.cli import build_parser
     from pagemesh.services.executor.cli import executor_id
+
+    from pagemesh.cli import build_parser
 
     parse = build_parser().parse_args
     a = parse(["executor", "--port", "50052"])
