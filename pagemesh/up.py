@@ -24,6 +24,9 @@ from pathlib import Path
 
 from pagemesh.children import set_pdeathsig
 from pagemesh.env import add_option
+from pagemesh.exits import EXIT_CONFIG, PREFIX
+from pagemesh.instance import InstanceConflict, InstanceLock, acquire, check_ports
+from pagemesh.line_prefixer import LinePrefixer
 
 COLORS = {"redis": 31, "kvmanager": 36, "executor": 35, "gateway": 32, "up": 33}
 # A service that stays up this long has its backoff reset: it was a crash, not a crash loop.
@@ -61,7 +64,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add_option(p, "--num-blocks", 0, "KV pool blocks (0: automatic)", int)
     add_option(p, "--block-size", 16, "tokens per KV block", int)
     add_option(p, "--max-model-len", 0, "context length (0: the model's)", int)
-    p.add_argument("--api-key", default=None, help="require this API key (env PAGEMESH_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this API key (visible in `ps`: prefer env PAGEMESH_API_KEY or"
+        " --api-key-file)",
+    )
+    add_option(p, "--api-key-file", "", "file of accepted API keys, one per line")
     add_option(p, "--start-timeout", 1800.0, "seconds to wait for a service's health", float)
     add_option(p, "--log-level", "info", "log level of the services")
     p.set_defaults(func=run)
@@ -73,6 +82,9 @@ class Console:
     def __init__(self) -> None:
         self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         self.width = max(len(n) for n in COLORS)
+        # Every service's output goes through one prefixer: a progress bar redrawn with \r by
+        # one service never shares a line with another's output (line_prefixer.py).
+        self.lines = LinePrefixer(sys.stdout.buffer, self.prefix, sys.stdout.isatty())
 
     def prefix(self, name: str) -> bytes:
         label = f"{name:<{self.width}} | "
@@ -81,11 +93,10 @@ class Console:
         return label.encode()
 
     def write(self, name: str, data: bytes) -> None:
-        sys.stdout.buffer.write(self.prefix(name) + data)
-        sys.stdout.buffer.flush()
+        self.lines.feed(name, data)
 
     def say(self, message: str) -> None:
-        self.write("up", message.encode() + b"\n")
+        self.lines.feed("up", message.encode() + b"\n")
 
 
 @dataclass
@@ -99,6 +110,7 @@ class Service:
     ever_healthy: bool = False
     started_at: float = 0.0
     pump: asyncio.Task[None] | None = field(default=None, repr=False)
+    last_error: str = ""  # its last "error: ..." line (exits.py), repeated when it gives up
 
 
 class Supervisor:
@@ -126,28 +138,24 @@ class Supervisor:
         svc.pump = asyncio.create_task(self._pump(svc, svc.proc))
 
     async def _pump(self, svc: Service, proc: asyncio.subprocess.Process) -> None:
-        """Copies the service's output, prefixing every line (and every \\r-redrawn progress
-        bar segment, so download bars still render in place)."""
+        """Copies the service's output through the console's prefixer, and keeps its last
+        error line (exits.py) to repeat if it cannot start."""
         assert proc.stdout is not None
-        pending = b""
+        marker = PREFIX.encode()
+        tail = b""
         while chunk := await proc.stdout.read(4096):
-            pending += chunk
-            start = 0
-            for i, byte in enumerate(pending):
-                if byte in (10, 13):  # \n, \r
-                    piece = pending[start : i + 1]
-                    if byte == 13:
-                        sys.stdout.buffer.write(b"\r" + self.console.prefix(svc.name) + piece[:-1])
-                        sys.stdout.buffer.flush()
-                    else:
-                        self.console.write(svc.name, piece)
-                    start = i + 1
-            pending = pending[start:]
-        if pending:
-            self.console.write(svc.name, pending + b"\n")
+            self.console.write(svc.name, chunk)
+            tail = (tail + chunk)[-8192:]
+            at = tail.rfind(b"\n" + marker)
+            if at >= 0 or tail.startswith(marker):
+                line = tail[at + 1 if at >= 0 else 0 :].split(b"\n", 1)[0]
+                svc.last_error = line.decode(errors="replace").strip()[len(PREFIX) :]
+        self.console.lines.end(svc.name)
 
     async def start(self, svc: Service) -> None:
-        """Spawns `svc` and waits for its health; retries a few times, then gives up."""
+        """Spawns `svc` and waits for its health; retries a few times, then gives up. A
+        permanent error (exit code EXIT_CONFIG: a missing model, a port in use) is not retried:
+        its one line is the reason given."""
         self.services.append(svc)
         failures = 0
         while True:
@@ -158,8 +166,14 @@ class Supervisor:
                 return
             failures += 1
             await self._terminate(svc)
+            if svc.proc is not None and svc.proc.returncode == EXIT_CONFIG:
+                if svc.pump is not None:
+                    with contextlib.suppress(Exception):
+                        await svc.pump  # its last line read
+                raise RuntimeError(f"{svc.name}: {svc.last_error or 'configuration error'}")
             if failures >= MAX_START_FAILURES or self.stopping.is_set():
-                raise RuntimeError(f"{svc.name} did not become healthy ({failures} attempts)")
+                why = f": {svc.last_error}" if svc.last_error else " (its log above says why)"
+                raise RuntimeError(f"{svc.name} did not become healthy ({failures} attempts){why}")
             self.console.say(f"{svc.name} failed to start; retrying ({failures})")
             await asyncio.sleep(min(2**failures, MAX_BACKOFF))
 
@@ -171,7 +185,9 @@ class Supervisor:
                 self.console.say(f"{svc.name} exited with code {svc.proc.returncode}")
                 return False
             with contextlib.suppress(Exception):
-                if await svc.healthy():
+                # Healthy counts only while our own child runs: an answer on its port from
+                # anything else (another instance) is not its health.
+                if await svc.healthy() and svc.proc.returncode is None:
                     self.console.say(
                         f"{svc.name} healthy after {time.monotonic() - svc.started_at:.1f}s"
                     )
@@ -288,7 +304,9 @@ async def _up(args: argparse.Namespace) -> int:
     redis_url = args.redis_url
     kv = f"127.0.0.1:{args.kv_port}"
     level = args.log_level
+    lock: InstanceLock | None = None
     try:
+        lock = await asyncio.to_thread(_preflight, args)
         if not redis_url:
             data = Path(args.data_dir).expanduser()
             redis = RedisProcess(
@@ -309,15 +327,73 @@ async def _up(args: argparse.Namespace) -> int:
                 await startup
         console.say("stopping (Ctrl-C)")
         return 0
+    except StartupRefused as exc:  # nothing was started: one line, nothing to stop
+        console.say(f"error: {exc}")
+        return 1
     except RuntimeError as exc:
         console.say(f"error: {exc}")
         return 1
     finally:
-        await sup.stop_all()
-        if redis is not None:
-            console.say("stopping redis")
-            await asyncio.to_thread(redis.stop)
-        console.say("all stopped")
+        if lock is not None:
+            await sup.stop_all()
+            if redis is not None:
+                console.say("stopping redis")
+                await asyncio.to_thread(redis.stop)
+            console.say("all stopped")
+            lock.release()
+        console.lines.close()
+
+
+class StartupRefused(RuntimeError):
+    """A check before anything starts failed (instance.py, spec.py): the message is the line."""
+
+
+def _preflight(args: argparse.Namespace) -> InstanceLock:
+    """Everything that can refuse before a process starts: the model spec (a missing model or
+    an unreachable hub is known in a second, not after three restarts), the data directory's
+    lock, then every port this instance will give a service. Returns the lock, held until the
+    end."""
+    from pagemesh.services.executor.model.spec import ModelSpecError, check_model
+    from pagemesh.services.gateway.cli import ApiKeyError, read_api_key_file
+
+    try:
+        check_model(args.model)
+        if args.api_key_file:
+            read_api_key_file(args.api_key_file)
+    except (ModelSpecError, ApiKeyError) as exc:
+        raise StartupRefused(str(exc)) from None
+    data_dir = Path(args.data_dir).expanduser()
+    url = f"http://{_loopback(args.host)}:{args.port}"
+    ports = _ports(args)
+    record = {
+        "pid": os.getpid(),
+        "url": url,
+        "data_dir": str(data_dir),
+        "ports": {name: port for name, _host, port, _option in ports if port},
+    }
+    try:
+        lock = acquire(data_dir, record)
+    except InstanceConflict as exc:
+        raise StartupRefused(str(exc)) from None
+    try:
+        check_ports(ports)
+    except InstanceConflict as exc:
+        lock.release()
+        raise StartupRefused(str(exc)) from None
+    return lock
+
+
+def _ports(args: argparse.Namespace) -> list[tuple[str, str, int, str]]:
+    """(service, host, port, option) of every port this instance binds (0: none or a free one)."""
+    ports = [("gateway", args.host, args.port, "--port")]
+    ports.append(("kvmanager", "127.0.0.1", args.kv_port, "--kv-port"))
+    ports.append(("kvmanager /metrics", "127.0.0.1", args.kv_metrics_port, "--kv-metrics-port"))
+    for i in range(len(executor_gpus(args))):
+        name = "executor" if i == 0 else f"executor-{i}"
+        ports.append((name, "127.0.0.1", args.executor_port + i, "--executor-port"))
+    if not args.redis_url:
+        ports.append(("redis", "127.0.0.1", args.redis_port, "--redis-port"))
+    return ports
 
 
 async def _start_services(
@@ -358,10 +434,15 @@ async def _start_services(
     gw_argv = _cli("gateway", "--host", args.host, "--port", str(args.port))
     # No --executor: the gateway follows the fleet through kvmanager (and routes by it).
     gw_argv += ["--kvmanager", kv, "--log-level", level]
+    gw_env = {}
+    # The key goes in the gateway's environment, readable by its user only: on its command
+    # line it would be visible to everyone in `ps`.
     if args.api_key:
-        gw_argv += ["--api-key", args.api_key]
+        gw_env["PAGEMESH_API_KEY"] = args.api_key
+    if args.api_key_file:
+        gw_argv += ["--api-key-file", str(Path(args.api_key_file).expanduser().resolve())]
     url = f"http://{_loopback(args.host)}:{args.port}"
-    await sup.start(Service("gateway", gw_argv, http_healthy(url + "/health")))
+    await sup.start(Service("gateway", gw_argv, http_healthy(url + "/health"), gw_env))
     console.say(f"pagemesh is up: {url}/v1  (Ctrl-C stops everything)")
     console.say(f"hit rates: pagemesh kv stats --address {kv}   |   {url}/metrics")
 

@@ -32,6 +32,11 @@ def test_wheel_holds_only_pagemesh(tmp_path: Path) -> None:
         "pagemesh/proto/kvmanager.proto",
     ):
         assert module in names, module
+    # The license is an SPDX expression (PEP 639), not the deprecated table that drew
+    # setuptools' warning on every install.
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = zipfile.ZipFile(wheel).read(meta).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
 
 
 # Run in a fresh interpreter from the checkout's root with -P (as the test command runs), so

@@ -31,7 +31,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--port", DEFAULT_PORT, "gRPC port", int)
     add_option(p, "--kvmanager", DEFAULT_KVMANAGER, "kvmanager gRPC address")
     add_option(p, "--allocator", "grpc", "grpc (kvmanager) or local (in-process, for A/B)")
-    add_option(p, "--executor-id", "executor-0", "name of this executor at kvmanager")
+    add_option(
+        p,
+        "--executor-id",
+        "",
+        "name of this executor at kvmanager (default: its advertised host:port, unique in a fleet)",
+    )
     add_option(
         p,
         "--advertise",
@@ -94,16 +99,22 @@ def advertised_address(args: argparse.Namespace) -> str:
     return f"{host}:{args.port}"
 
 
+def executor_id(args: argparse.Namespace) -> str:
+    """--executor-id, else the advertised address: two executors of one kvmanager never share
+    an id by default (a restart at the same address keeps its id and gets a new epoch)."""
+    return str(args.executor_id) or advertised_address(args)
+
+
 def make_allocator(args: argparse.Namespace) -> Any:
     if args.allocator == "local":
         from pagemesh.services.kvmanager.local import LocalAllocator
 
-        return LocalAllocator(executor_id=args.executor_id)
+        return LocalAllocator(executor_id=executor_id(args))
     if args.allocator != "grpc":
         raise SystemExit(f"--allocator must be grpc or local, not {args.allocator!r}")
     from pagemesh.services.kvmanager.client import KVManagerClient
 
-    return KVManagerClient(args.kvmanager, executor_id=args.executor_id)
+    return KVManagerClient(args.kvmanager, executor_id=executor_id(args))
 
 
 def executor_info(engine: LLMEngine, device: str) -> Any:
@@ -163,7 +174,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_beam_width=args.max_beam_width,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        executor_id=args.executor_id,
+        executor_id=executor_id(args),
         advertise=advertised_address(args),
         served_model_name=args.served_model_name or served_name(args.model),
         enable_prefix_caching=args.prefix_caching,
@@ -204,9 +215,26 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pagemesh.services.executor.model.spec import ModelSpecError, check_model
+
+    from pagemesh.exits import config_error, port_taken_message, quiet_interpreter_exit
+    from pagemesh.instance import port_in_use
+
+    quiet_interpreter_exit()
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(_main(args))
+    # The permanent errors first, in a second and before torch loads (exits.py): a supervisor
+    # does not retry them.
+    try:
+        check_model(args.model)
+    except ModelSpecError as exc:
+        return config_error(exc)
+    if port_in_use(args.host, args.port):
+        return config_error(port_taken_message("executor", args.host, args.port, "--port"))
+    try:
+        asyncio.run(_main(args))
+    except ModelSpecError as exc:  # found while loading (a converted GGUF's architecture)
+        return config_error(exc)
     return 0

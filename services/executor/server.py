@@ -41,14 +41,14 @@ from pagemesh.services.executor.engine_api import (
 from pagemesh.services.executor.trace import StepTrace
 
 from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
+from pagemesh.grpc_keepalive import server_options
 
 log = logging.getLogger("pagemesh.executor.server")
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    *server_options(),  # accepts the keepalive pings of every client (grpc_keepalive.py)
     # gRPC turns SO_REUSEPORT on by default: a second executor started on a busy port would bind
     # beside the first and split its traffic silently (seen once); it must fail to start instead.
     ("grpc.so_reuseport", 0),

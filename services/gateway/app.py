@@ -26,7 +26,7 @@ from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUn
 from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
-from pagemesh.services.gateway.metrics import GatewayMetrics
+from pagemesh.services.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
 from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
@@ -146,6 +146,33 @@ def _openai_error_for_http(exc: web.HTTPException) -> APIError:
         413: "The request body is too large.",
     }
     return APIError(messages.get(exc.status, exc.reason), status=exc.status, type=kind)
+
+
+def _route_label(request: web.Request) -> str:
+    """The route template a request matched ("/v1/models/{model}"), so that ids and unknown
+    URLs never become label values of their own."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "other"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every request once by route and status code, whatever answered it: a handler, a
+    4xx/5xx from the middlewares inside this one (auth, errors), or a client that went away."""
+    counter = request.app[GATEWAY].metrics.requests
+    code = "500"
+    try:
+        response = await handler(request)
+        code = str(response.status)
+        return response
+    except web.HTTPException as exc:
+        code = str(exc.status)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        code = CLIENT_CLOSED
+        raise
+    finally:
+        counter.labels(_route_label(request), code).inc()
 
 
 @web.middleware
@@ -311,7 +338,7 @@ async def _generate(
     times.submitted = RequestTimes.now()
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
-    status = "error"
+    ok = False
     try:
         first = await gen.first_step()
         times.first_step = RequestTimes.now()
@@ -320,16 +347,17 @@ async def _generate(
             response = await _stream(request, gen, first, fmt, times)
         else:
             response = await _collect(gen, first, fmt)
-        status = "ok"
+        ok = True
+        member.note_result(failed=False)
         return response
     except APIError as exc:
-        status = str(exc.status)
+        if exc.status >= 500:  # the executor failed it (a refusal is the request's fault)
+            member.note_result(failed=True)
         raise
     except ExecutorUnavailable as exc:
-        status = "503"
+        member.note_result(failed=True)
         raise _unavailable(exc) from None
     except (asyncio.CancelledError, ConnectionResetError):
-        status = "disconnected"
         gw.metrics.aborts.labels("client_disconnect").inc()
         raise
     finally:
@@ -338,9 +366,8 @@ async def _generate(
             gw.trace.write(request_id, times)
         gw.in_flight -= 1
         gw.metrics.in_flight.dec()
-        gw.metrics.requests.labels(endpoint, status).inc()
         gw.metrics.duration.observe(time.monotonic() - started)
-        if status == "ok":
+        if ok:
             gw.metrics.prompt_tokens.inc(gen.prompt_tokens)
             gw.metrics.cached_tokens.inc(gen.cached_tokens)
             gw.metrics.completion_tokens.inc(gen.completion_tokens)
@@ -429,8 +456,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while this gateway can serve (a model's tokenizer loaded, an executor stream open),
-    else 503. Static mode names its model ("model"), fleet mode lists those it can serve now
+    """200 while this gateway can serve (a model's tokenizer loaded, an executor stream open
+    whose executor is not failing every request: served_models.FAILING_AFTER), else 503. Static mode names its model ("model"), fleet mode lists those it can serve now
     ("models") and counts the executors it follows. With `--kvmanager`, the body also says how
     kvmanager and its Redis link are: a Redis outage leaves the status 200 (serving goes on,
     kvmanager writes its state behind once Redis is back) but "degraded", and so does a
@@ -438,8 +465,11 @@ async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     registry = gw.registry
     body: dict[str, Any]
+    can_serve = gw.ready and any(m.routable and not m.failing for m in registry.members.values())
     if not gw.ready:
         body = {"status": "loading" if registry.loading else "executor unavailable"}
+    elif not can_serve:
+        body = {"status": "executor failing"}
     elif gw.fleet_mode:
         serving = sorted(m.name for m in registry.models.values() if m.ready)
         body = {"status": "ok", "models": serving}
@@ -454,10 +484,10 @@ async def health(request: web.Request) -> web.Response:
     if gw.kvmanager is not None:
         parts = await gw.kvmanager.health()
         body.update(parts)
-        if gw.ready and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
+        if can_serve and (parts["kvmanager"] != "serving" or parts["redis"] == "unreachable"):
             body["status"] = "degraded"
-    headers = None if gw.ready else {"Retry-After": str(RETRY_AFTER_S)}
-    return web.json_response(body, status=200 if gw.ready else 503, headers=headers)
+    headers = None if can_serve else {"Retry-After": str(RETRY_AFTER_S)}
+    return web.json_response(body, status=200 if can_serve else 503, headers=headers)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -469,7 +499,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     # client_max_size is aiohttp's own hard bound on a body; the handler checks it first.
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(config.api_keys)],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware(config.api_keys)],
     )
     gateway = Gateway(config)
     app[GATEWAY] = gateway

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pagemesh.services.gateway.validation import Limits
 
@@ -53,8 +54,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--api-key",
         action="append",
         default=None,
-        help="accepted API key, repeatable or comma-separated (env PAGEMESH_API_KEY); "
-        "none: no authentication",
+        help="accepted API key, repeatable or comma-separated (env PAGEMESH_API_KEY, which"
+        " unlike the command line is not visible to other users in `ps`); none: no"
+        " authentication",
+    )
+    add_option(
+        p,
+        "--api-key-file",
+        "",
+        "file of accepted API keys, one per line ('#' comments), added to --api-key's",
     )
     add_option(p, "--max-body-bytes", 4 << 20, "largest accepted request body", int)
     add_option(p, "--max-concurrent", 1024, "generations in flight before 429s", int)
@@ -84,9 +92,44 @@ def _executors(args: argparse.Namespace) -> list[str]:
     return addresses
 
 
+class ApiKeyError(ValueError):
+    """An --api-key-file that cannot be used; the message says what to do."""
+
+
+def read_api_key_file(path: str) -> list[str]:
+    """The keys of an API key file: one per line (or comma-separated), blank lines and '#'
+    comments ignored. An unreadable or empty file is an error: starting without
+    authentication because a secret did not mount would open the server to everyone."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ApiKeyError(
+            f"cannot read --api-key-file {path}: {exc.strerror or exc}: check the path"
+        ) from None
+    keys = [
+        k.strip()
+        for line in text.splitlines()
+        if not line.lstrip().startswith("#")
+        for k in line.split(",")
+        if k.strip()
+    ]
+    if not keys:
+        raise ApiKeyError(f"--api-key-file {path} holds no key: write one key per line")
+    return keys
+
+
 def _api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key (else $PAGEMESH_API_KEY) and --api-key-file (or $PAGEMESH_API_KEY_FILE)."""
     raw = args.api_key or [env_default("API_KEY", "")]
-    return [k.strip() for item in raw for k in item.split(",") if k.strip()]
+    keys = [k.strip() for item in raw for k in item.split(",") if k.strip()]
+    if args.api_key_file:
+        keys += read_api_key_file(args.api_key_file)
+    if args.api_key:
+        logging.getLogger("pagemesh.gateway").warning(
+            "an API key given with --api-key is visible to every user of this machine in `ps`:"
+            " prefer PAGEMESH_API_KEY or --api-key-file"
+        )
+    return list(dict.fromkeys(keys))
 
 
 def run_workers(args: argparse.Namespace) -> int:
@@ -128,6 +171,17 @@ def run_workers(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pagemesh.exits import config_error, port_taken_message
+    from pagemesh.instance import port_in_use
+
+    # A port in use is permanent (exits.py): one line, and a supervisor does not retry it.
+    # Workers bind beside each other on purpose (SO_REUSEPORT): their parent checked for them.
+    if not args.reuse_port and args.port and port_in_use(args.host, args.port):
+        return config_error(port_taken_message("gateway", args.host, args.port, "--port"))
+    try:
+        keys = _api_keys(args)
+    except ApiKeyError as exc:
+        return config_error(exc)
     if args.workers > 1:
         return run_workers(args)
     from aiohttp import web
@@ -144,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or None,
         tokenizer=args.tokenizer or None,
         routing_policy=args.routing_policy,
-        api_keys=_api_keys(args),
+        api_keys=keys,
         max_body_bytes=args.max_body_bytes,
         max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),

@@ -26,6 +26,8 @@ from pagemesh.proto import executor_pb2_grpc as pb_grpc
 from pagemesh.proto.serve_metadata import GENERATE_BATCH, STEP_COLUMNS
 from pagemesh.services.gateway.request_stream import RequestStream, fan_out
 
+from pagemesh.grpc_keepalive import client_options
+
 # RequestStream is part of this module's API (submit returns one): callers import it from here.
 __all__ = ["ExecutorClient", "ExecutorUnavailable", "RequestStream", "pack_generates"]
 
@@ -34,9 +36,8 @@ log = logging.getLogger("pagemesh.gateway.executor")
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Keepalive as every server of the mesh accepts it (grpc_keepalive.py).
+    *client_options(),
     # A restarted executor is picked up within ~2 s instead of gRPC's default backoff (up to
     # 2 minutes): the gateway is useless while it is disconnected.
     ("grpc.initial_reconnect_backoff_ms", 250),

@@ -13,6 +13,8 @@ from pagemesh.proto import health_names
 from pagemesh.proto import kvmanager_pb2 as kv_pb
 from pagemesh.proto import kvmanager_pb2_grpc as kv_grpc
 
+from pagemesh.grpc_keepalive import client_options
+
 log = logging.getLogger("pagemesh.gateway.kvmanager")
 
 
@@ -26,7 +28,7 @@ class KVManagerLink:
 
     def _connect(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = grpc.aio.insecure_channel(self.address, options=client_options())
             self._kv = kv_grpc.KVManagerStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -1,12 +1,79 @@
-"""Prometheus metrics of the gateway, plus kvmanager's pool and hit-rate figures (read with one
-GetStats call per scrape) so that one scrape target shows the prefix cache at work."""
+"""Prometheus metrics of the gateway, plus kvmanager's pool and prefix-cache counters (read with
+one GetStats call per scrape) so that one scrape target shows the prefix cache at work.
+
+Conventions (checked by tests/gateway/test_metrics.py as `promtool check metrics` would):
+- every HTTP request is counted once, by route template and status code, 4xx and 5xx included
+  (`pagemesh_gateway_requests_total{route,code}`, counted by a middleware around everything);
+- counters end in `_total` and only counters do; no `_created` series;
+- no precomputed ratios: kvmanager's hit counters are re-exported as counters and the hit rate
+  is left to PromQL, `rate(pagemesh_gateway_kv_hit_tokens_total[5m]) /
+  rate(pagemesh_gateway_kv_query_tokens_total[5m])`, which averages correctly over any window
+  and across replicas where a ratio gauge cannot;
+- mirrored kvmanager figures are absent (not stale) from a scrape kvmanager did not answer.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from pagemesh.proto import kvmanager_pb2 as kv_pb
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import disable_created_metrics
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The status of a request whose client went away before it was answered (nginx's convention).
+CLIENT_CLOSED = "499"
+# kvmanager's since-start hit counters (HitStats fields) mirrored as counters.
+KV_HITS = (
+    ("query_tokens", "Prompt tokens looked up in the prefix cache (kvmanager, all executors)"),
+    ("hit_tokens", "Prompt tokens served from the prefix cache (kvmanager, all executors)"),
+    ("query_requests", "Prompts looked up in the prefix cache (kvmanager, all executors)"),
+    ("hit_requests", "Prompts with a prefix-cache hit (kvmanager, all executors)"),
+)
+
+# `_created` samples are a gauge per counter in the text format: noise for every scraper.
+disable_created_metrics()
+
+
+class KVMirror:
+    """A collector of the last GetStats reply (None: kvmanager did not answer this scrape)."""
+
+    def __init__(self) -> None:
+        self.stats: kv_pb.GetStatsResponse | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        if stats is None:
+            return
+        since_start = next((w.hits for w in stats.windows if w.name == "since_start"), None)
+        if since_start is not None:
+            for field, doc in KV_HITS:
+                c = CounterMetricFamily(f"pagemesh_gateway_kv_{field}", doc)
+                c.add_metric([], getattr(since_start, field))
+                yield c
+        blocks = GaugeMetricFamily(
+            "pagemesh_gateway_kv_blocks",
+            "KV blocks per executor and state (kvmanager)",
+            labels=["executor", "state"],
+        )
+        evictions = CounterMetricFamily(
+            "pagemesh_gateway_kv_evictions",
+            "Cached blocks evicted for fresh ones (kvmanager)",
+            labels=["executor"],
+        )
+        for ex in stats.executors:
+            for state in ("free", "in_use", "cached"):
+                blocks.add_metric([ex.executor_id, state], getattr(ex.pool, state))
+            evictions.add_metric([ex.executor_id], ex.pool.evictions)
+        yield blocks
+        yield evictions
+        yield GaugeMetricFamily(
+            "pagemesh_gateway_kv_redis_connected",
+            "1 when kvmanager reaches Redis",
+            value=1 if stats.redis_connected else 0,
+        )
 
 
 class GatewayMetrics:
@@ -14,7 +81,10 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "pagemesh_gateway_requests", "HTTP API requests", ["endpoint", "status"], registry=r
+            "pagemesh_gateway_requests",
+            "HTTP requests by route template and status code (499: the client went away)",
+            ["route", "code"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "pagemesh_gateway_requests_in_flight", "Requests being generated", registry=r
@@ -53,54 +123,20 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.kv_token_hit_rate = Gauge(
-            "pagemesh_gateway_kv_token_hit_rate",
-            "Prompt tokens served from the prefix cache / prompt tokens (kvmanager)",
-            ["window"],
-            registry=r,
-        )
-        self.kv_request_hit_rate = Gauge(
-            "pagemesh_gateway_kv_request_hit_rate",
-            "Requests with a prefix-cache hit / requests (kvmanager)",
-            ["window"],
-            registry=r,
-        )
-        self.kv_blocks = Gauge(
-            "pagemesh_gateway_kv_blocks",
-            "KV blocks per state (kvmanager)",
-            ["executor", "state"],
-            registry=r,
-        )
-        self.kv_evictions = Gauge(
-            "pagemesh_gateway_kv_evictions",
-            "Cached blocks evicted since start",
-            ["executor"],
-            registry=r,
-        )
-        self.kv_redis_connected = Gauge(
-            "pagemesh_gateway_kv_redis_connected", "1 when kvmanager reaches Redis", registry=r
-        )
-        self.kv_up = Gauge(
-            "pagemesh_gateway_kv_up", "1 when kvmanager answered this scrape", registry=r
-        )
         self._kv = kvmanager
+        if kvmanager is not None:
+            self.kv_up = Gauge(
+                "pagemesh_gateway_kv_up", "1 when kvmanager answered this scrape", registry=r
+            )
+            self._mirror = KVMirror()
+            r.register(self._mirror)
 
     async def _refresh_kv(self) -> None:
         if self._kv is None:
             return
         stats = await self._kv.stats()
-        if stats is None:
-            self.kv_up.set(0)
-            return
-        self.kv_up.set(1)
-        self.kv_redis_connected.set(1 if stats.redis_connected else 0)
-        for w in stats.windows:
-            self.kv_token_hit_rate.labels(w.name).set(w.hits.token_hit_rate)
-            self.kv_request_hit_rate.labels(w.name).set(w.hits.request_hit_rate)
-        for ex in stats.executors:
-            for state in ("free", "in_use", "cached"):
-                self.kv_blocks.labels(ex.executor_id, state).set(getattr(ex.pool, state))
-            self.kv_evictions.labels(ex.executor_id).set(ex.pool.evictions)
+        self._mirror.stats = stats
+        self.kv_up.set(0 if stats is None else 1)
 
     async def render(self) -> bytes:
         await self._refresh_kv()

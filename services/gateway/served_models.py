@@ -40,6 +40,13 @@ DRAIN_POLL_S = 0.2
 INFO_RETRY_S = (0.25, 5.0)
 
 
+# An executor whose last FAILING_AFTER requests all failed, the latest less than FAILING_FOR_S
+# ago, is "failing": /health answers 503 when every executor is failing or gone. The window lets
+# a load balancer that stopped sending traffic on the 503 see the gateway again.
+FAILING_AFTER = 3
+FAILING_FOR_S = 30.0
+
+
 @dataclass(eq=False, slots=True)
 class Member:
     """One executor as this gateway sees it."""
@@ -53,6 +60,25 @@ class Member:
     live: bool = True
     admitted: bool = False  # info read, tokenizer ready, Serve stream started
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Requests it failed in a row (a server error, not a refusal) and when the last one failed:
+    # an executor failing every step still looks live and connected, /health must not say "ok".
+    failures: int = 0
+    last_failure: float = 0.0
+
+    def note_result(self, failed: bool) -> None:
+        if failed:
+            self.failures += 1
+            self.last_failure = time.monotonic()
+        else:
+            self.failures = 0
+
+    @property
+    def failing(self) -> bool:
+        """Failed its last FAILING_AFTER requests, the latest within FAILING_FOR_S. Routing is
+        not changed by it (the next success clears it); /health reports it."""
+        return (
+            self.failures >= FAILING_AFTER and time.monotonic() - self.last_failure < FAILING_FOR_S
+        )
 
     @property
     def routable(self) -> bool:

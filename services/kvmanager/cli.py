@@ -66,7 +66,12 @@ def run_service(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from pagemesh.services.kvmanager.server import start_server
 
+    from pagemesh.exits import config_error, port_taken_message
     from pagemesh.heap import freeze_startup_heap
+    from pagemesh.instance import port_in_use
+
+    if args.port and port_in_use(args.host, args.port):  # permanent: not retried (exits.py)
+        return config_error(port_taken_message("kvmanager", args.host, args.port, "--port"))
 
     server = await start_server(
         host=args.host,
@@ -96,11 +101,50 @@ def run_stats(args: argparse.Namespace) -> int:
         return asyncio.run(_stats(args))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so that the
+        # interpreter's final flush does not raise again, as Python's docs advise.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def message_to_json(msg: Any) -> dict[str, Any]:
+    """A message as JSON with numbers as numbers: protobuf's JSON mapping writes 64-bit integers
+    as strings ("query_tokens": "161"), which scripts would have to convert. Field names as in
+    the .proto, fields at their default value included (a 0 is a figure, not an absence)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    def value(field: Any, v: Any) -> Any:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            return message_to_json(v)
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            enum = field.enum_type.values_by_number.get(v)
+            return enum.name if enum is not None else v
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            return v.hex()
+        return v
+
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        v = getattr(msg, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            vf = field.message_type.fields_by_name["value"]
+            out[field.name] = {str(k): value(vf, x) for k, x in v.items()}
+        elif field.is_repeated:
+            out[field.name] = [value(field, x) for x in v]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not msg.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = value(field, v)
+    return out
 
 
 async def _stats(args: argparse.Namespace) -> int:
     import grpc
-    from google.protobuf.json_format import MessageToDict
     from pagemesh.proto import kvmanager_pb2 as pb
     from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
 
@@ -110,16 +154,12 @@ async def _stats(args: argparse.Namespace) -> int:
             try:
                 r = await stub.GetStats(pb.GetStatsRequest(executor_id=args.executor), timeout=5)
             except grpc.aio.AioRpcError as e:
-                print(f"kvmanager {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+                print(_rpc_failure(args.address, e), file=sys.stderr, flush=True)
                 if args.watch is None:
                     return 1
             else:
                 if args.json:
-                    d = MessageToDict(
-                        r,
-                        preserving_proto_field_name=True,
-                        always_print_fields_with_no_presence=True,
-                    )
+                    d = message_to_json(r)
                     print(json.dumps(d, indent=None if args.watch else 2), flush=True)
                 else:
                     if args.watch is not None:
@@ -128,6 +168,18 @@ async def _stats(args: argparse.Namespace) -> int:
             if args.watch is None:
                 return 0
             await asyncio.sleep(args.watch)
+
+
+def _rpc_failure(address: str, e: Any) -> str:
+    """One line for an operator: no gRPC debug string (it carries addresses and internals)."""
+    import grpc
+
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return (
+            f"error: no kvmanager answers at {address}: is pagemesh running? (another"
+            " address: --address HOST:PORT)"
+        )
+    return f"error: kvmanager {address}: {e.code().name}: {e.details()}"
 
 
 def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:

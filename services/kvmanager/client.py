@@ -33,10 +33,14 @@ from pagemesh.services.kvmanager.api import (
     StepResult,
 )
 
+from pagemesh.grpc_keepalive import client_options
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 30000),
+    # Keepalive as kvmanager's server accepts it: 30 s against its default of one ping in 5
+    # minutes drew GOAWAY "too_many_pings" every few minutes (grpc_keepalive.py).
+    *client_options(),
 ]
 
 

@@ -39,6 +39,7 @@ from pagemesh.services.kvmanager.step import run_step
 from redis.exceptions import RedisError
 
 from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
+from pagemesh.grpc_keepalive import server_options
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -379,6 +380,7 @@ async def start_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
+            *server_options(),  # accepts every client's keepalive pings (grpc_keepalive.py)
         ],
     )
     fleet = Fleet(manager, executor_timeout)

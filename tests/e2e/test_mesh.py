@@ -498,7 +498,12 @@ def test_kv_stats_cli_shows_the_expected_hit_rate(mesh: Mesh) -> None:
     conn.request("GET", "/metrics")
     metrics = conn.getresponse().read().decode()
     conn.close()
-    assert 'pagemesh_gateway_kv_token_hit_rate{window="since_start"}' in metrics
+    # Counters (kvmanager's since-start figures, no request in between), the ratio left to
+    # PromQL.
+    overall = next(w for w in stats["windows"] if w["name"] == "since_start")["hits"]
+    assert f"pagemesh_gateway_kv_hit_tokens_total {float(overall['hit_tokens'])}" in metrics
+    assert f"pagemesh_gateway_kv_query_tokens_total {float(overall['query_tokens'])}" in metrics
+    assert "hit_rate" not in metrics
     assert "pagemesh_gateway_kv_redis_connected 1.0" in metrics
 
 

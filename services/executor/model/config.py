@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pagemesh.services.executor.model.spec import check_model_type
 
-# HF architectures this model code implements, by `model_type`.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Rope types whose inverse frequencies are static (no dependence on the sequence length): the
 # only ones a CUDA-graph friendly position lookup can serve exactly.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -96,10 +95,7 @@ class ModelConfig:
         if "text_config" in raw and "hidden_size" not in raw:
             raw = {**raw["text_config"], "architectures": raw.get("architectures")}
         model_type = raw.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        check_model_type(raw, "the model")  # UnsupportedModel (a ValueError): permanent
         quant = raw.get("quantization_config")
         if quant and quant.get("quant_method") != "gguf":
             raise ValueError(f"quantized checkpoints are not supported: {quant}")

