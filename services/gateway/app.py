@@ -20,14 +20,20 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pagemesh.services.gateway.chat import PromptError
+from pagemesh.services.gateway.chat import PromptError, Tokenizer
 from pagemesh.services.gateway.errors import RETRY_AFTER_S, APIError, invalid
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
 from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
-from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
+from pagemesh.services.gateway.prompt_logprobs import PromptView
+from pagemesh.services.gateway.responses import (
+    ChatFormatter,
+    CompletionFormatter,
+    ResponseMeta,
+    usage,
+)
 from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
 from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
 from pagemesh.services.gateway.sse import SSEWriter, encode_event
@@ -342,6 +348,7 @@ async def _generate(
     try:
         first = await gen.first_step()
         times.first_step = RequestTimes.now()
+        _extensions(fmt, req, gen, prompt_ids, tokenizer)
         gw.metrics.ttft.observe(time.monotonic() - started)
         if req.stream:
             response = await _stream(request, gen, first, fmt, times)
@@ -371,6 +378,30 @@ async def _generate(
             gw.metrics.prompt_tokens.inc(gen.prompt_tokens)
             gw.metrics.cached_tokens.inc(gen.cached_tokens)
             gw.metrics.completion_tokens.inc(gen.completion_tokens)
+
+
+def _extensions(
+    fmt: ChatFormatter | CompletionFormatter,
+    req: ChatRequest | CompletionRequest,
+    gen: Generation,
+    prompt_ids: list[int],
+    tokenizer: Tokenizer,
+) -> None:
+    """What the formatter shows beyond OpenAI's fields (responses._Extensions): known once the
+    first step is in, which carries the prompt's logprobs."""
+    o = req.options
+    if o.tokens_as_ids or o.prompt_logprobs is not None or o.echo_logprobs:
+        fmt.prompt = PromptView(
+            prompt_ids,
+            tokenizer.token_text,
+            tokenizer.token_bytes,
+            gen.prompt_logprobs,
+            as_ids=o.tokens_as_ids,
+            field_wanted=o.prompt_logprobs is not None,
+            echo_logprobs=o.echo_logprobs,
+        )
+    if req.stream and req.continuous_usage:
+        fmt.live_usage = lambda: usage(gen)
 
 
 def _unavailable(exc: ExecutorUnavailable) -> APIError:

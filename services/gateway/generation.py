@@ -9,7 +9,7 @@ and the token counts that go into `usage`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from pagemesh.proto import executor_pb2 as pb
@@ -36,6 +36,9 @@ class TokenInfo:
     top: list[tuple[str, float]]
     token_bytes: bytes = b""
     top_bytes: list[bytes] = field(default_factory=list)
+    token_id: int = -1
+    top_ids: list[int] = field(default_factory=list)
+    rank: int = 0  # prompt logprobs: 1 = the most likely token
 
 
 @dataclass(slots=True)
@@ -68,6 +71,12 @@ def build_request(
         params.seed = options.seed
     if options.logit_bias:
         params.logit_bias.update(options.logit_bias)
+    if options.prompt_logprobs is not None or options.echo_logprobs:
+        # echo scores the prompt with the completion's own number of alternatives
+        wanted = [options.prompt_logprobs or 0]
+        if options.echo_logprobs:
+            wanted.append(options.top_logprobs)
+        params.prompt_logprobs = max(wanted)
     apply_beam(params, options.beam)
     # The packed form: a copy to build, serialize and read, where ~1k repeated ids cost tens
     # of microseconds at each of those (proto/executor.proto). The caller checked
@@ -102,6 +111,8 @@ class Generation:
         self.prompt_tokens = len(prompt)
         self.cached_tokens = 0
         self.completion_tokens = 0
+        # SamplingParams.prompt_logprobs: prompt tokens 1.., from the request's first output.
+        self.prompt_logprobs: list[TokenInfo] | None = None
         self._executor_done = False
         # Choices of an n > 1 request cut by a stop string while others go on, to be ended at
         # the executor after this step (beam search's beams are no choices until it ends).
@@ -162,13 +173,15 @@ class Generation:
             )
         self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs and self.prompt_logprobs is None:
+            self.prompt_logprobs = self._token_infos(out.prompt_logprobs)
         i = out.index
         if i >= self.n or self.finish_reasons[i] is not None:
             return None  # a choice already cut by a stop string: the executor ran ahead
         self.completion_tokens += len(out.token_ids)
         detok = self._detok[i]
         text = detok.push(list(out.token_ids))
-        logprobs = self._logprobs(out) if self._want_logprobs else []
+        logprobs = self._token_infos(out.logprobs) if self._want_logprobs else []
         if detok.stopped:
             self.finish_reasons[i] = "stop"
             if self._cut_alone and out.finish_reason == pb.FINISH_NONE:
@@ -198,7 +211,7 @@ class Generation:
             return None
         return ChoiceDelta(i, text, self.finish_reasons[i])
 
-    def _logprobs(self, out: pb.SequenceOutput) -> list[TokenInfo]:
+    def _token_infos(self, lps: Iterable[pb.TokenLogprob]) -> list[TokenInfo]:
         text = self._tokenizer.token_text
         raw = self._tokenizer.token_bytes
         return [
@@ -208,8 +221,11 @@ class Generation:
                 [(text(t.token_id), t.logprob) for t in lp.top],
                 raw(lp.token_id),
                 [raw(t.token_id) for t in lp.top],
+                lp.token_id,
+                [t.token_id for t in lp.top],
+                lp.rank,
             )
-            for lp in out.logprobs
+            for lp in lps
         ]
 
     async def close(self) -> None:

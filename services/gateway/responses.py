@@ -5,10 +5,18 @@ from __future__ import annotations
 import codecs
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo
+from pagemesh.services.gateway.prompt_logprobs import (
+    PromptView,
+    echo_logprobs,
+    join_logprobs,
+    token_label,
+    vllm_prompt_logprobs,
+)
 
 SYSTEM_FINGERPRINT = "pagemesh"
 
@@ -46,18 +54,22 @@ def _shown(text: str, raw: bytes) -> tuple[str, list[int]]:
     return raw.decode("utf-8", errors="backslashreplace"), list(raw)
 
 
-def _entry(text: str, raw: bytes, logprob: float) -> dict[str, Any]:
+def _entry(text: str, raw: bytes, logprob: float, label: str = "") -> dict[str, Any]:
+    """`label`: return_tokens_as_token_ids' "token_id:<id>" in place of the text (the bytes
+    stay the token's own, so the text can still be rebuilt)."""
     token, raw_list = _shown(text, raw)
-    return {"token": token, "logprob": logprob, "bytes": raw_list}
+    return {"token": label or token, "logprob": logprob, "bytes": raw_list}
 
 
-def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+def chat_logprobs(tokens: list[TokenInfo], as_ids: bool = False) -> dict[str, Any]:
     content = []
     for t in tokens:
         top_bytes = t.top_bytes or [b""] * len(t.top)
-        entry = _entry(t.token, t.token_bytes, t.logprob)
+        top_ids = t.top_ids if as_ids else [-1] * len(t.top)
+        entry = _entry(t.token, t.token_bytes, t.logprob, token_label(t.token_id) if as_ids else "")
         entry["top_logprobs"] = [
-            _entry(s, raw, lp) for (s, lp), raw in zip(t.top, top_bytes, strict=True)
+            _entry(s, raw, lp, token_label(i) if as_ids else "")
+            for (s, lp), raw, i in zip(t.top, top_bytes, top_ids, strict=True)
         ]
         content.append(entry)
     return {"content": content, "refusal": None}
@@ -81,21 +93,49 @@ class TextOffsets:
 
 
 def completion_logprobs(
-    tokens: list[TokenInfo], offsets: TextOffsets, text_end: int
+    tokens: list[TokenInfo], offsets: TextOffsets, text_end: int, as_ids: bool = False
 ) -> dict[str, Any]:
     """`text_end`: the returned text's length so far; an offset never goes past it (the tokens
-    of a stop string the text was cut at count no characters in it)."""
+    of a stop string the text was cut at count no characters in it). `as_ids`: vLLM's
+    return_tokens_as_token_ids."""
+    if as_ids:
+        shown = [token_label(t.token_id) for t in tokens]
+        tops = [
+            {token_label(i): lp for (_, lp), i in zip(t.top, t.top_ids, strict=True)}
+            for t in tokens
+        ]
+    else:
+        shown = [t.token for t in tokens]
+        tops = [dict(t.top) for t in tokens]
     return {
-        "tokens": [t.token for t in tokens],
+        "tokens": shown,
         "token_logprobs": [t.logprob for t in tokens],
         # logprobs: 0 still gives each position its entry: the sampled token's own logprob
         # (OpenAI and vLLM), not an empty object.
-        "top_logprobs": [dict(t.top) if t.top else {t.token: t.logprob} for t in tokens],
+        "top_logprobs": [
+            top or {label: t.logprob} for top, label, t in zip(tops, shown, tokens, strict=True)
+        ],
         "text_offset": [min(offsets.take(t), text_end) for t in tokens],
     }
 
 
-class ChatFormatter:
+class _Extensions:
+    """What both formatters show beyond OpenAI's fields, set by the handler once it knows:
+    the prompt (echo, prompt_logprobs, return_tokens_as_token_ids) and, for vLLM's
+    continuous_usage_stats, the usage so far on every chunk."""
+
+    prompt: PromptView | None = None
+    live_usage: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def as_ids(self) -> bool:
+        return self.prompt is not None and self.prompt.as_ids
+
+    def _chunk_usage(self) -> dict[str, Any] | None:
+        return self.live_usage() if self.live_usage is not None else None
+
+
+class ChatFormatter(_Extensions):
     """chat.completion.chunk events for a stream, or one chat.completion at the end."""
 
     def __init__(self, meta: ResponseMeta, include_usage: bool, want_logprobs: bool) -> None:
@@ -112,8 +152,10 @@ class ChatFormatter:
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
         }
-        if self.include_usage:
-            chunk["usage"] = None  # OpenAI sends null on every chunk but the last
+        if self.include_usage or self.live_usage is not None:
+            # OpenAI sends null on every chunk but the last; vLLM's continuous_usage_stats
+            # the usage so far
+            chunk["usage"] = self._chunk_usage()
         return chunk
 
     def role_chunks(self, n: int) -> list[dict[str, Any]]:
@@ -134,7 +176,7 @@ class ChatFormatter:
     def delta_chunks(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         chunks = []
         if delta.text or delta.logprobs:
-            lp = chat_logprobs(delta.logprobs) if self.want_logprobs else None
+            lp = chat_logprobs(delta.logprobs, self.as_ids) if self.want_logprobs else None
             chunks.append(
                 self._chunk(
                     [
@@ -168,7 +210,7 @@ class ChatFormatter:
         return chunk
 
     def completion(self, gen: Generation, logprobs: list[list[TokenInfo]]) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.meta.id,
             "object": "chat.completion",
             "created": self.meta.created,
@@ -178,16 +220,21 @@ class ChatFormatter:
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": chat_logprobs(logprobs[i]) if self.want_logprobs else None,
+                    "logprobs": (
+                        chat_logprobs(logprobs[i], self.as_ids) if self.want_logprobs else None
+                    ),
                     "finish_reason": gen.finish_reasons[i],
                 }
                 for i, text in enumerate(gen.texts())
             ],
             "usage": usage(gen),
         }
+        if self.prompt is not None and self.prompt.field_wanted:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt)  # (vLLM: top level)
+        return body
 
 
-class CompletionFormatter:
+class CompletionFormatter(_Extensions):
     """text_completion events for a stream, or one text_completion at the end."""
 
     def __init__(
@@ -210,8 +257,8 @@ class CompletionFormatter:
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
         }
-        if self.include_usage:
-            chunk["usage"] = None
+        if self.include_usage or self.live_usage is not None:
+            chunk["usage"] = self._chunk_usage()
         return chunk
 
     def role_chunks(self, n: int) -> list[dict[str, Any]]:
@@ -219,10 +266,17 @@ class CompletionFormatter:
         if not self.echo:
             return []
         self._echoed = set(range(n))
+        lp = self._echo_logprobs()
         return [
-            self._chunk([{"text": self.echo, "index": i, "logprobs": None, "finish_reason": None}])
+            self._chunk([{"text": self.echo, "index": i, "logprobs": lp, "finish_reason": None}])
             for i in range(n)
         ]
+
+    def _echo_logprobs(self) -> dict[str, Any] | None:
+        """The echoed prompt's logprobs when logprobs are wanted (prompt_logprobs.py)."""
+        if not (self.echo and self.want_logprobs and self.prompt is not None):
+            return None
+        return echo_logprobs(self.prompt, self.echo, TextOffsets(0))
 
     def delta_chunks(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
@@ -232,7 +286,9 @@ class CompletionFormatter:
         lp = None
         if self.want_logprobs:
             counter = self._text_offsets.setdefault(delta.index, TextOffsets(len(self.echo)))
-            lp = completion_logprobs(delta.logprobs, counter, self._offsets[delta.index])
+            lp = completion_logprobs(
+                delta.logprobs, counter, self._offsets[delta.index], self.as_ids
+            )
         return [
             self._chunk(
                 [
@@ -252,26 +308,33 @@ class CompletionFormatter:
         return chunk
 
     def completion(self, gen: Generation, logprobs: list[list[TokenInfo]]) -> dict[str, Any]:
+        echo_lp = self._echo_logprobs()
+        prompt_lp = None
+        if self.prompt is not None and self.prompt.field_wanted:
+            prompt_lp = vllm_prompt_logprobs(self.prompt)
+        choices = []
+        for i, text in enumerate(gen.texts()):
+            lp = None
+            if self.want_logprobs:
+                end = len(self.echo + text)
+                lp = completion_logprobs(logprobs[i], TextOffsets(len(self.echo)), end, self.as_ids)
+                if echo_lp is not None:
+                    lp = join_logprobs(echo_lp, lp)
+            choice = {
+                "text": self.echo + text,
+                "index": i,
+                "logprobs": lp,
+                "finish_reason": gen.finish_reasons[i],
+            }
+            if prompt_lp is not None:
+                choice["prompt_logprobs"] = prompt_lp  # (vLLM: per choice)
+            choices.append(choice)
         return {
             "id": self.meta.id,
             "object": "text_completion",
             "created": self.meta.created,
             "model": self.meta.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [
-                {
-                    "text": self.echo + text,
-                    "index": i,
-                    "logprobs": (
-                        completion_logprobs(
-                            logprobs[i], TextOffsets(len(self.echo)), len(self.echo + text)
-                        )
-                        if self.want_logprobs
-                        else None
-                    ),
-                    "finish_reason": gen.finish_reasons[i],
-                }
-                for i, text in enumerate(gen.texts())
-            ],
+            "choices": choices,
             "usage": usage(gen),
         }

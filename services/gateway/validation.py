@@ -54,6 +54,12 @@ class GenerationOptions:
     user: str | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     beam: BeamOptions | None = None  # use_beam_search (beam.py)
+    # vLLM's extensions: prompt_logprobs (alternatives per prompt token; None: off) and
+    # return_tokens_as_token_ids ("token_id:<id>" for every token string in logprobs).
+    prompt_logprobs: int | None = None
+    tokens_as_ids: bool = False
+    # completions: echo with logprobs scores the prompt too (its tokens lead the logprobs).
+    echo_logprobs: bool = False
 
 
 @dataclass(slots=True)
@@ -63,6 +69,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     options: GenerationOptions
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
 @dataclass(slots=True)
@@ -73,6 +80,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     options: GenerationOptions
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -211,6 +219,37 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     if not isinstance(value, bool):
         raise _type_error("stream_options.include_usage", "a boolean", value)
     return value
+
+
+def _continuous_usage(body: dict[str, Any]) -> bool:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far
+    (stream_options itself was checked by _stream_options)."""
+    opts = body.get("stream_options")
+    if not isinstance(opts, dict):
+        return False
+    value = opts.get("continuous_usage_stats", False)
+    if not isinstance(value, bool):
+        raise _type_error("stream_options.continuous_usage_stats", "a boolean", value)
+    return value
+
+
+def _vllm_logprob_options(
+    body: dict[str, Any], options: GenerationOptions, stream: bool, limits: Limits
+) -> None:
+    """prompt_logprobs and return_tokens_as_token_ids (vLLM's extensions; evaluation harnesses
+    use them). Prompt logprobs come whole with the response, so not with a stream (as vLLM)."""
+    options.prompt_logprobs = _integer(body, "prompt_logprobs", None, 0, limits.max_top_logprobs)
+    if options.prompt_logprobs is not None:
+        if stream:
+            raise invalid(
+                "'prompt_logprobs' is not available when 'stream' is true.",
+                param="prompt_logprobs",
+            )
+        if options.beam is not None:
+            raise invalid(
+                "'prompt_logprobs' is not supported with beam search.", param="prompt_logprobs"
+            )
+    options.tokens_as_ids = _boolean(body, "return_tokens_as_token_ids", False)
 
 
 def _common_options(body: dict[str, Any], limits: Limits) -> GenerationOptions:
@@ -388,12 +427,14 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     if top and not options.logprobs:
         raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     options.top_logprobs = top
+    _vllm_logprob_options(body, options, stream, limits)
     return ChatRequest(
         model=model,
         messages=messages,
         stream=stream,
         include_usage=_stream_options(body, stream),
         options=options,
+        continuous_usage=_continuous_usage(body),
     )
 
 
@@ -442,13 +483,20 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> CompletionRequest:
     top = _integer(body, "logprobs", None, 0, min(5, limits.max_top_logprobs))
     options.logprobs = top is not None
     options.top_logprobs = top or 0
+    _vllm_logprob_options(body, options, stream, limits)
+    echo = _boolean(body, "echo", False)
+    if echo and options.logprobs:
+        if options.beam is not None:
+            raise invalid("'echo' with 'logprobs' is not supported with beam search.", param="echo")
+        options.echo_logprobs = True
     return CompletionRequest(
         model=model,
         prompt=prompt,
         stream=stream,
         include_usage=_stream_options(body, stream),
-        echo=_boolean(body, "echo", False),
+        echo=echo,
         options=options,
+        continuous_usage=_continuous_usage(body),
     )
 
 
