@@ -80,6 +80,9 @@ class SequenceOutput:
     num_cached_tokens: int = 0
     error: str = ""
     cumulative_logprob: float = 0.0
+    # An ERROR another executor (or this one, later) could serve: kvmanager unreachable past
+    # the bound, a stale epoch. The gateway sends such a request again (proto: retryable).
+    retryable: bool = False
 
     @property
     def finished(self) -> bool:

@@ -43,6 +43,9 @@ from pagemesh.grpc_decode import DecodeErrorsAsInvalidArgument
 
 log = logging.getLogger("pagemesh.executor.server")
 
+# How often an idle engine loop asks the engine whether it has work of its own.
+IDLE_POLL_S = 1.0
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -111,6 +114,7 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
         num_cached_tokens=o.num_cached_tokens,
         error=o.error,
         cumulative_logprob=o.cumulative_logprob,
+        retryable=o.retryable,
     )
 
 
@@ -317,7 +321,10 @@ class EngineLoop:
         while True:
             self._wake.clear()
             if not self.engine.has_unfinished_requests():
-                await self._wake.wait()
+                # Woken by a request, or every IDLE_POLL_S: an idle engine may have work of
+                # its own (a kvmanager outage to reconcile, a stale epoch).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
                 continue
             try:
                 outputs = await self.engine.step()

@@ -37,6 +37,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.keepalive_time_ms", 30000),
+    # A kvmanager that restarts is back within about a second: reconnect attempts at most a
+    # second apart (gRPC's default backoff grows to two minutes, and every call in between
+    # fails at once although kvmanager is up).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -276,6 +282,13 @@ class KVManagerClient:
             wire.fill_release(m, self.executor_id, self.epoch, seq_ids)
 
         return (await self._hot("release", fill)).num_released
+
+    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+        msg = pb.ReconcileRequest(executor_id=self.executor_id, epoch=self.epoch)
+        for seq_id, table in tables.items():
+            msg.seqs.add(seq_id=seq_id, block_ids=table)
+        r = await self._call(self.stub.Reconcile, msg)
+        return r.num_released, list(r.lost_seq_ids)
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         msg = pb.MatchRequest()
