@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 
 import torch
@@ -42,6 +43,11 @@ from pagemesh.services.kvmanager.api import (
     CommitEntry,
     StaleEpoch,
 )
+
+log = logging.getLogger(__name__)
+
+# How long a stopping engine waits for kvmanager to take its last commits and releases.
+CLOSE_FLUSH_S = 2.0
 
 # What a client reads when its request ends for a transient reason (the gateway may send it to
 # another executor first): no addresses or internals, and that a retry helps.
@@ -136,12 +142,19 @@ class LLMEngine:
         self.started = True
 
     async def close(self) -> None:
-        """Stops the engine's background work (the fleet heartbeats)."""
+        """Stops the engine's background work (the fleet heartbeats) and sends kvmanager what
+        waits (the last commits and releases: a shutdown loses no index entry), for at most
+        CLOSE_FLUSH_S."""
         if self._heartbeats is not None:
             self._heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeats
             self._heartbeats = None
+        if self.started:
+            try:
+                await asyncio.wait_for(self.scheduler.drain(), CLOSE_FLUSH_S)
+            except Exception as exc:  # (kvmanager gone first: nothing more to do)
+                log.warning("last commits and releases not sent: %s", exc)
 
     def _load_model(self) -> None:
         from pagemesh.services.executor.model.loader import (
