@@ -352,6 +352,8 @@ class AllocatorLink:
             self._defer_releases(releases)
             return None
         await self._check_parts(result, releases)
+        if self.stale:
+            return None  # (its tables are the old epoch's)
         if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
             log.error("look-ahead Extend failed: %s", result.extend_error)
         return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
