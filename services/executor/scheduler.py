@@ -177,6 +177,7 @@ class Scheduler:
                 continue  # a beam parked until its siblings' logits are in (beam_engine.py)
             if cut_off and (
                 self._short(seq, n)
+                or seq.request.beam is not None  # (beams fork every round)
                 or (seq.request in self._unforked and start + n == seq.num_tokens)
             ):
                 continue  # waits for a block, or for its fork, until kvmanager is back
