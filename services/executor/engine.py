@@ -263,9 +263,10 @@ class LLMEngine:
                 self._inflight = None
             return outputs + await self._step_sync()
         except (AllocatorUnavailable, StaleEpoch):
-            # A fork (n > 1, beams) kvmanager could not make, mid-step: the step's sequences
-            # are past what can be resumed, so every request ends, retryably (the link noted
-            # the outage or the stale epoch; their blocks go back with the reconcile).
+            # A beam round's fork kvmanager could not make, mid-step (beams are not scheduled
+            # during an outage, but one may begin under a step): the step's sequences are past
+            # what can be resumed, so every request ends, retryably (the link noted the outage
+            # or the stale epoch; their blocks go back with the reconcile).
             return outputs + self._fail_requests(list(self.requests), OUTAGE_ERROR, True)
 
     async def _kvmanager_news(self) -> list[SequenceOutput]:
@@ -388,8 +389,17 @@ class LLMEngine:
         self, batch: Batch, result: StepResult, commits: list[CommitEntry]
     ) -> list[SequenceOutput]:
         sc = self.scheduler
+        failed: list[SequenceOutput] = []
         if batch.forks:
-            await sc.fork(batch.forks, commits)
+            try:
+                await sc.fork(batch.forks, commits)
+            except (AllocatorUnavailable, StaleEpoch):
+                # kvmanager went away (or the epoch went stale) under this step: these n > 1
+                # requests end, retryably, and the step's other sequences go on. The step's
+                # commits are dropped (those blocks stay unshared: whether kvmanager took them
+                # before it went is unknown).
+                rids = sorted({f.parent.request.request_id for f in batch.forks})
+                failed = self._fail_requests(rids, OUTAGE_ERROR)
             commits = []
         update = sc.postprocess(
             batch.sample_seqs,
@@ -401,7 +411,7 @@ class LLMEngine:
         )
         for rid in update.finished_requests:
             self._drop(rid)
-        outputs = update.outputs
+        outputs = failed + update.outputs
         if batch.beam is not None and result.beam is not None:
             done, commits = await self.beams.postprocess(
                 batch.beam, result.beam, commits, update.releases
