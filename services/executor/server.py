@@ -332,7 +332,9 @@ class EngineLoop:
                 raise
             except Exception as exc:
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(f"engine step failed: {exc}")
+                # The client reads this: what happened and what to do, no internals (the
+                # exception and its traceback are in the log above).
+                self._fail_all("the executor failed on this step (an internal error, in its log)")
                 await asyncio.sleep(0.1)  # no hot loop if the failure repeats
                 continue
             self.steps += 1
