@@ -330,7 +330,7 @@ class EngineLoop:
                 outputs = await self.engine.step()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception:
                 log.exception("engine step failed; failing the requests in flight")
                 # The client reads this: what happened and what to do, no internals (the
                 # exception and its traceback are in the log above).
