@@ -117,6 +117,7 @@ class AllocatorLink:
         # kvmanager does not know this epoch: re-register (the engine's job, `reregister`).
         self.stale = False
         self._registration: tuple[int, int, str] | None = None
+        self._losses_seen = 0  # the client's connection_losses, when it counts them
         # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
         # kv_wait: what of a slow schedule is the allocator's round trips); the scheduler
         # zeroes it when a step begins.
@@ -146,6 +147,7 @@ class AllocatorLink:
             await asyncio.sleep(max(wait, interval / 10))
             if self._calls or time.monotonic() - self._last_call < interval:
                 continue
+            self._check_connection()
             if self.riding or self.stale:
                 continue  # the engine's reconnect or reregister is kvmanager's news
             self._last_call = time.monotonic()
@@ -182,6 +184,15 @@ class AllocatorLink:
                 " admissions pause; retrying",
                 exc,
             )
+
+    def _check_connection(self) -> None:
+        """A kvmanager that restarted between two calls (an idle executor calls once a second)
+        fails none of them, but its restart may have lost their last answers: a broken
+        connection counts as an outage, so that `reconnect` reconciles."""
+        losses = getattr(self.allocator, "connection_losses", 0)
+        if losses > self._losses_seen:
+            self._losses_seen = losses
+            self._unavailable(AllocatorUnavailable("kvmanager connection lost"))
 
     def _stale(self, exc: AllocatorError) -> None:
         if not self.stale:
@@ -289,6 +300,7 @@ class AllocatorLink:
     def land(self) -> None:
         """Applies the results of the calls that are done, oldest first (never past one that
         is not: results apply in the order sent)."""
+        self._check_connection()
         while self._calls and self._calls[0][0].done():
             task, seqs = self._calls.popleft()
             self._land(task.result(), seqs)

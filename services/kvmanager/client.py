@@ -74,6 +74,9 @@ class _Session:
         self.pending: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
         self.lock = asyncio.Lock()
+        # Streams that ended without our closing them: kvmanager went away (maybe restarted,
+        # having lost its last answers), which the executor reconciles (allocator_link.py).
+        self.losses = 0
 
     def new_request(self) -> pb.SessionRequest:
         return pb.SessionRequest(id=next(self.ids))
@@ -120,6 +123,7 @@ class _Session:
         finally:
             if self.call is call:
                 self.call = None
+                self.losses += 1
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(err)
@@ -149,6 +153,12 @@ class KVManagerClient:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVManagerStub(self.channel)
         self._session = _Session(self.stub, timeout)
+
+    @property
+    def connection_losses(self) -> int:
+        """How many times the Session stream broke (kvmanager stopped or crashed): a caller
+        that sees this grow treats it as an outage, even one too short for a call to fail."""
+        return self._session.losses
 
     async def _call(self, method: Any, request: Message) -> Any:
         """A unary call (`method`: a stub method; grpc is untyped, and so is its reply)."""

@@ -4,6 +4,8 @@ and names what it does not hold as the executor does; afterwards both agree."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pagemesh.services.kvmanager.api import StaleEpoch
 
@@ -44,3 +46,32 @@ async def test_reconcile_with_a_stale_epoch_says_so(make) -> None:
     a.epoch += 1
     with pytest.raises(StaleEpoch):
         await a.reconcile({})
+
+
+async def test_a_broken_session_counts_as_a_connection_loss() -> None:
+    """A kvmanager that goes away between two calls fails none of them; the client counts the
+    broken Session stream, so the executor reconciles all the same. Its own close is no loss."""
+    from pagemesh.services.kvmanager.client import KVManagerClient
+    from pagemesh.services.kvmanager.server import start_server
+
+    server = await start_server(port=0)
+    c = KVManagerClient(f"127.0.0.1:{server.port}", "ex", timeout=2.0)
+    await c.register(16, BS, "fp")
+    await c.allocate("s", [1, 2])
+    assert c.connection_losses == 0
+    await server.stop(0)
+    for _ in range(100):
+        if c.connection_losses:
+            break
+        await asyncio.sleep(0.05)
+    assert c.connection_losses == 1
+
+    server = await start_server(port=0)
+    c2 = KVManagerClient(f"127.0.0.1:{server.port}", "ex", timeout=2.0)
+    await c2.register(16, BS, "fp")
+    await c2.allocate("s", [1, 2])
+    await c2.close()
+    await asyncio.sleep(0.1)
+    assert c2.connection_losses == 0
+    await c.close()
+    await server.stop(0)
