@@ -123,3 +123,35 @@ async def test_stale_epoch_re_registers_and_serves(smollm2_path: Path) -> None:
     assert after.finish[("next", 0)] in (FinishReason.STOP, FinishReason.LENGTH)
     assert after.tokens[("next", 0)]
     assert_all_free_or_cached(engine)
+
+
+async def test_n2_prompt_waits_for_its_fork_through_an_outage(smollm2_path: Path) -> None:
+    """An n > 1 request whose prompt is still being prefilled when kvmanager goes: the step that
+    would end its prompt (and fork its choices) waits for kvmanager, then both choices run.
+    (One whose prompt ends before the link knows of the outage fails retryably: the fork
+    cannot be made.)"""
+    prompt = _ids(smollm2_path, " ".join(PROMPTS) * 3)
+    ref_engine = await make_engine(smollm2_path)
+    ref_engine.add_request("ref", prompt, greedy(12))
+    ref = await run_all(ref_engine)
+
+    engine = await make_engine(smollm2_path, max_num_batched_tokens=32, max_num_seqs=4)
+    down = [False]
+    _cut(engine.allocator, down)
+    engine.add_request("n2", prompt, greedy(12, n=2))
+    run = Run()
+    await _steps(engine, run, 1)  # the first chunk: its blocks are held, the rest is not
+    down[0] = True
+    # What the gRPC client reports when its Session stream breaks: the link knows of the
+    # outage before any call fails (the next step's prompt chunk ends the prompt).
+    engine.allocator.connection_losses = 1
+    await _steps(engine, run, 6)
+    assert not run.outputs, "the prompt ended (a fork) while kvmanager was unreachable"
+    down[0] = False
+    rest = await run_all(engine)
+    for o in rest.outputs:
+        run.add([o])
+    for i in range(2):
+        assert run.finish[("n2", i)] == FinishReason.LENGTH
+        assert run.tokens[("n2", i)] == ref.tokens[("ref", 0)]
+    assert_all_free_or_cached(engine)
