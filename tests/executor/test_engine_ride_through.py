@@ -14,6 +14,7 @@ import copy
 import time
 from pathlib import Path
 
+import pytest
 from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.engine_api import FinishReason
 
@@ -26,6 +27,8 @@ from tests.executor.engine_support import (
     tokenizer,
 )
 from tests.executor.test_ride_through import _cut
+
+pytestmark = pytest.mark.slow  # (a minute and more on a 2-core CPU)
 
 PROMPTS = [
     "The capital of France is",
