@@ -510,6 +510,8 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             info.kv_tokens_held = info.kv_blocks_held = info.kv_table_blocks = 0
             info.prefix_caching = True
         info.num_serve_streams = self.num_serve_streams
+        # A stale epoch makes the engine register again: its current epoch, not the first.
+        info.epoch = getattr(self.loop.engine, "epoch", info.epoch)
         return info
 
 

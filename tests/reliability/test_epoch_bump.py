@@ -53,6 +53,7 @@ async def test_executor_re_registers_after_its_epoch_is_bumped(mesh: Mesh, figur
         await asyncio.to_thread(wait_request_ok, mesh, 30)
         epoch = mesh.executor_stats().epoch
         assert epoch > bumped, f"still on epoch {epoch} (the impostor's is {bumped})"
+        assert mesh.executor_info().epoch == epoch, "GetInfo still reports the old epoch"
 
         # The new epoch's prefix index works: a repeated prompt hits.
         probe = chat_body("Which station comes last?", 4, system=SYSTEM)
