@@ -4,6 +4,7 @@ the tests use when no Docker engine answers. The binary is the one the `redislit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 
 def redis_server_binary() -> str:
@@ -75,11 +77,20 @@ class RedisProcess:
             "--save", "",
             "--protected-mode", "yes",
         ]  # fmt: skip
-        if self.log_path:
-            with open(self.log_path, "ab") as log:  # Popen keeps its own copy of the fd
-                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        else:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # Its own session: a terminal's Ctrl-C (SIGINT to `pagemesh up`'s process group) must
+        # not reach Redis, which stops last, after kvmanager's final flush. (No parent-death
+        # signal: Linux ties it to the starting thread, and callers start Redis from worker
+        # threads, asyncio.to_thread, that end long before the process.)
+        out: int | IO[bytes] = subprocess.DEVNULL
+        with contextlib.ExitStack() as stack:
+            if self.log_path:  # Popen keeps its own copy of the fd
+                out = stack.enter_context(open(self.log_path, "ab"))
+            self.proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -392,3 +392,21 @@ class SessionResponse(_message.Message):
     release: ReleaseResponse
     step: StepResponse
     def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Union[AllocateResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., fork: _Optional[_Union[ForkResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
+
+class ReconcileRequest(_message.Message):
+    __slots__ = ("executor_id", "epoch", "seqs")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    epoch: int
+    seqs: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ...) -> None: ...
+
+class ReconcileResponse(_message.Message):
+    __slots__ = ("num_released", "lost_seq_ids")
+    NUM_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    LOST_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    num_released: int
+    lost_seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_released: _Optional[int] = ..., lost_seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -84,6 +84,11 @@ class KVManagerStub:
                 request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
                 response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/pagemesh.v1.KVManager/Reconcile',
+                request_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class KVManagerServicer:
@@ -169,6 +174,18 @@ class KVManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reconcile(self, request, context):
+        """After kvmanager was unreachable (it may have restarted from Redis and lost the calls it had
+        answered but not yet written there): the executor sends the tables of every sequence it
+        holds. kvmanager releases the sequences of this executor it holds and the executor does not
+        (a release it lost), and names the ones it does not hold with that exact table (an
+        allocation or an Extend it lost: it releases its own version of those): the executor
+        recomputes them. Afterwards both sides agree on every table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +238,11 @@ def add_KVManagerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.FromString,
                     response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileRequest.FromString,
+                    response_serializer=pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +515,33 @@ class KVManager:
             '/pagemesh.v1.KVManager/Step',
             pagemesh_dot_proto_dot_kvmanager__pb2.StepRequest.SerializeToString,
             pagemesh_dot_proto_dot_kvmanager__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagemesh.v1.KVManager/Reconcile',
+            pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileRequest.SerializeToString,
+            pagemesh_dot_proto_dot_kvmanager__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,20 @@ Most traffic rides on batched `Step` calls, overlapped with the steps:
   one is reading it. The scheduler owns the tables; this module only carries the messages.
 - A release kvmanager could not take (unreachable) is kept and retried until it does.
 
+Ride-through (kvmanager unreachable: a crash, a restart from Redis): the first call that finds it
+unreachable starts an outage (`riding`). From then on nothing goes out but `reconnect`, which the
+scheduler calls at most every RETRY_MAX_S (backoff from RETRY_MIN_S): sequences keep running on
+the tables they have, those short of a block wait, admissions pause. A kvmanager killed may have
+lost what it answered last before its write-behind reached Redis, so `reconnect` is a Reconcile
+call: kvmanager releases what this executor no longer holds (a lost release), and names the
+sequences it does not hold as this executor does (a lost allocation or Extend), which the
+scheduler recomputes. Only then do the Step calls resume; the engine fails requests (retryably)
+once the outage outlasts its bound (EngineConfig.kvmanager_outage_timeout).
+
+A stale epoch (kvmanager has another registration of this executor id, or none after a restart
+without Redis) sets `stale`: the engine re-registers (`reregister`) and ends the requests whose
+blocks belonged to the old epoch.
+
 The other calls: an admission round (one Step call carrying the waiting commits and releases),
 the synchronous Extend of a step whose tables fall short, a preemption's release, the forks
 (n > 1 and beams alike), and `register` at start.
@@ -43,6 +57,7 @@ from pagemesh.services.kvmanager.api import (
     ExtendResult,
     LoadReport,
     OutOfBlocks,
+    StaleEpoch,
     StepResult,
     UnknownSequence,
 )
@@ -57,6 +72,10 @@ FLUSH_STEPS = 8
 # An idle executor reports its load this often (kvmanager marks one it has not heard from for
 # its --executor-timeout, 10 s by default, as down).
 HEARTBEAT_SECONDS = 1.0
+# While kvmanager is unreachable, a Reconcile call tries it again after RETRY_MIN_S, then after
+# twice as long each time, at most RETRY_MAX_S apart (a kvmanager restart takes about a second).
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 1.0
 
 
 class AllocatorLink:
@@ -90,6 +109,15 @@ class AllocatorLink:
         self._steps_since_call = 0
         self._retry: asyncio.TimerHandle | None = None
         self.num_step_calls = 0
+        # Ride-through (see the module's docstring): when the outage began, when to try again.
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN_S
+        self.num_outages = 0
+        # kvmanager does not know this epoch: re-register (the engine's job, `reregister`).
+        self.stale = False
+        self._registration: tuple[int, int, str] | None = None
+        self._losses_seen = 0  # the client's connection_losses, when it counts them
         # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
         # kv_wait: what of a slow schedule is the allocator's round trips); the scheduler
         # zeroes it when a step begins.
@@ -98,6 +126,7 @@ class AllocatorLink:
     async def register(self, num_blocks: int, block_size: int, fingerprint: str) -> int:
         """Announces the pool (the engine's start), with what the fleet routes by; returns the
         new epoch."""
+        self._registration = (num_blocks, block_size, fingerprint)
         return await self.allocator.register(
             num_blocks,
             block_size,
@@ -118,11 +147,120 @@ class AllocatorLink:
             await asyncio.sleep(max(wait, interval / 10))
             if self._calls or time.monotonic() - self._last_call < interval:
                 continue
+            self._check_connection()
+            if self.riding or self.stale:
+                continue  # the engine's reconnect or reregister is kvmanager's news
             self._last_call = time.monotonic()
             try:
-                await self.allocator.step([], [], [], load=self._load())
-            except AllocatorError as exc:  # unreachable: the next one retries
+                result = await self.allocator.step([], [], [], load=self._load())
+            except AllocatorUnavailable as exc:  # an idle executor learns of an outage here
+                self._unavailable(exc)
+            except StaleEpoch as exc:
+                self._stale(exc)
+            except AllocatorError as exc:
                 log.debug("heartbeat: %s", exc)
+            else:
+                if isinstance(result.load_error, StaleEpoch):
+                    self._stale(result.load_error)
+
+    # -- ride-through ---------------------------------------------------------------------------
+
+    @property
+    def riding(self) -> bool:
+        """kvmanager is unreachable (or was, and `reconnect` has not reconciled yet)."""
+        return self.down_since is not None
+
+    def outage_seconds(self) -> float:
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def _unavailable(self, exc: AllocatorError) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.num_outages += 1
+            self._retry_delay = RETRY_MIN_S
+            self._retry_at = self.down_since + RETRY_MIN_S
+            log.warning(
+                "kvmanager unreachable (%s): running sequences go on with the blocks they hold,"
+                " admissions pause; retrying",
+                exc,
+            )
+
+    def _check_connection(self) -> None:
+        """A kvmanager that restarted between two calls (an idle executor calls once a second)
+        fails none of them, but its restart may have lost their last answers: a broken
+        connection counts as an outage, so that `reconnect` reconciles."""
+        losses = getattr(self.allocator, "connection_losses", 0)
+        if losses > self._losses_seen:
+            self._losses_seen = losses
+            self._unavailable(AllocatorUnavailable("kvmanager connection lost"))
+
+    def _stale(self, exc: AllocatorError) -> None:
+        if not self.stale:
+            log.warning("kvmanager: %s; re-registering", exc)
+        self.stale = True
+
+    async def wait_retry(self) -> None:
+        """Sleeps until the next `reconnect` is due (a step with nothing to run, during an
+        outage, must not spin)."""
+        delay = self._retry_at - time.monotonic()
+        await asyncio.sleep(min(max(delay, 0.0), RETRY_MAX_S))
+
+    async def reconnect(self, held: Callable[[], dict[str, list[int]]]) -> list[str] | None:
+        """During an outage, when a retry is due: one Reconcile call with `held()` (every
+        sequence this executor holds blocks for, with its table, read once the calls in flight
+        have landed). Returns the ids of the sequences kvmanager does not hold as this executor
+        does (their blocks must be dropped and the sequences recomputed), or None while
+        kvmanager is still unreachable or the epoch turned out stale."""
+        if self.down_since is None or self.stale or time.monotonic() < self._retry_at:
+            return None
+        await self._await_calls()
+        tables = held()
+        try:
+            with self._awaiting_kvmanager():
+                released, lost = await self.allocator.reconcile(tables)
+        except AllocatorUnavailable:
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
+            return None
+        except StaleEpoch as exc:
+            self._stale(exc)
+            return None
+        log.warning(
+            "kvmanager reachable again after %.1fs: %d sequences held, %d released there, %d"
+            " to recompute",
+            self.outage_seconds(),
+            len(tables),
+            released,
+            len(lost),
+        )
+        self.down_since = None
+        # Releases waiting are kvmanager's already (it released whatever is not in `tables`);
+        # sent now, one could release a sequence readmitted under the same id. Commits wait
+        # for the sequences whose tables kvmanager agreed with.
+        self._releases.clear()
+        keep = set(tables).difference(lost)
+        self._commits = [c for c in self._commits if c.seq_id in keep]
+        self._last_call = time.monotonic()
+        return lost
+
+    async def reregister(self) -> int:
+        """After a stale epoch: registers again (a new epoch: kvmanager holds nothing of this
+        executor any more, so nothing waiting is sent). Raises AllocatorError (unreachable:
+        `stale` stays set, the engine tries again)."""
+        assert self._registration is not None, "register() first"
+        await self._await_calls()
+        try:
+            epoch = await self.register(*self._registration)
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            raise
+        self._commits.clear()
+        self._releases.clear()
+        self.stale = False
+        self.down_since = None
+        self._last_call = time.monotonic()
+        log.warning("re-registered with kvmanager: epoch %d", epoch)
+        return epoch
 
     def lookahead_target(self, seq: Sequence, num_tokens: int) -> int:
         """Table coverage (tokens) to ask for when `seq` must hold `num_tokens`."""
@@ -162,6 +300,7 @@ class AllocatorLink:
     def land(self) -> None:
         """Applies the results of the calls that are done, oldest first (never past one that
         is not: results apply in the order sent)."""
+        self._check_connection()
         while self._calls and self._calls[0][0].done():
             task, seqs = self._calls.popleft()
             self._land(task.result(), seqs)
@@ -172,6 +311,10 @@ class AllocatorLink:
         a synchronous Extend must start from the tables kvmanager has; a child copies its
         parent's committed hashes)."""
         self._send([])
+        await self._await_calls()
+
+    async def _await_calls(self) -> None:
+        """Applies every call in flight, oldest first, sending nothing."""
         with self._awaiting_kvmanager():
             while self._calls:
                 task, seqs = self._calls.popleft()
@@ -189,6 +332,8 @@ class AllocatorLink:
     def _send(self, entries: list[tuple[Sequence, ExtendEntry]]) -> None:
         if not (self._commits or self._releases or entries):
             return
+        if self.down_since is not None or self.stale:
+            return  # nothing goes out before `reconnect` or `reregister` (module docstring)
         commits, releases = self._begin_call()
         for seq, e in entries:
             seq.lookahead_sent = e.num_tokens
@@ -207,14 +352,20 @@ class AllocatorLink:
             await asyncio.wait([prev])  # in order, whatever became of it
         try:
             result = await self.allocator.step(commits, releases, extends, load=self._load())
-        except AllocatorUnavailable:
-            self._defer_releases(releases)
-            return None  # the commits are lost (those blocks stay unshared); extends retried
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            self._requeue(commits, releases)
+            return None  # extends: asked again once kvmanager is back
+        except StaleEpoch as exc:
+            self._stale(exc)
+            return None
         except AllocatorError:
             log.exception("Step call failed")
             self._defer_releases(releases)
             return None
         await self._check_parts(result, releases)
+        if self.stale:
+            return None  # (its tables are the old epoch's)
         if result.extend_error is not None and not isinstance(result.extend_error, OutOfBlocks):
             log.error("look-ahead Extend failed: %s", result.extend_error)
         return result  # OutOfBlocks: the next schedule() extends synchronously, or preempts
@@ -225,12 +376,30 @@ class AllocatorLink:
         if result is not None and result.extend is not None:
             self._apply(result.extend)
 
+    def _requeue(self, commits: list[CommitEntry], releases: list[str]) -> None:
+        """A call kvmanager was unreachable for: its commits and releases wait for the next
+        (sent once `reconnect` has reconciled, releases then dropped as kvmanager's own)."""
+        self._commits[:0] = commits
+        self._releases[:0] = releases
+
     async def _check_parts(self, result: StepResult, releases: list[str]) -> None:
+        parts = (
+            result.commit_error,
+            result.release_error,
+            result.extend_error,
+            result.allocate_error,
+            result.load_error,
+        )
+        stale = next((e for e in parts if isinstance(e, StaleEpoch)), None)
+        if stale is not None:
+            self._stale(stale)
+            return
         if result.commit_error is not None:  # those blocks stay unshared
             log.error("commit failed: %s", result.commit_error)
         err = result.release_error
         if isinstance(err, AllocatorUnavailable):
-            self._defer_releases(releases)
+            self._unavailable(err)
+            self._requeue([], releases)
         elif isinstance(err, UnknownSequence):
             # One unknown id fails the whole part: settle the rest one by one.
             for sid in releases:
@@ -255,8 +424,11 @@ class AllocatorLink:
     async def _release(self, seq_ids: list[str]) -> None:
         try:
             await self.allocator.release(seq_ids)
-        except AllocatorUnavailable:
-            self._defer_releases(seq_ids)
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            self._requeue([], seq_ids)
+        except StaleEpoch as exc:
+            self._stale(exc)
         except UnknownSequence:
             if len(seq_ids) == 1:
                 return  # kvmanager lost it (crash before its write-behind flush): nothing held
@@ -279,9 +451,15 @@ class AllocatorLink:
     async def admit(self, batch: list[Sequence], budget: int) -> StepResult:
         """An admission round, one call: the commits and releases waiting, then the admissions;
         every call in flight lands first (its releases may be what makes room; its tables must
-        be current)."""
+        be current). During an outage or with a stale epoch, nothing is admitted (an empty
+        result: the sequences wait)."""
+        if self.down_since is not None or self.stale:
+            return StepResult()
         commits, releases = self._begin_call()
         await self.settle()  # (nothing left for it to send)
+        if self.down_since is not None or self.stale:  # a call in flight found it so
+            self._requeue(commits, releases)
+            return StepResult()
         admits = [
             AdmitEntry(
                 seq.seq_id,
@@ -296,22 +474,45 @@ class AllocatorLink:
                 result = await self.allocator.step(
                     commits, releases, [], admits, budget, load=self._load()
                 )
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            self._requeue(commits, releases)
+            return StepResult()
+        except StaleEpoch as exc:
+            self._stale(exc)
+            return StepResult()
         except AllocatorError:
             self._defer_releases(releases)
             raise
         await self._check_parts(result, releases)
+        if self.stale:
+            return StepResult()  # nothing was allocated under a stale epoch
         return result
 
     async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
         """A synchronous Extend (tables that fall short of this step's writes); raises
-        OutOfBlocks when the pool cannot take it (nothing changed)."""
-        with self._awaiting_kvmanager():
-            return await self.allocator.extend(entries)
+        OutOfBlocks when the pool cannot take it (nothing changed), AllocatorUnavailable or
+        StaleEpoch (the outage or the stale epoch noted: the sequences wait)."""
+        try:
+            with self._awaiting_kvmanager():
+                return await self.allocator.extend(entries)
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            raise
+        except StaleEpoch as exc:
+            self._stale(exc)
+            raise
 
     async def release_now(self, seq_ids: list[str]) -> None:
         """A release the caller waits for (a preemption, after `settle`: nothing of the
-        sequence is still on its way)."""
-        await self.allocator.release(seq_ids)
+        sequence is still on its way). An unreachable kvmanager gets it with the reconcile."""
+        try:
+            await self.allocator.release(seq_ids)
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            self._requeue([], seq_ids)
+        except StaleEpoch as exc:
+            self._stale(exc)
 
     async def fork(
         self,
@@ -324,12 +525,23 @@ class AllocatorLink:
         (the step's) go first, after every call in flight has landed; then `releases` (dropped
         beams: released before the forks, so no moment holds both the dropped tables and the
         new ones) and the forks, all in flight at once (they touch different sequences, and a
-        fork takes no fresh block)."""
+        fork takes no fresh block). Raises AllocatorUnavailable or StaleEpoch (noted) when
+        kvmanager cannot fork: the engine ends the requests."""
+        if self.down_since is not None or self.stale:
+            # Not before `reconnect`: the parent's table may not be kvmanager's.
+            raise AllocatorUnavailable("kvmanager unreachable: cannot fork")
         await self.settle()
-        if commits:
-            await self.allocator.commit(commits)
-        release = [self.allocator.release(releases)] if releases else []
-        results = await asyncio.gather(*release, *(self._fork(f, e) for f, e in forks))
+        try:
+            if commits:
+                await self.allocator.commit(commits)
+            release = [self.allocator.release(releases)] if releases else []
+            results = await asyncio.gather(*release, *(self._fork(f, e) for f, e in forks))
+        except AllocatorUnavailable as exc:
+            self._unavailable(exc)
+            raise
+        except StaleEpoch as exc:
+            self._stale(exc)
+            raise
         # gather types its results by their join (object): these are the forks' tables.
         return cast(list[dict[str, list[int]]], results[len(release) :])
 

@@ -69,6 +69,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "replay CUDA graphs for prefill steps too (--no-prefill-cuda-graphs: A/B)",
         bool,
     )
+    add_option(
+        p,
+        "--kvmanager-outage-timeout",
+        30.0,
+        "seconds kvmanager may be unreachable before requests fail (retryably); running"
+        " sequences go on meanwhile",
+        float,
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     add_option(p, "--trace-steps", "", "append a JSON line per step and request event here")
     p.set_defaults(func=run)
@@ -179,6 +187,7 @@ async def _main(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name or served_name(args.model),
         enable_prefix_caching=args.prefix_caching,
         use_prefill_cuda_graphs=args.prefill_cuda_graphs,
+        kvmanager_outage_timeout=args.kvmanager_outage_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -43,6 +43,9 @@ class EngineConfig:
     advertise: str = ""
     served_model_name: str = ""
     seed: int = 0  # the generator of unseeded requests
+    # Seconds kvmanager may stay unreachable before the requests fail (retryably); until then
+    # running sequences go on with the blocks they hold and the others wait (allocator_link.py).
+    kvmanager_outage_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -55,6 +58,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
+        if self.kvmanager_outage_timeout < 0:
+            raise ValueError("kvmanager_outage_timeout must be >= 0")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
 

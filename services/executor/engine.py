@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 
 import torch
@@ -36,12 +37,30 @@ from pagemesh.services.executor.scheduler import Scheduler, SchedulerOutput
 from pagemesh.services.executor.sequence import (
     PROMPT_LOGPROBS_SALT,
     Request,
+    SeqStatus,
     Sequence,
     new_sequence,
 )
 from pagemesh.services.executor.trace import StepTimes
 from pagemesh.services.executor.validation import validate_request
-from pagemesh.services.kvmanager.api import BlockAllocator, CommitEntry
+from pagemesh.services.kvmanager.api import (
+    AllocatorUnavailable,
+    BlockAllocator,
+    CommitEntry,
+    StaleEpoch,
+)
+
+log = logging.getLogger(__name__)
+
+# How long a stopping engine waits for kvmanager to take its last commits and releases.
+CLOSE_FLUSH_S = 2.0
+
+# What a client reads when its request ends for a transient reason (the gateway may send it to
+# another executor first): no addresses or internals, and that a retry helps.
+OUTAGE_ERROR = "the KV cache manager was unreachable for too long; retry the request"
+STALE_ERROR = (
+    "the executor re-registered with the KV cache manager and dropped the request; retry it"
+)
 
 
 def _aborted(req: Request, index: int) -> SequenceOutput:
@@ -129,12 +148,19 @@ class LLMEngine:
         self.started = True
 
     async def close(self) -> None:
-        """Stops the engine's background work (the fleet heartbeats)."""
+        """Stops the engine's background work (the fleet heartbeats) and sends kvmanager what
+        waits (the last commits and releases: a shutdown loses no index entry), for at most
+        CLOSE_FLUSH_S."""
         if self._heartbeats is not None:
             self._heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeats
             self._heartbeats = None
+        if self.started:
+            try:
+                await asyncio.wait_for(self.scheduler.drain(), CLOSE_FLUSH_S)
+            except Exception as exc:  # (kvmanager gone first: nothing more to do)
+                log.warning("last commits and releases not sent: %s", exc)
 
     def _load_model(self) -> None:
         from pagemesh.services.executor.model.loader import (
@@ -214,7 +240,12 @@ class LLMEngine:
             self._choice_aborts.append((request_id, list(indices)))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._inflight is not None
+        """Requests, a step in flight, or kvmanager business of its own (an outage to
+        reconcile, a stale epoch to re-register): the loop steps while this holds."""
+        if self.requests or self._inflight is not None:
+            return True
+        link = self.scheduler.link if self.started else None
+        return link is not None and (link.riding or link.stale)
 
     @property
     def num_running(self) -> int:
@@ -234,13 +265,63 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     async def step(self) -> list[SequenceOutput]:
-        if self.config.async_scheduling and not self.beams.active:
-            return await self._step_async()
-        outputs = []
-        if self._inflight is not None:  # leaving async mode (a beam request came): land it
-            outputs = await self._complete(self._inflight)
-            self._inflight = None
-        return outputs + await self._step_sync()
+        outputs = await self._kvmanager_news()
+        try:
+            if self.config.async_scheduling and not self.beams.active:
+                return outputs + await self._step_async()
+            if self._inflight is not None:  # leaving async mode (a beam request came): land it
+                outputs += await self._complete(self._inflight)
+                self._inflight = None
+            return outputs + await self._step_sync()
+        except (AllocatorUnavailable, StaleEpoch):
+            # A beam round's fork kvmanager could not make, mid-step (beams are not scheduled
+            # during an outage, but one may begin under a step): the step's sequences are past
+            # what can be resumed, so every request ends, retryably (the link noted the outage
+            # or the stale epoch; their blocks go back with the reconcile).
+            return outputs + self._fail_requests(list(self.requests), OUTAGE_ERROR, True)
+
+    async def _kvmanager_news(self) -> list[SequenceOutput]:
+        """Before a step: re-registers after a stale epoch (the running requests end,
+        retryably: their blocks were the old epoch's), and fails every request once kvmanager
+        has been unreachable for longer than the bound."""
+        link = self.scheduler.link
+        if link.stale:
+            with contextlib.suppress(AllocatorUnavailable):  # (an outage: the bound applies)
+                self.epoch = await link.reregister()
+                running = {s.request.request_id for s in self.scheduler.running}
+                running.update(s.request.request_id for s in self.scheduler.spawned)
+                return self._fail_requests(sorted(running), STALE_ERROR, release=False)
+        if link.riding and link.outage_seconds() > self.config.kvmanager_outage_timeout:
+            return self._fail_requests(list(self.requests), OUTAGE_ERROR)
+        return []
+
+    def _fail_requests(
+        self, request_ids: list[str], error: str, release: bool = True
+    ) -> list[SequenceOutput]:
+        """Ends these requests with a retryable ERROR; `release`: their blocks go back to
+        kvmanager (deferred like any release), else kvmanager holds none of them."""
+        sc = self.scheduler
+        releases: list[str] = []
+        outputs: list[SequenceOutput] = []
+        for rid in request_ids:
+            req = self._drop(rid)
+            if req is None:
+                continue
+            self.beams.active.discard(rid)
+            ended = []
+            for seq in req.seqs:
+                if seq.is_finished:
+                    continue
+                if seq.status == SeqStatus.RUNNING and seq.block_table:
+                    releases.append(seq.seq_id)
+                sc.finish(seq, FinishReason.ERROR)
+                ended.append(seq.index)
+            # As for an abort: before the fork the one sequence stands for all n choices.
+            indices = range(req.params.n) if not req.forked or req.beam is not None else ended
+            outputs.extend(req.error_outputs(indices, error, retryable=True))
+        if release:
+            sc.link.defer([], releases)
+        return outputs
 
     async def _step_sync(self) -> list[SequenceOutput]:
         """Schedule, run, and return this step's tokens."""
@@ -321,8 +402,17 @@ class LLMEngine:
         sc = self.scheduler
         if result.prompt_logprobs:
             sc.add_prompt_logprobs(result.prompt_logprobs)
+        failed: list[SequenceOutput] = []
         if batch.forks:
-            await sc.fork(batch.forks, commits)
+            try:
+                await sc.fork(batch.forks, commits)
+            except (AllocatorUnavailable, StaleEpoch):
+                # kvmanager went away (or the epoch went stale) under this step: these n > 1
+                # requests end, retryably, and the step's other sequences go on. The step's
+                # commits are dropped (those blocks stay unshared: whether kvmanager took them
+                # before it went is unknown).
+                rids = sorted({f.parent.request.request_id for f in batch.forks})
+                failed = self._fail_requests(rids, OUTAGE_ERROR)
             commits = []
         update = sc.postprocess(
             batch.sample_seqs,
@@ -334,7 +424,7 @@ class LLMEngine:
         )
         for rid in update.finished_requests:
             self._drop(rid)
-        outputs = update.outputs
+        outputs = failed + update.outputs
         if batch.beam is not None and result.beam is not None:
             done, commits = await self.beams.postprocess(
                 batch.beam, result.beam, commits, update.releases

@@ -85,6 +85,9 @@ class SequenceOutput:
     cumulative_logprob: float = 0.0
     # SamplingParams.prompt_logprobs: prompt tokens 1.. (the first has none), in the first output.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # An ERROR another executor (or this one, later) could serve: kvmanager unreachable past
+    # the bound, a stale epoch. The gateway sends such a request again (proto: retryable).
+    retryable: bool = False
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,11 @@ Each step:
 4. An n > 1 request whose prompt ends in this step gets its n - 1 children now (on the rows
    reserved at admission): the step samples n tokens from the parent's logits, and the children
    are forked (`fork`) when it lands.
+While kvmanager is unreachable (the link is `riding`: allocator_link.py), each step first tries
+`link.reconnect` when a retry is due; until it succeeds, running sequences whose tables cover
+the step run, the others wait (not failed), nothing is admitted or forked, and a step with
+nothing to run sleeps until the next retry. Sequences kvmanager lost (its restart from Redis
+missed their last calls) are requeued and recomputed, like a preemption.
 Then the engine launches the step (`launched`: the sequences advance, the link reserves the
 coming blocks) and, when it lands, hands the sampled tokens to `postprocess` (tokens, finishes,
 releases). Beam search forks its beams through the same `fork`.
@@ -46,12 +51,14 @@ from pagemesh.services.executor.sequence import (
 )
 from pagemesh.services.kvmanager.api import (
     Allocation,
+    AllocatorUnavailable,
     BlockAllocator,
     CommitEntry,
     ExtendEntry,
     ExtendResult,
     LoadReport,
     OutOfBlocks,
+    StaleEpoch,
 )
 
 # How far past the token budget (at the estimated hit rate) an admission round offers.
@@ -149,6 +156,12 @@ class Scheduler:
         link = self.link
         link.kv_wait = 0.0
         link.land()
+        if link.riding:
+            lost = await link.reconnect(self.held_tables)
+            if lost:
+                self._requeue_lost(set(lost))
+        # kvmanager unreachable (or the epoch stale, until the engine re-registers): no call.
+        cut_off = link.riding or link.stale
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         need: list[tuple[Sequence, int]] = []
@@ -166,6 +179,12 @@ class Scheduler:
             n = min(len(tokens) - start, budget)
             if n == 0:
                 continue  # a beam parked until its siblings' logits are in (beam_engine.py)
+            if cut_off and (
+                self._short(seq, n)
+                or seq.request.beam is not None  # (beams fork every round)
+                or (seq.request in self._unforked and start + n == seq.num_tokens)
+            ):
+                continue  # waits for a block, or for its fork, until kvmanager is back
             seqs.append(seq)
             num_new.append(n)
             budget -= n
@@ -174,12 +193,15 @@ class Scheduler:
         if need:
             await link.settle()  # the look-ahead in flight may cover them
             need = [(q, n) for q, n in need if self._short(q, n)]
+            if need and (link.riding or link.stale):  # found out just now: they wait
+                self._unschedule(out, [q for q, _ in need])
+                need = []
         if need:
             preempted = await self._extend_or_preempt(need, out)
             out.num_preempted = len(preempted)
             budget = self.config.max_num_batched_tokens - out.num_tokens
         # No admission in a step that had to preempt: the pool is full.
-        if not out.num_preempted:
+        if not out.num_preempted and not (link.riding or link.stale):
             await self._admit(out, budget)
             if not out.seqs and self.running and self.waiting:
                 await self._unstall(out)  # only parked beams run (beam_engine.py)
@@ -188,7 +210,28 @@ class Scheduler:
         self.pending_copies = []
         if self._unforked:
             out.forks = self._spawn_children(out)
+        if link.riding and not out.seqs:
+            await link.wait_retry()  # nothing can run before kvmanager is back
         return out
+
+    def held_tables(self) -> dict[str, list[int]]:
+        """Every sequence holding blocks, with its table (what `link.reconnect` reconciles)."""
+        return {s.seq_id: list(s.block_table) for s in self.running if s.block_table}
+
+    def _requeue_lost(self, lost: set[str]) -> None:
+        """Sequences kvmanager does not hold as this executor did: it holds none of their
+        blocks now, so they go back to the queue's front and are recomputed (a preemption
+        whose release kvmanager has done already)."""
+        for seq in [s for s in self.running if s.seq_id in lost][::-1]:
+            self.running.remove(seq)
+            self._requeue(seq)
+
+    @staticmethod
+    def _unschedule(out: SchedulerOutput, seqs: list[Sequence]) -> None:
+        drop = set(seqs)
+        keep = [(q, n) for q, n in zip(out.seqs, out.num_new_tokens, strict=True) if q not in drop]
+        out.seqs[:] = [q for q, _ in keep]
+        out.num_new_tokens[:] = [n for _, n in keep]
 
     async def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admits waiting sequences in FIFO order while rows and the token budget last. A round
@@ -312,6 +355,10 @@ class Scheduler:
                 entries.append(ExtendEntry(seq.seq_id, seq.num_computed_tokens, max(target, end)))
             try:
                 result = await self.link.extend(entries)
+            except (AllocatorUnavailable, StaleEpoch):
+                # (noted by the link) they wait for kvmanager, or for the re-registration
+                self._unschedule(out, [q for q, _ in need])
+                break
             except OutOfBlocks:
                 if lookahead and self.config.num_lookahead_tokens:
                     lookahead = False  # first ask only for what this step writes
@@ -360,6 +407,10 @@ class Scheduler:
         the sequence is on its way to kvmanager (after `link.settle`)."""
         self.running.remove(seq)
         await self.link.release_now([seq.seq_id])
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A sequence out of `running` whose blocks are released goes back to the queue's front."""
         self._free_row(seq)
         seq.status = SeqStatus.WAITING
         seq.block_table = []

@@ -62,8 +62,10 @@ class Request:
         """Sequences the request runs at once after its prefill: n, or the beam width."""
         return self.params.beam_width if self.beam is not None else self.params.n
 
-    def error_outputs(self, indices: list[int] | range, error: str) -> list[SequenceOutput]:
-        """The final ERROR output of each of these choices."""
+    def error_outputs(
+        self, indices: list[int] | range, error: str, retryable: bool = False
+    ) -> list[SequenceOutput]:
+        """The final ERROR output of each of these choices (`retryable`: see SequenceOutput)."""
         return [
             SequenceOutput(
                 self.request_id,
@@ -72,6 +74,7 @@ class Request:
                 FinishReason.ERROR,
                 error=error,
                 num_prompt_tokens=self.num_prompt_tokens,
+                retryable=retryable,
             )
             for i in indices
         ]

@@ -45,6 +45,9 @@ from pagemesh.grpc_keepalive import server_options
 
 log = logging.getLogger("pagemesh.executor.server")
 
+# How often an idle engine loop asks the engine whether it has work of its own.
+IDLE_POLL_S = 1.0
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -116,6 +119,7 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
         num_cached_tokens=o.num_cached_tokens,
         error=o.error,
         cumulative_logprob=o.cumulative_logprob,
+        retryable=o.retryable,
     )
 
 
@@ -322,15 +326,20 @@ class EngineLoop:
         while True:
             self._wake.clear()
             if not self.engine.has_unfinished_requests():
-                await self._wake.wait()
+                # Woken by a request, or every IDLE_POLL_S: an idle engine may have work of
+                # its own (a kvmanager outage to reconcile, a stale epoch).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
                 continue
             try:
                 outputs = await self.engine.step()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception:
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(f"engine step failed: {exc}")
+                # The client reads this: what happened and what to do, no internals (the
+                # exception and its traceback are in the log above).
+                self._fail_all("the executor failed on this step (an internal error, in its log)")
                 await asyncio.sleep(0.1)  # no hot loop if the failure repeats
                 continue
             self.steps += 1
@@ -507,6 +516,8 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             info.kv_tokens_held = info.kv_blocks_held = info.kv_table_blocks = 0
             info.prefix_caching = True
         info.num_serve_streams = self.num_serve_streams
+        # A stale epoch makes the engine register again: its current epoch, not the first.
+        info.epoch = getattr(self.loop.engine, "epoch", info.epoch)
         return info
 
 

@@ -180,6 +180,12 @@ class BlockAllocator(Protocol):
         load is a heartbeat. Raises only when the call as a whole fails (AllocatorUnavailable:
         kvmanager unreachable, nothing known to be applied)."""
 
+    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+        """After kvmanager was unreachable: `tables` holds every sequence this executor holds
+        blocks for, each with its whole table. kvmanager releases the sequences it holds that
+        are not there, and returns (their number, the ids of `tables` it does not hold with
+        that table): the executor drops those sequences' blocks and recomputes them."""
+
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""
 

@@ -41,6 +41,12 @@ CHANNEL_OPTIONS = [
     # Keepalive as kvmanager's server accepts it: 30 s against its default of one ping in 5
     # minutes drew GOAWAY "too_many_pings" every few minutes (grpc_keepalive.py).
     *client_options(),
+    # A kvmanager that restarts is back within about a second: reconnect attempts at most a
+    # second apart (gRPC's default backoff grows to two minutes, and every call in between
+    # fails at once although kvmanager is up).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -72,6 +78,9 @@ class _Session:
         self.pending: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
         self.lock = asyncio.Lock()
+        # Streams that ended without our closing them: kvmanager went away (maybe restarted,
+        # having lost its last answers), which the executor reconciles (allocator_link.py).
+        self.losses = 0
 
     def new_request(self) -> pb.SessionRequest:
         return pb.SessionRequest(id=next(self.ids))
@@ -118,6 +127,7 @@ class _Session:
         finally:
             if self.call is call:
                 self.call = None
+                self.losses += 1
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(err)
@@ -147,6 +157,12 @@ class KVManagerClient:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.KVManagerStub(self.channel)
         self._session = _Session(self.stub, timeout)
+
+    @property
+    def connection_losses(self) -> int:
+        """How many times the Session stream broke (kvmanager stopped or crashed): a caller
+        that sees this grow treats it as an outage, even one too short for a call to fail."""
+        return self._session.losses
 
     async def _call(self, method: Any, request: Message) -> Any:
         """A unary call (`method`: a stub method; grpc is untyped, and so is its reply)."""
@@ -280,6 +296,13 @@ class KVManagerClient:
             wire.fill_release(m, self.executor_id, self.epoch, seq_ids)
 
         return (await self._hot("release", fill)).num_released
+
+    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+        msg = pb.ReconcileRequest(executor_id=self.executor_id, epoch=self.epoch)
+        for seq_id, table in tables.items():
+            msg.seqs.add(seq_id=seq_id, block_ids=table)
+        r = await self._call(self.stub.Reconcile, msg)
+        return r.num_released, list(r.lost_seq_ids)
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         msg = pb.MatchRequest()

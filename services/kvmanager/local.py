@@ -134,6 +134,9 @@ class LocalAllocator:
             load_error=o.load_error,
         )
 
+    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+        return self.manager.reconcile(self.executor_id, self.epoch, tables)
+
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         try:
             return self.manager.match(token_ids, cache_salt, self.executor_id)[self.executor_id]

@@ -19,7 +19,7 @@ account of what Redis holds).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -610,6 +610,25 @@ class Manager:
         if seq_ids and ex.events is not None:
             ex.events.append((SEQS_REMOVED, list(seq_ids)))
         return len(seq_ids)
+
+    def reconcile(
+        self, executor_id: str, epoch: int, tables: Mapping[str, Sequence[int]]
+    ) -> tuple[int, list[str]]:
+        """After an outage (a restart that restored from Redis may have lost the calls answered
+        last): `tables` is every sequence the executor holds, with its whole table. Releases the
+        sequences held here that the executor does not hold (a lost release); a sequence of
+        `tables` held here with another table (a lost Extend) is released too, and it is
+        reported lost with those not held at all (a lost allocation): the executor drops their
+        blocks and recomputes them. Returns (number released, lost ids)."""
+        ex = self.executor(executor_id, epoch)
+        lost = [
+            sid
+            for sid, table in tables.items()
+            if sid not in ex.seqs or ex.seqs[sid].blocks != list(table)
+        ]
+        gone = [sid for sid in ex.seqs if sid not in tables or sid in lost]
+        released = self.release(executor_id, epoch, gone) if gone else 0
+        return released, lost
 
     def cached_tokens(
         self, executors: Sequence[ExecutorState], data: bytes, cache_salt: str = ""

@@ -214,6 +214,29 @@ class KVManagerService(pb_grpc.KVManagerServicer):
     ) -> pb.StepResponse:
         return await self._unary(self._step, request, pb.StepResponse(), context)
 
+    async def Reconcile(
+        self, request: pb.ReconcileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReconcileResponse:
+        tables = {t.seq_id: list(t.block_ids) for t in request.seqs}
+        if len(tables) != len(request.seqs):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "reconcile: a sequence id appears twice"
+            )
+        try:
+            released, lost = self.m.reconcile(request.executor_id, request.epoch, tables)
+        except AllocatorError as e:
+            await self._fail(context, e)
+        finally:
+            self._touch()
+        if released or lost:
+            log.warning(
+                "executor %s reconciled: %d sequences released, %d lost (recomputed)",
+                request.executor_id,
+                released,
+                len(lost),
+            )
+        return pb.ReconcileResponse(num_released=released, lost_seq_ids=lost)
+
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
     ) -> None:

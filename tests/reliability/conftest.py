@@ -23,6 +23,9 @@ from tests.support.mesh import Mesh, MeshConfig
 
 API_KEY = "sk-reliability-test-key"
 NUM_BLOCKS = int(os.environ.get("PAGEMESH_RELIABILITY_NUM_BLOCKS", "768"))
+# The executor's kvmanager outage bound (--kvmanager-outage-timeout, 30 s by default): short
+# enough for a test to outlast it, long enough for every kvmanager restart the suite makes.
+OUTAGE_BOUND_S = 15.0
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +36,12 @@ def mesh_model(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def shared_mesh(tmp_path_factory: pytest.TempPathFactory, mesh_model: str) -> Iterator[Mesh]:
-    config = MeshConfig(model=mesh_model, api_key=API_KEY, num_blocks=NUM_BLOCKS)
+    config = MeshConfig(
+        model=mesh_model,
+        api_key=API_KEY,
+        num_blocks=NUM_BLOCKS,
+        executor_args=("--kvmanager-outage-timeout", str(OUTAGE_BOUND_S)),
+    )
     mesh = Mesh(tmp_path_factory.mktemp("mesh"), config)
     mesh.start()
     try:
