@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Container health probes, one per kind of service (exit 0 when healthy, 1 otherwise):
 
-    pagemesh-healthcheck grpc HOST:PORT    gRPC health protocol: SERVING (kvmanager, executor)
-    pagemesh-healthcheck http URL          HTTP 200 (the gateway's /health)
-    pagemesh-healthcheck redis URL         a PING answered (Redis)
+pagemesh-healthcheck grpc HOST:PORT    gRPC health protocol: SERVING (kvmanager, executor)
+pagemesh-healthcheck http URL          HTTP 200 (the gateway's /health)
+pagemesh-healthcheck redis URL         a PING answered (Redis)
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Steps, each timed (one JSON line at the end):
  2. the API key (from a file) is required; a streamed chat through the openai client says "Paris";
     the same request again has cached_tokens > 0; `pagemesh kv stats` through `docker compose
     exec` shows the hit; kvmanager's /metrics answers on the published loopback port;
- 3. `docker kill` of kvmanager, then of the executor: the restart policy brings each back and the
+ 3. kvmanager, then the executor, killed (SIGKILL to the container's process: see
+    kill_and_wait_restart for why not `docker kill`): the restart policy brings each back and the
     next chat succeeds;
  4. `docker compose down` (volumes kept) then up: kvmanager restores the index from the Redis
     volume, the executor neither downloads nor converts the model again (the model-cache volume),
@@ -174,10 +175,18 @@ class Checks:
 
 
 def kill_and_wait_restart(compose: Compose, checks: Checks, service: str) -> None:
+    """SIGKILL to the service's process, then its restart policy must bring it back.
+
+    Not through `docker kill`: Docker records that as a manual stop, after which no restart
+    policy restarts the container (measured here with `always` and `unless-stopped` alike; moby
+    sets HasBeenManuallyStopped for every `docker kill`). The same SIGKILL sent to the container's
+    main process from the host is what a crash or the kernel's OOM killer does, and Docker
+    restarts it."""
     cid = compose.container(service)
     before = int(inspect(cid, "{{.RestartCount}}") or 0)
-    log(f"docker kill {service} ({cid[:12]}), restart count {before}")
-    subprocess.run(["docker", "kill", cid], check=True, capture_output=True, timeout=60)
+    pid = inspect(cid, "{{.State.Pid}}")
+    log(f"SIGKILL to {service}'s process (container {cid[:12]}, host pid {pid})")
+    subprocess.run(["kill", "-KILL", pid], check=True, timeout=30)
     wait_for(
         f"{service} restarted by its restart policy",
         lambda: int(inspect(cid, "{{.RestartCount}}") or 0) > before,
