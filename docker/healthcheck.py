@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-"""Container health probes: `pagemesh-healthcheck grpc HOST:PORT` (gRPC health protocol) or
-`pagemesh-healthcheck http URL` (200 expected). Exit 0 when healthy, 1 otherwise."""
+"""Container health probes, one per kind of service (exit 0 when healthy, 1 otherwise):
+
+pagemesh-healthcheck grpc HOST:PORT    gRPC health protocol: SERVING (kvmanager, executor)
+pagemesh-healthcheck http URL          HTTP 200 (the gateway's /health)
+pagemesh-healthcheck redis URL         a PING answered (Redis)
+"""
 
 from __future__ import annotations
 
@@ -24,12 +28,25 @@ def http_ok(url: str) -> bool:
         return resp.status == 200
 
 
+def redis_ok(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=3.0)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+PROBES = {"grpc": grpc_ok, "http": http_ok, "redis": redis_ok}
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in ("grpc", "http"):
+    if len(argv) != 3 or argv[1] not in PROBES:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        ok = grpc_ok(argv[2]) if argv[1] == "grpc" else http_ok(argv[2])
+        ok = PROBES[argv[1]](argv[2])
     except Exception as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
