@@ -5,7 +5,12 @@ unknown, 503 not servable now) → validate → tokenize → check the context �
 executor of that model) → submit on that executor's Serve stream → wait for the first step (a
 refusal still becomes a 400) → answer (SSE or one JSON body). Whatever ends the handler early
 (client disconnect cancels it, a write fails, an error) aborts the request at the executor that
-holds it in `finally`, which frees its blocks within one scheduler step.
+holds it in `finally`, which frees its blocks within one scheduler step. An executor that fails
+under a request does not end it: Generation migrates it (migration.py).
+
+Every response carries an `x-request-id` (the client's own when it sent a usable one); server
+errors name it in their message and the logs name it next to what really failed, so a report
+can be matched to the log without showing the client the mesh's insides.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,12 +28,20 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pagemesh.services.gateway.chat import PromptError
-from pagemesh.services.gateway.errors import RETRY_AFTER_S, APIError, invalid
+from pagemesh.services.gateway.errors import (
+    EXECUTOR_UNAVAILABLE,
+    GENERATION_FAILED,
+    INTERNAL_ERROR,
+    RETRY_AFTER_S,
+    APIError,
+    invalid,
+)
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
 from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import GatewayMetrics
+from pagemesh.services.gateway.migration import MigrationPolicy, Migrator
 from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
 from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
@@ -52,9 +67,11 @@ ParsedT = TypeVar("ParsedT", ChatRequest, CompletionRequest)
 
 DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors nor kvmanager
 
-# What a client reads when an executor's stream fails under its request: never the executor's
-# address or gRPC's own words (the log has them).
-EXECUTOR_UNAVAILABLE = "The executor serving this request is unavailable; retry shortly."
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)
+# A client's own request id is echoed (as vLLM does) when it is a plain token of sane length;
+# anything else is replaced, so that a header never carries what the logs can't hold.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 @dataclass(slots=True)
@@ -72,6 +89,9 @@ class GatewayConfig:
     max_concurrent: int = 1024
     limits: Limits = field(default_factory=Limits)
     trace_requests: str = ""  # a JSON line per request there (trace.py)
+    # Request migration (migration.py): how often a request may move, how long it waits for an
+    # executor to take it.
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
 
     @property
     def fleet_mode(self) -> bool:
@@ -148,25 +168,45 @@ def _openai_error_for_http(exc: web.HTTPException) -> APIError:
     return APIError(messages.get(exc.status, exc.reason), status=exc.status, type=kind)
 
 
+def request_id_of(request: web.Request) -> str:
+    return request.get(REQUEST_ID, "")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gives the request its id (the client's X-Request-Id when usable, else a new one); every
+    response, a stream's included, carries it back (on_response_prepare)."""
+    sent = request.headers.get(REQUEST_ID_HEADER, "")
+    request[REQUEST_ID] = sent if _CLIENT_REQUEST_ID.fullmatch(sent) else f"req-{uuid.uuid4().hex}"
+    return await handler(request)
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request_id_of(request)
+    if rid:
+        response.headers[REQUEST_ID_HEADER] = rid
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id_of(request)
     try:
         return await handler(request)
     except APIError as exc:
-        return exc.response()
+        return exc.with_request_id(rid).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _openai_error_for_http(exc).response()
+        return _openai_error_for_http(exc).with_request_id(rid).response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return APIError(
-            "The server had an error while processing your request.",
-            status=500,
-            type="server_error",
-        ).response()
+        log.exception("request %s: unhandled error on %s %s", rid, request.method, request.path)
+        return (
+            APIError(INTERNAL_ERROR, status=500, type="server_error")
+            .with_request_id(rid)
+            .response()
+        )
 
 
 def auth_middleware(keys: list[str]) -> Middleware:
@@ -304,10 +344,22 @@ async def _generate(
     started = time.monotonic()
     tokenizer = model.tokenizer
     assert tokenizer is not None
+    http_id = request_id_of(request)
+    log.debug("request %s is %s on executor %s", http_id, request_id, member.executor_id)
+    migrator = Migrator(
+        gw.config.migration,
+        gw.router,
+        gw.registry,
+        gw.metrics,
+        model.name,
+        req.options.cache_salt,
+        member,
+        label=http_id,
+    )
     try:
-        gen = Generation(member.client, grpc_req, prompt_ids, tokenizer, req.options.stop)
+        gen = Generation(member.client, grpc_req, prompt_ids, tokenizer, req.options.stop, migrator)
     except ExecutorUnavailable as exc:
-        raise _unavailable(exc) from None
+        raise _unavailable(exc, http_id) from None
     times.submitted = RequestTimes.now()
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
@@ -317,7 +369,7 @@ async def _generate(
         times.first_step = RequestTimes.now()
         gw.metrics.ttft.observe(time.monotonic() - started)
         if req.stream:
-            response = await _stream(request, gen, first, fmt, times)
+            response = await _stream(request, gen, first, fmt, times, http_id)
         else:
             response = await _collect(gen, first, fmt)
         status = "ok"
@@ -327,7 +379,7 @@ async def _generate(
         raise
     except ExecutorUnavailable as exc:
         status = "503"
-        raise _unavailable(exc) from None
+        raise _unavailable(exc, http_id) from None
     except (asyncio.CancelledError, ConnectionResetError):
         status = "disconnected"
         gw.metrics.aborts.labels("client_disconnect").inc()
@@ -346,8 +398,8 @@ async def _generate(
             gw.metrics.completion_tokens.inc(gen.completion_tokens)
 
 
-def _unavailable(exc: ExecutorUnavailable) -> APIError:
-    log.debug("request failed: %s", exc)
+def _unavailable(exc: ExecutorUnavailable, request_id: str) -> APIError:
+    log.warning("request %s failed: %s", request_id, exc)
     return APIError(EXECUTOR_UNAVAILABLE, status=503, type="server_error")
 
 
@@ -369,6 +421,7 @@ async def _stream(
     first: list[ChoiceDelta],
     fmt: ChatFormatter | CompletionFormatter,
     times: RequestTimes,
+    request_id: str = "",
 ) -> web.StreamResponse:
     sse = SSEWriter(request)
     chunks = fmt.role_chunks(gen.n)
@@ -379,11 +432,20 @@ async def _stream(
     try:
         async for deltas in gen.steps():
             await sse.send_many([c for d in deltas for c in fmt.delta_chunks(d)])
-    except (APIError, ExecutorUnavailable) as exc:
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise  # the client is gone: nothing to end
+    except Exception as exc:
         # Headers are gone already: report in-band the way OpenAI does, then end the stream.
-        err = exc if isinstance(exc, APIError) else _unavailable(exc)
-        await sse.response.write(encode_event(err.body()))
-        # The terminator still follows: clients stop reading at [DONE], not at the error.
+        if isinstance(exc, APIError):
+            err = exc
+        elif isinstance(exc, ExecutorUnavailable):
+            err = _unavailable(exc, request_id)
+        else:  # a bug: its traceback for the log, a plain error event for the client
+            log.exception("request %s: the stream failed", request_id)
+            err = APIError(GENERATION_FAILED, status=500, type="server_error")
+        await sse.response.write(encode_event(err.with_request_id(request_id).body()))
+        # The terminator still follows, and the body's end: clients stop reading at [DONE],
+        # and an HTTP client reads a complete (chunked) body, not a connection cut short.
         await sse.done()
         return sse.response
     if fmt.include_usage:
@@ -469,8 +531,9 @@ def create_app(config: GatewayConfig) -> web.Application:
     # client_max_size is aiohttp's own hard bound on a body; the handler checks it first.
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(config.api_keys)],
+        middlewares=[request_id_middleware, error_middleware, auth_middleware(config.api_keys)],
     )
+    app.on_response_prepare.append(_send_request_id)
     gateway = Gateway(config)
     app[GATEWAY] = gateway
 
