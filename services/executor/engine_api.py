@@ -80,6 +80,9 @@ class SequenceOutput:
     num_cached_tokens: int = 0
     error: str = ""
     cumulative_logprob: float = 0.0
+    # ERROR that another executor (or this one, later) could serve: the gateway migrates it
+    # (proto/executor.proto SequenceOutput.retryable).
+    retryable: bool = False
 
     @property
     def finished(self) -> bool:

@@ -111,6 +111,7 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
         num_cached_tokens=o.num_cached_tokens,
         error=o.error,
         cumulative_logprob=o.cumulative_logprob,
+        retryable=o.retryable,
     )
 
 
