@@ -67,6 +67,7 @@ ParsedT = TypeVar("ParsedT", ChatRequest, CompletionRequest)
 
 DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors nor kvmanager
 
+RECONNECT_POLL_S = 0.1  # how often a request waiting for a restarting executor looks again
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
 # A client's own request id is echoed (as vLLM does) when it is a plain token of sane length;
@@ -148,11 +149,19 @@ class Gateway:
         if self.kvmanager is not None:
             await self.kvmanager.close()
 
-    def model_for(self, body: dict[str, Any]) -> ServedModel | None:
+    async def model_for(self, body: dict[str, Any]) -> ServedModel | None:
         """The model a request body names (404/503 when it can't be served), or None when it
-        names none: the body's validation then says what is wrong."""
+        names none: the body's validation then says what is wrong. While the model's executors
+        are only reconnecting (one restarting), the request waits for one, as long as a
+        migrating request would (--migration-wait), instead of failing at once."""
         name = body.get("model")
-        return self.registry.resolve(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            return None
+        wait_s = self.config.migration.wait_s
+        deadline = time.monotonic() + wait_s
+        while self.registry.reconnecting(name) and time.monotonic() < deadline:
+            await asyncio.sleep(RECONNECT_POLL_S)
+        return self.registry.resolve(name)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -261,7 +270,7 @@ async def _ingest(
     _check_content_type(request)
     await gw.turnstile.turn()
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
-    model = gw.model_for(body)
+    model = await gw.model_for(body)
     req = parse(body, model.limits if model is not None else gw.config.limits)
     if model is None:  # not reached: a body without a model string fails validation
         model = gw.registry.resolve(req.model)

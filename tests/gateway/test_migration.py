@@ -447,3 +447,26 @@ async def test_n_migrates_only_before_its_first_token(world: World) -> None:
     assert read.done and read.error is not None and read.error["type"] == "server_error"
     text = await metrics(world)
     assert metric(text, 'pagemesh_gateway_migrations_failed_total{reason="choices_started"}') == 1
+
+
+async def test_a_continuation_refused_by_a_smaller_executor_goes_to_another(
+    tokenizer: Tokenizer, smollm2_path: Path
+) -> None:
+    """The request fitted every executor when it came; the one it is moved to has since become
+    smaller (its pool): that refusal is not the client's 400, the continuation goes on."""
+    async with make_world(tokenizer, smollm2_path, MigrationPolicy(3, 20), executors=3) as world:
+        world.nodes["ex-b"].engine.capacity = 64  # refuses anything this long
+        world.fleet.route_to = "ex-a"
+
+        async def kill_after_a_few(chunks: int) -> None:
+            if chunks == 5:
+                world.fleet.route_to = None  # the double then answers ex-b first
+                kills.append(asyncio.create_task(world.kill("ex-a")))
+
+        kills: list[asyncio.Task[None]] = []
+        read = await stream(world, body(max_tokens=200), kill_after_a_few)
+        assert read.error is None and read.done and read.text == ANSWER, read.raw[-300:]
+        assert not any(r.endswith(".m1") for r in world.nodes["ex-b"].engine.prompts)
+        assert any(r.endswith(".m2") for r in world.nodes["ex-c"].engine.prompts)
+        text = await metrics(world)
+        assert metric(text, 'pagemesh_gateway_migrations_total{reason="continuation_refused"}') == 1
