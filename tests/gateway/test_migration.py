@@ -368,15 +368,19 @@ async def test_past_the_migration_limit_the_stream_ends_cleanly(
     tokenizer: Tokenizer, smollm2_path: Path
 ) -> None:
     async with make_world(tokenizer, smollm2_path, MigrationPolicy(1, 10)) as world:
-        engines = [n.engine for n in world.nodes.values()]
+        world.fleet.route_to = "ex-a"
+        kills: list[asyncio.Task[None]] = []
 
-        async def fail_twice(chunks: int) -> None:
-            if chunks in (3, 6):  # the second time on the executor it moved to
-                for e in engines:
-                    e.fail_next, e.fail_retryable = INTERNAL, True
+        async def break_twice(chunks: int) -> None:
+            # Both executors die under it in turn: its stream breaks past the limit of 1.
+            if chunks == 3:
+                world.fleet.route_to = None
+                kills.append(asyncio.create_task(world.kill("ex-a")))
+            elif chunks == 3 + 5 and len(kills) == 1:
+                kills.append(asyncio.create_task(world.kill("ex-b")))
 
-        read = await stream(world, body(), fail_twice)
-        assert read.done and read.error is not None, read.raw[-300:]
+        read = await stream(world, body(), break_twice)
+        assert len(kills) == 2 and read.done and read.error is not None, read.raw[-300:]
         assert "moved to another executor 1 times" in read.error["message"]
         assert_clean(read.raw.decode())
         text = await metrics(world)
