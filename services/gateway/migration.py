@@ -125,7 +125,6 @@ class Migrator:
         Raises MigrationFailed when none takes it within the policy's wait."""
         failed = self.member
         self.failed[failed.executor_id] = self.failed.get(failed.executor_id, 0) + 1
-        self._metrics.migrations.labels(reason).inc()
         log.warning(
             "request %s: %s on executor %s (%s); migrating it as %s",
             self.label,
@@ -148,6 +147,7 @@ class Migrator:
             except ExecutorUnavailable:
                 continue  # its stream dropped meanwhile: the wait goes on
             self.member = member
+            self._metrics.migrations.labels(reason).inc()  # counted once it is on its way
             log.info(
                 "request %s continues on executor %s (%d prompt tokens, max_tokens %d)",
                 self.label,
