@@ -20,13 +20,14 @@ Modules, one job each:
   turnstile.py       one request's ingest per event-loop iteration, so a burst's first
                      requests go up the Serve stream while the rest are tokenized
   executor_client.py the Serve stream to one executor: submit, abort, reconnect, batching
+  migration.py       a request whose executor fails under it sent on as its continuation
   request_stream.py  one request's outputs (RequestStream) and a step message's fan-out to them
   outputs.py         what a consumer reads per output: SequenceOutput or ColumnToken
   generation.py      one request's outputs to per-choice text deltas, stops, finish and usage
   detokenizer.py     token ids to text incrementally: whole UTF-8 characters, stop strings
   responses.py       OpenAI response objects (chat.completion(.chunk), text_completion)
   sse.py             server-sent events as OpenAI writes them
-  errors.py          OpenAI-style error bodies (APIError)
+  errors.py          OpenAI-style error bodies (APIError) and what a client may read
   kvmanager_link.py  kvmanager's stats and health, read for /metrics and /health
   metrics.py         /metrics (Prometheus): requests routed per executor and reason, and
                      kvmanager's pool and hit-rate figures

@@ -5,7 +5,12 @@ unknown, 503 not servable now) → validate → tokenize → check the context �
 executor of that model) → submit on that executor's Serve stream → wait for the first step (a
 refusal still becomes a 400) → answer (SSE or one JSON body). Whatever ends the handler early
 (client disconnect cancels it, a write fails, an error) aborts the request at the executor that
-holds it in `finally`, which frees its blocks within one scheduler step.
+holds it in `finally`, which frees its blocks within one scheduler step. An executor that fails
+under a request does not end it: Generation migrates it (migration.py).
+
+Every response carries an `x-request-id` (the client's own when it sent a usable one); server
+errors name it in their message and the logs name it next to what really failed, so a report
+can be matched to the log without showing the client the mesh's insides.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,12 +28,20 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pagemesh.services.gateway.chat import PromptError, Tokenizer
-from pagemesh.services.gateway.errors import RETRY_AFTER_S, APIError, invalid
+from pagemesh.services.gateway.errors import (
+    EXECUTOR_UNAVAILABLE,
+    GENERATION_FAILED,
+    INTERNAL_ERROR,
+    RETRY_AFTER_S,
+    APIError,
+    invalid,
+)
 from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
 from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
+from pagemesh.services.gateway.migration import MigrationPolicy, Migrator
 from pagemesh.services.gateway.prompt_logprobs import PromptView
 from pagemesh.services.gateway.responses import (
     ChatFormatter,
@@ -58,9 +73,12 @@ ParsedT = TypeVar("ParsedT", ChatRequest, CompletionRequest)
 
 DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors nor kvmanager
 
-# What a client reads when an executor's stream fails under its request: never the executor's
-# address or gRPC's own words (the log has them).
-EXECUTOR_UNAVAILABLE = "The executor serving this request is unavailable; retry shortly."
+RECONNECT_POLL_S = 0.1  # how often a request waiting for a restarting executor looks again
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)
+# A client's own request id is echoed (as vLLM does) when it is a plain token of sane length;
+# anything else is replaced, so that a header never carries what the logs can't hold.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 @dataclass(slots=True)
@@ -78,6 +96,9 @@ class GatewayConfig:
     max_concurrent: int = 1024
     limits: Limits = field(default_factory=Limits)
     trace_requests: str = ""  # a JSON line per request there (trace.py)
+    # Request migration (migration.py): how often a request may move, how long it waits for an
+    # executor to take it.
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
 
     @property
     def fleet_mode(self) -> bool:
@@ -134,11 +155,19 @@ class Gateway:
         if self.kvmanager is not None:
             await self.kvmanager.close()
 
-    def model_for(self, body: dict[str, Any]) -> ServedModel | None:
+    async def model_for(self, body: dict[str, Any]) -> ServedModel | None:
         """The model a request body names (404/503 when it can't be served), or None when it
-        names none: the body's validation then says what is wrong."""
+        names none: the body's validation then says what is wrong. While the model's executors
+        are only reconnecting (one restarting), the request waits for one, as long as a
+        migrating request would (--migration-wait), instead of failing at once."""
         name = body.get("model")
-        return self.registry.resolve(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            return None
+        wait_s = self.config.migration.wait_s
+        deadline = time.monotonic() + wait_s
+        while self.registry.reconnecting(name) and time.monotonic() < deadline:
+            await asyncio.sleep(RECONNECT_POLL_S)
+        return self.registry.resolve(name)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -181,25 +210,45 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         counter.labels(_route_label(request), code).inc()
 
 
+def request_id_of(request: web.Request) -> str:
+    return request.get(REQUEST_ID, "")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gives the request its id (the client's X-Request-Id when usable, else a new one); every
+    response, a stream's included, carries it back (on_response_prepare)."""
+    sent = request.headers.get(REQUEST_ID_HEADER, "")
+    request[REQUEST_ID] = sent if _CLIENT_REQUEST_ID.fullmatch(sent) else f"req-{uuid.uuid4().hex}"
+    return await handler(request)
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request_id_of(request)
+    if rid:
+        response.headers[REQUEST_ID_HEADER] = rid
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id_of(request)
     try:
         return await handler(request)
     except APIError as exc:
-        return exc.response()
+        return exc.with_request_id(rid).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _openai_error_for_http(exc).response()
+        return _openai_error_for_http(exc).with_request_id(rid).response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return APIError(
-            "The server had an error while processing your request.",
-            status=500,
-            type="server_error",
-        ).response()
+        log.exception("request %s: unhandled error on %s %s", rid, request.method, request.path)
+        return (
+            APIError(INTERNAL_ERROR, status=500, type="server_error")
+            .with_request_id(rid)
+            .response()
+        )
 
 
 def auth_middleware(keys: list[str]) -> Middleware:
@@ -254,7 +303,7 @@ async def _ingest(
     _check_content_type(request)
     await gw.turnstile.turn()
     body = parse_json(await _read_body(request, gw.config.max_body_bytes))
-    model = gw.model_for(body)
+    model = await gw.model_for(body)
     req = parse(body, model.limits if model is not None else gw.config.limits)
     if model is None:  # not reached: a body without a model string fails validation
         model = gw.registry.resolve(req.model)
@@ -337,10 +386,22 @@ async def _generate(
     started = time.monotonic()
     tokenizer = model.tokenizer
     assert tokenizer is not None
+    http_id = request_id_of(request)
+    log.debug("request %s is %s on executor %s", http_id, request_id, member.executor_id)
+    migrator = Migrator(
+        gw.config.migration,
+        gw.router,
+        gw.registry,
+        gw.metrics,
+        model.name,
+        req.options.cache_salt,
+        member,
+        label=http_id,
+    )
     try:
-        gen = Generation(member.client, grpc_req, prompt_ids, tokenizer, req.options.stop)
+        gen = Generation(member.client, grpc_req, prompt_ids, tokenizer, req.options.stop, migrator)
     except ExecutorUnavailable as exc:
-        raise _unavailable(exc) from None
+        raise _unavailable(exc, http_id) from None
     times.submitted = RequestTimes.now()
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
@@ -351,7 +412,7 @@ async def _generate(
         _extensions(fmt, req, gen, prompt_ids, tokenizer)
         gw.metrics.ttft.observe(time.monotonic() - started)
         if req.stream:
-            response = await _stream(request, gen, first, fmt, times)
+            response = await _stream(request, gen, first, fmt, times, http_id)
         else:
             response = await _collect(gen, first, fmt)
         ok = True
@@ -363,7 +424,7 @@ async def _generate(
         raise
     except ExecutorUnavailable as exc:
         member.note_result(failed=True)
-        raise _unavailable(exc) from None
+        raise _unavailable(exc, http_id) from None
     except (asyncio.CancelledError, ConnectionResetError):
         gw.metrics.aborts.labels("client_disconnect").inc()
         raise
@@ -404,8 +465,8 @@ def _extensions(
         fmt.live_usage = lambda: usage(gen)
 
 
-def _unavailable(exc: ExecutorUnavailable) -> APIError:
-    log.debug("request failed: %s", exc)
+def _unavailable(exc: ExecutorUnavailable, request_id: str) -> APIError:
+    log.warning("request %s failed: %s", request_id, exc)
     return APIError(EXECUTOR_UNAVAILABLE, status=503, type="server_error")
 
 
@@ -427,6 +488,7 @@ async def _stream(
     first: list[ChoiceDelta],
     fmt: ChatFormatter | CompletionFormatter,
     times: RequestTimes,
+    request_id: str = "",
 ) -> web.StreamResponse:
     sse = SSEWriter(request)
     chunks = fmt.role_chunks(gen.n)
@@ -437,11 +499,20 @@ async def _stream(
     try:
         async for deltas in gen.steps():
             await sse.send_many([c for d in deltas for c in fmt.delta_chunks(d)])
-    except (APIError, ExecutorUnavailable) as exc:
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise  # the client is gone: nothing to end
+    except Exception as exc:
         # Headers are gone already: report in-band the way OpenAI does, then end the stream.
-        err = exc if isinstance(exc, APIError) else _unavailable(exc)
-        await sse.response.write(encode_event(err.body()))
-        # The terminator still follows: clients stop reading at [DONE], not at the error.
+        if isinstance(exc, APIError):
+            err = exc
+        elif isinstance(exc, ExecutorUnavailable):
+            err = _unavailable(exc, request_id)
+        else:  # a bug: its traceback for the log, a plain error event for the client
+            log.exception("request %s: the stream failed", request_id)
+            err = APIError(GENERATION_FAILED, status=500, type="server_error")
+        await sse.response.write(encode_event(err.with_request_id(request_id).body()))
+        # The terminator still follows, and the body's end: clients stop reading at [DONE],
+        # and an HTTP client reads a complete (chunked) body, not a connection cut short.
         await sse.done()
         return sse.response
     if fmt.include_usage:
@@ -530,8 +601,14 @@ def create_app(config: GatewayConfig) -> web.Application:
     # client_max_size is aiohttp's own hard bound on a body; the handler checks it first.
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, auth_middleware(config.api_keys)],
+        middlewares=[
+            request_id_middleware,
+            metrics_middleware,
+            error_middleware,
+            auth_middleware(config.api_keys),
+        ],
     )
+    app.on_response_prepare.append(_send_request_id)
     gateway = Gateway(config)
     app[GATEWAY] = gateway
 

@@ -69,6 +69,21 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add_option(p, "--max-n", 8, "largest accepted n (parallel samples)", int)
     add_option(p, "--max-stop", 4, "most stop strings per request", int)
     add_option(p, "--max-tokens-limit", 1 << 20, "largest accepted max_tokens", int)
+    add_option(
+        p,
+        "--migration-limit",
+        3,
+        "times a request whose executor fails under it is sent on to another executor (or the "
+        "same one, back), its stream unbroken; 0: never (the request fails)",
+        int,
+    )
+    add_option(
+        p,
+        "--migration-wait",
+        60.0,
+        "seconds a migrating request waits for an executor of its model to take it",
+        float,
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     add_option(p, "--trace-requests", "", "append a JSON line per request's timings here")
     add_option(
@@ -186,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         return run_workers(args)
     from aiohttp import web
     from pagemesh.services.gateway.app import GatewayConfig, create_app
+    from pagemesh.services.gateway.migration import MigrationPolicy
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -203,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
         trace_requests=args.trace_requests,
+        migration=MigrationPolicy(limit=args.migration_limit, wait_s=args.migration_wait),
     )
     serving = (
         f"kvmanager {args.kvmanager}'s fleet, routing policy {args.routing_policy}"

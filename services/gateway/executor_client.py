@@ -7,7 +7,8 @@ message per step. A step's plain one-token outputs come as packed columns
 (proto/executor.proto), which reach a RequestStream as ColumnTokens (outputs.py).
 
 If the stream breaks (executor restart), every request in flight fails with
-`ExecutorUnavailable` and the stream is reopened in the background.
+`ExecutorUnavailable` (each one's Generation migrates it: migration.py) and the stream is
+reopened in the background.
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ def pack_generates(queued: list[pb.ServeRequest | None]) -> list[pb.ServeRequest
 
 
 class ExecutorUnavailable(Exception):
-    """The executor cannot be reached or its stream broke while the request was in flight."""
+    """The executor cannot be reached or its stream broke while the request was in flight.
+    `migratable`: another executor may take the request on (not when this gateway is shutting
+    down and closed the stream itself)."""
+
+    def __init__(self, message: str, migratable: bool = True) -> None:
+        super().__init__(message)
+        self.migratable = migratable
 
 
 class ExecutorClient:
@@ -133,7 +140,7 @@ class ExecutorClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._fail_all(ExecutorUnavailable("gateway shutting down"))
+        self._fail_all(ExecutorUnavailable("gateway shutting down", migratable=False))
         if self._channel is not None:
             await self._channel.close()
 

@@ -9,6 +9,7 @@ and the token counts that go into `usage`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -17,11 +18,31 @@ from pagemesh.proto import packed_ids
 from pagemesh.services.gateway.beam import apply_beam
 from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.detokenizer import Detokenizer
-from pagemesh.services.gateway.errors import APIError
-from pagemesh.services.gateway.executor_client import ExecutorClient
+from pagemesh.services.gateway.errors import (
+    EXECUTOR_UNAVAILABLE,
+    GENERATION_FAILED,
+    MIGRATIONS_EXHAUSTED,
+    APIError,
+    client_safe,
+)
+from pagemesh.services.gateway.executor_client import ExecutorClient, ExecutorUnavailable
+from pagemesh.services.gateway.migration import (
+    NOT_MIGRATED_LIMIT,
+    NOT_MIGRATED_NO_EXECUTOR,
+    NOT_MIGRATED_OFF,
+    NOT_MIGRATED_STARTED,
+    REASON_EXECUTOR_LOST,
+    REASON_REFUSED,
+    REASON_RETRYABLE,
+    MigrationFailed,
+    Migrator,
+    continuation,
+)
 from pagemesh.services.gateway.outputs import ColumnToken, Output
 from pagemesh.services.gateway.request_stream import RequestStream
 from pagemesh.services.gateway.validation import GenerationOptions
+
+log = logging.getLogger("pagemesh.gateway.generation")
 
 FINISH_REASONS = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_ABORT: "abort"}
 
@@ -89,9 +110,24 @@ def build_request(
     )
 
 
+class _Retry(Exception):
+    """An output said the request should go on elsewhere (read by `_steps`, never raised out)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 class Generation:
     """Drives one submitted request. Iterate `steps()`; call `close()` in a finally block: a
-    request that did not finish (client gone, error) is aborted at the executor."""
+    request that did not finish (client gone, error) is aborted at the executor.
+
+    With a `migrator`, a request whose executor fails under it (its stream breaks, or a
+    FINISH_ERROR marked retryable) is sent on as its continuation (migration.py) and read from
+    there: the detokenizers, stop-string state and counts carry across, so the caller sees one
+    unbroken run. Every failure that ends the request comes out as an APIError whose message is
+    written for the client (the details go to the log)."""
 
     def __init__(
         self,
@@ -100,19 +136,28 @@ class Generation:
         prompt: list[int],
         tokenizer: Tokenizer,
         stop: list[str],
+        migrator: Migrator | None = None,
     ) -> None:
         self._client = client
+        self._original = request
+        self._prompt = prompt
+        self._migrator = migrator
+        self.migrations = 0
         self.request_id = request.request_id
         self.n = max(1, request.params.n)
+        self._whole_only = self.n > 1 or request.params.use_beam_search
         self._want_logprobs = request.params.return_logprobs
         self._tokenizer = tokenizer
         self._detok = [Detokenizer(tokenizer, stop, prompt) for _ in range(self.n)]
         self.finish_reasons: list[str | None] = [None] * self.n
         self.prompt_tokens = len(prompt)
         self.cached_tokens = 0
+        self._counted = False  # the prompt's usage counts were read (from the first placement)
         self.completion_tokens = 0
         # SamplingParams.prompt_logprobs: prompt tokens 1.., from the request's first output.
         self.prompt_logprobs: list[TokenInfo] | None = None
+        # Tokens received per choice: what a continuation appends to the prompt.
+        self._generated: list[list[int]] = [[] for _ in range(self.n)]
         self._executor_done = False
         # Choices of an n > 1 request cut by a stop string while others go on, to be ended at
         # the executor after this step (beam search's beams are no choices until it ends).
@@ -144,41 +189,117 @@ class Generation:
             yield deltas
 
     async def _steps(self) -> AsyncGenerator[list[ChoiceDelta], None]:
-        async for outputs in self._stream:
-            deltas = [d for out in outputs if (d := self._apply(out)) is not None]
-            if self.finished and not self._stream.done:
-                # Every choice met a stop string: stop spending blocks and compute on it.
-                self._client.abort(self.request_id)
+        while True:
+            retry: _Retry | None = None
+            try:
+                async for outputs in self._stream:
+                    deltas: list[ChoiceDelta] = []
+                    for out in outputs:
+                        try:
+                            d = self._apply(out)
+                        except _Retry as exc:
+                            retry = exc  # the outputs before it still count and are sent
+                            break
+                        if d is not None:
+                            deltas.append(d)
+                    if self.finished and not self._stream.done:
+                        # Every choice met a stop string: stop spending blocks and compute on it.
+                        self._client.abort(self.request_id)
+                        self._executor_done = True
+                    elif self._cut and retry is None:
+                        self._client.abort_choices(self.request_id, self._cut)
+                        self._cut = []
+                    yield deltas
+                    if self.finished or retry is not None:
+                        break
+            except ExecutorUnavailable as exc:
+                if not exc.migratable:
+                    raise self._unavailable() from None
+                retry = _Retry(REASON_EXECUTOR_LOST, str(exc))
+            if retry is None or self.finished:
                 self._executor_done = True
-            elif self._cut:
-                self._client.abort_choices(self.request_id, self._cut)
-                self._cut = []
-            yield deltas
-            if self.finished:
-                break
-        self._executor_done = True
+                return
+            if not self._whole_only and len(self._generated[0]) >= self._original.params.max_tokens:
+                # Every token it may make came back already; only its finish was lost.
+                self._executor_done = True
+                self.finish_reasons[0] = "length"
+                yield [ChoiceDelta(0, self._detok[0].finish(), "length")]
+                return
+            await self._migrate(retry)
+
+    async def _migrate(self, retry: _Retry) -> None:
+        """Sends the request on as its continuation, or raises the APIError that ends it."""
+        migrator = self._migrator
+        self._client.abort(self.request_id)  # a retryable error's executor holds nothing more
+        self._cut = []
+        if migrator is None or migrator.limit <= 0:
+            if migrator is not None:
+                migrator.give_up(NOT_MIGRATED_OFF, retry.detail)
+            raise self._unavailable()
+        if self.migrations >= migrator.limit:
+            migrator.give_up(NOT_MIGRATED_LIMIT, retry.detail)
+            raise APIError(
+                MIGRATIONS_EXHAUSTED.format(n=self.migrations), status=503, type="server_error"
+            )
+        generated = self._generated[0]
+        if self._whole_only and any(self._generated):
+            migrator.give_up(NOT_MIGRATED_STARTED, retry.detail)
+            raise self._unavailable()
+        self.migrations += 1
+        request = continuation(
+            self._original,
+            self._prompt,
+            [] if self._whole_only else generated,
+            f"{self._original.request_id}.m{self.migrations}",
+        )
+        try:
+            self._client, self._stream = await migrator.resubmit(
+                request, retry.reason, retry.detail
+            )
+        except MigrationFailed as exc:
+            migrator.give_up(NOT_MIGRATED_NO_EXECUTOR, str(exc))
+            raise self._unavailable() from None
+        self.request_id = request.request_id
+        self._executor_done = False
+
+    @staticmethod
+    def _unavailable() -> APIError:
+        return APIError(EXECUTOR_UNAVAILABLE, status=503, type="server_error")
 
     def _apply(self, out: Output) -> ChoiceDelta | None:
         if isinstance(out, ColumnToken):
             return self._apply_token(out.index, out.token)
         if out.rejected:
             self._executor_done = True
-            raise APIError(out.error or "The executor rejected the request.")
+            if self.migrations:
+                # The original was accepted: its continuation does not fit the executor it was
+                # moved to (a shorter context, a smaller pool). Another one may take it.
+                raise _Retry(REASON_REFUSED, out.error)
+            raise APIError(client_safe(out.error, "The executor rejected the request."))
         if out.finish_reason == pb.FINISH_ERROR:
             self._executor_done = True
-            raise APIError(
-                f"The executor failed on this request: {out.error or 'unknown error'}",
-                status=500,
-                type="server_error",
+            if out.retryable:
+                raise _Retry(REASON_RETRYABLE, out.error)
+            # The executor's words (a step that raised, kvmanager's address) stay in the log.
+            log.error(
+                "request %s failed at its executor: %s", self.request_id, out.error or "unknown"
             )
-        self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
-        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+            raise APIError(GENERATION_FAILED, status=500, type="server_error")
+        # A continuation's prompt holds the tokens made before the seam: usage keeps the
+        # original prompt's counts, read where it was first served.
+        if out.num_prompt_tokens and (not self._counted or self.migrations == 0):
+            self._counted = True
+            self.cached_tokens = max(
+                self.cached_tokens, min(out.num_cached_tokens, self.prompt_tokens)
+            )
         if out.prompt_logprobs and self.prompt_logprobs is None:
-            self.prompt_logprobs = self._token_infos(out.prompt_logprobs)
+            # (a continuation's prompt runs past the original's: only the original's count)
+            self.prompt_logprobs = self._token_infos(out.prompt_logprobs)[: self.prompt_tokens - 1]
         i = out.index
         if i >= self.n or self.finish_reasons[i] is not None:
             return None  # a choice already cut by a stop string: the executor ran ahead
         self.completion_tokens += len(out.token_ids)
+        self._generated[i].extend(out.token_ids)
         detok = self._detok[i]
         text = detok.push(list(out.token_ids))
         logprobs = self._token_infos(out.logprobs) if self._want_logprobs else []
@@ -201,6 +322,7 @@ class Generation:
         if i >= self.n or self.finish_reasons[i] is not None:
             return None  # a choice already cut by a stop string: the executor ran ahead
         self.completion_tokens += 1
+        self._generated[i].append(token)
         detok = self._detok[i]
         text = detok.push([token])
         if detok.stopped:

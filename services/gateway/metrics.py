@@ -108,6 +108,21 @@ class GatewayMetrics:
             ["executor", "reason"],
             registry=r,
         )
+        # Requests sent on to another executor (or the same one, back) after theirs failed
+        # under them (migration.py: the reason), and those that could not be (limit reached, or
+        # no executor took the continuation in time): those ended in an error.
+        self.migrations = Counter(
+            "pagemesh_gateway_migrations",
+            "Requests migrated to another executor, by why",
+            ["reason"],
+            registry=r,
+        )
+        self.migrations_failed = Counter(
+            "pagemesh_gateway_migrations_failed",
+            "Requests whose executor failed and that could not be migrated, by why",
+            ["reason"],
+            registry=r,
+        )
         self.aborts = Counter(
             "pagemesh_gateway_aborts", "Requests aborted before the end", ["reason"], registry=r
         )

@@ -8,7 +8,8 @@ its own requests in flight, logs the outage once and, for a second after each fa
 ask again (a hung kvmanager would otherwise cost every request the call's deadline).
 
 The choice is one per request: n > 1 and beam search are one GenerateRequest, routed once, and
-stay on that executor.
+stay on that executor. A request migrated off a failed executor (migration.py) is routed again
+with that executor in `exclude`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import grpc
@@ -79,8 +81,10 @@ class LocalRouter:
     def __init__(self) -> None:
         self._rotation = _Rotation()
 
-    async def route(self, model: ServedModel, prompt: bytes, cache_salt: str) -> Route:
-        members = model.routable()
+    async def route(
+        self, model: ServedModel, prompt: bytes, cache_salt: str, exclude: Collection[str] = ()
+    ) -> Route:
+        members = [m for m in model.routable() if m.executor_id not in exclude]
         if not members:
             raise no_executor(model.name)
         return Route(self._rotation.least_in_flight(members), REASON_STATIC)
@@ -105,22 +109,25 @@ class FleetRouter:
         self._retry_at = 0.0  # monotonic time before which Route is not asked (after a failure)
         self._outage = False
 
-    async def route(self, model: ServedModel, prompt: bytes, cache_salt: str) -> Route:
-        """`prompt`: the token ids packed as on every wire (packed_ids.pack)."""
-        members = model.routable()
+    async def route(
+        self, model: ServedModel, prompt: bytes, cache_salt: str, exclude: Collection[str] = ()
+    ) -> Route:
+        """`prompt`: the token ids packed as on every wire (packed_ids.pack); `exclude`: the
+        executors not to choose (a migrated request's failed ones)."""
+        members = [m for m in model.routable() if m.executor_id not in exclude]
         if not members:  # nothing to ask kvmanager about: a 503 now, no call
             raise no_executor(model.name)
         if time.monotonic() < self._retry_at:
             return Route(self._rotation.least_in_flight(members), REASON_KV_DOWN)
         # Members kvmanager thinks live that this gateway can't reach yet (stream reconnecting,
         # still admitting) are excluded, so that kvmanager's choice is one this gateway can use.
-        exclude = [m.executor_id for m in model.members.values() if m.live and not m.routable]
+        unusable = [m.executor_id for m in model.members.values() if m.live and not m.routable]
         request = fleet_pb.RouteRequest(
             model=model.name,
             prompt=prompt,
             cache_salt=cache_salt,
             policy=self.policy,
-            exclude=exclude,
+            exclude=sorted({*unusable, *exclude}),
         )
         try:
             reply = await self._fleet().Route(request, timeout=self.timeout)
@@ -134,7 +141,7 @@ class FleetRouter:
             self._outage = False
             log.info("kvmanager answers Route again: routing by %s", self.policy)
         chosen = model.members.get(reply.executor_id)
-        if chosen is None or not chosen.routable:
+        if chosen is None or not chosen.routable or chosen.executor_id in exclude:
             # A member this gateway has not admitted yet (its snapshot or GetInfo is on the way)
             # or whose stream just dropped: the local choice rather than a failed request.
             return Route(self._rotation.least_in_flight(members), REASON_NOT_HERE)

@@ -195,6 +195,15 @@ class ModelRegistry:
             raise no_executor(name)
         return model
 
+    def reconnecting(self, name: str) -> bool:
+        """The model takes no request now only because its executors' streams are reopening
+        (an executor restarting: kvmanager still counts it live, or there is no kvmanager to
+        say otherwise): worth a bounded wait rather than a 503 at once."""
+        model = self.models.get(name)
+        if model is None or model.tokenizer is None or model.routable():
+            return False
+        return any(m.live and m.admitted and not m.client.connected for m in model.members.values())
+
     @property
     def ready(self) -> bool:
         return any(m.ready for m in self.models.values())

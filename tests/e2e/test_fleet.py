@@ -7,12 +7,16 @@ The tests share one fleet and run in order: executors are added and stopped as t
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import openai
 import pytest
 
 from tests.support.fleet import Fleet, FleetConfig
@@ -190,3 +194,138 @@ def test_stats_and_metrics_count_the_traffic(fleet: Fleet) -> None:
     for ex, n in gateway_counts.items():
         assert kv_counts.get(ex) == n, (ex, gateway_counts, kv_counts)
     assert sum(gateway_counts.values()) == sum(kv_counts.values())
+
+
+# ----- request migration and the errors a client sees (issue 20) -----
+
+LEAKS = ("127.0.0.1", "ipv4", "StatusCode", "debug_error_string", "Traceback", "grpc")
+
+
+@dataclass
+class Streamed:
+    status: int = 0
+    text: str = ""
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    done: bool = False
+    raw: str = ""
+
+
+def stream_chat(fleet: Fleet, msgs: list[dict[str, str]], seen: Streamed, **extra: Any) -> None:
+    """Streams one chat into `seen` (read as it comes, so another thread can watch it), with
+    httpx reading the body to its end: a truncated chunked body raises there."""
+    body = {"model": MODEL, "messages": msgs, "stream": True, **extra}
+    body["stream_options"] = {"include_usage": True}
+    with (
+        httpx2.Client(timeout=300) as http,
+        http.stream("POST", fleet.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        seen.status = resp.status_code
+        for line in resp.iter_lines():
+            seen.raw += line + "\n"
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                seen.done = True
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                seen.error = event["error"]
+            seen.usage = event.get("usage") or seen.usage
+            for choice in event.get("choices") or []:
+                seen.text += (choice.get("delta") or {}).get("content") or ""
+                seen.chunks += 1
+
+
+def assert_clean(text: str) -> None:
+    for leak in LEAKS:
+        assert leak not in text, (leak, text)
+
+
+def gateway_metric(fleet: Fleet, prefix: str) -> float:
+    lines = fleet.metrics().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
+def test_an_executor_killed_under_load_loses_no_request(fleet: Fleet) -> None:
+    """kill -9 of one of the three executors serving the model while 8 greedy streams run: every
+    stream ends whole, with the text of a cold run and its usage (migration)."""
+    n, max_tokens = 8, 40
+    prompts = [messages(context(1200 + i, words=60), f"Count from {i} upwards.") for i in range(n)]
+    greedy = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+    cold = [Streamed() for _ in prompts]
+    with ThreadPoolExecutor(n) as pool:  # a fresh salt each: nothing cached, nothing shared
+        list(pool.map(lambda k: stream_chat(fleet, prompts[k], cold[k], cache_salt=f"cold-{k}",
+                                            **greedy), range(n)))  # fmt: skip
+    assert all(c.done and c.error is None and c.text for c in cold), [c.raw[-200:] for c in cold]
+    serving = [ex for ex, live in fleet.live().items() if live and fleet.executors[ex].alive()]
+    serving = [ex for ex in serving if fleet.executor_info(ex).model == MODEL]
+    assert len(serving) == 3, serving
+    migrated_before = gateway_metric(fleet, "pagemesh_gateway_migrations_total")
+
+    runs = [Streamed() for _ in prompts]
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(stream_chat, fleet, prompts[k], runs[k], **greedy) for k in range(n)]
+        wait_for(lambda: all(r.chunks >= 3 for r in runs), 240, "every stream to be under way")
+        running = {ex: fleet.executor_info(ex).num_running for ex in serving}
+        victim = max(running, key=lambda ex: running[ex])
+        assert running[victim] > 0, running
+        fleet.kill_executor(victim)
+        for f in futures:
+            f.result()
+    for k, (run, ref) in enumerate(zip(runs, cold, strict=True)):
+        assert run.status == 200 and run.error is None and run.done, (k, run.raw[-300:])
+        assert run.text == ref.text, (k, run.text, ref.text)
+        assert run.usage is not None and ref.usage is not None
+        assert run.usage["prompt_tokens"] == ref.usage["prompt_tokens"], (run.usage, ref.usage)
+        assert run.usage["completion_tokens"] == max_tokens == ref.usage["completion_tokens"]
+    migrated = gateway_metric(fleet, "pagemesh_gateway_migrations_total") - migrated_before
+    assert migrated >= running[victim] - 1, (migrated, running)  # one may have just finished
+    assert migrated >= 1
+    wait_for(lambda: not fleet.live()[victim], 30, f"kvmanager to mark {victim} down")
+
+
+def test_errors_a_client_sees_are_clean(fleet: Fleet) -> None:
+    """A request too large for one executor of the fleet (a shorter context joined), and a
+    model whose only executor is gone: OpenAI-shaped errors with a request id, no address, no
+    gRPC words, no traceback; the official client raises its documented classes."""
+    sdk = openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0)
+    short = fleet.add_executor(MODEL, extra_args=("--max-model-len", "256"))
+    wait_for(lambda: fleet.live().get(short, False), 60, f"{short} to be live")
+
+    def bounded() -> bool:
+        status, _ = fleet.chat(MODEL, messages(context(5, words=300), "Hi"), max_tokens=8)
+        return status == 400
+
+    wait_for(bounded, 60, "the fleet's context bound to include the short executor", 0.5)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(
+            model=MODEL, messages=messages(context(5, words=300), "Hi"), max_tokens=8
+        )
+    assert "context" in bad.value.message
+    assert_clean(str(bad.value.body))
+
+    # smol-b's only executor was stopped (test_two_models_side_by_side): a 503 for the SDK...
+    with pytest.raises(openai.InternalServerError) as gone:
+        sdk.chat.completions.create(model="smol-b", messages=messages("x", "y"), max_tokens=4)
+    assert gone.value.status_code == 503 and "retry" in gone.value.message
+    assert gone.value.response.headers.get("retry-after")
+    assert gone.value.response.headers.get("x-request-id")
+    assert_clean(str(gone.value.body))
+    # ... and for a stream, read to the end of a complete body by httpx.
+    seen = Streamed()
+    stream_chat_model = {"model": "smol-b"}
+    with (
+        httpx2.Client(timeout=60) as http,
+        http.stream(
+            "POST",
+            fleet.url + "/v1/chat/completions",
+            json={**stream_chat_model, "messages": messages("x", "y"), "stream": True},
+        ) as resp,
+    ):
+        seen.status = resp.status_code
+        seen.raw = resp.read().decode()
+    assert seen.status == 503 and "retry" in seen.raw
+    assert_clean(seen.raw)
+    sdk.close()

@@ -10,9 +10,16 @@ from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, 
 
 class ScriptedEngine:
     """Emits a fixed answer one token per step (choice i: `choice_answers[i]` if set); honours
-    n, max_tokens, abort, single-choice abort and EOS."""
+    n, max_tokens, abort, single-choice abort and EOS.
 
-    def __init__(self, answer_ids: list[int], eos: int, step_delay: float = 0.005) -> None:
+    `resume`: a prompt that ends with the first k tokens of the answer (a migrated request's
+    continuation) goes on from token k, as a deterministic (greedy) model would.
+    `fail_next`: the next step ends every live request with FINISH_ERROR carrying this text
+    (`fail_retryable` sets its retryable flag), as the real engine fails them."""
+
+    def __init__(
+        self, answer_ids: list[int], eos: int, step_delay: float = 0.005, resume: bool = False
+    ) -> None:
         self.answer = answer_ids
         self.eos = eos
         self.delay = step_delay
@@ -27,6 +34,11 @@ class ScriptedEngine:
         self._cuts: list[tuple[str, list[int]]] = []
         self.generated: dict[tuple[str, int], int] = {}  # tokens made per (request, choice)
         self.prompts: dict[str, list[int]] = {}  # every request's prompt, as it arrived
+        self.params: dict[str, SamplingParams] = {}  # and its parameters
+        self.resume = resume
+        self._starts: dict[str, int] = {}  # answer tokens a continuation's prompt held
+        self.fail_next = ""
+        self.fail_retryable = False
 
     def add_request(
         self, rid: str, prompt: list[int], params: SamplingParams, cache_salt: str = ""
@@ -35,8 +47,18 @@ class ScriptedEngine:
             raise ValueError("empty prompt")
         if len(prompt) + params.max_tokens > self.capacity:  # as the real engine's pool check
             raise ValueError(f"the request needs more than the pool's {self.capacity} tokens")
-        self.live[rid] = (params, [0] * params.n, len(prompt))
+        start = self._resumed_at(list(prompt)) if self.resume else 0
+        self._starts[rid] = start
+        self.live[rid] = (params, [start] * params.n, len(prompt))
         self.prompts[rid] = list(prompt)
+        self.params[rid] = params
+
+    def _resumed_at(self, prompt: list[int]) -> int:
+        script = self.answer
+        for k in range(min(len(script), len(prompt)), 0, -1):
+            if prompt[-k:] == script[:k]:
+                return k
+        return 0
 
     def abort_request(self, rid: str) -> None:
         if rid in self.live and rid not in self._aborts:
@@ -53,6 +75,24 @@ class ScriptedEngine:
     async def step(self) -> list[SequenceOutput]:
         await asyncio.sleep(self.delay)
         outs = []
+        if self.fail_next:
+            for rid, (params, pos, plen) in self.live.items():
+                outs += [
+                    SequenceOutput(
+                        rid,
+                        i,
+                        [],
+                        FinishReason.ERROR,
+                        num_prompt_tokens=plen,
+                        error=self.fail_next,
+                        retryable=self.fail_retryable,
+                    )
+                    for i in range(params.n)
+                    if pos[i] >= 0
+                ]
+            self.live.clear()
+            self.fail_next = ""
+            return outs
         # Like the real engine: aborts are taken at the next step, each open choice ending
         # with an ABORT output.
         for rid in self._aborts:
@@ -86,7 +126,7 @@ class ScriptedEngine:
                 reason = FinishReason.NONE
                 if tok == self.eos:
                     reason = FinishReason.STOP
-                elif pos[i] >= params.max_tokens:
+                elif pos[i] - self._starts.get(rid, 0) >= params.max_tokens:
                     reason = FinishReason.LENGTH
                 outs.append(SequenceOutput(rid, i, [tok], reason, [], plen, self.cached))
                 if reason != FinishReason.NONE:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from pagemesh.proto import kvmanager_pb2, kvmanager_pb2_grpc
+from pagemesh.proto import executor_pb2, executor_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
 
 from pagemesh.redis_process import RedisProcess, free_port
 from tests.support.mesh import LOOPBACK, Service, grpc_health_status, http_get, wait_for
@@ -113,8 +113,11 @@ class Fleet:
             raise
         return self
 
-    def add_executor(self, model_name: str = "smol", wait: bool = True) -> str:
-        """Starts one more executor serving `model_name`; returns its id."""
+    def add_executor(
+        self, model_name: str = "smol", wait: bool = True, extra_args: tuple[str, ...] = ()
+    ) -> str:
+        """Starts one more executor serving `model_name` (`extra_args` for it alone, e.g. a
+        shorter --max-model-len); returns its id."""
         executor_id = f"executor-{len(self.executors)}"
         port = free_port()
         address = f"{LOOPBACK}:{port}"
@@ -127,7 +130,7 @@ class Fleet:
                 "--num-blocks", str(self.config.num_blocks),
                 "--block-size", str(self.config.block_size),
                 "--max-num-seqs", str(self.config.max_num_seqs),
-                *self.config.executor_args,
+                *self.config.executor_args, *extra_args,
             ),
             self.workdir / f"{executor_id}.log",
             lambda: grpc_health_status(address) == "SERVING",
@@ -142,6 +145,16 @@ class Fleet:
 
     def stop_executor(self, executor_id: str) -> None:
         self.executors[executor_id].stop(timeout=20)
+
+    def kill_executor(self, executor_id: str) -> None:
+        """SIGKILL: a crash, nothing cleaned up in the executor."""
+        self.executors[executor_id].kill()
+
+    def executor_info(self, executor_id: str) -> executor_pb2.ExecutorInfo:
+        address = f"{LOOPBACK}:{self.ports[executor_id]}"
+        with grpc.insecure_channel(address) as channel:
+            stub = executor_pb2_grpc.ExecutorStub(channel)
+            return stub.GetInfo(executor_pb2.GetInfoRequest(), timeout=5.0)
 
     def close(self) -> None:
         services = [self.gateway, *self.executors.values(), self.kvmanager]
