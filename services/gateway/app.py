@@ -27,6 +27,7 @@ from pagemesh.services.gateway.fleet import FleetFollower, StaticFleet
 from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenInfo, build_request
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import GatewayMetrics
+from pagemesh.services.gateway.openapi import build_openapi
 from pagemesh.services.gateway.responses import ChatFormatter, CompletionFormatter, ResponseMeta
 from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
 from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
@@ -465,6 +466,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
+def openapi_handler(document: dict[str, Any]) -> Handler:
+    """GET /openapi.json: the document for this gateway's limits, no key needed (as /health)."""
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    return handler
+
+
 def create_app(config: GatewayConfig) -> web.Application:
     # client_max_size is aiohttp's own hard bound on a body; the handler checks it first.
     app = web.Application(
@@ -489,4 +499,5 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_handler(build_openapi(config.limits)))
     return app
