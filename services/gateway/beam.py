@@ -68,7 +68,10 @@ def parse_beam(body: dict[str, Any], n: int, max_beam_width: int) -> BeamOptions
             "n", f"beam search returns at most beam_width ({width}) beams, but n is {n}."
         )
 
-    penalty = body.get("length_penalty", 1.0)
+    # null is "not set", as for every other field (it was a 400 here alone).
+    penalty = body.get("length_penalty")
+    if penalty is None:
+        penalty = 1.0
     if isinstance(penalty, bool) or not isinstance(penalty, int | float):
         raise invalid(
             "Invalid type for 'length_penalty': expected a number.",

@@ -88,6 +88,8 @@ def accepted(parse: Any, body: dict[str, Any]) -> bool:
         {"messages": [{"role": "robot", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         {"early_stopping": "sometimes", "use_beam_search": True},
+        # null is "not set" for every field, length_penalty included (it was a 400 with beams).
+        {"use_beam_search": True, "length_penalty": None, "beam_width": None},
         {"use_beam_search": True, "beam_width": LIMITS.max_beam_width + 1},
         {"response_format": {"type": "json_object"}},
         {"response_format": {"type": "text"}},
