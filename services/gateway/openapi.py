@@ -253,14 +253,15 @@ def _response_schemas() -> dict[str, Schema]:
                 "completion_tokens": INT,
                 "total_tokens": INT,
                 "prompt_tokens_details": _obj(["cached_tokens"], {"cached_tokens": INT}),
-                "completion_tokens_details": _obj(
-                    ["reasoning_tokens"], {"reasoning_tokens": INT}
-                ),
+                "completion_tokens_details": _obj(["reasoning_tokens"], {"reasoning_tokens": INT}),
             },
         ),
         "ChatLogprob": _obj(
             [*logprob_entry["required"], "top_logprobs"],
-            {**logprob_entry["properties"], "top_logprobs": {"type": "array", "items": logprob_entry}},
+            {
+                **logprob_entry["properties"],
+                "top_logprobs": {"type": "array", "items": logprob_entry},
+            },
         ),
         "ChatLogprobs": _obj(
             ["content"],
@@ -421,7 +422,10 @@ def _generation(summary: str, request: str, body: str, chunk: str) -> Schema:
 
 def build_openapi(limits: Limits) -> dict[str, Any]:
     """The whole document for a gateway with these limits."""
-    bearer = [{}, {"apiKey": []}]  # optional: a gateway runs with or without keys
+    bearer: list[dict[str, list[str]]] = [
+        {},
+        {"apiKey": []},
+    ]  # optional: a gateway runs with or without keys
     no_auth: list[dict[str, list[str]]] = []
     paths: dict[str, Any] = {
         "/v1/chat/completions": _generation(
