@@ -256,6 +256,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompt_text = req.prompt
     else:
         prompt_ids = req.prompt
+        # Before echo decodes them: an id past the vocabulary (or u64) made decode raise, a 500.
+        _check_token_ids(model, prompt_ids)
         prompt_text = tokenizer.decode(prompt_ids) if req.echo else ""
     times.encoded = RequestTimes.now()
     meta = ResponseMeta.new("cmpl", model.name)
@@ -276,12 +278,8 @@ async def _generate(
 ) -> web.StreamResponse:
     if not prompt_ids:
         raise invalid("The prompt is empty after tokenization.", param="prompt")
+    _check_token_ids(model, prompt_ids)
     bounds = model.bounds()  # the tightest of its executors': any of them can take the request
-    if max(prompt_ids) >= (bounds.vocab_size or 1 << 32):  # ids go to the executor as u32
-        raise invalid(
-            f"Token ids must be below the vocabulary size {bounds.vocab_size or 1 << 32}.",
-            param="prompt",
-        )
     if bounds.vocab_size:
         check_logit_bias(req.options, bounds.vocab_size)
     max_tokens = check_context(req.options, len(prompt_ids), bounds.max_model_len, bounds.capacity)
@@ -345,6 +343,12 @@ async def _generate(
             gw.metrics.prompt_tokens.inc(gen.prompt_tokens)
             gw.metrics.cached_tokens.inc(gen.cached_tokens)
             gw.metrics.completion_tokens.inc(gen.completion_tokens)
+
+
+def _check_token_ids(model: ServedModel, prompt_ids: list[int]) -> None:
+    limit = model.bounds().vocab_size or 1 << 32  # ids go to the executor as u32
+    if prompt_ids and max(prompt_ids) >= limit:
+        raise invalid(f"Token ids must be below the vocabulary size {limit}.", param="prompt")
 
 
 def _unavailable(exc: ExecutorUnavailable) -> APIError:

@@ -51,6 +51,8 @@ def parse_beam(body: dict[str, Any], n: int, max_beam_width: int) -> BeamOptions
         return None
 
     width = body.get("beam_width")
+    if isinstance(width, float) and width.is_integer():  # 4.0 is an integer in JSON, as elsewhere
+        width = int(width)
     if width is None:
         width = min(max(n, DEFAULT_BEAM_WIDTH), max_beam_width)
     elif isinstance(width, bool) or not isinstance(width, int):

@@ -391,6 +391,28 @@ def json_response(description: str, schema: Schema) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def sse_event(*payloads: Schema) -> Schema:
+    """One server-sent event of a stream (OpenAPI 3.1 has a text/event-stream `schema` describe
+    each event; 3.2 calls it `itemSchema`): its data is one of `payloads` as JSON, or the
+    `[DONE]` that ends the stream."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"anyOf": list(payloads)},
+                    },
+                ]
+            }
+        },
+    }
+
+
 def _generation(summary: str, request: str, body: str, chunk: str) -> Schema:
     """POST /v1/chat/completions or /v1/completions."""
     return {
@@ -407,11 +429,7 @@ def _generation(summary: str, request: str, body: str, chunk: str) -> Schema:
                     " fails mid-stream), then `data: [DONE]`.",
                     "content": {
                         "application/json": {"schema": ref(body)},
-                        "text/event-stream": {
-                            "schema": {"type": "string"},
-                            # What each `data:` line holds (OpenAPI 3.1 has no SSE item schema).
-                            "x-sse-data": {"anyOf": [ref(chunk), ref("Error")]},
-                        },
+                        "text/event-stream": {"schema": sse_event(ref(chunk), ref("Error"))},
                     },
                 },
                 **{s: error_response(s) for s in ERROR_STATUSES},

@@ -438,6 +438,8 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
         if not prompt:
             raise invalid("Invalid 'prompt': empty string.", param="prompt", code="invalid_value")
         return prompt
+    if isinstance(prompt, list):  # 5.0 is an integer in JSON, as for every integer field
+        prompt = [int(t) if isinstance(t, float) and t.is_integer() else t for t in prompt]
     if (
         isinstance(prompt, list)
         and prompt

@@ -90,6 +90,8 @@ def accepted(parse: Any, body: dict[str, Any]) -> bool:
         {"early_stopping": "sometimes", "use_beam_search": True},
         # null is "not set" for every field, length_penalty included (it was a 400 with beams).
         {"use_beam_search": True, "length_penalty": None, "beam_width": None},
+        # JSON Schema's integers include 4.0; so do the gateway's (beam_width was the exception).
+        {"use_beam_search": True, "beam_width": 4.0, "n": 2.0},
         {"use_beam_search": True, "beam_width": LIMITS.max_beam_width + 1},
         {"response_format": {"type": "json_object"}},
         {"response_format": {"type": "text"}},
@@ -109,6 +111,8 @@ def test_chat_schema_agrees_with_validation(extra: dict[str, Any]) -> None:
         {"prompt": [1, 2, 3]},
         {"prompt": ["one"]},
         {"prompt": [[1, 2]]},
+        {"prompt": [1.0, 2.0]},  # integers in JSON (they were a 400)
+        {"prompt": [1.5]},
         {"prompt": ""},
         {"prompt": []},
         {"prompt": [-1]},
@@ -121,3 +125,35 @@ def test_chat_schema_agrees_with_validation(extra: dict[str, Any]) -> None:
 def test_completion_schema_agrees_with_validation(extra: dict[str, Any]) -> None:
     body = {**COMPLETION, **extra}
     assert validator("CompletionRequest").is_valid(body) == accepted(parse_completion, body)
+
+
+def test_schemathesis_checks_each_streamed_event_against_the_document() -> None:
+    """The stream's schema is what schemathesis validates every `data:` payload with: chunks as
+    the formatter writes them pass, a chunk with a wrong type does not."""
+    from pagemesh.services.gateway.responses import ChatFormatter, ResponseMeta
+    from pagemesh.services.gateway.sse import DONE, encode_event
+    from requests import Request
+    from schemathesis.core.transport import Response
+
+    operation = schemathesis.openapi.from_dict(DOC)["/v1/chat/completions"]["POST"]
+    case = operation.Case(body=CHAT, media_type="application/json")
+    chunks = ChatFormatter(ResponseMeta.new("chatcmpl", "m"), True, False).role_chunks(2)
+    good = b"".join(encode_event(c) for c in chunks) + DONE
+    chunks[1]["choices"][0]["index"] = "1"
+    bad = b"".join(encode_event(c) for c in chunks) + DONE
+
+    def check(raw: bytes) -> None:
+        response = Response(
+            status_code=200,
+            headers={"content-type": ["text/event-stream; charset=utf-8"]},
+            content=raw,
+            request=Request("POST", "http://gateway/v1/chat/completions", json=CHAT).prepare(),
+            elapsed=0.1,
+            verify=True,
+        )
+        case.validate_response(response, checks=[schemathesis.checks.response_schema_conformance])
+
+    check(good)
+    with pytest.raises(BaseExceptionGroup) as info:
+        check(bad)
+    assert [f.title for f in info.value.exceptions] == ["SSE event violates schema"]
