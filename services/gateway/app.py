@@ -42,6 +42,7 @@ from pagemesh.services.gateway.generation import ChoiceDelta, Generation, TokenI
 from pagemesh.services.gateway.kvmanager_link import KVManagerLink
 from pagemesh.services.gateway.metrics import CLIENT_CLOSED, GatewayMetrics
 from pagemesh.services.gateway.migration import MigrationPolicy, Migrator
+from pagemesh.services.gateway.openapi import build_openapi
 from pagemesh.services.gateway.prompt_logprobs import PromptView
 from pagemesh.services.gateway.responses import (
     ChatFormatter,
@@ -337,6 +338,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompt_text = req.prompt
     else:
         prompt_ids = req.prompt
+        # Before echo decodes them: an id past the vocabulary (or u64) made decode raise, a 500.
+        _check_token_ids(model, prompt_ids)
         prompt_text = tokenizer.decode(prompt_ids) if req.echo else ""
     times.encoded = RequestTimes.now()
     meta = ResponseMeta.new("cmpl", model.name)
@@ -357,12 +360,8 @@ async def _generate(
 ) -> web.StreamResponse:
     if not prompt_ids:
         raise invalid("The prompt is empty after tokenization.", param="prompt")
+    _check_token_ids(model, prompt_ids)
     bounds = model.bounds()  # the tightest of its executors': any of them can take the request
-    if max(prompt_ids) >= (bounds.vocab_size or 1 << 32):  # ids go to the executor as u32
-        raise invalid(
-            f"Token ids must be below the vocabulary size {bounds.vocab_size or 1 << 32}.",
-            param="prompt",
-        )
     if bounds.vocab_size:
         check_logit_bias(req.options, bounds.vocab_size)
     max_tokens = check_context(req.options, len(prompt_ids), bounds.max_model_len, bounds.capacity)
@@ -463,6 +462,12 @@ def _extensions(
         )
     if req.stream and req.continuous_usage:
         fmt.live_usage = lambda: usage(gen)
+
+
+def _check_token_ids(model: ServedModel, prompt_ids: list[int]) -> None:
+    limit = model.bounds().vocab_size or 1 << 32  # ids go to the executor as u32
+    if prompt_ids and max(prompt_ids) >= limit:
+        raise invalid(f"Token ids must be below the vocabulary size {limit}.", param="prompt")
 
 
 def _unavailable(exc: ExecutorUnavailable, request_id: str) -> APIError:
@@ -597,6 +602,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
+def openapi_handler(document: dict[str, Any]) -> Handler:
+    """GET /openapi.json: the document for this gateway's limits, no key needed (as /health)."""
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    return handler
+
+
 def create_app(config: GatewayConfig) -> web.Application:
     # client_max_size is aiohttp's own hard bound on a body; the handler checks it first.
     app = web.Application(
@@ -627,4 +641,5 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_handler(build_openapi(config.limits)))
     return app

@@ -51,6 +51,8 @@ def parse_beam(body: dict[str, Any], n: int, max_beam_width: int) -> BeamOptions
         return None
 
     width = body.get("beam_width")
+    if isinstance(width, float) and width.is_integer():  # 4.0 is an integer in JSON, as elsewhere
+        width = int(width)
     if width is None:
         width = min(max(n, DEFAULT_BEAM_WIDTH), max_beam_width)
     elif isinstance(width, bool) or not isinstance(width, int):
@@ -68,7 +70,10 @@ def parse_beam(body: dict[str, Any], n: int, max_beam_width: int) -> BeamOptions
             "n", f"beam search returns at most beam_width ({width}) beams, but n is {n}."
         )
 
-    penalty = body.get("length_penalty", 1.0)
+    # null is "not set", as for every other field (it was a 400 here alone).
+    penalty = body.get("length_penalty")
+    if penalty is None:
+        penalty = 1.0
     if isinstance(penalty, bool) or not isinstance(penalty, int | float):
         raise invalid(
             "Invalid type for 'length_penalty': expected a number.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,33 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_json")
+    # JSON lets a string escape half a UTF-16 pair ("\ud800"); Python keeps it as a lone
+    # surrogate that no tokenizer, regex or UTF-8 encoder downstream takes (they raised: a 500).
+    # Only an escape can make one (raw UTF-8 bytes of a surrogate fail to decode above).
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise invalid(
+            "The request body holds a string with an unpaired UTF-16 surrogate escape (such as"
+            " \\ud800), which is not valid Unicode.",
+            code="invalid_json",
+        )
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _type_error(name: str, expected: str, value: Any) -> APIError:
@@ -452,6 +479,8 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
         if not prompt:
             raise invalid("Invalid 'prompt': empty string.", param="prompt", code="invalid_value")
         return prompt
+    if isinstance(prompt, list):  # 5.0 is an integer in JSON, as for every integer field
+        prompt = [int(t) if isinstance(t, float) and t.is_integer() else t for t in prompt]
     if (
         isinstance(prompt, list)
         and prompt

@@ -195,6 +195,27 @@ def test_malformed_json(raw: bytes) -> None:
     assert info.value.status == 400 and info.value.code == "invalid_json"
 
 
+# Found by the schemathesis run's manual follow-up: a lone surrogate escape reached the tokenizer
+# (chat, prompt) or the UTF-8 encoder (cache_salt) and came back as a 500.
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"model": "m", "prompt": "\ud800"}',
+        rb'{"model": "m", "messages": [{"role": "user", "content": "a\uDFFFb"}]}',
+        rb'{"model": "m", "prompt": "hi", "cache_salt": "\udbff"}',
+        rb'{"model": "m", "prompt": "hi", "logit_bias": {"\ud834": 1}}',
+    ],
+)
+def test_lone_surrogates_are_invalid_json(raw: bytes) -> None:
+    with pytest.raises(APIError) as info:
+        parse_json(raw)
+    assert info.value.status == 400 and info.value.code == "invalid_json"
+
+
+def test_surrogate_pairs_are_characters() -> None:
+    assert parse_json(rb'{"prompt": "\ud83d\ude00 \u00e9"}')["prompt"] == "\U0001f600 \u00e9"
+
+
 def test_completion_prompt_forms() -> None:
     assert parse_completion({"model": "m", "prompt": "hi"}, LIMITS).prompt == "hi"
     assert parse_completion({"model": "m", "prompt": ["hi"]}, LIMITS).prompt == "hi"
