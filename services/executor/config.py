@@ -43,6 +43,11 @@ class EngineConfig:
     advertise: str = ""
     served_model_name: str = ""
     seed: int = 0  # the generator of unseeded requests
+    # Structured output (grammar.py): the tokenizer its grammars are compiled for (empty: the
+    # model's directory), and how long a guide may take to compile before its request is
+    # refused (a pathological schema must not hold a request, or a step, hostage).
+    tokenizer: str = ""
+    grammar_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -55,6 +60,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be positive")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,9 @@ class Sequence:
     # Table coverage (tokens) asked of kvmanager by a look-ahead Extend still in flight: the
     # scheduler does not ask again for what is on its way.
     lookahead_sent: int = 0
+    # Structured output: the xgrammar GrammarMatcher of the request's guide, advanced with each
+    # landed token (grammar.py); None for an unconstrained sequence.
+    matcher: Any = None
 
     @property
     def params(self) -> SamplingParams:

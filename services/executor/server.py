@@ -33,6 +33,8 @@ from pagemesh.services.executor.engine_api import (
     EngineClient,
     EngineLoad,
     FinishReason,
+    Guide,
+    GuideKind,
     PackedIds,
     SamplingParams,
     SequenceOutput,
@@ -52,6 +54,16 @@ SERVER_OPTIONS = [
     # beside the first and split its traffic silently (seen once); it must fail to start instead.
     ("grpc.so_reuseport", 0),
 ]
+
+
+def guide_from_proto(p: pb.SamplingParams) -> Guide | None:
+    if not p.HasField("guide") or p.guide.kind == pb.GUIDE_NONE:
+        return None
+    try:
+        kind = GuideKind(p.guide.kind)
+    except ValueError:
+        raise ValueError(f"unknown guide kind {p.guide.kind}") from None
+    return Guide(kind, p.guide.spec)
 
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
@@ -75,6 +87,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         beam_width=p.beam_width,
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         early_stopping="never" if p.early_stopping_never else p.early_stopping,
+        guide=guide_from_proto(p),
     )
 
 
@@ -111,6 +124,7 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
         num_cached_tokens=o.num_cached_tokens,
         error=o.error,
         cumulative_logprob=o.cumulative_logprob,
+        rejected=o.rejected,
     )
 
 
