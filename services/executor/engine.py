@@ -245,6 +245,10 @@ class LLMEngine:
                 )
         outputs: list[SequenceOutput] = []
         now = time.monotonic()
+        if not self.grammars.ready:  # the one-off tokenizer set-up is no compile: not counted
+            limit = self.config.grammar_compile_timeout_s
+            for rid, (seq, future, _) in list(self._compiling.items()):
+                self._compiling[rid] = (seq, future, now + limit)
         for rid, (seq, future, deadline) in list(self._compiling.items()):
             guide = seq.params.guide
             assert guide is not None

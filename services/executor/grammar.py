@@ -83,6 +83,12 @@ class GrammarCompiler:
         self._pending: dict[str, concurrent.futures.Future[Any]] = {}
         self.stats = CompileStats()
 
+    @property
+    def ready(self) -> bool:
+        """The tokenizer's vocabulary is indexed (the first guide's one-off set-up, a second
+        or more, is done): compile time bounds count from then on."""
+        return self._compiler is not None
+
     def lookup(self, guide: Guide) -> Any | None:
         key = guide_key(guide)
         compiled = self._cache.get(key)

@@ -65,6 +65,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add_option(p, "--trace-requests", "", "append a JSON line per request's timings here")
     add_option(
         p,
+        "--tool-call-parser",
+        "",
+        "tool-call syntax parsed out of the model's text: hermes, llama3_json or mistral "
+        "(default: the one the chat template teaches)",
+    )
+    add_option(
+        p,
         "--workers",
         1,
         "gateway processes sharing the port (SO_REUSEPORT), each with its own Serve stream: "
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
         trace_requests=args.trace_requests,
+        tool_call_parser=args.tool_call_parser,
     )
     serving = (
         f"kvmanager {args.kvmanager}'s fleet, routing policy {args.routing_policy}"

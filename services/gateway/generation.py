@@ -69,6 +69,9 @@ def build_request(
     if options.logit_bias:
         params.logit_bias.update(options.logit_bias)
     apply_beam(params, options.beam)
+    if options.guide is not None:
+        params.guide.kind = options.guide.kind  # type: ignore[assignment]  # (the enum's int)
+        params.guide.spec = options.guide.spec
     # The packed form: a copy to build, serialize and read, where ~1k repeated ids cost tens
     # of microseconds at each of those (proto/executor.proto). The caller checked
     # 0 <= id < vocab (< 2**32).
