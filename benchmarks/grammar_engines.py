@@ -25,8 +25,9 @@ from typing import Any
 import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
 from pagemesh.services.executor.model.loader import DEFAULT_MODEL, resolve_model
-from tests.support.schemas import SCHEMAS
 from transformers import AutoTokenizer
+
+from tests.support.schemas import SCHEMAS
 
 
 def _allowed(bitmask: torch.Tensor, vocab: int) -> list[int]:

@@ -347,6 +347,8 @@ class LLMEngine:
             if self.device.type != "cuda" and self._inflight is not None:
                 # No stream orders host compute: let t-1 finish before t touches the buffers
                 # (the landing order, which is what this mode changes, stays the same).
+                # (A guided step's sampling was submitted when it was launched: it has one.)
+                assert self._inflight.future is not None
                 await self._inflight.future
             flight = self._launch_step(sched)
         prev, self._inflight = self._inflight, flight

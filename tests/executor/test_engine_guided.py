@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 import pytest
 from pagemesh.services.executor.engine_api import FinishReason, Guide, GuideKind, SamplingParams
 

@@ -2,10 +2,8 @@
 patterns, required and optional fields, string formats), for the structured-output tests and
 benchmarks. Every string and array is bounded, so a constrained small model always reaches the
 end of the document within a few dozen tokens (an unbounded string can run to max_tokens). The
-formats are ones with a bounded length (date, uuid, ipv4): xgrammar ignores
-maxLength next to a format, so `email` (and `time` and `date-time`, with their free
-fractional seconds) can
-run on."""
+formats are ones with a bounded length (date, uuid, ipv4): xgrammar ignores maxLength next to a
+format, so `email` (and `time` and `date-time`, with their free fractional seconds) can run on."""
 
 from __future__ import annotations
 
