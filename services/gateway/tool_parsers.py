@@ -125,6 +125,8 @@ def constrained_calls(mode: str, name: str, text: str) -> list[ParsedCall]:
     array of {name, arguments}. Text cut short (max_tokens) gives what parses."""
     values = _json_values(text)
     if not values:
+        if mode == "required":  # cut short: the calls written in full
+            return [c for v in _array_prefix(text) if (c := _call(v)) is not None]
         return []
     if mode == "function":
         args = values[0]
@@ -136,6 +138,25 @@ def constrained_calls(mode: str, name: str, text: str) -> list[ParsedCall]:
     if not isinstance(values[0], list):
         return []
     return [c for v in values[0] if (c := _call(v)) is not None]
+
+
+def _array_prefix(text: str) -> list[Any]:
+    """The whole items of a JSON array cut short (max_tokens): `[{...}, {...}, {"na` gives
+    the first two."""
+    decoder = json.JSONDecoder()
+    items: list[Any] = []
+    i = text.find("[") + 1
+    if i == 0:
+        return items
+    while i < len(text):
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        items.append(value)
+    return items
 
 
 def tool_call_objects(calls: list[ParsedCall], ids: list[str]) -> list[dict[str, Any]]:

@@ -143,7 +143,9 @@ def test_json_object_and_completions(mesh: Mesh) -> None:
     c = client(mesh)
     out = c.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": "Give a small JSON object about a cat."}],
+        messages=[
+            {"role": "user", "content": "Reply with a JSON object with the name and age of a cat."}
+        ],
         response_format={"type": "json_object"},
         temperature=0,
         max_tokens=120,
@@ -218,6 +220,7 @@ def test_conversation_goes_on_after_a_tool_result(mesh: Mesh) -> None:
         messages=ASK_WEATHER,
         tools=[WEATHER],
         tool_choice="required",
+        parallel_tool_calls=False,
         temperature=0,
         max_tokens=80,
     )
