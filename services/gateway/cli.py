@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from pagemesh.services.gateway.tool_parsers import PARSERS
 from pagemesh.services.gateway.validation import Limits
 
 from pagemesh.env import add_option, env_default
@@ -144,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.tool_call_parser and args.tool_call_parser not in PARSERS:
+        raise SystemExit(
+            f"--tool-call-parser must be one of {', '.join(PARSERS)}, not {args.tool_call_parser!r}"
+        )
     executors = _executors(args)
     config = GatewayConfig(
         executors=executors,
