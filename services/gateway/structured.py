@@ -259,8 +259,9 @@ def parse_guide(body: dict[str, Any]) -> GuideOptions | None:
 def refusal_error(exc: APIError, guide: GuideOptions) -> APIError:
     """The executor's refusal of a guided request (its grammar did not compile, or not in
     time), as a 400 naming the parameter the guide came from."""
-    if exc.status != 400 or exc.param is not None:
+    # The engine's refusals of a guide say "guide" (grammar.py, engine.py); any other refusal
+    # is about something else and keeps its own wording.
+    if exc.status != 400 or exc.param is not None or "guide" not in exc.message:
         return exc
-    return invalid(
-        f"Invalid '{guide.param}': {exc.message}", param=guide.param, code="invalid_value"
-    )
+    reason = exc.message.removeprefix("invalid guide: ")
+    return invalid(f"Invalid '{guide.param}': {reason}", param=guide.param, code="invalid_value")
