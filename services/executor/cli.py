@@ -58,6 +58,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(p, "--max-num-seqs", 256, "sequences running at once", int)
     add_option(p, "--max-num-batched-tokens", 8192, "tokens per step (prefill chunk budget)", int)
     add_option(p, "--max-beam-width", 8, "widest beam search a request may ask for", int)
+    add_option(
+        p,
+        "--grammar-compile-timeout",
+        10.0,
+        "seconds a structured-output grammar may take to compile before its request is refused",
+        float,
+    )
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
     add_option(
         p, "--prefix-caching", True, "share cached prompt blocks (--no-prefix-caching: A/B)", bool
@@ -181,6 +188,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_beam_width=args.max_beam_width,
+        grammar_compile_timeout_s=args.grammar_compile_timeout,
         gpu_memory_utilization=args.gpu_memory_utilization,
         executor_id=executor_id(args),
         advertise=advertised_address(args),

@@ -46,6 +46,11 @@ class EngineConfig:
     # Seconds kvmanager may stay unreachable before the requests fail (retryably); until then
     # running sequences go on with the blocks they hold and the others wait (allocator_link.py).
     kvmanager_outage_timeout: float = 30.0
+    # Structured output (grammar.py): the tokenizer its grammars are compiled for (empty: the
+    # model's directory), and how long a guide may take to compile before its request is
+    # refused (a pathological schema must not hold a request, or a step, hostage).
+    tokenizer: str = ""
+    grammar_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -60,6 +65,8 @@ class EngineConfig:
             self.async_scheduling = self.device.startswith("cuda")
         if self.kvmanager_outage_timeout < 0:
             raise ValueError("kvmanager_outage_timeout must be >= 0")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be positive")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
 

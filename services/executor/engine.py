@@ -14,20 +14,24 @@ their step lands (sequence.PLACEHOLDER), and outputs come one step later.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import time
+from typing import Any
 
 import torch
 from pagemesh.services.executor.beam_engine import BeamSearchRunner
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import (
     FinishReason,
+    Guide,
     PromptTokens,
     SamplingParams,
     SequenceOutput,
 )
+from pagemesh.services.executor.grammar import GrammarCompiler, fill_masks
 from pagemesh.services.executor.kv_pool import KVPool
 from pagemesh.services.executor.model.config import ModelConfig
 from pagemesh.services.executor.model.llama import LlamaForCausalLM
@@ -70,6 +74,12 @@ def _aborted(req: Request, index: int) -> SequenceOutput:
     )
 
 
+def _rejected(req: Request, error: str) -> SequenceOutput:
+    """A request refused after add_request returned (its guide did not compile): one output
+    ends all of it, and the gateway answers 400."""
+    return SequenceOutput(req.request_id, 0, [], FinishReason.ERROR, error=error, rejected=True)
+
+
 class LLMEngine:
     # Set by start(): the model's limits, and the parts that own each job.
     max_model_len: int
@@ -80,6 +90,7 @@ class LLMEngine:
     runner: ModelRunner  # the device side
     scheduler: Scheduler  # queues, rows, tables; kvmanager through scheduler.link
     beams: BeamSearchRunner
+    grammars: GrammarCompiler  # structured output: guides -> grammars, cached
 
     def __init__(
         self,
@@ -114,6 +125,9 @@ class LLMEngine:
         self.num_steps = 0
         self.step_times = StepTimes()  # the last step's, for --trace-steps (trace.py)
         self._prompt_ids = PromptIds()  # add_request's conversion (prompt_ids.py)
+        # Guided requests whose grammar is compiling (a cache miss): request id -> (its one
+        # sequence, the compile, the monotonic deadline). Not scheduled until it is ready.
+        self._compiling: dict[str, tuple[Sequence, concurrent.futures.Future[Any], float]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,6 +157,9 @@ class LLMEngine:
         self.beams = BeamSearchRunner(
             self.scheduler, self.runner, self.eos_token_ids, self.max_model_len, self._drop
         )
+        self.grammars = GrammarCompiler(
+            cfg.tokenizer or self.model_path or cfg.model, self.vocab_size, list(self.eos_token_ids)
+        )
         if cfg.served_model_name:  # a fleet member: keep kvmanager hearing from it when idle
             self._heartbeats = asyncio.create_task(self.scheduler.link.heartbeats())
         self.started = True
@@ -161,6 +178,7 @@ class LLMEngine:
                 await asyncio.wait_for(self.scheduler.drain(), CLOSE_FLUSH_S)
             except Exception as exc:  # (kvmanager gone first: nothing more to do)
                 log.warning("last commits and releases not sent: %s", exc)
+            self.grammars.close()
 
     def _load_model(self) -> None:
         from pagemesh.services.executor.model.loader import (
@@ -205,12 +223,17 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             num_blocks=self.runner.pool.num_blocks,
         )
+        if params.guide is not None and params.use_beam_search:
+            raise ValueError("structured output (a guide) does not work with beam search")
         if params.prompt_logprobs is not None:
             # Every prompt position needs its logits, so no prefix hit: under a salt of its own
             # that nothing commits to (scheduler.commit_entries), its blocks are never found.
             cache_salt += PROMPT_LOGPROBS_SALT
         req = Request(request_id, params, cache_salt, len(prompt), prompt_data=packed)
         seq = new_sequence(req, 0, prompt, self.config.device)
+        if params.guide is not None and not self._attach_grammar(seq, params.guide):
+            self.requests[request_id] = req
+            return  # scheduled once its grammar is compiled (_admit_guided)
         self.requests[request_id] = req
         if params.use_beam_search:
             self.beams.add(req)  # beams fork after each round, not after the prefill
@@ -226,6 +249,64 @@ class LLMEngine:
         ):
             self._special.add(request_id)
         self.scheduler.add(seq)
+
+    def _attach_grammar(self, seq: Sequence, guide: Guide) -> bool:
+        """Gives `seq` a matcher when its grammar is cached; otherwise starts the compile and
+        parks the sequence (False)."""
+        compiled = self.grammars.lookup(guide)
+        if compiled is not None:
+            seq.matcher = self.grammars.matcher(compiled)
+            return True
+        deadline = time.monotonic() + self.config.grammar_compile_timeout_s
+        self._compiling[seq.request.request_id] = (seq, self.grammars.submit(guide), deadline)
+        return False
+
+    async def _admit_guided(self) -> list[SequenceOutput]:
+        """Parked guided requests whose compile ended: scheduled, or refused (a compile error,
+        or past the time bound: the compile thread runs on, its result cached for next time,
+        but this request is answered now). With nothing else to run, waits for a compile (50
+        ms at most, so new requests and aborts are not held up)."""
+        if not self._compiling:
+            return []
+        idle = not self.scheduler.has_unfinished() and self._inflight is None
+        if idle:
+            pending = {f for _, f, _ in self._compiling.values()}  # (one per distinct guide)
+            if not any(f.done() for f in pending):
+                wait = min(d for _, _, d in self._compiling.values()) - time.monotonic()
+                await asyncio.wait(
+                    [asyncio.wrap_future(f) for f in pending],
+                    timeout=max(0.0, min(wait, 0.05)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        outputs: list[SequenceOutput] = []
+        now = time.monotonic()
+        if not self.grammars.ready:  # the one-off tokenizer set-up is no compile: not counted
+            limit = self.config.grammar_compile_timeout_s
+            for rid, (seq, future, _) in list(self._compiling.items()):
+                self._compiling[rid] = (seq, future, now + limit)
+        for rid, (seq, future, deadline) in list(self._compiling.items()):
+            guide = seq.params.guide
+            assert guide is not None
+            if future.done():
+                del self._compiling[rid]
+                try:
+                    compiled = future.result()
+                except Exception as exc:
+                    self.grammars.forget(guide)
+                    self._drop(rid)
+                    outputs.append(_rejected(seq.request, f"invalid guide: {exc}"))
+                    continue
+                self.grammars.store(guide, compiled)
+                seq.matcher = self.grammars.matcher(compiled)
+                self.scheduler.add(seq)
+            elif now >= deadline:
+                del self._compiling[rid]
+                self._drop(rid)
+                limit = self.config.grammar_compile_timeout_s
+                outputs.append(
+                    _rejected(seq.request, f"the guide took longer than {limit:g} s to compile")
+                )
+        return outputs
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self.requests:
@@ -266,6 +347,7 @@ class LLMEngine:
 
     async def step(self) -> list[SequenceOutput]:
         outputs = await self._kvmanager_news()
+        outputs += await self._admit_guided()
         try:
             if self.config.async_scheduling and not self.beams.active:
                 return outputs + await self._step_async()
@@ -333,6 +415,8 @@ class LLMEngine:
             flight = self._launch_step(sched)
             # Overlapped with the device: commits of the blocks this step fills.
             commits = self.scheduler.commit_entries(sched.seqs)
+            if flight.forward is not None:  # constrained rows: their masks, then the sampling
+                self._sample_guided(flight)
             outputs.extend(await self._complete(flight, commits))
             self.num_steps += 1
         if not self.requests:
@@ -354,11 +438,17 @@ class LLMEngine:
             if self.device.type != "cuda" and self._inflight is not None:
                 # No stream orders host compute: let t-1 finish before t touches the buffers
                 # (the landing order, which is what this mode changes, stays the same).
+                # (A guided step's sampling was submitted when it was launched: it has one.)
+                assert self._inflight.future is not None
                 await self._inflight.future
             flight = self._launch_step(sched)
         prev, self._inflight = self._inflight, flight
         if prev is not None:
             outputs.extend(await self._complete(prev))
+        if flight is not None and flight.forward is not None:
+            # Constrained rows: t-1's tokens have landed and advanced their matchers, so t's
+            # masks can be filled now, while the device runs t's forward; then t samples.
+            self._sample_guided(flight)
         if flight is not None:
             sc = self.scheduler
             # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
@@ -368,6 +458,11 @@ class LLMEngine:
         if not self.requests and self._inflight is None:
             await self.scheduler.drain()
         return outputs
+
+    def _sample_guided(self, flight: InFlight) -> None:
+        batch = flight.batch
+        masks = fill_masks(batch.sample_seqs, batch.guided, self.vocab_size)
+        self.runner.sample(flight, masks)
 
     async def _schedule(self) -> SchedulerOutput:
         """The scheduler's step, the start of the step's times (step_times)."""
@@ -468,6 +563,7 @@ class LLMEngine:
 
     def _drop(self, request_id: str) -> Request | None:
         self._special.discard(request_id)
+        self._compiling.pop(request_id, None)
         return self.requests.pop(request_id, None)
 
     def _fail(self, seq: Sequence, error: str) -> list[SequenceOutput]:

@@ -39,6 +39,26 @@ class FinishReason(enum.IntEnum):
     ERROR = 4
 
 
+class GuideKind(enum.IntEnum):
+    """Same numbering as proto/executor.proto's GuideKind."""
+
+    NONE = 0
+    JSON_SCHEMA = 1  # spec: the schema as JSON text
+    JSON_OBJECT = 2  # any JSON object
+    REGEX = 3
+    CHOICE = 4  # spec: a JSON array of the allowed strings
+    GRAMMAR = 5  # spec: EBNF, rule `root`
+
+
+@dataclass(slots=True, frozen=True)
+class Guide:
+    """Structured output: the grammar every sampled token must keep the output in
+    (grammar.py compiles it, once per distinct guide)."""
+
+    kind: GuideKind
+    spec: str = ""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -62,6 +82,7 @@ class SamplingParams:
     early_stopping: EarlyStopping = False  # True, False or "never", as transformers' beam search
     # vLLM's prompt_logprobs: alternatives per prompt token (0: its own logprob only); None: off.
     prompt_logprobs: int | None = None
+    guide: Guide | None = None  # structured output; None: unconstrained
 
 
 @dataclass(slots=True)
@@ -88,6 +109,9 @@ class SequenceOutput:
     # An ERROR another executor (or this one, later) could serve: kvmanager unreachable past
     # the bound, a stale epoch. The gateway sends such a request again (proto: retryable).
     retryable: bool = False
+    # Refused before any work, after add_request returned (a guide that does not compile, or
+    # not within the bound): the gateway answers 400, as for add_request's ValueError.
+    rejected: bool = False
 
     @property
     def finished(self) -> bool:

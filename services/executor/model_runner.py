@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 from pagemesh.services.executor import prompt_logprobs
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import SamplingParams, TokenLogprob
+from pagemesh.services.executor.grammar import StepMasks, apply_masks, guided_rows
 from pagemesh.services.executor.kv_pool import KVPool, determine_num_blocks
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 from pagemesh.services.executor.model.config import ModelConfig
@@ -96,6 +97,13 @@ class Batch:
     sample_pos_host: list[int]  # where each sampled token goes in its sequence's token_ids
     beam: BeamBatch | None = None  # beam search rows of sample_seqs (beam_engine.py)
     prompt_lp: prompt_logprobs.PromptLogprobRows | None = None  # prompt positions to score
+    # ... and their scores on the device, once the forward has run
+    prompt_scored: (
+        tuple[prompt_logprobs.PromptLogprobRows, prompt_logprobs.PromptTensors] | None
+    ) = None
+    # Structured output: rows of sample_seqs with a grammar (grammar.py). Non-empty: the step
+    # launches its forward first and samples once the engine has filled their masks.
+    guided: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -119,12 +127,23 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Forward:
+    """A step's forward, its sampling still to come (structured output: the masks first)."""
+
+    logits: torch.Tensor | None = None  # [S, V]; CPU: set by the worker thread
+    error: BaseException | None = None  # CPU: the forward's, raised by the sampling
+
+
+@dataclass(slots=True)
 class InFlight:
     """A launched step, until `ModelRunner.result` lands it."""
 
     batch: Batch
-    future: asyncio.Future[Any]  # CPU: the StepResult; CUDA: the device is done
+    # CPU: the StepResult; CUDA: the device is done. None while the sampling waits for its
+    # masks (`ModelRunner.sample` sets it).
+    future: asyncio.Future[Any] | None
     pending: _Pending | None  # CUDA: the sampler's device outputs
+    forward: _Forward | None = None  # the forward whose sampling waits for `sample`
 
 
 class ModelRunner:
@@ -250,7 +269,9 @@ class ModelRunner:
 
     def launch(self, sched: SchedulerOutput, sampling_params: bool, beams: bool) -> InFlight:
         """Prepare and submit the step's device work. `sampling_params`: some request is not
-        plain greedy (per-row sampling tensors); `beams`: beam search requests are active."""
+        plain greedy (per-row sampling tensors); `beams`: beam search requests are active.
+        A step with constrained rows (batch.guided) submits its forward only: `sample` follows
+        with their masks."""
         if self.staging is not None:
             self.staging.next_step()
         with torch.inference_mode():
@@ -258,6 +279,13 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         pending = None
         future: asyncio.Future[Any]
+        if batch.guided:
+            fwd = _Forward()
+            if self.device.type == "cuda":
+                fwd.logits = self._forward(batch, sched.copies)
+            else:
+                loop.run_in_executor(self._worker, self._forward_into, fwd, batch, sched.copies)
+            return InFlight(batch, None, None, fwd)
         if self.device.type == "cuda":
             # Launch from this thread (a graph replay is one call), then wait for the device in
             # the worker, which holds no GIL meanwhile: nothing contends with the bookkeeping.
@@ -269,8 +297,27 @@ class ModelRunner:
             future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
         return InFlight(batch, future, pending)
 
+    def sample(self, flight: InFlight, masks: StepMasks) -> None:
+        """Submit the sampling of a step launched without it (`launch`), its constrained rows
+        masked by `masks`. CPU: after the forward, in the same worker thread (FIFO)."""
+        fwd = flight.forward
+        assert fwd is not None and flight.future is None, "sample() once, after launch()"
+        flight.forward = None
+        batch = flight.batch
+        loop = asyncio.get_running_loop()
+        if self.device.type == "cuda":
+            with torch.inference_mode():
+                assert fwd.logits is not None
+                flight.pending = self._sample(batch, fwd.logits, masks)
+            done = torch.cuda.Event()
+            done.record()
+            flight.future = loop.run_in_executor(self._worker, done.synchronize)
+        else:
+            flight.future = loop.run_in_executor(self._worker, self._sample_cpu, batch, fwd, masks)
+
     async def result(self, flight: InFlight) -> StepResult:
         """Waits for a launched step and brings its tokens to the host."""
+        assert flight.future is not None, "a step launched without sampling: sample() first"
         result = await flight.future
         if flight.pending is not None:
             result = self._collect(flight.pending)
@@ -379,6 +426,7 @@ class ModelRunner:
         else:
             st = ALL_GREEDY
         return Batch(
+            guided=guided_rows(sample_seqs),
             input_ids=input_ids,
             positions=positions_d,
             attn=attn,
@@ -452,11 +500,27 @@ class ModelRunner:
     @torch.inference_mode()
     def _launch(self, batch: Batch, copies: list[tuple[int, int]]) -> _Pending:
         """Queue the step's device work (on CUDA nothing here waits for the device)."""
+        return self._sample(batch, self._forward(batch, copies), None)
+
+    def _forward_into(self, fwd: _Forward, batch: Batch, copies: list[tuple[int, int]]) -> None:
+        try:
+            fwd.logits = self._forward(batch, copies)
+        except BaseException as exc:  # raised where the step lands (`_sample_cpu`)
+            fwd.error = exc
+
+    def _sample_cpu(self, batch: Batch, fwd: _Forward, masks: StepMasks) -> StepResult:
+        if fwd.error is not None:
+            raise fwd.error
+        assert fwd.logits is not None, "the forward runs first in the worker"
+        return self._collect(self._sample(batch, fwd.logits, masks))
+
+    @torch.inference_mode()
+    def _forward(self, batch: Batch, copies: list[tuple[int, int]]) -> torch.Tensor:
+        """The step's copy-on-write copies and forward: the sampled rows' logits [S, V]."""
         if copies:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)
         logits = None
-        prompt = None
         if self.graphs is not None and not batch.forks and batch.prompt_lp is None:
             if batch.attn.is_decode:
                 logits = self.graphs.run(
@@ -479,7 +543,15 @@ class ModelRunner:
                 scored = prompt_logprobs.compute(
                     self.model.compute_logits, hidden, batch.prompt_lp, self.vocab_size
                 )
-                prompt = (batch.prompt_lp, scored)
+                batch.prompt_scored = (batch.prompt_lp, scored)
+        return logits
+
+    @torch.inference_mode()
+    def _sample(self, batch: Batch, logits: torch.Tensor, masks: StepMasks | None) -> _Pending:
+        """The step's sampling (after its masks, if any), its tokens written to token_buf and
+        queued for the host."""
+        if masks is not None and masks.rows:
+            apply_masks(logits, masks, self.vocab_size, self._h2d)
         counts = None
         if batch.st.presence is not None:
             length = max(batch.sample_pos_host, default=0) + 1
@@ -503,7 +575,7 @@ class ModelRunner:
                     for t in (out.logprobs, out.top_ids, out.top_logprobs)
                 ),
             )
-        return _Pending(out, beam, prompt)
+        return _Pending(out, beam, batch.prompt_scored)
 
     @staticmethod
     def _collect(pending: _Pending) -> StepResult:

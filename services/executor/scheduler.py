@@ -469,6 +469,8 @@ class Scheduler:
         children = []
         for index in range(1, req.params.n):
             child = new_sequence(req, index, list(parent.token_ids), self.config.device)
+            if parent.matcher is not None:  # structured output: the grammar state forks too
+                child.matcher = parent.matcher.fork()
             child.row = self.rows.take()
             child.status = SeqStatus.RUNNING
             child.num_cached_tokens = parent.num_cached_tokens
@@ -596,6 +598,21 @@ class Scheduler:
             pos = positions[i]
             tokens = seq.token_ids
             tokens[pos] = token
+            matcher = seq.matcher
+            if (
+                matcher is not None
+                and not matcher.is_terminated()  # (complete, and ignore_eos went on)
+                and not matcher.accept_token(token)
+            ):
+                # The step's mask allowed only what the matcher accepts, so this is a bug, not
+                # bad input: the choice ends here rather than leave its grammar.
+                outputs.extend(seq.request.error_outputs([seq.index], "left the output grammar"))
+                if seq.status == SeqStatus.RUNNING:
+                    releases.append(seq.seq_id)
+                self.finish(seq, FinishReason.ERROR)
+                if all(q.is_finished for q in seq.request.seqs):
+                    finished.append(seq.request.request_id)
+                continue
             req = seq.request
             p = req.params
             lps: list[TokenLogprob] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +116,9 @@ class Sequence:
     prompt_logprobs_done: bool = False
     # Chained keys of the prompt's full blocks (inflight_prefill.py), made on first use.
     prompt_block_keys: list[int] | None = None
+    # Structured output: the xgrammar GrammarMatcher of the request's guide, advanced with each
+    # landed token (grammar.py); None for an unconstrained sequence.
+    matcher: Any = None
 
     @property
     def params(self) -> SamplingParams:

@@ -33,6 +33,8 @@ from pagemesh.services.executor.engine_api import (
     EngineClient,
     EngineLoad,
     FinishReason,
+    Guide,
+    GuideKind,
     PackedIds,
     SamplingParams,
     SequenceOutput,
@@ -58,6 +60,16 @@ SERVER_OPTIONS = [
 ]
 
 
+def guide_from_proto(p: pb.SamplingParams) -> Guide | None:
+    if not p.HasField("guide") or p.guide.kind == pb.GUIDE_NONE:
+        return None
+    try:
+        kind = GuideKind(p.guide.kind)
+    except ValueError:
+        raise ValueError(f"unknown guide kind {p.guide.kind}") from None
+    return Guide(kind, p.guide.spec)
+
+
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         n=p.n or 1,
@@ -80,6 +92,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         early_stopping="never" if p.early_stopping_never else p.early_stopping,
         prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        guide=guide_from_proto(p),
     )
 
 
@@ -120,6 +133,7 @@ def output_to_proto(o: SequenceOutput) -> pb.SequenceOutput:
         error=o.error,
         cumulative_logprob=o.cumulative_logprob,
         retryable=o.retryable,
+        rejected=o.rejected,
     )
 
 

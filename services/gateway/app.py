@@ -48,11 +48,15 @@ from pagemesh.services.gateway.responses import (
     ChatFormatter,
     CompletionFormatter,
     ResponseMeta,
+    ToolMode,
     usage,
 )
 from pagemesh.services.gateway.router import FleetRouter, LocalRouter, Router
 from pagemesh.services.gateway.served_models import ModelRegistry, ServedModel
 from pagemesh.services.gateway.sse import SSEWriter, encode_event
+from pagemesh.services.gateway.structured import refusal_error
+from pagemesh.services.gateway.tool_parsers import parser_for_template
+from pagemesh.services.gateway.tools import prepare_messages
 from pagemesh.services.gateway.trace import RequestTimes, RequestTrace
 from pagemesh.services.gateway.turnstile import Turnstile
 from pagemesh.services.gateway.validation import (
@@ -100,6 +104,9 @@ class GatewayConfig:
     # Request migration (migration.py): how often a request may move, how long it waits for an
     # executor to take it.
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
+    # The tool-call syntax parsed out of `auto` outputs (tool_parsers.PARSERS); empty: the one
+    # the model's chat template teaches.
+    tool_call_parser: str = ""
 
     @property
     def fleet_mode(self) -> bool:
@@ -317,13 +324,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tokenizer = model.tokenizer
     assert tokenizer is not None  # resolve() returns ready models only
     times.parsed = RequestTimes.now()
+    template = tokenizer.chat_template
+    messages, tools = prepare_messages(req.messages, req.tools, template)
     try:
-        prompt_ids = await tokenizer.encode_chat_async(req.messages)
+        prompt_ids = await tokenizer.encode_chat_async(messages, tools)
     except PromptError as exc:
         raise invalid(str(exc), param="messages") from None
     times.encoded = RequestTimes.now()
     meta = ResponseMeta.new("chatcmpl", model.name)
-    fmt = ChatFormatter(meta, req.include_usage, req.options.logprobs)
+    tool_mode = None
+    if req.tools is not None and req.tools.choice != "none":
+        parser = parser_for_template(template, gw.config.tool_call_parser)
+        tool_mode = ToolMode(req.tools.choice, parser, req.tools.function)
+    fmt = ChatFormatter(meta, req.include_usage, req.options.logprobs, tool_mode)
     return await _generate(request, gw, model, "chat", req, prompt_ids, fmt, times)
 
 
@@ -420,6 +433,8 @@ async def _generate(
     except APIError as exc:
         if exc.status >= 500:  # the executor failed it (a refusal is the request's fault)
             member.note_result(failed=True)
+        if req.options.guide is not None:  # a grammar the executor could not compile
+            raise refusal_error(exc, req.options.guide) from None
         raise
     except ExecutorUnavailable as exc:
         member.note_result(failed=True)

@@ -165,9 +165,13 @@ class Tokenizer:
         self._bytes[token_id] = out
         return out
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.hf.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
         except Exception as exc:  # jinja raises its own errors (e.g. alternation checks)
             raise PromptError(f"The chat template rejected these messages: {exc}") from None
 
@@ -176,9 +180,11 @@ class Tokenizer:
         # double it. Plain completions: the tokenizer's own BOS rule applies.
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Exactly `encode(render_chat(messages))`, reusing the ids of segments seen before."""
-        return self._encode_split(self.render_chat(messages))
+        return self._encode_split(self.render_chat(messages, tools))
 
     def _encode_split(self, text: str, cache: bool = True) -> list[int]:
         # The text is cut right after every match of a split token, each segment is encoded on
@@ -219,10 +225,17 @@ class Tokenizer:
             return [self.encode(t) for t in texts]
         return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
 
-    async def encode_chat_async(self, messages: list[dict[str, str]]) -> list[int]:
-        if sum(len(m["content"]) for m in messages) < INLINE_TOKENIZE_CHARS:
-            return self.encode_chat(messages)
-        return await asyncio.to_thread(self.encode_chat, messages)
+    async def encode_chat_async(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        if sum(len(m["content"]) for m in messages) < INLINE_TOKENIZE_CHARS and not tools:
+            return self.encode_chat(messages, tools)
+        return await asyncio.to_thread(self.encode_chat, messages, tools)
+
+    @property
+    def chat_template(self) -> str:
+        template = getattr(self.hf, "chat_template", "") or ""
+        return template if isinstance(template, str) else json.dumps(template)
 
     async def encode_async(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if len(text) < INLINE_TOKENIZE_CHARS:

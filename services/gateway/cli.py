@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from pagemesh.services.gateway.tool_parsers import PARSERS
 from pagemesh.services.gateway.validation import Limits
 
 from pagemesh.env import add_option, env_default
@@ -86,6 +87,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     add_option(p, "--trace-requests", "", "append a JSON line per request's timings here")
+    add_option(
+        p,
+        "--tool-call-parser",
+        "",
+        "tool-call syntax parsed out of the model's text: hermes, llama3_json or mistral "
+        "(default: the one the chat template teaches)",
+    )
     add_option(
         p,
         "--workers",
@@ -207,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.tool_call_parser and args.tool_call_parser not in PARSERS:
+        raise SystemExit(
+            f"--tool-call-parser must be one of {', '.join(PARSERS)}, not {args.tool_call_parser!r}"
+        )
     executors = _executors(args)
     config = GatewayConfig(
         executors=executors,
@@ -220,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(max_n=args.max_n, max_stop=args.max_stop, max_tokens=args.max_tokens_limit),
         trace_requests=args.trace_requests,
         migration=MigrationPolicy(limit=args.migration_limit, wait_s=args.migration_wait),
+        tool_call_parser=args.tool_call_parser,
     )
     serving = (
         f"kvmanager {args.kvmanager}'s fleet, routing policy {args.routing_policy}"

@@ -99,6 +99,9 @@ def build_request(
             wanted.append(options.top_logprobs)
         params.prompt_logprobs = max(wanted)
     apply_beam(params, options.beam)
+    if options.guide is not None:
+        params.guide.kind = options.guide.kind  # type: ignore[assignment]  # (the enum's int)
+        params.guide.spec = options.guide.spec
     # The packed form: a copy to build, serialize and read, where ~1k repeated ids cost tens
     # of microseconds at each of those (proto/executor.proto). The caller checked
     # 0 <= id < vocab (< 2**32).

@@ -17,8 +17,40 @@ from pagemesh.services.gateway.prompt_logprobs import (
     token_label,
     vllm_prompt_logprobs,
 )
+from pagemesh.services.gateway.tool_parsers import (
+    ParsedCall,
+    ToolStreamer,
+    constrained_calls,
+    parse_calls,
+    tool_call_objects,
+)
+from pagemesh.services.gateway.tools import new_call_id
 
 SYSTEM_FINGERPRINT = "pagemesh"
+
+
+@dataclass(slots=True, frozen=True)
+class ToolMode:
+    """How a chat request's output becomes tool calls: `mode` auto (parsed with `parser`),
+    required or function (constrained: the text is the calls' JSON; `function` the named one)."""
+
+    mode: str
+    parser: str
+    function: str = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        if self.mode == "auto":
+            return parse_calls(self.parser, text)
+        if self.mode == "function":
+            return None, [ParsedCall(self.function, text)]
+        calls = constrained_calls(self.mode, self.function, text)
+        return (None if calls else text), calls
+
+
+def tool_finish(reason: str | None, calls: list[ParsedCall]) -> str | None:
+    """OpenAI's finish_reason for a choice that called tools: `tool_calls`, unless it was cut
+    (length) first."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 @dataclass(slots=True)
@@ -138,10 +170,18 @@ class _Extensions:
 class ChatFormatter(_Extensions):
     """chat.completion.chunk events for a stream, or one chat.completion at the end."""
 
-    def __init__(self, meta: ResponseMeta, include_usage: bool, want_logprobs: bool) -> None:
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        include_usage: bool,
+        want_logprobs: bool,
+        tools: ToolMode | None = None,
+    ) -> None:
         self.meta = meta
         self.include_usage = include_usage
         self.want_logprobs = want_logprobs
+        self.tools = tools
+        self._streamers: dict[int, ToolStreamer] = {}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -173,7 +213,35 @@ class ChatFormatter(_Extensions):
             for i in range(n)
         ]
 
+    def _tool_chunks(self, delta: ChoiceDelta, tools: ToolMode) -> list[dict[str, Any]]:
+        st = self._streamers.get(delta.index)
+        if st is None:
+            st = self._streamers[delta.index] = ToolStreamer(
+                tools.mode, tools.parser, tools.function
+            )
+        deltas = st.push(delta.text) if delta.text else []
+        finish = delta.finish_reason
+        if finish is not None:
+            deltas += st.finish()
+            finish = tool_finish(finish, st.calls)
+        lp = (
+            chat_logprobs(delta.logprobs, self.as_ids)
+            if self.want_logprobs and delta.logprobs
+            else None
+        )
+        chunks = []
+        for d in deltas:
+            choice = {"index": delta.index, "delta": d, "logprobs": lp, "finish_reason": None}
+            chunks.append(self._chunk([choice]))
+            lp = None
+        if finish is not None:
+            choice = {"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": finish}
+            chunks.append(self._chunk([choice]))
+        return chunks
+
     def delta_chunks(self, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        if self.tools is not None:
+            return self._tool_chunks(delta, self.tools)
         chunks = []
         if delta.text or delta.logprobs:
             lp = chat_logprobs(delta.logprobs, self.as_ids) if self.want_logprobs else None
@@ -217,14 +285,7 @@ class ChatFormatter(_Extensions):
             "model": self.meta.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": (
-                        chat_logprobs(logprobs[i], self.as_ids) if self.want_logprobs else None
-                    ),
-                    "finish_reason": gen.finish_reasons[i],
-                }
+                self._choice(i, text, gen.finish_reasons[i], logprobs[i])
                 for i, text in enumerate(gen.texts())
             ],
             "usage": usage(gen),
@@ -232,6 +293,24 @@ class ChatFormatter(_Extensions):
         if self.prompt is not None and self.prompt.field_wanted:
             body["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt)  # (vLLM: top level)
         return body
+
+    def _choice(
+        self, i: int, text: str, finish: str | None, logprobs: list[TokenInfo]
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if self.tools is not None:
+            content, calls = self.tools.parse(text)
+            message["content"] = content
+            if calls:
+                ids = [new_call_id() for _ in calls]
+                message["tool_calls"] = tool_call_objects(calls, ids)
+            finish = tool_finish(finish, calls)
+        return {
+            "index": i,
+            "message": message,
+            "logprobs": chat_logprobs(logprobs, self.as_ids) if self.want_logprobs else None,
+            "finish_reason": finish,
+        }
 
 
 class CompletionFormatter(_Extensions):

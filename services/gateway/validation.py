@@ -15,6 +15,8 @@ from typing import Any
 
 from pagemesh.services.gateway.beam import BeamOptions, parse_beam
 from pagemesh.services.gateway.errors import APIError, invalid
+from pagemesh.services.gateway.structured import GuideOptions, parse_guide
+from pagemesh.services.gateway.tools import ToolOptions, parse_tools, tool_calls_of, tool_guide
 
 # Roles the chat template understands; "developer" is OpenAI's newer name for "system".
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -61,16 +63,20 @@ class GenerationOptions:
     tokens_as_ids: bool = False
     # completions: echo with logprobs scores the prompt too (its tokens lead the logprobs).
     echo_logprobs: bool = False
+    guide: GuideOptions | None = None  # structured output (structured.py, tools.py)
 
 
 @dataclass(slots=True)
 class ChatRequest:
     model: str
-    messages: list[dict[str, str]]  # role + plain-text content
+    # role + plain-text content; assistant turns may carry `tool_calls` (arguments parsed),
+    # tool turns `tool_call_id`
+    messages: list[dict[str, Any]]
     stream: bool
     include_usage: bool
     options: GenerationOptions
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
+    tools: ToolOptions | None = None
 
 
 @dataclass(slots=True)
@@ -311,6 +317,12 @@ def _common_options(body: dict[str, Any], limits: Limits) -> GenerationOptions:
         logit_bias=_logit_bias(body, limits),
     )
     options.beam = parse_beam(body, options.n, limits.max_beam_width)
+    options.guide = parse_guide(body)
+    if options.guide is not None and options.beam is not None:
+        raise invalid(
+            f"'{options.guide.param}' (structured output) does not work with beam search.",
+            param=options.guide.param,
+        )
     return options
 
 
@@ -367,7 +379,7 @@ def _message_text(content: Any, where: str) -> str:
     raise _type_error(where, "a string or an array of content parts", content)
 
 
-def _messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
         raise invalid(
@@ -387,7 +399,7 @@ def _messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
             param="messages",
             code="invalid_value",
         )
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -410,14 +422,29 @@ def _messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
                 code="missing_required",
             )
         text = _message_text(message.get("content"), f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": text})
+        turn: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        if role == "assistant":
+            calls = tool_calls_of(message, where)
+            if calls:
+                turn["tool_calls"] = calls
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(
+                    f"Missing required parameter: '{where}.tool_call_id'.",
+                    param=f"{where}.tool_call_id",
+                    code="missing_required",
+                )
+            turn["tool_call_id"] = call_id
+        out.append(turn)
     return out
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
-    for name in ("tools", "functions"):
+    # The deprecated `functions` / `function_call`: clients send `tools` instead.
+    for name in ("functions", "function_call"):
         if body.get(name):
-            raise invalid(f"'{name}' is not supported by this server.", param=name)
+            raise invalid(f"'{name}' is not supported by this server; use 'tools'.", param=name)
     _reject_unhonoured(body)
 
 
@@ -431,16 +458,6 @@ def _reject_unhonoured(body: dict[str, Any]) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
-    # Plain text is all this server makes: a client that asks for JSON must hear so, not get
-    # free text it would fail to parse.
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        raise invalid(
-            f"'response_format' of type {kind!r} is not supported by this server; only"
-            " {'type': 'text'} is.",
-            param="response_format",
-        )
 
 
 def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
@@ -455,6 +472,19 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
         raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     options.top_logprobs = top
     _vllm_logprob_options(body, options, stream, limits)
+    tools = parse_tools(body)
+    if tools is not None:
+        if options.beam is not None:
+            raise invalid("'tools' do not work with beam search.", param="tools")
+        guide = tool_guide(tools)
+        if guide is not None:
+            if options.guide is not None:
+                raise invalid(
+                    f"'tool_choice' {tools.choice!r} and '{options.guide.param}' both constrain "
+                    "the output; send one of them.",
+                    param="tool_choice",
+                )
+            options.guide = guide
     return ChatRequest(
         model=model,
         messages=messages,
@@ -462,6 +492,7 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
         include_usage=_stream_options(body, stream),
         options=options,
         continuous_usage=_continuous_usage(body),
+        tools=tools,
     )
 
 
