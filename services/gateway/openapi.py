@@ -21,7 +21,7 @@ from pagemesh.services.gateway.validation import CHAT_ROLES, Limits
 Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.1.0"
-FINISH_REASONS = ("stop", "length", "abort")  # generation.FINISH_REASONS' values
+FINISH_REASONS = ("stop", "length", "abort", "tool_calls")  # generation.FINISH_REASONS, tools
 
 
 def ref(name: str) -> Schema:
@@ -123,6 +123,7 @@ def _sampling_fields(limits: Limits) -> dict[str, Schema]:
             " stream or beam search.",
         ),
         "return_tokens_as_token_ids": boolean('vLLM: tokens in logprobs as "token_id:<id>".'),
+        **_structured_fields(),
         "early_stopping": one_of(
             "When beam search stops (transformers' generate).",
             {"type": "boolean"},
@@ -167,14 +168,92 @@ def _chat_fields(limits: Limits) -> dict[str, Schema]:
         "top_logprobs": integer(
             0, limits.max_top_logprobs, "Most likely alternatives per token; needs logprobs."
         ),
-        # Structured output is the structured-output issue's: plain text is all there is now.
+        **_tool_fields(),
+    }
+
+
+def _structured_fields() -> dict[str, Schema]:
+    """Structured output (structured.py): OpenAI's response_format and vLLM's names. At most one
+    of them per request (a rule across fields: the gateway's 400)."""
+    json_schema = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "schema": {"type": ["object", "boolean"]},
+            "strict": {"type": ["boolean", "null"]},
+        },
+    }
+    return {
         "response_format": _field(
             ["object"],
-            "Only {'type': 'text'}.",
+            "text (nothing), json_object (any JSON object) or json_schema (output valid against"
+            " json_schema.schema).",
             required=["type"],
-            properties={"type": {"const": "text"}},
-            additionalProperties=False,
+            properties={
+                "type": {"enum": ["text", "json_object", "json_schema"]},
+                "json_schema": json_schema,
+            },
         ),
+        "structured_outputs": _field(
+            ["object"],
+            "vLLM: one of json (a schema), json_object, regex, choice, grammar (EBNF).",
+            properties={
+                "json": {"type": ["object", "boolean", "string"]},
+                "json_object": {"type": "boolean"},
+                "regex": {"type": "string"},
+                "choice": {"type": "array", "items": {"type": "string"}},
+                "grammar": {"type": "string"},
+            },
+        ),
+        "guided_json": one_of("vLLM: a JSON schema.", {"type": ["object", "boolean", "string"]}),
+        "guided_regex": string("vLLM: a regular expression the output matches."),
+        "guided_choice": one_of(
+            "vLLM: the output is one of these strings.",
+            {"type": "array", "items": {"type": "string"}},
+        ),
+        "guided_grammar": string("vLLM: an EBNF grammar (rule root)."),
+    }
+
+
+def _tool_fields() -> dict[str, Schema]:
+    """Tool calling (tools.py): OpenAI's tools, tool_choice and parallel_tool_calls."""
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object"},
+            "strict": {"type": ["boolean", "null"]},
+        },
+    }
+    tool = {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {"type": {"const": "function"}, "function": function},
+    }
+    named = {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}},
+            },
+        },
+    }
+    return {
+        "tools": one_of("Functions the model may call.", {"type": "array", "items": tool}),
+        "tool_choice": one_of(
+            "none, auto, required, or one named function (needs tools).",
+            {"enum": ["none", "auto", "required"]},
+            named,
+        ),
+        "parallel_tool_calls": boolean("Several calls in one answer (default true)."),
     }
 
 
@@ -322,6 +401,7 @@ def _response_schemas() -> dict[str, Schema]:
                         "role": {"const": "assistant"},
                         "content": {"type": ["string", "null"]},
                         "refusal": {"type": ["string", "null"]},
+                        "tool_calls": {"type": "array", "items": {"type": "object"}},
                     },
                 ),
                 "logprobs": {"anyOf": [ref("ChatLogprobs"), NULL]},
@@ -337,6 +417,7 @@ def _response_schemas() -> dict[str, Schema]:
                     {
                         "role": {"const": "assistant"},
                         "content": {"type": ["string", "null"]},
+                        "tool_calls": {"type": "array", "items": {"type": "object"}},
                     },
                 ),
                 "logprobs": {"anyOf": [ref("ChatLogprobs"), NULL]},
