@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from pagemesh.proto import executor_pb2 as pb
 from pagemesh.services.executor.engine_api import FinishReason, SamplingParams, SequenceOutput
 
 
@@ -135,3 +136,17 @@ class ScriptedEngine:
                 del self.live[rid]
         self.step_sizes.append(len(outs))
         return outs
+
+
+def scripted_info(vocab_size: int, model_path: str) -> pb.ExecutorInfo:
+    """The ExecutorInfo a scripted engine's server advertises: model "smol" (SmolLM2's tokenizer
+    at `model_path`), a 64-block pool of 16-token blocks, a 256-token context."""
+    return pb.ExecutorInfo(
+        executor_id="fake",
+        model="smol",
+        model_path=model_path,
+        block_size=16,
+        num_blocks=64,
+        max_model_len=256,
+        vocab_size=vocab_size,
+    )

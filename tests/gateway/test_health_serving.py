@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
-from pagemesh.proto import executor_pb2 as pb
 from pagemesh.services.executor.engine_api import SequenceOutput
 from pagemesh.services.executor.server import serve
 from pagemesh.services.gateway.app import GatewayConfig, create_app
@@ -18,7 +17,7 @@ from pagemesh.services.gateway.chat import Tokenizer
 from pagemesh.services.gateway.served_models import FAILING_AFTER
 
 from pagemesh.redis_process import free_port
-from tests.gateway.scripted_engine import ScriptedEngine
+from tests.gateway.scripted_engine import ScriptedEngine, scripted_info
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "smol", "messages": [{"role": "user", "content": "Capital of France?"}]}
@@ -54,15 +53,7 @@ async def test_health_is_503_while_the_executor_fails_and_when_it_is_gone(
     eos = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
     engine = BreakableEngine(tokenizer.encode("Paris."), eos)
     port = free_port()
-    info = pb.ExecutorInfo(
-        executor_id="fake",
-        model="smol",
-        model_path=str(smollm2_path),
-        block_size=16,
-        num_blocks=64,
-        max_model_len=256,
-        vocab_size=len(tokenizer.hf),
-    )
+    info = scripted_info(len(tokenizer.hf), str(smollm2_path))
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
     app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"]))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from pagemesh.proto import executor_pb2 as pb
 from pagemesh.services.executor.server import serve
 from pagemesh.services.gateway.app import GATEWAY, GatewayConfig, create_app
 from pagemesh.services.gateway.chat import Tokenizer
@@ -21,7 +20,7 @@ from pagemesh.services.kvmanager.server import start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagemesh.redis_process import free_port
-from tests.gateway.scripted_engine import ScriptedEngine
+from tests.gateway.scripted_engine import ScriptedEngine, scripted_info
 from tests.support.exposition import promtool_problems, strict_problems
 
 AUTH = {"Authorization": "Bearer sekrit"}
@@ -35,15 +34,7 @@ async def gateway(tokenizer: Tokenizer, smollm2_path: Path) -> AsyncIterator[Tes
     eos = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
     engine = ScriptedEngine(tokenizer.encode("Paris."), eos)
     port = free_port()
-    info = pb.ExecutorInfo(
-        executor_id="fake",
-        model="smol",
-        model_path=str(smollm2_path),
-        block_size=16,
-        num_blocks=64,
-        max_model_len=256,
-        vocab_size=len(tokenizer.hf),
-    )
+    info = scripted_info(len(tokenizer.hf), str(smollm2_path))
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
     config = GatewayConfig(

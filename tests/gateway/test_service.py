@@ -20,7 +20,7 @@ from pagemesh.services.gateway.app import GATEWAY, GatewayConfig, create_app
 from pagemesh.services.gateway.chat import Tokenizer
 
 from pagemesh.redis_process import free_port
-from tests.gateway.scripted_engine import ScriptedEngine
+from tests.gateway.scripted_engine import ScriptedEngine, scripted_info
 
 ANSWER = "The capital of France is Paris. 🎉 It is lovely."
 
@@ -32,15 +32,7 @@ async def mesh(
     eos = tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
     engine = ScriptedEngine(tokenizer.encode(ANSWER), eos)
     port = free_port()
-    info = pb.ExecutorInfo(
-        executor_id="fake",
-        model="smol",
-        model_path=str(smollm2_path),
-        block_size=16,
-        num_blocks=64,
-        max_model_len=256,
-        vocab_size=len(tokenizer.hf),
-    )
+    info = scripted_info(len(tokenizer.hf), str(smollm2_path))
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
     app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"], api_keys=["sekrit"]))
