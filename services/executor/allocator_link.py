@@ -506,13 +506,7 @@ class AllocatorLink:
     async def release_now(self, seq_ids: list[str]) -> None:
         """A release the caller waits for (a preemption, after `settle`: nothing of the
         sequence is still on its way). An unreachable kvmanager gets it with the reconcile."""
-        try:
-            await self.allocator.release(seq_ids)
-        except AllocatorUnavailable as exc:
-            self._unavailable(exc)
-            self._requeue([], seq_ids)
-        except StaleEpoch as exc:
-            self._stale(exc)
+        await self._release(seq_ids)
 
     async def fork(
         self,
