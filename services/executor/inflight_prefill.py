@@ -96,14 +96,15 @@ class InflightPrefills:
         batch.update(k for k in keys if k not in known)
         return False
 
-    def known_cached(self, seq: Sequence, stop: int) -> None:
-        """The prompt's blocks before `stop` are in the prefix cache (committed by this
-        executor, or hit at admission)."""
+    def known_cached(self, seq: Sequence, start: int, stop: int) -> None:
+        """The prompt's blocks [start, stop) are in the prefix cache (committed by this executor,
+        or hit at admission). Only the newly committed ones: a decoding sequence commits a block
+        every block_size tokens, and its prompt's blocks were marked when they were."""
         keys = seq.prompt_block_keys
-        if keys is None:
-            return  # admitted after a preemption: its prompt's blocks were known then
+        if keys is None or start >= len(keys):
+            return  # (None: admitted after a preemption, its prompt's blocks were known then)
         known = self._known
-        for k in keys[:stop]:
+        for k in keys[start:stop]:
             known[k] = None
             known.move_to_end(k)
         while len(known) > KNOWN_CAPACITY:

@@ -329,7 +329,7 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_cached_tokens = alloc.num_cached_tokens
         seq.num_committed_blocks = alloc.num_cached_tokens // self.block_size
         if self.inflight is not None:
-            self.inflight.known_cached(seq, seq.num_committed_blocks)
+            self.inflight.known_cached(seq, 0, seq.num_committed_blocks)
         seq.status = SeqStatus.RUNNING
         seq.row = self.rows.take()
         self.rows.reserve(rows - 1)
@@ -561,9 +561,9 @@ class Scheduler:
             if full > seq.num_committed_blocks:
                 for i in range(seq.num_committed_blocks, full):
                     entries.append(CommitEntry(seq.seq_id, i, seq.token_ids[i * bs : (i + 1) * bs]))
-                seq.num_committed_blocks = full
                 if self.inflight is not None:
-                    self.inflight.known_cached(seq, full)
+                    self.inflight.known_cached(seq, seq.num_committed_blocks, full)
+                seq.num_committed_blocks = full
         return entries
 
     def add_prompt_logprobs(self, chunks: list[tuple[Sequence, int, list[TokenLogprob]]]) -> None:
