@@ -111,6 +111,7 @@ class ServedModel:
         # A copy: the beam width comes from this model's executors, not another model's.
         self.limits = replace(limits)
         self._operator_beam_width = limits.max_beam_width
+        self._operator_max_n = limits.max_n
         self.created = int(time.time())
 
     @property
@@ -140,17 +141,25 @@ class ServedModel:
         return self.bounds().max_model_len
 
     def refresh_limits(self) -> None:
-        """The beam width the API accepts: the operator's bound, unless the executors state
-        theirs (each beam runs as a sequence of its own, so max_num_seqs bounds it too)."""
+        """The beam width and `n` the API accepts: the operator's bounds, unless the executors
+        state theirs (each beam and each of n choices runs as a sequence of its own, so an
+        executor's max_num_seqs bounds both: a larger n is the gateway's 400 naming `n`, not
+        an executor's refusal after routing)."""
         widths = []
+        seq_caps = []
         for m in self.members.values():
             info = m.info
-            if m.admitted and info is not None and info.max_beam_width:
+            if not m.admitted or info is None:
+                continue
+            if info.max_num_seqs:
+                seq_caps.append(info.max_num_seqs)
+            if info.max_beam_width:
                 width = info.max_beam_width
                 if info.max_num_seqs:
                     width = min(width, info.max_num_seqs)
                 widths.append(width)
         self.limits.max_beam_width = min(widths) if widths else self._operator_beam_width
+        self.limits.max_n = min([self._operator_max_n, *seq_caps])
 
 
 class ModelRegistry:

@@ -168,6 +168,7 @@ async def mesh(tokenizer: Tokenizer, smollm2_path: Path) -> AsyncIterator[FleetM
             max_model_len=256,
             vocab_size=len(tokenizer.hf),
             max_beam_width=4,
+            max_num_seqs=6,
         )
         tasks.append(asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop)))
         executors[executor_id] = Executor(executor_id, model, port, engine)
@@ -298,6 +299,18 @@ async def test_n_and_beams_are_routed_once_and_stay_on_one_executor(mesh: FleetM
     assert len(mesh.fleet.routes) == 1 and served_by(mesh)["ex-b"] == 1
     status, body = await chat(mesh, use_beam_search=True, beam_width=2, n=2, max_tokens=4)
     assert len(mesh.fleet.routes) == 2 and served_by(mesh) == {"ex-a": 0, "ex-b": 2, "ex-c": 0}
+
+
+async def test_n_beyond_the_executors_max_num_seqs_is_a_400_naming_n(mesh: FleetMesh) -> None:
+    """Each of n choices runs as a sequence: n above the executors' max_num_seqs (6 here) is
+    refused by the gateway, naming `n`, before any routing."""
+    a, b = mesh.executors["ex-a"], mesh.executors["ex-b"]
+    await publish(mesh, a.member(), b.member())
+    status, body = await chat(mesh, n=7)
+    assert status == 400 and body["error"]["param"] == "n", body
+    assert "6" in body["error"]["message"] and not mesh.fleet.routes
+    status, body = await chat(mesh, n=6)
+    assert status == 200 and len(body["choices"]) == 6
 
 
 async def test_aborts_reach_the_executor_holding_the_request(mesh: FleetMesh) -> None:
