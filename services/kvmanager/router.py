@@ -197,7 +197,7 @@ class Router:
             num_full = (len(prompt) // 4 - 1) // bs
             if num_full <= 0:
                 continue
-            chain = list(hashing.iter_chain_data(extra, prompt, bs, 0, num_full, hashing.ROOT))
+            chain = hashing.chain_data(extra, prompt, bs, 0, num_full)
             for i in members:
                 chains[i] = chain
                 index = cands[i].pool.index

@@ -64,6 +64,12 @@ def test_chain_and_salt_id() -> None:
         VECTORS["h0 = block(ROOT, [1,2,3,4])"],
         VECTORS["h1 = block(h0, [5,6,7,8])"],
     ]
+    # The packed-bytes forms, lazy and as a list, from block 0 and from the middle of a chain.
+    data = hashing.token_bytes([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert list(hashing.iter_chain_data(e, data, 4, 0, 2)) == hs
+    assert hashing.chain_data(e, data, 4, 0, 2) == hs
+    assert hashing.chain_data(e, data, 4, 1, 2, hs[0]) == hs[1:]
+    assert hashing.chain_data(e, data, 4, 2, 2) == []
     assert hashing.salt_id("") == ""
     assert hashing.salt_id("tenant-a") == "1d5ac8631f6771f5"
     assert "tenant" not in hashing.salt_id("tenant-a")
