@@ -100,7 +100,9 @@ async def run(
 
 async def main_async(args: argparse.Namespace) -> None:
     port = free_port()
-    proc = spawn(port, None)
+    # The executors register and then fall silent: live for the whole run (six rows take
+    # longer than the default 10 s bound).
+    proc = spawn(port, None, ["--executor-timeout", "3600"])
     try:
         await wait_ready(port)
         contexts = await setup(port, random.Random(0))
