@@ -17,7 +17,6 @@ grpc.aio cancels the stream with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 
 import grpc
@@ -68,9 +67,20 @@ class RouteStream:
                 async with self._lock:
                     call, pending = self._open()
                     pending[rid] = fut
-                    # InvalidStateError: the call ended since; its reader says why.
-                    with contextlib.suppress(asyncio.InvalidStateError):
+                    try:
                         await call.write(message)
+                    except asyncio.InvalidStateError:
+                        pass  # the call ended since: its reader fails `fut` with the reason
+                    except asyncio.CancelledError:
+                        # grpc.aio raises it for a write on a call cancelled meanwhile (another
+                        # request's write timed out): that is this request's failure, not its
+                        # cancellation, unless its task is being cancelled (or timed out).
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
+                            raise
+                        raise RouteFailed(
+                            grpc.StatusCode.CANCELLED, "the routing stream was cancelled"
+                        ) from None
                 return await fut
         except TimeoutError:
             raise RouteFailed(
@@ -81,6 +91,8 @@ class RouteStream:
         finally:
             if pending is not None:
                 pending.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # a failure it left before awaiting: retrieved, not warned of
 
     def _open(
         self,
