@@ -49,7 +49,9 @@ def pct(xs: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, int(q * len(s)))] * 1e6, 1)  # microseconds
 
 
-def spawn(port: int, redis_url: str | None) -> subprocess.Popen:
+def spawn(
+    port: int, redis_url: str | None, extra_args: list[str] | None = None
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-P",
@@ -62,7 +64,7 @@ def spawn(port: int, redis_url: str | None) -> subprocess.Popen:
     cmd += ["--metrics-port", "0", "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    return subprocess.Popen(cmd, cwd=_repo.ROOT)
+    return subprocess.Popen([*cmd, *(extra_args or [])], cwd=_repo.ROOT)
 
 
 async def wait_ready(port: int) -> None:

@@ -2,11 +2,13 @@
 
 Three executors register (one model); each holds a different 2,048-token context, committed
 block by block as an executor does, so the kv policy scores a real prefix on every call. Then
-the client sends --calls Route requests one after another (a 2,048-token context plus a
-128-256-token question, the contexts in turn), as a gateway sends one per request: latency
-percentiles as the client sees them, and kvmanager's CPU per call (its process's CPU time over
-the run, which other tenants of a shared machine do not inflate the way they inflate latency).
-Prints one JSON line per policy.
+the client sends --calls routing requests one after another (a 2,048-token context plus a
+128-256-token question, the contexts in turn), as a gateway sends one per request, through the
+gateway's own client (router.FleetRouter.ask): over its RouteStream ("stream", what the gateway
+uses) and as unary Route calls ("unary"). Latency percentiles as the client sees them, and
+kvmanager's CPU per call (its process's CPU time over the run, which other tenants of a shared
+machine do not inflate the way they inflate latency). Prints one JSON line per policy and
+transport.
 
     python benchmarks/route_call_bench.py [--calls 2000]
 """
@@ -23,7 +25,8 @@ from array import array
 
 import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import grpc
-from pagemesh.proto import fleet_pb2, fleet_pb2_grpc
+from pagemesh.proto import fleet_pb2
+from pagemesh.services.gateway.router import FleetRouter
 from pagemesh.services.kvmanager.api import CommitEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
 
@@ -49,33 +52,39 @@ async def setup(port: int, rng: random.Random) -> list[list[int]]:
     return contexts
 
 
-async def run(port: int, pid: int, contexts: list[list[int]], policy: str, calls: int) -> dict:
+async def run(
+    port: int, pid: int, contexts: list[list[int]], policy: str, transport: str, calls: int
+) -> dict:
     rng = random.Random(1)
+    # A new question on every call (kvmanager remembers the hashes of prefixes it routed: a
+    # repeated prompt would cost less than a real one).
     prompts = [
         array(
             "I", contexts[i % 3] + [rng.randrange(32000) for _ in range(rng.randint(128, 256))]
         ).tobytes()
-        for i in range(64)
+        for i in range(calls + 16)
     ]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = fleet_pb2_grpc.FleetStub(ch)
-        for p in prompts[:16]:  # warm-up
-            await stub.Route(fleet_pb2.RouteRequest(model="bench", prompt=p, policy=policy))
+    # The gateway's own client (router.FleetRouter.ask): its RouteStream, or unary Route calls.
+    router = FleetRouter(f"127.0.0.1:{port}", policy, timeout=10, stream=transport == "stream")
+    try:
+        for p in prompts[calls:]:  # warm-up
+            await router.ask(fleet_pb2.RouteRequest(model="bench", prompt=p, policy=policy))
         lat = []
         reasons: dict[str, int] = {}
         cpu0 = proc_cpu(pid)
         for i in range(calls):
-            req = fleet_pb2.RouteRequest(
-                model="bench", prompt=prompts[i % len(prompts)], policy=policy
-            )
+            req = fleet_pb2.RouteRequest(model="bench", prompt=prompts[i], policy=policy)
             t0 = time.perf_counter()
-            reply = await stub.Route(req)
+            reply = await router.ask(req)
             lat.append(time.perf_counter() - t0)
             reasons[reply.reason] = reasons.get(reply.reason, 0) + 1
         cpu = proc_cpu(pid) - cpu0
+    finally:
+        await router.close()
     return {
         "bench": "route_call",
         "policy": policy,
+        "transport": transport,
         "calls": calls,
         "prompt_tokens": f"{CONTEXT}+128..256",
         "executors": 3,
@@ -91,12 +100,16 @@ async def run(port: int, pid: int, contexts: list[list[int]], policy: str, calls
 
 async def main_async(args: argparse.Namespace) -> None:
     port = free_port()
-    proc = spawn(port, None)
+    # The executors register and then fall silent: live for the whole run (six rows take
+    # longer than the default 10 s bound).
+    proc = spawn(port, None, ["--executor-timeout", "3600"])
     try:
         await wait_ready(port)
         contexts = await setup(port, random.Random(0))
         for policy in args.policies.split(","):
-            print(json.dumps(await run(port, proc.pid, contexts, policy, args.calls)), flush=True)
+            for transport in args.transports.split(","):
+                row = await run(port, proc.pid, contexts, policy, transport, args.calls)
+                print(json.dumps(row), flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -106,6 +119,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--policies", default="kv,least_loaded,round_robin")
+    ap.add_argument(
+        "--transports",
+        default="stream,unary",
+        help="stream: RouteStream messages, as the gateway sends them; unary: Route calls",
+    )
     asyncio.run(main_async(ap.parse_args()))
     return 0
 

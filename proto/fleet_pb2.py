@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagemesh/proto/fleet.proto\x12\x0bpagemesh.v1\"b\n\x0cRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\"l\n\rRouteResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\"c\n\x0c\x45xecutorLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x04 \x01(\x04\"\xc7\x01\n\x0b\x46leetMember\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x0c\n\x04live\x18\x08 \x01(\x08\x12\'\n\x04load\x18\t \x01(\x0b\x32\x19.pagemesh.v1.ExecutorLoad\"\x13\n\x11WatchFleetRequest\":\n\rFleetSnapshot\x12)\n\x07members\x18\x01 \x03(\x0b\x32\x18.pagemesh.v1.FleetMember2\x93\x01\n\x05\x46leet\x12>\n\x05Route\x12\x19.pagemesh.v1.RouteRequest\x1a\x1a.pagemesh.v1.RouteResponse\x12J\n\nWatchFleet\x12\x1e.pagemesh.v1.WatchFleetRequest\x1a\x1a.pagemesh.v1.FleetSnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagemesh/proto/fleet.proto\x12\x0bpagemesh.v1\"b\n\x0cRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\"l\n\rRouteResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\"J\n\x12RouteStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x05route\x18\x02 \x01(\x0b\x32\x19.pagemesh.v1.RouteRequest\"+\n\nRouteError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x13RouteStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1a.pagemesh.v1.RouteResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.pagemesh.v1.RouteErrorH\x00\x42\x08\n\x06result\"c\n\x0c\x45xecutorLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x04 \x01(\x04\"\xc7\x01\n\x0b\x46leetMember\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x0c\n\x04live\x18\x08 \x01(\x08\x12\'\n\x04load\x18\t \x01(\x0b\x32\x19.pagemesh.v1.ExecutorLoad\"\x13\n\x11WatchFleetRequest\":\n\rFleetSnapshot\x12)\n\x07members\x18\x01 \x03(\x0b\x32\x18.pagemesh.v1.FleetMember2\xe9\x01\n\x05\x46leet\x12>\n\x05Route\x12\x19.pagemesh.v1.RouteRequest\x1a\x1a.pagemesh.v1.RouteResponse\x12T\n\x0bRouteStream\x12\x1f.pagemesh.v1.RouteStreamRequest\x1a .pagemesh.v1.RouteStreamResponse(\x01\x30\x01\x12J\n\nWatchFleet\x12\x1e.pagemesh.v1.WatchFleetRequest\x1a\x1a.pagemesh.v1.FleetSnapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_end=141
   _globals['_ROUTERESPONSE']._serialized_start=143
   _globals['_ROUTERESPONSE']._serialized_end=251
-  _globals['_EXECUTORLOAD']._serialized_start=253
-  _globals['_EXECUTORLOAD']._serialized_end=352
-  _globals['_FLEETMEMBER']._serialized_start=355
-  _globals['_FLEETMEMBER']._serialized_end=554
-  _globals['_WATCHFLEETREQUEST']._serialized_start=556
-  _globals['_WATCHFLEETREQUEST']._serialized_end=575
-  _globals['_FLEETSNAPSHOT']._serialized_start=577
-  _globals['_FLEETSNAPSHOT']._serialized_end=635
-  _globals['_FLEET']._serialized_start=638
-  _globals['_FLEET']._serialized_end=785
+  _globals['_ROUTESTREAMREQUEST']._serialized_start=253
+  _globals['_ROUTESTREAMREQUEST']._serialized_end=327
+  _globals['_ROUTEERROR']._serialized_start=329
+  _globals['_ROUTEERROR']._serialized_end=372
+  _globals['_ROUTESTREAMRESPONSE']._serialized_start=375
+  _globals['_ROUTESTREAMRESPONSE']._serialized_end=505
+  _globals['_EXECUTORLOAD']._serialized_start=507
+  _globals['_EXECUTORLOAD']._serialized_end=606
+  _globals['_FLEETMEMBER']._serialized_start=609
+  _globals['_FLEETMEMBER']._serialized_end=808
+  _globals['_WATCHFLEETREQUEST']._serialized_start=810
+  _globals['_WATCHFLEETREQUEST']._serialized_end=829
+  _globals['_FLEETSNAPSHOT']._serialized_start=831
+  _globals['_FLEETSNAPSHOT']._serialized_end=889
+  _globals['_FLEET']._serialized_start=892
+  _globals['_FLEET']._serialized_end=1125
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,32 @@ class RouteResponse(_message.Message):
     policy: str
     def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
+class RouteStreamRequest(_message.Message):
+    __slots__ = ("id", "route")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    route: RouteRequest
+    def __init__(self, id: _Optional[int] = ..., route: _Optional[_Union[RouteRequest, _Mapping]] = ...) -> None: ...
+
+class RouteError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RouteStreamResponse(_message.Message):
+    __slots__ = ("id", "route", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    route: RouteResponse
+    error: RouteError
+    def __init__(self, id: _Optional[int] = ..., route: _Optional[_Union[RouteResponse, _Mapping]] = ..., error: _Optional[_Union[RouteError, _Mapping]] = ...) -> None: ...
+
 class ExecutorLoad(_message.Message):
     __slots__ = ("running", "waiting", "free_blocks", "queued_prompt_tokens")
     RUNNING_FIELD_NUMBER: _ClassVar[int]

@@ -1,9 +1,9 @@
 """gateway: the OpenAI-compatible HTTP API (aiohttp) in front of executors: one, a static list
 (`--executor`), or kvmanager's whole fleet (`--kvmanager` alone), serving one or several models.
 It validates, applies the model's chat template, tokenizes, has each request routed to one
-executor of its model (kvmanager's Fleet.Route: its exact prefix index and load), sends it up that
-executor's Serve stream (one per executor per process) and turns the step messages that come
-down into SSE chunks or one JSON body. It reaches the executors and kvmanager over gRPC only,
+executor of its model (kvmanager's Fleet.RouteStream: its exact prefix index and load), sends it
+up that executor's Serve stream (one per executor per process) and turns the step messages that
+come down into SSE chunks or one JSON body. It reaches the executors and kvmanager over gRPC only,
 never by importing them.
 
 Modules, one job each:
@@ -12,8 +12,10 @@ Modules, one job each:
                      model's tokenizer and limits, members admitted (GetInfo, tokenizer, stream)
   fleet.py           which executors exist: the static --executor list, or Fleet.WatchFleet
                      followed (snapshots mirrored, reconnect with backoff)
-  router.py          each request's executor: Fleet.Route, or the fewest in flight locally
-                     (static mode, or while kvmanager does not answer)
+  router.py          each request's executor: kvmanager's decision, or the fewest in flight
+                     locally (static mode, or while kvmanager does not answer)
+  route_stream.py    the routing calls as messages on one Fleet.RouteStream (about half a
+                     unary Route's cost; unary Route with a kvmanager that lacks it)
   validation.py      request bodies to typed requests, or a 400 naming the parameter
   beam.py            beam search parameters in the API (vLLM's extension) and their checks
   chat.py            prompts to token ids: the model's tokenizer and chat template

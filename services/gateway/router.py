@@ -1,11 +1,13 @@
 """Which executor takes a request: kvmanager's `Fleet.Route`, or a local choice.
 
 kvmanager allocated every block of every executor, so it knows exactly which prefixes each one
-holds and how loaded it is: in fleet mode each request costs one Route call (about 0.5 ms on
-loopback) and goes where kvmanager says. Serving must not depend on it, though: when Route fails
-(kvmanager restarting or unreachable), the gateway picks locally, the member with the fewest of
-its own requests in flight, logs the outage once and, for a second after each failure, does not
-ask again (a hung kvmanager would otherwise cost every request the call's deadline).
+holds and how loaded it is: in fleet mode each request costs one routing call and goes where
+kvmanager says. The calls are messages on one long-lived `RouteStream` (route_stream.py: about
+half a unary Route's cost on loopback, and the call is on every request's time to first token);
+a kvmanager without it gets unary Route calls. Serving must not depend on it, though: when Route
+fails (kvmanager restarting or unreachable), the gateway picks locally, the member with the
+fewest of its own requests in flight, logs the outage once and, for a second after each failure,
+does not ask again (a hung kvmanager would otherwise cost every request the call's deadline).
 
 The choice is one per request: n > 1 and beam search are one GenerateRequest, routed once, and
 stay on that executor. A request migrated off a failed executor (migration.py) is routed again
@@ -24,6 +26,7 @@ import grpc
 from pagemesh.proto import fleet_pb2 as fleet_pb
 from pagemesh.proto import fleet_pb2_grpc as fleet_grpc
 from pagemesh.services.gateway.executor_client import CHANNEL_OPTIONS
+from pagemesh.services.gateway.route_stream import RouteFailed, RouteStream
 from pagemesh.services.gateway.served_models import Member, ServedModel, no_executor
 
 log = logging.getLogger("pagemesh.gateway.router")
@@ -94,9 +97,16 @@ class LocalRouter:
 
 
 class FleetRouter:
-    """Fleet mode: one `Fleet.Route` call per request, a local choice while it fails."""
+    """Fleet mode: one routing call per request (RouteStream, else Route), a local choice while
+    it fails."""
 
-    def __init__(self, address: str, policy: str = "kv", timeout: float = ROUTE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        policy: str = "kv",
+        timeout: float = ROUTE_TIMEOUT_S,
+        stream: bool = True,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r} (one of {', '.join(POLICIES)})")
         self.address = address
@@ -106,6 +116,10 @@ class FleetRouter:
         # Made on first use, inside the running loop (grpc.aio channels bind to their loop).
         self._channel: grpc.aio.Channel | None = None
         self._stub: fleet_grpc.FleetStub | None = None
+        # Route calls go over one RouteStream (route_stream.py) unless `stream` is False or
+        # kvmanager turns out to have none.
+        self._use_stream = stream
+        self._stream: RouteStream | None = None
         self._retry_at = 0.0  # monotonic time before which Route is not asked (after a failure)
         self._outage = False
 
@@ -130,12 +144,12 @@ class FleetRouter:
             exclude=sorted({*unusable, *exclude}),
         )
         try:
-            reply = await self._fleet().Route(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in OUTAGE_CODES:
-                log.debug("Route refused a request for %r: %s", model.name, exc.code().name)
+            reply = await self.ask(request)
+        except RouteFailed as exc:
+            if exc.code not in OUTAGE_CODES:
+                log.debug("Route refused a request for %r: %s", model.name, exc.code.name)
                 return Route(self._rotation.least_in_flight(members), REASON_REFUSED)
-            self._failed(exc)
+            self._failed(exc.code)
             return Route(self._rotation.least_in_flight(members), REASON_KV_DOWN)
         if self._outage:
             self._outage = False
@@ -147,23 +161,51 @@ class FleetRouter:
             return Route(self._rotation.least_in_flight(members), REASON_NOT_HERE)
         return Route(chosen, reply.reason or reply.policy or self.policy, reply.cached_tokens)
 
-    def _failed(self, exc: grpc.aio.AioRpcError) -> None:
+    async def ask(self, request: fleet_pb.RouteRequest) -> fleet_pb.RouteResponse:
+        """kvmanager's decision, over the RouteStream (a unary Route with a kvmanager that has
+        none), or RouteFailed with the status Route would have answered."""
+        stub = self._fleet()
+        stream = self._stream
+        if stream is not None:
+            try:
+                return await stream.route(request, self.timeout)
+            except RouteFailed as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+            # A kvmanager from before RouteStream (an upgrade in progress): unary calls, for as
+            # long as this gateway runs.
+            if self._stream is stream:
+                log.info("kvmanager has no RouteStream: routing with unary Route calls")
+                self._use_stream = False
+                self._stream = None
+                await stream.close()
+        try:
+            return await stub.Route(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise RouteFailed(exc.code(), exc.details() or "") from None
+
+    def _failed(self, code: grpc.StatusCode) -> None:
         self._retry_at = time.monotonic() + RETRY_AFTER_S
         if not self._outage:
             self._outage = True
             log.warning(
                 "kvmanager's Route failed (%s): routing locally (fewest in flight) until it "
                 "answers again",
-                exc.code().name,
+                code.name,
             )
 
     def _fleet(self) -> fleet_grpc.FleetStub:
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             self._stub = fleet_grpc.FleetStub(self._channel)
+            if self._use_stream:
+                self._stream = RouteStream(self._stub)
         return self._stub
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -17,7 +17,7 @@ Modules, one job each:
   persistence.py    write-behind to Redis (MULTI/EXEC batches) and restore on start
   metrics.py        /metrics (Prometheus) read from the core at scrape time
   wire.py           every message's one wire form and the error status codes, both ends
-  fleet_service.py  the Fleet gRPC service (Route, WatchFleet; proto/fleet.proto)
+  fleet_service.py  the Fleet gRPC service (Route, RouteStream, WatchFleet; proto/fleet.proto)
   server.py         the grpc.aio server: KVManager and Fleet, health, reflection
   client.py         the gRPC BlockAllocator (Session stream for the hot calls)
   local.py          the in-process BlockAllocator (the same core, no network)

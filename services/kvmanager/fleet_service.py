@@ -1,5 +1,6 @@
-"""The Fleet gRPC service (proto/fleet.proto), served by kvmanager beside KVManager: Route asks
-the router (router.py), WatchFleet streams the membership (fleet.py).
+"""The Fleet gRPC service (proto/fleet.proto), served by kvmanager beside KVManager: Route and
+RouteStream (the same decision, one message per request on a long-lived stream: what gateways
+use) ask the router (router.py), WatchFleet streams the membership (fleet.py).
 
 Route runs the synchronous router with no await before it answers, so a decision and the pending
 load it adds are atomic with respect to every other call, as the KVManager calls are. Status
@@ -11,6 +12,7 @@ sent.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -78,23 +80,48 @@ class FleetService(pb_grpc.FleetServicer):
         self.router = router
         self.fleet = fleet
 
+    def _route(self, r: pb.RouteRequest, out: pb.RouteResponse) -> None:
+        """Decides `r` into `out`, or raises a RouteError having changed nothing."""
+        d = self.router.route(r.model, r.prompt, r.cache_salt, r.policy, r.exclude)
+        ex = d.executor
+        out.executor_id = ex.executor_id
+        out.address = ex.address
+        out.cached_tokens = d.cached_tokens
+        out.reason = d.reason
+        out.policy = d.policy
+
     async def Route(
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
+        out = pb.RouteResponse()
         try:
-            d = self.router.route(
-                request.model, request.prompt, request.cache_salt, request.policy, request.exclude
-            )
+            self._route(request, out)
         except RouteError as e:
             await context.abort(status_for(e), str(e))
             raise AssertionError("unreachable: context.abort raises") from e
-        return pb.RouteResponse(
-            executor_id=d.executor.executor_id,
-            address=d.executor.address,
-            cached_tokens=d.cached_tokens,
-            reason=d.reason,
-            policy=d.policy,
-        )
+        return out
+
+    async def RouteStream(
+        self,
+        request_iterator: AsyncIterator[pb.RouteStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Each request decided as Route decides it (no await between reading it and deciding),
+        answered in order; an error about one request is its reply, the stream goes on."""
+        try:
+            async for req in request_iterator:
+                reply = pb.RouteStreamResponse(id=req.id)
+                try:
+                    self._route(req.route, reply.route)
+                except RouteError as e:
+                    reply.ClearField("route")
+                    reply.error.code = status_for(e).value[0]
+                    reply.error.message = str(e)
+                await context.write(reply)
+        except asyncio.CancelledError:
+            # The gateway went away or closed the stream: every request it sent was decided
+            # or not at all; nothing is left to answer.
+            pass
 
     async def WatchFleet(
         self, request: pb.WatchFleetRequest, context: grpc.aio.ServicerContext

@@ -95,6 +95,9 @@ class Router:
         self.failures: dict[str, int] = {}
         self._turn: dict[str, int] = {}  # round robin: the next turn, per model
         self.pending = PendingPrefixes()  # kv: blocks routed but not committed yet
+        # kv: prompts' block hashes by their input, so that a context routed before is not
+        # hashed again (the bulk of a kv decision's cost for a long prompt).
+        self._chains = hashing.ChainMemo()
 
     def route(
         self,
@@ -197,7 +200,7 @@ class Router:
             num_full = (len(prompt) // 4 - 1) // bs
             if num_full <= 0:
                 continue
-            chain = list(hashing.iter_chain_data(extra, prompt, bs, 0, num_full, hashing.ROOT))
+            chain = self._chains.chain(extra, prompt, bs, num_full)
             for i in members:
                 chains[i] = chain
                 index = cands[i].pool.index

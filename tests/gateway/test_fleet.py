@@ -36,16 +36,28 @@ from tests.gateway.scripted_engine import ScriptedEngine
 ANSWER = "Paris is the capital of France."
 
 
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class FakeFleet(fleet_grpc.FleetServicer):
     """kvmanager's Fleet service as the contract (proto/fleet.proto) describes it: WatchFleet
-    sends the fleet now, then the whole fleet after every change; Route answers `route_to` when
-    set (a test stands in for kvmanager's choice), else the first live member of the model, and
-    NOT_FOUND / UNAVAILABLE as kvmanager does."""
+    sends the fleet now, then the whole fleet after every change; Route (and each RouteStream
+    message) answers `route_to` when set (a test stands in for kvmanager's choice), else the
+    first live member of the model, and NOT_FOUND / UNAVAILABLE as kvmanager does (`refuse`: that
+    status for every request). `streams` False: a kvmanager from before RouteStream."""
 
     def __init__(self) -> None:
         self.members: list[fleet_pb.FleetMember] = []
         self.routes: list[fleet_pb.RouteRequest] = []
+        self.transports: list[str] = []  # "unary" or "stream", per routing request
+        self.streams = True
+        self.streams_opened = 0
         self.route_to: str | None = None
+        self.refuse: grpc.StatusCode | None = None
         self.route_delay = 0.0  # seconds Route takes: a hung kvmanager
         self._version = 0
         self._changed = asyncio.Condition()
@@ -67,17 +79,18 @@ class FakeFleet(fleet_grpc.FleetServicer):
                 snapshot = fleet_pb.FleetSnapshot(members=self.members)
             yield snapshot
 
-    async def Route(
-        self, request: fleet_pb.RouteRequest, context: grpc.aio.ServicerContext
-    ) -> fleet_pb.RouteResponse:
+    async def _decide(self, request: fleet_pb.RouteRequest, via: str) -> fleet_pb.RouteResponse:
         self.routes.append(request)
+        self.transports.append(via)
         await asyncio.sleep(self.route_delay)
+        if self.refuse is not None:
+            raise Refused(self.refuse, "refused by the test")
         serving = [m for m in self.members if m.model == request.model]
         if not serving:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no executor serves {request.model}")
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no executor serves {request.model}")
         live = [m for m in serving if m.live and m.executor_id not in request.exclude]
         if not live:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no live executor")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "no live executor")
         chosen = next((m for m in serving if m.executor_id == self.route_to), live[0])
         return fleet_pb.RouteResponse(
             executor_id=chosen.executor_id,
@@ -86,6 +99,32 @@ class FakeFleet(fleet_grpc.FleetServicer):
             reason="prefix",
             policy=request.policy or "kv",
         )
+
+    async def Route(
+        self, request: fleet_pb.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb.RouteResponse:
+        try:
+            return await self._decide(request, "unary")
+        except Refused as e:
+            await context.abort(e.code, e.message)
+            raise
+
+    async def RouteStream(
+        self,
+        request_iterator: AsyncIterator[fleet_pb.RouteStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        if not self.streams:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        self.streams_opened += 1
+        async for message in request_iterator:
+            reply = fleet_pb.RouteStreamResponse(id=message.id)
+            try:
+                reply.route.CopyFrom(await self._decide(message.route, "stream"))
+            except Refused as e:
+                reply.error.code = e.code.value[0]
+                reply.error.message = e.message
+            await context.write(reply)
 
 
 async def start_kvmanager(fleet: FakeFleet, port: int) -> grpc.aio.Server:
@@ -405,6 +444,44 @@ async def test_a_hung_kvmanager_costs_one_deadline_a_second(mesh: FleetMesh) -> 
     # The first request waited Route's deadline, the next ones were routed locally at once.
     assert router.ROUTE_TIMEOUT_S <= elapsed < router.ROUTE_TIMEOUT_S + 2
     assert len(mesh.fleet.routes) == 1
+
+
+async def test_routing_calls_share_one_stream_and_refusals_keep_it(mesh: FleetMesh) -> None:
+    a, b = mesh.executors["ex-a"], mesh.executors["ex-b"]
+    await publish(mesh, a.member(), b.member())
+    mesh.fleet.route_to = "ex-b"
+    statuses = await asyncio.gather(*(chat(mesh) for _ in range(4)))
+    assert [s for s, _ in statuses] == [200] * 4
+    assert served_by(mesh) == {"ex-a": 0, "ex-b": 4, "ex-c": 0}
+    # A refusal about one request is its reply: the local choice for it, the stream goes on.
+    mesh.fleet.refuse = grpc.StatusCode.INVALID_ARGUMENT
+    assert (await chat(mesh))[0] == 200
+    mesh.fleet.refuse = None
+    mesh.fleet.route_to = "ex-a"
+    assert (await chat(mesh))[0] == 200 and served_by(mesh)["ex-a"] >= 1
+    assert mesh.fleet.transports == ["stream"] * 6 and mesh.fleet.streams_opened == 1
+    metrics = await (await mesh.client.get("/metrics")).text()
+    assert 'pagemesh_gateway_routed_requests_total{executor="ex-b",reason="prefix"} 4.0' in metrics
+    assert f'reason="{router.REASON_REFUSED}"}} 1.0' in metrics
+
+
+async def test_a_kvmanager_without_route_stream_gets_unary_calls(
+    mesh: FleetMesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = mesh.executors["ex-a"], mesh.executors["ex-b"]
+    await publish(mesh, a.member(), b.member())
+    caplog.set_level(logging.INFO, logger="pagemesh.gateway")
+    mesh.fleet.streams = False  # an older kvmanager: RouteStream is UNIMPLEMENTED
+    mesh.fleet.route_to = "ex-b"
+    for _ in range(3):
+        assert (await chat(mesh))[0] == 200
+    # Each decided by kvmanager (no local fallback), as unary Route calls.
+    assert served_by(mesh) == {"ex-a": 0, "ex-b": 3, "ex-c": 0}
+    assert mesh.fleet.transports == ["unary"] * 3
+    assert [r.getMessage() for r in caplog.records if "no RouteStream" in r.getMessage()] == [
+        "kvmanager has no RouteStream: routing with unary Route calls"
+    ]
+    assert not [r for r in caplog.records if "Route failed" in r.getMessage()]
 
 
 async def test_two_models_each_with_its_executors(mesh: FleetMesh) -> None:

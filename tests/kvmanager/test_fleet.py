@@ -35,8 +35,21 @@ PROMPT = list(range(100, 133))  # 33 tokens: 8 full blocks can hit
 TIMEOUT = 0.5  # the executor timeout of these servers: liveness tests wait about this long
 
 
+class Refused(Exception):
+    """A routing request answered with an error status (unary) or an error reply (stream)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
 class KV:
-    """A kvmanager on loopback, its Fleet stub and the executors' clients."""
+    """A kvmanager on loopback, its Fleet stub and the executors' clients. Routing requests go
+    as unary Route calls, or as messages on one RouteStream (`transport`)."""
 
     def __init__(self, server: KVManagerServer) -> None:
         self.server = server
@@ -44,6 +57,25 @@ class KV:
         self.channel = grpc.aio.insecure_channel(self.address)
         self.stub = fpb_grpc.FleetStub(self.channel)
         self.clients: dict[str, KVManagerClient] = {}
+        self.transport = "unary"
+        self._stream: grpc.aio.StreamStreamCall | None = None
+        self._ids = 0
+
+    async def ask(self, req: fpb.RouteRequest) -> fpb.RouteResponse:
+        if self.transport == "unary":
+            try:
+                return await self.stub.Route(req, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                raise Refused(e.code(), e.details() or "") from None
+        if self._stream is None:
+            self._stream = self.stub.RouteStream()
+        self._ids += 1
+        await self._stream.write(fpb.RouteStreamRequest(id=self._ids, route=req))
+        reply = await asyncio.wait_for(self._stream.read(), 10)
+        assert reply is not grpc.aio.EOF and reply.id == self._ids
+        if reply.HasField("error"):
+            raise Refused(CODES[reply.error.code], reply.error.message)
+        return reply.route
 
     async def join(self, eid: str, model: str = "m", **kw: object) -> KVManagerClient:
         c = self.clients.get(eid) or KVManagerClient(self.address, eid, **kw)  # type: ignore[arg-type]
@@ -53,9 +85,11 @@ class KV:
 
     async def route(self, tokens: list[int] = PROMPT, **kw: object) -> fpb.RouteResponse:
         kw.setdefault("model", "m")
-        return await self.stub.Route(fpb.RouteRequest(prompt=pack(tokens), **kw), timeout=10)  # type: ignore[arg-type]
+        return await self.ask(fpb.RouteRequest(prompt=pack(tokens), **kw))  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
         for c in self.clients.values():
             await c.close()
         await self.channel.close()
@@ -101,7 +135,9 @@ def members(snap: fpb.FleetSnapshot) -> dict[str, fpb.FleetMember]:
     return {m.executor_id: m for m in snap.members}
 
 
-async def test_route_reasons_and_addresses(fleet: KV) -> None:
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_route_reasons_and_addresses(fleet: KV, transport: str) -> None:
+    fleet.transport = transport
     a = await fleet.join("a")
     b = await fleet.join("b")
     await fleet.join("x", model="other")
@@ -132,7 +168,11 @@ async def test_route_reasons_and_addresses(fleet: KV) -> None:
     assert r.reason == "fallback"  # b's blocks are not this tenant's
 
 
-async def test_route_errors(fleet: KV) -> None:
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_route_errors(fleet: KV, transport: str) -> None:
+    """The same codes and messages as a unary Route's status or a RouteStream reply's error;
+    the stream goes on after each."""
+    fleet.transport = transport
     await fleet.join("a")
     cases = [
         (dict(model=""), C.INVALID_ARGUMENT, "model must not be empty"),
@@ -149,27 +189,56 @@ async def test_route_errors(fleet: KV) -> None:
                 req.exclude.extend(v)  # type: ignore[arg-type]
             else:
                 setattr(req, k, v)
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await fleet.stub.Route(req, timeout=10)
-        assert e.value.code() == code, fields
-        assert text in (e.value.details() or ""), (fields, e.value.details())
-        assert "a.local" not in (e.value.details() or "")  # never an internal address
+        with pytest.raises(Refused) as e:
+            await fleet.ask(req)
+        assert e.value.code == code, fields
+        assert text in e.value.details, (fields, e.value.details)
+        assert "a.local" not in e.value.details  # never an internal address
     # Down: not heard from for longer than the bound.
     silence(fleet.server, "a", 2 * TIMEOUT)
-    with pytest.raises(grpc.aio.AioRpcError) as e:
+    with pytest.raises(Refused) as e:
         await fleet.route()
-    assert e.value.code() == C.UNAVAILABLE
-    # Bytes that do not parse as a RouteRequest: INVALID_ARGUMENT (pagemesh/grpc_decode.py).
-    raw = fleet.channel.unary_unary("/pagemesh.v1.Fleet/Route")
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await raw(b"\xff\xff\xff\xff", timeout=10)
-    assert e.value.code() == C.INVALID_ARGUMENT
+    assert e.value.code == C.UNAVAILABLE
+    # Bytes that do not parse as a request: INVALID_ARGUMENT (pagemesh/grpc_decode.py); on the
+    # stream, it ends the stream (no id to answer).
+    if transport == "unary":
+        raw = fleet.channel.unary_unary("/pagemesh.v1.Fleet/Route")
+        with pytest.raises(grpc.aio.AioRpcError) as e2:
+            await raw(b"\xff\xff\xff\xff", timeout=10)
+    else:
+        stream = fleet.channel.stream_stream("/pagemesh.v1.Fleet/RouteStream")()
+        await stream.write(b"\xff\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as e2:
+            await asyncio.wait_for(stream.read(), 10)
+    assert e2.value.code() == C.INVALID_ARGUMENT
     assert fleet.server.router is not None
     assert fleet.server.router.failures == {
         "BadRouteRequest": 4,
         "UnknownModel": 1,
         "NoLiveExecutor": 2,
     }
+
+
+async def test_route_stream_answers_pipelined_messages_in_order(fleet: KV) -> None:
+    """Several requests written before any reply: each answered, in order, under its own id;
+    an error reply between them leaves the stream serving."""
+    await fleet.join("a")
+    b = await fleet.join("b")
+    await cache(b, PROMPT)
+    stream = fleet.stub.RouteStream()
+    good = fpb.RouteRequest(model="m", prompt=pack(PROMPT))
+    bad = fpb.RouteRequest(model="nobody-serves-this", prompt=pack(PROMPT))
+    for rid, req in ((7, good), (3, bad), (9, good)):
+        await stream.write(fpb.RouteStreamRequest(id=rid, route=req))
+    replies = [await asyncio.wait_for(stream.read(), 10) for _ in range(3)]
+    assert [r.id for r in replies] == [7, 3, 9]
+    assert (replies[0].route.executor_id, replies[0].route.cached_tokens) == ("b", 32)
+    assert replies[1].WhichOneof("result") == "error"
+    assert replies[1].error.code == C.NOT_FOUND.value[0]
+    assert replies[2].route.executor_id in ("a", "b")  # the first one's pending load counts
+    await stream.done_writing()
+    assert await asyncio.wait_for(stream.read(), 10) is grpc.aio.EOF
+    assert await stream.code() == C.OK
 
 
 async def test_watch_fleet_snapshots(fleet: KV) -> None:

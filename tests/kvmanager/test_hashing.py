@@ -64,6 +64,12 @@ def test_chain_and_salt_id() -> None:
         VECTORS["h0 = block(ROOT, [1,2,3,4])"],
         VECTORS["h1 = block(h0, [5,6,7,8])"],
     ]
+    # The packed-bytes forms, lazy and as a list, from block 0 and from the middle of a chain.
+    data = hashing.token_bytes([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert list(hashing.iter_chain_data(e, data, 4, 0, 2)) == hs
+    assert hashing.chain_data(e, data, 4, 0, 2) == hs
+    assert hashing.chain_data(e, data, 4, 1, 2, hs[0]) == hs[1:]
+    assert hashing.chain_data(e, data, 4, 2, 2) == []
     assert hashing.salt_id("") == ""
     assert hashing.salt_id("tenant-a") == "1d5ac8631f6771f5"
     assert "tenant" not in hashing.salt_id("tenant-a")
@@ -72,3 +78,25 @@ def test_chain_and_salt_id() -> None:
 def test_out_of_range_token() -> None:
     with pytest.raises(OverflowError):
         hashing.block_hash(hashing.ROOT, bytes(32), [2**32])
+
+
+def test_chain_memo_gives_chain_data_hashes() -> None:
+    """Hits, misses, another extra digest or block size, a prompt diverging mid-way, and the
+    bound (emptied, then filled again) all give exactly chain_data's hashes."""
+    memo = hashing.ChainMemo(max_entries=40)
+    e, es = hashing.extra_digest(FP), hashing.extra_digest(FP, "tenant-a")
+    base = list(range(1000, 1100))  # 25 blocks of 4, 12 of 8
+    fork = base[:50] + [7] * 50
+    for extra, bs, tokens in [
+        (e, 4, base),
+        (e, 4, base),  # all hits
+        (es, 4, base),  # another tenant: its own hashes (and the bound: emptied first)
+        (e, 8, base),
+        (e, 4, fork),  # the first 12 blocks hit, the rest diverge
+        (e, 4, base[:9]),
+    ]:
+        data = hashing.token_bytes(tokens)
+        n = len(tokens) // bs
+        assert memo.chain(extra, data, bs, n) == hashing.chain_data(extra, data, bs, 0, n)
+        assert len(memo) <= 40
+    assert memo.chain(e, hashing.token_bytes(base), 4, 0) == []

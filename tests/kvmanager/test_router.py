@@ -4,6 +4,8 @@ filter, liveness and exclusion, and the errors."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pagemesh.proto.packed_ids import pack
 from pagemesh.services.kvmanager.fleet import Fleet
@@ -274,3 +276,92 @@ def test_cached_tokens_matches_match_for_every_executor() -> None:
             got = m.cached_tokens(exs, pack(prompt), salt)
             assert got == [m.match(prompt, salt, e)[e] for e in "abcd"], (prompt, salt)
     assert m.cached_tokens(exs, pack(PROMPT)) == [12, 32, 16, 32]
+
+
+# Decisions on one fixed state, pinned: speed work on the router (hashing, lookups) must leave
+# every choice as it was. Computed by the router as of fd4926d, before that work.
+PINNED = [
+    *[
+        ("a", "prefix", 256, 0),
+        ("c", "load", 0, 0),
+        ("c", "prefix", 128, 0),
+        ("b", "prefix", 384, 0),
+        ("c", "fallback", 0, 0),
+        ("a", "fallback", 0, 0),
+        ("c", "fallback", 0, 0),
+        ("c", "prefix", 0, 288),
+    ],  # kv
+    *[
+        ("a", "least_loaded", 256, 0),
+        ("a", "least_loaded", 0, 0),
+        ("c", "least_loaded", 128, 0),
+        ("c", "least_loaded", 0, 0),
+        ("a", "least_loaded", 0, 0),
+        ("c", "least_loaded", 0, 0),
+        ("a", "least_loaded", 0, 0),
+        ("c", "least_loaded", 0, 0),
+    ],
+    *[
+        ("a", "round_robin", 256, 0),
+        ("b", "round_robin", 512, 0),
+        ("c", "round_robin", 128, 0),
+        ("a", "round_robin", 0, 0),
+        ("b", "round_robin", 0, 0),
+        ("c", "round_robin", 0, 0),
+        ("a", "round_robin", 0, 0),
+        ("b", "round_robin", 0, 0),
+    ],
+    *[
+        ("a", "prefix", 256, 0),
+        ("c", "prefix", 0, 512),
+        ("c", "prefix", 128, 0),
+        ("b", "prefix", 384, 0),
+        ("c", "prefix", 0, 384),
+        ("a", "prefix", 0, 512),
+        ("c", "prefix", 0, 288),
+        ("c", "prefix", 0, 288),
+    ],  # kv again ("" policy), with the pending blocks the calls above left
+]
+
+
+def test_pinned_decisions_on_a_fixed_state() -> None:
+    """Three executors of 16-token blocks holding seeded contexts (one salted), uneven loads;
+    per policy, prompts through each context plus a question, and a context nobody holds sent
+    twice (the second follows the first's pending blocks): (executor, reason, cached tokens,
+    pending tokens) of every decision, in order."""
+    rng = random.Random(7)
+    m = Manager()
+    for eid in ("a", "b", "c"):
+        m.register(eid, 256, 16, "fp", address=f"{eid}.local:7000", model="m")
+    r = Router(m, Fleet(m, timeout=60))
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(32000) for _ in range(n)]
+
+    def cache16(eid: str, tokens: list[int], salt: str = "") -> None:
+        ex = m.executors[eid]
+        sid = f"seed-{len(ex.pool.index)}"
+        m.allocate(eid, ex.epoch, sid, tokens, salt)
+        full = len(tokens) // 16
+        m.commit(eid, ex.epoch, [(sid, i, tokens[i * 16 : (i + 1) * 16]) for i in range(full)])
+        m.release(eid, ex.epoch, [sid])
+
+    ctx = [toks(256), toks(512), toks(128), toks(384)]
+    cache16("a", ctx[0])
+    cache16("b", ctx[1])
+    cache16("c", ctx[2])
+    cache16("a", ctx[2][:64])
+    cache16("b", ctx[3], "t")
+    report(m, "a", running=3)
+    report(m, "b", running=10, waiting=2, queued=600)
+    report(m, "c")
+    got = []
+    fresh = toks(300)
+    for policy in ("kv", "least_loaded", "round_robin", ""):
+        for i, (c, salt) in enumerate(((0, ""), (1, ""), (2, ""), (3, "t"), (3, ""), (1, "t"))):
+            d = r.route("m", pack(ctx[c] + toks(40 + 7 * i)), salt, policy)
+            got.append((d.executor.executor_id, d.reason, d.cached_tokens, d.pending_tokens))
+        for _ in range(2):
+            d = r.route("m", pack(fresh + toks(20)), "", policy)
+            got.append((d.executor.executor_id, d.reason, d.cached_tokens, d.pending_tokens))
+    assert got == PINNED
