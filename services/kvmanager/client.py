@@ -197,6 +197,8 @@ class KVManagerClient:
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> int:
         msg = pb.RegisterExecutorRequest()
 
@@ -208,6 +210,8 @@ class KVManagerClient:
             m.address = address
             m.model = model
             m.max_model_len = max_model_len
+            m.num_host_blocks = num_host_blocks
+            m.kv_block_bytes = kv_block_bytes
 
         _fill(fill, msg)
         r = await self._call(self.stub.RegisterExecutor, msg)
