@@ -205,6 +205,17 @@ class BlockPool:
         if self.on_host_drop is not None:
             self.on_host_drop(time.time() - self.host_birth[hb])
 
+    def unhash(self, b: int) -> None:
+        """An in-use block's hash leaves the index (its contents cannot be trusted): it goes
+        back to the free queue when released."""
+        h = self.hash[b]
+        assert h is not None and self.ref[b] > 0
+        del self.index[h]
+        self.hash[b] = None
+        if self.events is not None:
+            self.events.append((HASH_REMOVED, h))
+            self.events.append((BLOCK, b))
+
     def pin_host(self, host_blocks: list[int]) -> None:
         """Host hits of an allocation leave the host LRU first, so that the spills of the same
         allocation's fresh blocks cannot drop them (`restore_into` follows in the same call)."""

@@ -687,8 +687,25 @@ class Manager:
             if sid not in ex.seqs or ex.seqs[sid].blocks != list(table)
         ]
         gone = [sid for sid in ex.seqs if sid not in tables or sid in lost]
+        if lost and ex.num_host_blocks:
+            self._unhash_lost(ex, [sid for sid in lost if sid in ex.seqs])
         released = self.release(executor_id, epoch, gone) if gone else 0
         return released, lost
+
+    @staticmethod
+    def _unhash_lost(ex: ExecutorState, lost: list[str]) -> None:
+        """The blocks only lost sequences hold lose their hashes before they are released: a
+        block restored from the host tier is hashed when it is allocated, and the executor that
+        never got the reply never copied it in (its other blocks lose little: only what the
+        lost sequences alone held)."""
+        held: dict[int, int] = {}
+        for sid in lost:
+            for b in ex.seqs[sid].blocks:
+                held[b] = held.get(b, 0) + 1
+        pool = ex.pool
+        for b, n in held.items():
+            if pool.ref[b] == n and pool.hash[b] is not None:
+                pool.unhash(b)
 
     def cached_tokens(
         self, executors: Sequence[ExecutorState], data: bytes, cache_salt: str = ""
