@@ -440,14 +440,16 @@ class SessionResponse(_message.Message):
     def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Union[AllocateResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., fork: _Optional[_Union[ForkResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
 
 class ReconcileRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "seqs")
+    __slots__ = ("executor_id", "epoch", "seqs", "num_transfers")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ...) -> None: ...
+    num_transfers: int
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., num_transfers: _Optional[int] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
     __slots__ = ("num_released", "lost_seq_ids")

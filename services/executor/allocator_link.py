@@ -118,6 +118,9 @@ class AllocatorLink:
         self.stale = False
         self._registration: tuple[int, int, str, int, int] | None = None
         self._losses_seen = 0  # the client's connection_losses, when it counts them
+        # Host-tier spills and restores received since registering (the scheduler counts them
+        # as replies land): a Reconcile keeps the host tier only if kvmanager counts as many.
+        self.num_transfers = 0
         # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
         # kv_wait: what of a slow schedule is the allocator's round trips); the scheduler
         # zeroes it when a step begins.
@@ -226,7 +229,7 @@ class AllocatorLink:
         tables = held()
         try:
             with self._awaiting_kvmanager():
-                released, lost = await self.allocator.reconcile(tables)
+                released, lost = await self.allocator.reconcile(tables, self.num_transfers)
         except AllocatorUnavailable:
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
@@ -265,6 +268,7 @@ class AllocatorLink:
             raise
         self._commits.clear()
         self._releases.clear()
+        self.num_transfers = 0  # a new epoch: both tiers start empty on both sides
         self.stale = False
         self.down_since = None
         self._last_call = time.monotonic()

@@ -261,7 +261,7 @@ class Scheduler:
             result = await self.link.admit(batch, budget)
             for alloc in result.allocations:
                 if alloc.spills or alloc.restores:
-                    self.pending_transfers.append(TransferBatch(alloc.spills, alloc.restores))
+                    self._transfers(TransferBatch(alloc.spills, alloc.restores))
             tokens = cached = 0
             for seq, alloc in zip(batch, result.allocations, strict=False):
                 budget = self._admit_one(seq, alloc, out, budget)
@@ -383,7 +383,7 @@ class Scheduler:
                 need = [(s, n) for s, n in need if s is not victim]
                 continue
             if result.spills:
-                self.pending_transfers.append(TransferBatch(result.spills))
+                self._transfers(TransferBatch(result.spills))
             self._apply_updates(result)
             out.copies.extend(result.copies)
             for seq, _ in need:
@@ -451,11 +451,16 @@ class Scheduler:
             if seq is not None:
                 seq.apply_update(update.first_index, list(update.block_ids))
 
+    def _transfers(self, batch: TransferBatch) -> None:
+        """A reply's spills and restores: for the next step, and counted (Reconcile)."""
+        self.pending_transfers.append(batch)
+        self.link.num_transfers += len(batch.spills) + len(batch.restores)
+
     def _land_extend(self, result: ExtendResult) -> None:
         """A look-ahead's result, from the link (at the start of a schedule or while settling:
         never mid-step)."""
         if result.spills:
-            self.pending_transfers.append(TransferBatch(result.spills))
+            self._transfers(TransferBatch(result.spills))
         self._apply_updates(result)
         # Copies come only for a shared block a sequence writes into next; sequences that
         # may hold one (just forked) extend synchronously (needs_extend), before any write,

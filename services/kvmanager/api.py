@@ -192,11 +192,15 @@ class BlockAllocator(Protocol):
         load is a heartbeat. Raises only when the call as a whole fails (AllocatorUnavailable:
         kvmanager unreachable, nothing known to be applied)."""
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
         """After kvmanager was unreachable: `tables` holds every sequence this executor holds
         blocks for, each with its whole table. kvmanager releases the sequences it holds that
         are not there, and returns (their number, the ids of `tables` it does not hold with
-        that table): the executor drops those sequences' blocks and recomputes them."""
+        that table): the executor drops those sequences' blocks and recomputes them.
+        `num_transfers`: the spills and restores received since registering; the host tier
+        is kept only when kvmanager counts the same (None: dropped)."""
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""

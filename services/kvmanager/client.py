@@ -301,8 +301,12 @@ class KVManagerClient:
 
         return (await self._hot("release", fill)).num_released
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
         msg = pb.ReconcileRequest(executor_id=self.executor_id, epoch=self.epoch)
+        if num_transfers is not None:
+            msg.num_transfers = num_transfers
         for seq_id, table in tables.items():
             msg.seqs.add(seq_id=seq_id, block_ids=table)
         r = await self._call(self.stub.Reconcile, msg)

@@ -139,8 +139,10 @@ class LocalAllocator:
             load_error=o.load_error,
         )
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
-        return self.manager.reconcile(self.executor_id, self.epoch, tables)
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
+        return self.manager.reconcile(self.executor_id, self.epoch, tables, num_transfers)
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         try:

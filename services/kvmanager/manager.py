@@ -669,18 +669,25 @@ class Manager:
         return len(seq_ids)
 
     def reconcile(
-        self, executor_id: str, epoch: int, tables: Mapping[str, Sequence[int]]
+        self,
+        executor_id: str,
+        epoch: int,
+        tables: Mapping[str, Sequence[int]],
+        num_transfers: int | None = None,
     ) -> tuple[int, list[str]]:
         """After an outage (a restart that restored from Redis may have lost the calls answered
         last): `tables` is every sequence the executor holds, with its whole table. Releases the
         sequences held here that the executor does not hold (a lost release); a sequence of
         `tables` held here with another table (a lost Extend) is released too, and it is
         reported lost with those not held at all (a lost allocation): the executor drops their
-        blocks and recomputes them. Returns (number released, lost ids)."""
+        blocks and recomputes them. Returns (number released, lost ids).
+        The host tier is kept only when `num_transfers` (the spills and restores the executor
+        received) is what this side counts: otherwise an outage lost replies that carried some,
+        or a restart from Redis lost the last of them, and no host block can be trusted."""
         ex = self.executor(executor_id, epoch)
-        # An outage may have lost replies that carried spills (or Redis may hold an older
-        # host-tier map than the executor's copies made): no host block can be trusted.
-        ex.pool.drop_host_tier()
+        pool = ex.pool
+        if num_transfers != pool.num_spills + pool.num_restores:
+            pool.drop_host_tier()
         lost = [
             sid
             for sid, table in tables.items()

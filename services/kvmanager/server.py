@@ -247,7 +247,12 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "reconcile: a sequence id appears twice"
             )
         try:
-            released, lost = self.m.reconcile(request.executor_id, request.epoch, tables)
+            released, lost = self.m.reconcile(
+                request.executor_id,
+                request.epoch,
+                tables,
+                request.num_transfers if request.HasField("num_transfers") else None,
+            )
         except AllocatorError as e:
             await self._fail(context, e)
         finally:

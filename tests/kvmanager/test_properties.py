@@ -253,13 +253,20 @@ class TieredAllocatorMachine(AllocatorMachine):
         self.m.release(EX, self.epoch, [sid])
         del self.tokens[sid]
 
-    @rule()
-    def reconcile(self) -> None:
-        """After an outage: the tables agree, the host tier is dropped (no spill trusted)."""
+    @rule(agree=st.booleans())
+    def reconcile(self, agree: bool) -> None:
+        """After an outage: the tables agree; the host tier is kept when the executor received
+        as many transfers as kvmanager made, and dropped (no spill trusted) otherwise."""
         tables = {sid: list(self.ex.seqs[sid].blocks) for sid in self.tokens}
-        assert self.m.reconcile(EX, self.epoch, tables) == (0, [])
-        assert self.ex.pool.num_host_cached == 0
-        self.host_content.clear()
+        p = self.ex.pool
+        count = p.num_spills + p.num_restores
+        cached = p.num_host_cached
+        assert self.m.reconcile(EX, self.epoch, tables, count if agree else count + 1) == (0, [])
+        if agree:
+            assert p.num_host_cached == cached
+        else:
+            assert p.num_host_cached == 0
+            self.host_content.clear()
 
     @invariant()
     def host_tier(self) -> None:

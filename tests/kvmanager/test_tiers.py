@@ -133,3 +133,21 @@ async def test_no_host_tier_by_default(make) -> None:
     r = await served(a, "p2", prompt(2))
     assert not r.spills and a.manager.executors["ex"].pool.evictions == 2
     assert (await a.allocate("p1b", prompt(1))).num_cached_tokens == 0
+
+
+async def test_reconcile_keeps_the_host_tier_only_when_the_transfers_agree(make) -> None:
+    a = await make(3, 4)
+    await served(a, "p1", prompt(1))
+    await served(a, "p2", prompt(2))  # prompt 1's 2 blocks spilled
+    pool = a.manager.executors["ex"].pool
+    assert pool.num_host_cached == 2
+    assert await a.reconcile({}, 2) == (0, [])  # the executor got both spills: kept
+    assert pool.num_host_cached == 2
+    assert await a.reconcile({}, 1) == (0, [])  # one reply lost: nothing trusted
+    assert pool.num_host_cached == 0 and pool.num_host_free == 4
+    await served(a, "p3", prompt(3))
+    assert pool.num_host_cached == 2
+    assert await a.reconcile({}) == (0, [])  # no count sent: dropped
+    assert pool.num_host_cached == 0
+    assert (await a.allocate("again", prompt(2))).num_cached_tokens == 0
+    a.manager.check()
