@@ -6,9 +6,12 @@ full, an Extend's reply carries its spills too, and a new epoch starts with both
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import pytest
+from pagemesh.services.kvmanager import cli
 from pagemesh.services.kvmanager.api import CommitEntry, ExtendEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
 from pagemesh.services.kvmanager.local import LocalAllocator
@@ -151,3 +154,41 @@ async def test_reconcile_keeps_the_host_tier_only_when_the_transfers_agree(make)
     assert pool.num_host_cached == 0
     assert (await a.allocate("again", prompt(2))).num_cached_tokens == 0
     a.manager.check()
+
+
+async def test_tier_stats_in_get_stats_metrics_and_cli(capsys) -> None:
+    srv = await start_server(port=0, metrics_port=0)
+    a = KVManagerClient(f"127.0.0.1:{srv.port}", "ex")
+    try:
+        await a.register(3, BS, "fp", num_host_blocks=4, kv_block_bytes=1000)
+        await served(a, "p1", prompt(1))
+        await served(a, "p2", prompt(2))  # prompt 1 spilled (2 blocks)
+        await served(a, "p3", prompt(3))  # prompt 2 spilled (2 more: host full)
+        await served(a, "p1b", prompt(1))  # restored (2), prompt 3 spilled (2): host holds 4
+        await served(a, "p4", prompt(4))  # prompt 1 spilled again: 2 of prompt 2's dropped
+        (ex,) = (await a.get_stats()).executors
+        t = ex.tier
+        assert (t.host_blocks, t.host_free, t.host_cached) == (4, 0, 4)
+        assert (t.spills, t.restores, t.host_drops) == (8, 2, 2)
+        assert (t.gpu_hit_tokens, t.host_hit_tokens) == (0, 2 * BS)
+        assert (t.bytes_spilled, t.bytes_restored) == (8000, 2000)
+        assert t.age_at_restore.count == 2 and t.age_at_host_drop.count == 2
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{srv.metrics_port}/metrics") as resp,
+        ):
+            text = await resp.text()
+        assert 'pagemesh_kv_tier_hit_tokens_total{executor="ex",tier="host"} 8.0' in text
+        assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="spill"} 8.0' in text
+        assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="drop"} 2.0' in text
+        assert 'pagemesh_kv_tier_bytes_total{direction="to_gpu",executor="ex"} 2000.0' in text
+        assert 'pagemesh_kv_host_blocks{executor="ex",state="cached"} 4.0' in text
+        assert 'pagemesh_kv_host_block_age_at_restore_seconds_count{executor="ex"} 2.0' in text
+        args = argparse.Namespace(address=f"127.0.0.1:{srv.port}", executor="", json=False)
+        args.watch = None
+        assert await cli._stats(args) == 0
+        out = capsys.readouterr().out
+        assert "host tier" in out and "9.8 KiB" in out and "host at restore" in out
+    finally:
+        await a.close()
+        await srv.stop(0)
