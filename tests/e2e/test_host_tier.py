@@ -26,10 +26,32 @@ from tests.support.mesh import Mesh, MeshConfig, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
 BS = 16
-WORDS = (
-    "river stone lantern orchard violet harbor meadow copper falcon willow ember glacier canyon"
-    " thistle marble comet saffron quarry pebble tundra juniper beacon cobalt prairie"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "orchard",
+    "violet",
+    "harbor",
+    "meadow",
+    "copper",
+    "falcon",
+    "willow",
+    "ember",
+    "glacier",
+    "canyon",
+    "thistle",
+    "marble",
+    "comet",
+    "saffron",
+    "quarry",
+    "pebble",
+    "tundra",
+    "juniper",
+    "beacon",
+    "cobalt",
+    "prairie",
+]
 
 pytestmark = pytest.mark.slow
 
