@@ -14,7 +14,8 @@ Extend), each "spills, then restores" (within a reply the restored host blocks w
 targets, and a GPU block may be both evicted and refilled). Consecutive batches are merged when
 no copy of the later one reads or writes what the earlier one's restores or spills touch out of
 order (`_merge`), and a merged group runs as: host -> staging for its restores, gather of its
-spills' GPU blocks, staging -> host for the spills, scatter of the restores into the GPU pool.
+spills' GPU blocks into a staging buffer, scatter of the restores into the GPU pool, staging ->
+host for the spills.
 Nothing is ever recomputed: a restored block's KV is the spilled copy, bit for bit.
 
 CUDA: the copies run on a side stream, so they overlap the step in flight. The host-to-device
@@ -90,7 +91,8 @@ class HostTier:
         # The pool seen block-major: indexing its first dimension gathers/scatters whole blocks.
         self._gpu_blocks = storage.permute(2, 0, 1, 3, 4, 5)
         shape = (num_blocks, *self._gpu_blocks.shape[1:])
-        self.blocks = torch.zeros(shape, dtype=storage.dtype, pin_memory=self.cuda)
+        # (empty: a host block is only ever read after a spill wrote it; no memset of GiBs)
+        self.blocks = torch.empty(shape, dtype=storage.dtype, pin_memory=self.cuda)
         self.block_bytes = self.blocks[0].numel() * self.blocks.element_size()
         self.nbytes = self.blocks.numel() * self.blocks.element_size()
         self._stream = torch.cuda.Stream(device) if self.cuda else None
@@ -110,19 +112,25 @@ class HostTier:
             return
         if self._stream is None:
             for g in groups:
-                self._group(g, None)
+                self._spill_out(self._group(g, None), g.spills)
             return
         compute = torch.cuda.current_stream(self.device)
         queued = torch.cuda.Event()
         queued.record(compute)
         with torch.cuda.stream(self._stream):
-            for g in groups:
-                self._group(g, queued)
-            done = torch.cuda.Event()
-            done.record(self._stream)
+            for i, g in enumerate(groups):
+                out = self._group(g, queued)
+                if i == len(groups) - 1:
+                    # The GPU pool's part is done here: the next step waits for this, not for
+                    # the last copies to host (they read the staging buffer).
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                self._spill_out(out, g.spills)
         self._done = done
 
-    def _group(self, g: TransferBatch, queued: torch.cuda.Event | None) -> None:
+    def _group(self, g: TransferBatch, queued: torch.cuda.Event | None) -> torch.Tensor | None:
+        """A group's part on the GPU pool: restores staged from host, the spilled blocks
+        gathered, the restores scattered in. Returns the gathered spills (`_spill_out`)."""
         dev = self.device
         staged = None
         if g.restores:
@@ -137,19 +145,26 @@ class HostTier:
                 staged = self.blocks[torch.tensor(host)]
         if queued is not None:
             torch.cuda.current_stream(dev).wait_event(queued)
+        out = None
         if g.spills:
             src = torch.tensor([s for s, _ in g.spills], device=dev)
             out = self._gpu_blocks[src]  # one gather: [n, layers, 2, ...], contiguous
-            if self.cuda:
-                for i, (_, h) in enumerate(g.spills):  # device -> pinned, one copy per block
-                    self.blocks[h].copy_(out[i], non_blocking=True)
-            else:
-                self.blocks[torch.tensor([h for _, h in g.spills])] = out
-            self.num_spills += len(g.spills)
         if staged is not None:
             dst = torch.tensor([d for _, d in g.restores], device=dev)
             self._gpu_blocks[dst] = staged  # one scatter into the pool's layout
             self.num_restores += len(g.restores)
+        return out
+
+    def _spill_out(self, out: torch.Tensor | None, spills: Pairs) -> None:
+        """The gathered spills to their host blocks."""
+        if out is None:
+            return
+        if self.cuda:
+            for i, (_, h) in enumerate(spills):  # device -> pinned, one copy per block
+                self.blocks[h].copy_(out[i], non_blocking=True)
+        else:
+            self.blocks[torch.tensor([h for _, h in spills])] = out
+        self.num_spills += len(spills)
 
     def fence(self) -> None:
         """Before a step: the compute stream waits for every transfer issued so far."""

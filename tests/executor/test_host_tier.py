@@ -70,6 +70,8 @@ def test_batches_merge_only_when_order_cannot_matter() -> None:
     ref_pool = small_pool(10)
     ref_pool.storage.copy_(pool.storage)
     ref = HostTier(ref_pool, 10, torch.device("cpu"))
+    tier.blocks.zero_()  # (allocated empty: only spilled blocks are ever read)
+    ref.blocks.zero_()
     batches = [
         TransferBatch(spills=[(1, 5), (2, 6)]),
         TransferBatch(spills=[(3, 7)], restores=[(5, 1)]),
