@@ -82,6 +82,19 @@ def _merge(batches: list[TransferBatch]) -> list[TransferBatch]:
     return out
 
 
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(position, first id, length) of each run of consecutive ids in `ids` (host blocks come
+    off a FIFO free list, so a batch's are often consecutive: fewer, larger copies)."""
+    out: list[tuple[int, int, int]] = []
+    for i, h in enumerate(ids):
+        if out and out[-1][1] + out[-1][2] == h:
+            pos, first, n = out[-1]
+            out[-1] = (pos, first, n + 1)
+        else:
+            out.append((i, h, 1))
+    return out
+
+
 class HostTier:
     def __init__(self, pool: KVPool, num_blocks: int, device: torch.device) -> None:
         storage = pool.storage  # [layers, 2, blocks, block_size, kv_heads, head_dim]
@@ -135,14 +148,13 @@ class HostTier:
         staged = None
         if g.restores:
             host = [h for h, _ in g.restores]
-            if self.cuda:
-                staged = torch.empty(
-                    (len(host), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=dev
-                )
-                for i, h in enumerate(host):  # one contiguous copy per block, pinned -> device
-                    staged[i].copy_(self.blocks[h], non_blocking=True)
-            else:
-                staged = self.blocks[torch.tensor(host)]
+            staged = torch.empty(
+                (len(host), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=dev
+            )
+            # Host -> device, one copy per run of consecutive host blocks (a block at least:
+            # all its layers are contiguous). CPU: the same copies, synchronous.
+            for i, h, n in _runs(host):
+                staged[i : i + n].copy_(self.blocks[h : h + n], non_blocking=self.cuda)
         if queued is not None:
             torch.cuda.current_stream(dev).wait_event(queued)
         out = None
@@ -159,11 +171,9 @@ class HostTier:
         """The gathered spills to their host blocks."""
         if out is None:
             return
-        if self.cuda:
-            for i, (_, h) in enumerate(spills):  # device -> pinned, one copy per block
-                self.blocks[h].copy_(out[i], non_blocking=True)
-        else:
-            self.blocks[torch.tensor([h for _, h in spills])] = out
+        # Device -> host, one copy per run of consecutive host blocks.
+        for i, h, n in _runs([h for _, h in spills]):
+            self.blocks[h : h + n].copy_(out[i : i + n], non_blocking=self.cuda)
         self.num_spills += len(spills)
 
     def fence(self) -> None:

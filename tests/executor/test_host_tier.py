@@ -13,7 +13,13 @@ from typing import cast
 import pytest
 import torch
 from pagemesh.services.executor.config import EngineConfig
-from pagemesh.services.executor.host_tier import HostTier, TransferBatch, _merge, host_blocks_for
+from pagemesh.services.executor.host_tier import (
+    HostTier,
+    TransferBatch,
+    _merge,
+    _runs,
+    host_blocks_for,
+)
 from pagemesh.services.executor.kv_pool import KVPool
 from pagemesh.services.executor.model.config import ModelConfig
 
@@ -81,6 +87,11 @@ def test_batches_merge_only_when_order_cannot_matter() -> None:
     for b in batches:
         ref.run([b])
     assert torch.equal(pool.storage, ref_pool.storage) and torch.equal(tier.blocks, ref.blocks)
+
+
+def test_runs_of_consecutive_host_blocks() -> None:
+    assert _runs([]) == []
+    assert _runs([4, 5, 6, 9, 3, 4]) == [(0, 4, 3), (3, 9, 1), (4, 3, 2)]
 
 
 def test_host_tier_size() -> None:
