@@ -63,6 +63,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     add_option(p, "--num-blocks", 0, "KV pool blocks (0: automatic)", int)
     add_option(p, "--block-size", 16, "tokens per KV block", int)
+    add_option(
+        p,
+        "--host-kv-gib",
+        0.0,
+        "host memory (GiB) per executor for the prefix cache's host tier (0: none)",
+        float,
+    )
     add_option(p, "--max-model-len", 0, "context length (0: the model's)", int)
     p.add_argument(
         "--api-key",
@@ -428,6 +435,8 @@ async def _start_services(
             ex_argv += ["--num-blocks", str(args.num_blocks)]
         if args.max_model_len:
             ex_argv += ["--max-model-len", str(args.max_model_len)]
+        if args.host_kv_gib:
+            ex_argv += ["--host-kv-gib", str(args.host_kv_gib)]
         name = "executor" if i == 0 else f"executor-{i}"
         await sup.start(Service(name, ex_argv, grpc_healthy(f"127.0.0.1:{port}"), env))
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterExecutorRequest(_message.Message):
-    __slots__ = ("executor_id", "num_blocks", "block_size", "model_fingerprint", "address", "model", "max_model_len")
+    __slots__ = ("executor_id", "num_blocks", "block_size", "model_fingerprint", "address", "model", "max_model_len", "num_host_blocks", "kv_block_bytes")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class RegisterExecutorRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     num_blocks: int
     block_size: int
@@ -23,7 +25,9 @@ class RegisterExecutorRequest(_message.Message):
     address: str
     model: str
     max_model_len: int
-    def __init__(self, executor_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    num_host_blocks: int
+    kv_block_bytes: int
+    def __init__(self, executor_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterExecutorResponse(_message.Message):
     __slots__ = ("epoch",)
@@ -48,12 +52,20 @@ class AllocateRequest(_message.Message):
     def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seq_id: _Optional[str] = ..., cache_salt: _Optional[str] = ..., num_lookahead_tokens: _Optional[int] = ..., token_data: _Optional[bytes] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
-    __slots__ = ("block_ids", "num_cached_tokens")
+    __slots__ = ("block_ids", "num_cached_tokens", "spill_src", "spill_dst", "restore_src", "restore_dst")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPILL_SRC_FIELD_NUMBER: _ClassVar[int]
+    SPILL_DST_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_SRC_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_DST_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_cached_tokens: int
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    spill_src: _containers.RepeatedScalarFieldContainer[int]
+    spill_dst: _containers.RepeatedScalarFieldContainer[int]
+    restore_src: _containers.RepeatedScalarFieldContainer[int]
+    restore_dst: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., spill_src: _Optional[_Iterable[int]] = ..., spill_dst: _Optional[_Iterable[int]] = ..., restore_src: _Optional[_Iterable[int]] = ..., restore_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExtendRequest(_message.Message):
     __slots__ = ("executor_id", "epoch", "seq_ids", "num_computed_tokens", "num_tokens")
@@ -80,20 +92,24 @@ class SeqBlocks(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., first_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExtendResponse(_message.Message):
-    __slots__ = ("updated_seq_ids", "first_indices", "update_counts", "update_block_ids", "copy_src", "copy_dst")
+    __slots__ = ("updated_seq_ids", "first_indices", "update_counts", "update_block_ids", "copy_src", "copy_dst", "spill_src", "spill_dst")
     UPDATED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_INDICES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     COPY_SRC_FIELD_NUMBER: _ClassVar[int]
     COPY_DST_FIELD_NUMBER: _ClassVar[int]
+    SPILL_SRC_FIELD_NUMBER: _ClassVar[int]
+    SPILL_DST_FIELD_NUMBER: _ClassVar[int]
     updated_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     first_indices: _containers.RepeatedScalarFieldContainer[int]
     update_counts: _containers.RepeatedScalarFieldContainer[int]
     update_block_ids: _containers.RepeatedScalarFieldContainer[int]
     copy_src: _containers.RepeatedScalarFieldContainer[int]
     copy_dst: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, updated_seq_ids: _Optional[_Iterable[str]] = ..., first_indices: _Optional[_Iterable[int]] = ..., update_counts: _Optional[_Iterable[int]] = ..., update_block_ids: _Optional[_Iterable[int]] = ..., copy_src: _Optional[_Iterable[int]] = ..., copy_dst: _Optional[_Iterable[int]] = ...) -> None: ...
+    spill_src: _containers.RepeatedScalarFieldContainer[int]
+    spill_dst: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, updated_seq_ids: _Optional[_Iterable[str]] = ..., first_indices: _Optional[_Iterable[int]] = ..., update_counts: _Optional[_Iterable[int]] = ..., update_block_ids: _Optional[_Iterable[int]] = ..., copy_src: _Optional[_Iterable[int]] = ..., copy_dst: _Optional[_Iterable[int]] = ..., spill_src: _Optional[_Iterable[int]] = ..., spill_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("executor_id", "epoch", "seq_ids", "block_indices", "token_ids")
@@ -227,6 +243,34 @@ class PoolStats(_message.Message):
     live_sequences: int
     def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., free: _Optional[int] = ..., in_use: _Optional[int] = ..., cached: _Optional[int] = ..., evictions: _Optional[int] = ..., live_sequences: _Optional[int] = ...) -> None: ...
 
+class TierStats(_message.Message):
+    __slots__ = ("host_blocks", "host_free", "host_cached", "gpu_hit_tokens", "host_hit_tokens", "spills", "restores", "host_drops", "bytes_spilled", "bytes_restored", "age_at_restore", "age_at_host_drop")
+    HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FREE_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
+    GPU_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_FIELD_NUMBER: _ClassVar[int]
+    RESTORES_FIELD_NUMBER: _ClassVar[int]
+    HOST_DROPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SPILLED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    AGE_AT_RESTORE_FIELD_NUMBER: _ClassVar[int]
+    AGE_AT_HOST_DROP_FIELD_NUMBER: _ClassVar[int]
+    host_blocks: int
+    host_free: int
+    host_cached: int
+    gpu_hit_tokens: int
+    host_hit_tokens: int
+    spills: int
+    restores: int
+    host_drops: int
+    bytes_spilled: int
+    bytes_restored: int
+    age_at_restore: Residency
+    age_at_host_drop: Residency
+    def __init__(self, host_blocks: _Optional[int] = ..., host_free: _Optional[int] = ..., host_cached: _Optional[int] = ..., gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., host_drops: _Optional[int] = ..., bytes_spilled: _Optional[int] = ..., bytes_restored: _Optional[int] = ..., age_at_restore: _Optional[_Union[Residency, _Mapping]] = ..., age_at_host_drop: _Optional[_Union[Residency, _Mapping]] = ...) -> None: ...
+
 class WindowStats(_message.Message):
     __slots__ = ("name", "hits")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -236,7 +280,7 @@ class WindowStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., hits: _Optional[_Union[HitStats, _Mapping]] = ...) -> None: ...
 
 class ExecutorStats(_message.Message):
-    __slots__ = ("executor_id", "epoch", "pool", "windows", "age_at_hit", "age_at_eviction", "address", "model", "max_model_len", "live", "seconds_since_seen", "load", "routed")
+    __slots__ = ("executor_id", "epoch", "pool", "windows", "age_at_hit", "age_at_eviction", "address", "model", "max_model_len", "live", "seconds_since_seen", "load", "routed", "tier")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +294,7 @@ class ExecutorStats(_message.Message):
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ROUTED_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     pool: PoolStats
@@ -263,7 +308,8 @@ class ExecutorStats(_message.Message):
     seconds_since_seen: float
     load: _fleet_pb2.ExecutorLoad
     routed: _containers.RepeatedCompositeFieldContainer[RouteCount]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., pool: _Optional[_Union[PoolStats, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., age_at_hit: _Optional[_Union[Residency, _Mapping]] = ..., age_at_eviction: _Optional[_Union[Residency, _Mapping]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., live: _Optional[bool] = ..., seconds_since_seen: _Optional[float] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ..., routed: _Optional[_Iterable[_Union[RouteCount, _Mapping]]] = ...) -> None: ...
+    tier: TierStats
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., pool: _Optional[_Union[PoolStats, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowStats, _Mapping]]] = ..., age_at_hit: _Optional[_Union[Residency, _Mapping]] = ..., age_at_eviction: _Optional[_Union[Residency, _Mapping]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., live: _Optional[bool] = ..., seconds_since_seen: _Optional[float] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ..., routed: _Optional[_Iterable[_Union[RouteCount, _Mapping]]] = ..., tier: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
 
 class RouteCount(_message.Message):
     __slots__ = ("policy", "reason", "count")
@@ -394,14 +440,16 @@ class SessionResponse(_message.Message):
     def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Union[AllocateResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., fork: _Optional[_Union[ForkResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
 
 class ReconcileRequest(_message.Message):
-    __slots__ = ("executor_id", "epoch", "seqs")
+    __slots__ = ("executor_id", "epoch", "seqs", "num_transfers")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     epoch: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqBlocks]
-    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ...) -> None: ...
+    num_transfers: int
+    def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqBlocks, _Mapping]]] = ..., num_transfers: _Optional[int] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
     __slots__ = ("num_released", "lost_seq_ids")

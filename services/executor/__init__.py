@@ -21,6 +21,8 @@ Modules, one job each (a step: engine -> scheduler -> model_runner -> scheduler.
   validation.py      what add_request refuses, with a clear message
   config.py          EngineConfig
   kv_pool.py         the physical KV tensors and their sizing
+  host_tier.py       the prefix cache's host-memory tier: kvmanager's spills and restores,
+                     copied in its order (a side stream on CUDA) before the step that needs them
   cuda_graphs.py     decode and prefill CUDA graphs
   staging.py         pinned host memory for a step's copies
   prefix_caching.py  prefix caching off: an allocator wrapper that publishes nothing

@@ -116,17 +116,27 @@ class AllocatorLink:
         self.num_outages = 0
         # kvmanager does not know this epoch: re-register (the engine's job, `reregister`).
         self.stale = False
-        self._registration: tuple[int, int, str] | None = None
+        self._registration: tuple[int, int, str, int, int] | None = None
         self._losses_seen = 0  # the client's connection_losses, when it counts them
+        # Host-tier spills and restores received since registering (the scheduler counts them
+        # as replies land): a Reconcile keeps the host tier only if kvmanager counts as many.
+        self.num_transfers = 0
         # Seconds the current step's schedule() spent awaiting kvmanager (the step trace's
         # kv_wait: what of a slow schedule is the allocator's round trips); the scheduler
         # zeroes it when a step begins.
         self.kv_wait = 0.0
 
-    async def register(self, num_blocks: int, block_size: int, fingerprint: str) -> int:
-        """Announces the pool (the engine's start), with what the fleet routes by; returns the
-        new epoch."""
-        self._registration = (num_blocks, block_size, fingerprint)
+    async def register(
+        self,
+        num_blocks: int,
+        block_size: int,
+        fingerprint: str,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
+    ) -> int:
+        """Announces the pool (the engine's start), with what the fleet routes by and the host
+        tier (0 blocks: none); returns the new epoch."""
+        self._registration = (num_blocks, block_size, fingerprint, num_host_blocks, kv_block_bytes)
         return await self.allocator.register(
             num_blocks,
             block_size,
@@ -134,6 +144,8 @@ class AllocatorLink:
             address=self.config.advertise,
             model=self.config.served_model_name,
             max_model_len=self.max_model_len,
+            num_host_blocks=num_host_blocks,
+            kv_block_bytes=kv_block_bytes,
         )
 
     async def heartbeats(self, interval: float = HEARTBEAT_SECONDS) -> None:
@@ -217,7 +229,7 @@ class AllocatorLink:
         tables = held()
         try:
             with self._awaiting_kvmanager():
-                released, lost = await self.allocator.reconcile(tables)
+                released, lost = await self.allocator.reconcile(tables, self.num_transfers)
         except AllocatorUnavailable:
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
@@ -256,6 +268,7 @@ class AllocatorLink:
             raise
         self._commits.clear()
         self._releases.clear()
+        self.num_transfers = 0  # a new epoch: both tiers start empty on both sides
         self.stale = False
         self.down_since = None
         self._last_call = time.monotonic()

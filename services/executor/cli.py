@@ -67,6 +67,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
     add_option(
+        p,
+        "--host-kv-gib",
+        0.0,
+        "host memory (GiB, pinned on CUDA) for the prefix cache's host tier: evicted blocks"
+        " spill there and come back on a hit (0: no tier)",
+        float,
+    )
+    add_option(
+        p, "--host-kv-blocks", 0, "the host tier's size in blocks instead of --host-kv-gib", int
+    )
+    add_option(
         p, "--prefix-caching", True, "share cached prompt blocks (--no-prefix-caching: A/B)", bool
     )
     add_option(
@@ -190,6 +201,8 @@ async def _main(args: argparse.Namespace) -> None:
         max_beam_width=args.max_beam_width,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        host_kv_blocks=args.host_kv_blocks,
+        host_kv_gib=args.host_kv_gib,
         executor_id=executor_id(args),
         advertise=advertised_address(args),
         served_model_name=args.served_model_name or served_name(args.model),

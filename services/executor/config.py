@@ -19,6 +19,10 @@ class EngineConfig:
     # KV pool size. None: profiled on CUDA (gpu_memory_utilization), DEFAULT_CPU_NUM_BLOCKS on CPU.
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
+    # The host-memory tier of the prefix cache (host_tier.py): blocks, or GiB of host memory
+    # (pinned on CUDA) when host_kv_blocks is 0. Both 0: no tier, evicted blocks are dropped.
+    host_kv_blocks: int = 0
+    host_kv_gib: float = 0.0
     max_num_seqs: int = 256  # sequences (choices) running at once
     max_num_batched_tokens: int = 8192  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -69,6 +73,10 @@ class EngineConfig:
             raise ValueError("grammar_compile_timeout_s must be positive")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
+        if self.host_kv_blocks < 0 or self.host_kv_gib < 0:
+            raise ValueError("host_kv_blocks and host_kv_gib must be >= 0")
+        if self.host_kv_blocks and self.host_kv_gib:
+            raise ValueError("give the host KV tier's size once: host_kv_blocks or host_kv_gib")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -151,8 +151,13 @@ class LLMEngine:
 
         self.runner = ModelRunner(cfg, self.model, mc, self.max_model_len, self.device, self.dtype)
         self.scheduler = Scheduler(cfg, self.allocator, self.max_model_len, self.eos_token_ids)
+        tier = self.runner.host_tier
         self.epoch = await self.scheduler.link.register(
-            self.runner.pool.num_blocks, cfg.block_size, self.kv_fingerprint
+            self.runner.pool.num_blocks,
+            cfg.block_size,
+            self.kv_fingerprint,
+            tier.num_blocks if tier is not None else 0,
+            tier.block_bytes if tier is not None else 0,
         )
         self.beams = BeamSearchRunner(
             self.scheduler, self.runner, self.eos_token_ids, self.max_model_len, self._drop

@@ -47,6 +47,11 @@ class KVPool:
         self.nbytes = self._storage.numel() * self._storage.element_size()
 
     @property
+    def storage(self) -> torch.Tensor:
+        """All layers' K and V: [layers, 2, blocks, block_size, kv_heads, head_dim]."""
+        return self._storage
+
+    @property
     def key_caches(self) -> list[torch.Tensor]:
         return [k for k, _ in self.kv_caches]
 

@@ -27,7 +27,8 @@ from pagemesh.services.executor import prompt_logprobs
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import SamplingParams, TokenLogprob
 from pagemesh.services.executor.grammar import StepMasks, apply_masks, guided_rows
-from pagemesh.services.executor.kv_pool import KVPool, determine_num_blocks
+from pagemesh.services.executor.host_tier import HostTier, TransferBatch, host_blocks_for
+from pagemesh.services.executor.kv_pool import KVPool, bytes_per_block, determine_num_blocks
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 from pagemesh.services.executor.model.config import ModelConfig
 from pagemesh.services.executor.model.llama import LlamaForCausalLM
@@ -104,6 +105,9 @@ class Batch:
     # Structured output: rows of sample_seqs with a grammar (grammar.py). Non-empty: the step
     # launches its forward first and samples once the engine has filled their masks.
     guided: list[int] = field(default_factory=list)
+    # Host-tier copies to run before the step (CPU: in the worker, before the copies and the
+    # forward; CUDA: issued by `launch` on the side stream, fenced before the step).
+    transfers: list[TransferBatch] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -182,6 +186,18 @@ class ModelRunner:
             str(self.dtype).removeprefix("torch."),
             self.device,
         )
+        num_host = host_blocks_for(
+            cfg.host_kv_gib, cfg.host_kv_blocks, bytes_per_block(mc, cfg.block_size, self.dtype)
+        )
+        self.host_tier = HostTier(self.pool, num_host, self.device) if num_host else None
+        if self.host_tier is not None:
+            log.info(
+                "KV host tier: %d blocks = %d tokens (%.2f GiB%s)",
+                num_host,
+                num_host * cfg.block_size,
+                self.host_tier.nbytes / 2**30,
+                ", pinned" if self.host_tier.cuda else "",
+            )
         rows = cfg.max_num_seqs
         self.block_tables = torch.zeros(
             rows, self.max_blocks, dtype=torch.int32, device=self.device
@@ -274,8 +290,16 @@ class ModelRunner:
         with their masks."""
         if self.staging is not None:
             self.staging.next_step()
+        tier = self.host_tier
+        if tier is not None and tier.cuda and sched.transfers:
+            # First, so the side stream's copies overlap this step's preparation and the step
+            # still in flight (the forward fences on them).
+            with torch.inference_mode():
+                tier.run(sched.transfers)
         with torch.inference_mode():
             batch = self._prepare(sched, sampling_params, beams)
+        if tier is not None and not tier.cuda:
+            batch.transfers = sched.transfers
         loop = asyncio.get_running_loop()
         pending = None
         future: asyncio.Future[Any]
@@ -516,7 +540,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, batch: Batch, copies: list[tuple[int, int]]) -> torch.Tensor:
-        """The step's copy-on-write copies and forward: the sampled rows' logits [S, V]."""
+        """The step's host-tier transfers, copy-on-write copies and forward: the sampled rows'
+        logits [S, V]. Transfers first: a fresh block a copy writes may have been evicted (its
+        spill reads it first)."""
+        tier = self.host_tier
+        if tier is not None:
+            if batch.transfers:
+                tier.run(batch.transfers)
+            tier.fence()
         if copies:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pagemesh.services.executor.allocator_link import AllocatorLink
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import FinishReason, SequenceOutput, TokenLogprob
+from pagemesh.services.executor.host_tier import TransferBatch
 from pagemesh.services.executor.inflight_prefill import InflightPrefills
 from pagemesh.services.executor.rows import Rows
 from pagemesh.services.executor.sequence import (
@@ -71,6 +72,8 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # got a row this step
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, run first
+    # Host-tier spills and restores (host_tier.py), in kvmanager's order, before the copies.
+    transfers: list[TransferBatch] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)  # could never fit: finished with ERROR
     num_preempted: int = 0
     # n > 1 parents whose prompt ends in this step, with their new children (rows taken): the
@@ -115,6 +118,9 @@ class Scheduler:
         # step does not look for prompts that end.
         self._unforked: set[Request] = set()
         self.pending_copies: list[tuple[int, int]] = []
+        # Spills and restores of the replies landed so far (one batch per reply, in the order
+        # kvmanager answered), for the next step to run before anything else.
+        self.pending_transfers: list[TransferBatch] = []
         self._arrival = itertools.count()
         self.link = AllocatorLink(
             allocator, config, max_model_len, self._land_extend, self.load_report
@@ -208,6 +214,8 @@ class Scheduler:
         # Copy-on-write copies landed so far run first in this step.
         out.copies.extend(self.pending_copies)
         self.pending_copies = []
+        if self.pending_transfers and out.seqs:  # (no step, no launch: they wait for one)
+            out.transfers, self.pending_transfers = self.pending_transfers, []
         if self._unforked:
             out.forks = self._spawn_children(out)
         if link.riding and not out.seqs:
@@ -251,6 +259,9 @@ class Scheduler:
             if not batch:
                 return
             result = await self.link.admit(batch, budget)
+            for alloc in result.allocations:
+                if alloc.spills or alloc.restores:
+                    self._transfers(TransferBatch(alloc.spills, alloc.restores))
             tokens = cached = 0
             for seq, alloc in zip(batch, result.allocations, strict=False):
                 budget = self._admit_one(seq, alloc, out, budget)
@@ -371,6 +382,8 @@ class Scheduler:
                     del out.seqs[i], out.num_new_tokens[i]
                 need = [(s, n) for s, n in need if s is not victim]
                 continue
+            if result.spills:
+                self._transfers(TransferBatch(result.spills))
             self._apply_updates(result)
             out.copies.extend(result.copies)
             for seq, _ in need:
@@ -438,9 +451,16 @@ class Scheduler:
             if seq is not None:
                 seq.apply_update(update.first_index, list(update.block_ids))
 
+    def _transfers(self, batch: TransferBatch) -> None:
+        """A reply's spills and restores: for the next step, and counted (Reconcile)."""
+        self.pending_transfers.append(batch)
+        self.link.num_transfers += len(batch.spills) + len(batch.restores)
+
     def _land_extend(self, result: ExtendResult) -> None:
         """A look-ahead's result, from the link (at the start of a schedule or while settling:
         never mid-step)."""
+        if result.spills:
+            self._transfers(TransferBatch(result.spills))
         self._apply_updates(result)
         # Copies come only for a shared block a sequence writes into next; sequences that
         # may hold one (just forked) extend synchronously (needs_extend), before any write,

@@ -5,7 +5,8 @@ Modules, one job each:
   api.py            the BlockAllocator contract the executor codes against, and its errors
   hashing.py        the block hash chain (canonical encoding, pinned by test vectors)
   events.py         the change events the core records for whoever mirrors its state
-  block_pool.py     one executor's blocks: ref counts, free queue, LRU cached queue, prefix index
+  block_pool.py     one executor's blocks: ref counts, free queue, LRU cached queue, prefix index,
+                    and its host-memory tier (spills on eviction, restores on a hit, its own LRU)
   load.py           an executor's load as routing counts it: its last report plus pending routes
   manager.py        the core: executors and epochs, tables, allocate/extend/commit/fork/release
   step.py           one Step call (commit, release, extend, admit, load) over the core: the only one

@@ -55,6 +55,12 @@ class AllocatorUnavailable(AllocatorError):
 class Allocation:
     block_ids: list[int]
     num_cached_tokens: int
+    # The host tier (DESIGN.md "Memory tiers"), in this order before the step that reads the
+    # blocks: spills (gpu block -> host block: cached blocks this allocation evicted, copied out
+    # before the GPU block is written again), then restores (host block -> gpu block: prefix
+    # hits found in host memory, copied into the fresh GPU blocks of the table).
+    spills: list[tuple[int, int]] = field(default_factory=list)
+    restores: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -74,6 +80,9 @@ class TableUpdate:
 class ExtendResult:
     updates: dict[str, TableUpdate] = field(default_factory=dict)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), run before the step
+    # (gpu, host): cached blocks the fresh ones were evicted from, copied out to the host tier
+    # before the copies and the step (see Allocation).
+    spills: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -138,11 +147,14 @@ class BlockAllocator(Protocol):
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> int:
         """Announce the pool; returns the new epoch. `address` (the gRPC host:port gateways
         reach this executor on), `model` (the served model name requests ask for) and
         `max_model_len` are what the fleet routes by: an executor without a model is never
-        routed to."""
+        routed to. `num_host_blocks`: its host-memory tier (0: none); `kv_block_bytes`: the
+        bytes of one block, all layers' K and V (for the bytes-moved statistics)."""
 
     async def allocate(
         self,
@@ -180,11 +192,15 @@ class BlockAllocator(Protocol):
         load is a heartbeat. Raises only when the call as a whole fails (AllocatorUnavailable:
         kvmanager unreachable, nothing known to be applied)."""
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
         """After kvmanager was unreachable: `tables` holds every sequence this executor holds
         blocks for, each with its whole table. kvmanager releases the sequences it holds that
         are not there, and returns (their number, the ids of `tables` it does not hold with
-        that table): the executor drops those sequences' blocks and recomputes them."""
+        that table): the executor drops those sequences' blocks and recomputes them.
+        `num_transfers`: the spills and restores received since registering; the host tier
+        is kept only when kvmanager counts the same (None: dropped)."""
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Cached prefix length on this executor, without allocating."""

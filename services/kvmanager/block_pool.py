@@ -14,7 +14,21 @@ Every operation is O(1) (a bulk take is O(n) for n blocks); eviction pops the LR
 so persistence can restore the exact queue order by sorting on it.
 
 With an `events` list (events.py), every transition records what it changed (BLOCK, BLOCKS,
-BLOCK_STORED, HASH_REMOVED) for a consumer to take; None records nothing.
+BLOCK_STORED, HASH_REMOVED, HOST_BLOCKS) for a consumer to take; None records nothing.
+
+The host tier (DESIGN.md "Memory tiers"; `host_blocks` > 0): a second, larger pool in the
+executor's host memory that only ever holds cached blocks. Its blocks are free or cached:
+  host free    no hash                -> in `host_free` (FIFO)
+  host cached  hashed                 -> in `host_cached` (its own LRU: oldest first)
+A cached GPU block that is evicted moves its hash to a host block (a *spill*, recorded in
+`spills` as (gpu block, host block) for the executor to copy out before the GPU block is
+written again); when the host tier is full its oldest block is dropped to make room. A prefix
+hit on a host block (a *restore*) moves the hash back onto a fresh GPU block (`restores`:
+(host block, gpu block), copied in before the step that reads it) and frees the host block.
+The tiers are exclusive, so one more invariant holds:
+  host_index[h] == hb  <=>  host_hash[hb] == h, and no hash is in both `index` and `host_index`.
+The transfers are listed in the order they happened: replayed in that order (each batch's
+spills, then its restores), no copy reads a block a copy before it overwrote.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from pagemesh.services.kvmanager.events import (
     BLOCK_STORED,
     BLOCKS,
     HASH_REMOVED,
+    HOST_BLOCKS,
     Event,
 )
 
@@ -49,6 +64,23 @@ class BlockPool:
     index: dict[bytes, int] = field(init=False)
     evictions: int = 0
     next_stamp: int = 0
+    # -- the host tier (module docstring); 0 blocks: none, evicted blocks are dropped
+    host_blocks: int = 0
+    # Called with a host block's age (seconds since its spill) when it is restored / dropped.
+    on_restore: Callable[[float], None] | None = None
+    on_host_drop: Callable[[float], None] | None = None
+    host_hash: list[bytes | None] = field(init=False)
+    host_birth: list[float] = field(init=False)  # wall-clock time of the spill
+    host_stamp: list[int] = field(init=False)  # queue order, as `stamp`
+    host_free: deque[int] = field(init=False)
+    host_cached: OrderedDict[int, None] = field(init=False)
+    host_index: dict[bytes, int] = field(init=False)
+    # Transfers since the caller last took them (take_transfers): (gpu, host) and (host, gpu).
+    spills: list[tuple[int, int]] = field(init=False)
+    restores: list[tuple[int, int]] = field(init=False)
+    num_spills: int = 0
+    num_restores: int = 0
+    host_drops: int = 0  # host blocks whose hash was dropped to make room (the host LRU)
 
     def __post_init__(self) -> None:
         n = self.num_blocks
@@ -60,6 +92,15 @@ class BlockPool:
         self.free = deque(range(n))
         self.cached = OrderedDict()
         self.index = {}
+        k = self.host_blocks
+        self.host_hash = [None] * k
+        self.host_birth = [0.0] * k
+        self.host_stamp = list(range(-k, 0))
+        self.host_free = deque(range(k))
+        self.host_cached = OrderedDict()
+        self.host_index = {}
+        self.spills = []
+        self.restores = []
 
     # -- counts ---------------------------------------------------------------------------------
     @property
@@ -73,6 +114,14 @@ class BlockPool:
     @property
     def num_in_use(self) -> int:
         return self.num_blocks - len(self.free) - len(self.cached)
+
+    @property
+    def num_host_cached(self) -> int:
+        return len(self.host_cached)
+
+    @property
+    def num_host_free(self) -> int:
+        return len(self.host_free)
 
     @property
     def num_available(self) -> int:
@@ -121,6 +170,100 @@ class BlockPool:
             self.on_evict(time.time() - self.birth[b])
         if self.events is not None:
             self.events.append((HASH_REMOVED, h))
+        if self.host_blocks:
+            self._spill(b, h)
+
+    def _spill(self, b: int, h: bytes) -> None:
+        """Evicted GPU block `b` (hash `h`) goes on in a host block: a free one, else the host
+        LRU's oldest, whose hash is dropped. None to take (every host block is being restored
+        by the allocation that evicts): dropped, as without a tier."""
+        if self.host_free:
+            hb = self.host_free.popleft()
+        elif self.host_cached:
+            hb = self.host_cached.popitem(last=False)[0]
+            self._host_drop(hb)
+        else:
+            return
+        now = time.time()
+        self.host_hash[hb] = h
+        self.host_index[h] = hb
+        self.host_birth[hb] = now
+        self.host_stamp[hb] = self.next_stamp
+        self.next_stamp += 1
+        self.host_cached[hb] = None  # most recently used end
+        self.spills.append((b, hb))
+        self.num_spills += 1
+        if self.events is not None:
+            self.events.append((HOST_BLOCKS, [hb]))
+
+    def _host_drop(self, hb: int) -> None:
+        h = self.host_hash[hb]
+        assert h is not None and self.host_index[h] == hb
+        del self.host_index[h]
+        self.host_hash[hb] = None
+        self.host_drops += 1
+        if self.on_host_drop is not None:
+            self.on_host_drop(time.time() - self.host_birth[hb])
+
+    def unhash(self, b: int) -> None:
+        """An in-use block's hash leaves the index (its contents cannot be trusted): it goes
+        back to the free queue when released."""
+        h = self.hash[b]
+        assert h is not None and self.ref[b] > 0
+        del self.index[h]
+        self.hash[b] = None
+        if self.events is not None:
+            self.events.append((HASH_REMOVED, h))
+            self.events.append((BLOCK, b))
+
+    def pin_host(self, host_blocks: list[int]) -> None:
+        """Host hits of an allocation leave the host LRU first, so that the spills of the same
+        allocation's fresh blocks cannot drop them (`restore_into` follows in the same call)."""
+        cached = self.host_cached
+        for hb in host_blocks:
+            del cached[hb]
+
+    def restore_into(self, hb: int, b: int, now: float) -> None:
+        """Host block `hb` (pinned) comes back into fresh GPU block `b` (ref 1, unhashed): the
+        hash moves to `b`, `hb` is free again. The executor copies hb -> b before any step
+        reads `b` (the transfers are replayed in order, so a later spill into `hb` comes after
+        this copy)."""
+        h = self.host_hash[hb]
+        assert h is not None and self.hash[b] is None and self.ref[b] > 0
+        if self.on_restore is not None:
+            self.on_restore(now - self.host_birth[hb])
+        del self.host_index[h]
+        self.host_hash[hb] = None
+        self.host_stamp[hb] = self.next_stamp
+        self.next_stamp += 1
+        self.host_free.append(hb)
+        self.index[h] = b
+        self.hash[b] = h
+        self.birth[b] = now
+        self.restores.append((hb, b))
+        self.num_restores += 1
+        if self.events is not None:
+            self.events.append((BLOCK_STORED, (b, h)))
+            self.events.append((HOST_BLOCKS, [hb]))
+
+    def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The spills and restores recorded since the last call, leaving none."""
+        out = self.spills, self.restores
+        if out[0] or out[1]:
+            self.spills, self.restores = [], []
+        return out
+
+    def drop_host_tier(self) -> None:
+        """Forgets every host-resident block (their hashes leave the index): after an outage
+        kvmanager cannot know which spills the executor really made."""
+        for hb in list(self.host_cached):
+            self._host_drop(hb)
+            self.host_stamp[hb] = self.next_stamp
+            self.next_stamp += 1
+            self.host_free.append(hb)
+        self.host_cached.clear()
+        if self.events is not None and self.host_blocks:
+            self.events.append((HOST_BLOCKS, list(range(self.host_blocks))))
 
     def take_hits(self, blocks: list[int]) -> None:
         """Prefix hits: one more reference on each indexed block (in use or cached)."""
@@ -160,6 +303,18 @@ class BlockPool:
         this block stays unhashed and goes back to the free queue when released)."""
         if self.hash[b] is not None or h in self.index:
             return False
+        hb = self.host_index.get(h)
+        if hb is not None:
+            # The same contents were recomputed (by a sequence allocated before they were
+            # spilled): the GPU copy wins, the host one is freed (the tiers are exclusive).
+            del self.host_index[h]
+            del self.host_cached[hb]
+            self.host_hash[hb] = None
+            self.host_stamp[hb] = self.next_stamp
+            self.next_stamp += 1
+            self.host_free.append(hb)
+            if self.events is not None:
+                self.events.append((HOST_BLOCKS, [hb]))
         self.index[h] = b
         self.hash[b] = h
         self.birth[b] = now
@@ -187,6 +342,21 @@ class BlockPool:
         self.free = deque(b for b in idle if self.hash[b] is None)
         self.cached = OrderedDict((b, None) for b in idle if self.hash[b] is not None)
 
+    def restore_host(self, records: Iterable[tuple[int, bytes | None, float, int]]) -> None:
+        """Rebuilds the host tier from (host block, hash, birth, stamp) records (after
+        `restore`); blocks without a record stay free."""
+        for hb, h, birth, stamp in records:
+            if h is not None and h in self.index:
+                h = None  # (cannot happen with a consistent snapshot: the tiers are exclusive)
+            self.host_hash[hb] = h
+            self.host_birth[hb] = birth
+            self.host_stamp[hb] = stamp
+            if h is not None:
+                self.host_index[h] = hb
+        order = sorted(range(self.host_blocks), key=self.host_stamp.__getitem__)
+        self.host_free = deque(hb for hb in order if self.host_hash[hb] is None)
+        self.host_cached = OrderedDict((hb, None) for hb in order if self.host_hash[hb] is not None)
+
     def check(self) -> None:
         """Asserts every invariant of the module docstring (tests; O(num_blocks))."""
         free = set(self.free)
@@ -207,3 +377,18 @@ class BlockPool:
         for h, b in self.index.items():
             assert self.hash[b] == h
         assert self.num_free + self.num_in_use + self.num_cached == self.num_blocks
+        # The host tier: every host block free xor cached, its index exact, exclusive of GPU's.
+        host_free = set(self.host_free)
+        assert len(host_free) == len(self.host_free), "a host block is twice in the free queue"
+        assert not host_free & set(self.host_cached), "a host block is both free and cached"
+        assert len(host_free) + len(self.host_cached) == self.host_blocks
+        for hb in range(self.host_blocks):
+            h = self.host_hash[hb]
+            if h is None:
+                assert hb in host_free, f"unhashed host block {hb} is not free"
+            else:
+                assert hb in self.host_cached, f"hashed host block {hb} is not cached"
+                assert self.host_index.get(h) == hb, f"host block {hb} hash not indexed"
+                assert h not in self.index, f"host block {hb}'s hash is also on the GPU"
+        for h, hb in self.host_index.items():
+            assert self.host_hash[hb] == h

@@ -18,6 +18,7 @@ from pagemesh.services.kvmanager.events import (
     BLOCKS,
     EXECUTOR_REGISTERED,
     HASH_REMOVED,
+    HOST_BLOCKS,
     SEQ_REPLACED,
     SEQ_STORED,
     SEQS_GREW,
@@ -47,6 +48,7 @@ class ExecutorChanges:
     blocks: set[int] = field(default_factory=set)  # records to rewrite
     hashes: set[bytes] = field(default_factory=set)  # index entries to rewrite or delete
     seqs: set[str] = field(default_factory=set)  # sequences to rewrite (or delete)
+    host_blocks: set[int] = field(default_factory=set)  # host-tier records to rewrite
     replaced_from: dict[str, int] = field(default_factory=dict)
     released: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Live sequences Redis holds (or the batch being written will hold) -> (blocks, hashes) of
@@ -73,6 +75,8 @@ class ExecutorChanges:
                 seqs.update(x)
                 for sid in x:
                     self._released(sid)
+            elif kind == HOST_BLOCKS:
+                self.host_blocks.update(x)
             elif kind == SEQ_REPLACED:
                 sid, first = x
                 seqs.add(sid)
@@ -90,11 +94,15 @@ class ExecutorChanges:
 
     @property
     def count(self) -> int:
-        return len(self.blocks) + len(self.hashes) + len(self.seqs)
+        return len(self.blocks) + len(self.hashes) + len(self.seqs) + len(self.host_blocks)
 
     def take_blocks(self) -> tuple[set[int], set[bytes]]:
         out = self.blocks, self.hashes
         self.blocks, self.hashes = set(), set()
+        return out
+
+    def take_host_blocks(self) -> set[int]:
+        out, self.host_blocks = self.host_blocks, set()
         return out
 
     def take_seqs(self) -> SeqChanges:

@@ -346,9 +346,53 @@ def format_stats(r, address: str) -> str:
                     _age(x.p99_seconds),
                 ]
             )
+    tiered = [e for e in r.executors if e.tier.host_blocks]
+    if tiered:
+        rows = [
+            [
+                e.executor_id,
+                str(e.tier.host_blocks),
+                str(e.tier.host_free),
+                str(e.tier.host_cached),
+                str(e.tier.gpu_hit_tokens),
+                str(e.tier.host_hit_tokens),
+                str(e.tier.spills),
+                str(e.tier.restores),
+                str(e.tier.host_drops),
+                _bytes(e.tier.bytes_spilled + e.tier.bytes_restored),
+            ]
+            for e in tiered
+        ]
+        head = ["host tier", "blocks", "free", "cached", "gpu hit tok", "host hit tok"]
+        head += ["spills", "restores", "dropped", "moved"]
+        out += ["", _table(head, rows, left=1)]
+        for e in tiered:
+            t = e.tier
+            for what, x in (("at restore", t.age_at_restore), ("at drop", t.age_at_host_drop)):
+                res.append(
+                    [
+                        e.executor_id,
+                        f"host {what}",
+                        str(x.count),
+                        _age(x.mean_seconds),
+                        _age(x.p50_seconds),
+                        _age(x.p99_seconds),
+                    ]
+                )
     if res:
         out += ["", _table(["block age", "when", "count", "mean", "p50", "p99"], res, left=2)]
     return "\n".join(out)
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    x = n / 1024
+    for unit in ("KiB", "MiB"):
+        if x < 1024:
+            return f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,8 @@ class KVManagerClient:
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> int:
         msg = pb.RegisterExecutorRequest()
 
@@ -208,6 +210,8 @@ class KVManagerClient:
             m.address = address
             m.model = model
             m.max_model_len = max_model_len
+            m.num_host_blocks = num_host_blocks
+            m.kv_block_bytes = kv_block_bytes
 
         _fill(fill, msg)
         r = await self._call(self.stub.RegisterExecutor, msg)
@@ -297,8 +301,12 @@ class KVManagerClient:
 
         return (await self._hot("release", fill)).num_released
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
         msg = pb.ReconcileRequest(executor_id=self.executor_id, epoch=self.epoch)
+        if num_transfers is not None:
+            msg.num_transfers = num_transfers
         for seq_id, table in tables.items():
             msg.seqs.add(seq_id=seq_id, block_ids=table)
         r = await self._call(self.stub.Reconcile, msg)

@@ -17,6 +17,7 @@ Per executor (`ExecutorState.events`, shared with its `BlockPool.events`), in or
   BLOCK_STORED    (block, hash)     the block was published under the hash (record and index)
   HASH_REMOVED    hash              the hash left the index (its block was evicted; the block's
                                     own change comes as the BLOCK(S) event of the take)
+  HOST_BLOCKS     [host block ids]  host-tier blocks whose record (hash, stamp) changed
   SEQ_STORED      seq id            a new table (allocate, fork)
   SEQS_GREW       [seq ids]         blocks appended to their tables, or hashes to their chains
   SEQ_REPLACED    (seq id, index)   copy-on-write replaced table[index:] (blocks may follow)
@@ -45,6 +46,7 @@ class Kind(IntEnum):
     SEQ_REPLACED = 6
     SEQS_REMOVED = 7
     EXECUTOR_REGISTERED = 8
+    HOST_BLOCKS = 9
 
 
 # Module-level names for the recording sites: a global lookup, not an enum attribute access.
@@ -57,6 +59,7 @@ SEQS_GREW = Kind.SEQS_GREW
 SEQ_REPLACED = Kind.SEQ_REPLACED
 SEQS_REMOVED = Kind.SEQS_REMOVED
 EXECUTOR_REGISTERED = Kind.EXECUTOR_REGISTERED
+HOST_BLOCKS = Kind.HOST_BLOCKS
 
 # The payload's type depends on the kind (table above); consumers dispatch on the kind first.
 Event = tuple[Kind, Any]

@@ -41,6 +41,8 @@ class LocalAllocator:
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> int:
         self.epoch = self.manager.register(
             self.executor_id,
@@ -50,6 +52,8 @@ class LocalAllocator:
             address,
             model,
             max_model_len,
+            num_host_blocks,
+            kv_block_bytes,
         )
         self.block_size = block_size
         return self.epoch
@@ -66,7 +70,8 @@ class LocalAllocator:
         )
 
     async def extend(self, entries: list[ExtendEntry]) -> ExtendResult:
-        return _extend_result(self.manager.extend(*self._extend_part(entries)))
+        changes = self.manager.extend(*self._extend_part(entries))
+        return _extend_result(changes, self.manager.take_spills(self.executor_id))
 
     def _extend_part(self, entries: list[ExtendEntry]) -> ExtendPart:
         return (
@@ -125,7 +130,7 @@ class LocalAllocator:
         return StepResult(
             num_published=o.num_published,
             num_released=o.num_released,
-            extend=_extend_result(o.extend) if o.extend is not None else None,
+            extend=_extend_result(o.extend, o.extend_spills) if o.extend is not None else None,
             commit_error=o.commit_error,
             release_error=o.release_error,
             extend_error=o.extend_error,
@@ -134,8 +139,10 @@ class LocalAllocator:
             load_error=o.load_error,
         )
 
-    async def reconcile(self, tables: dict[str, list[int]]) -> tuple[int, list[str]]:
-        return self.manager.reconcile(self.executor_id, self.epoch, tables)
+    async def reconcile(
+        self, tables: dict[str, list[int]], num_transfers: int | None = None
+    ) -> tuple[int, list[str]]:
+        return self.manager.reconcile(self.executor_id, self.epoch, tables, num_transfers)
 
     async def match(self, token_ids: list[int], cache_salt: str = "") -> int:
         try:
@@ -151,6 +158,6 @@ def _commit_tuples(entries: list[CommitEntry]) -> list[tuple[str, int, list[int]
     return [(e.seq_id, e.block_index, e.token_ids) for e in entries]
 
 
-def _extend_result(changes: ExtendChanges) -> ExtendResult:
+def _extend_result(changes: ExtendChanges, spills: list[tuple[int, int]]) -> ExtendResult:
     updates, copies = changes
-    return ExtendResult({s: TableUpdate(f, b) for s, (f, b) in updates.items()}, copies)
+    return ExtendResult({s: TableUpdate(f, b) for s, (f, b) in updates.items()}, copies, spills)

@@ -84,6 +84,14 @@ class ExecutorState:
     seqs: dict[str, SeqState] = field(default_factory=dict)
     age_at_hit: Residency = field(default_factory=Residency)
     age_at_eviction: Residency = field(default_factory=Residency)
+    # The host tier (block_pool.py): its size (0: none), one block's bytes (all layers' K and
+    # V, for bytes moved), prompt tokens hit per tier since start, ages at restore and at drop.
+    num_host_blocks: int = 0
+    kv_block_bytes: int = 0
+    gpu_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    age_at_restore: Residency = field(default_factory=Residency)
+    age_at_host_drop: Residency = field(default_factory=Residency)
     # Change events (events.py), the same list as pool.events; None: not recorded.
     events: list[Event] | None = None
     # salt -> (extra digest, tenant id): hashing the salt once per tenant, not per request.
@@ -181,6 +189,8 @@ class Manager:
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> ExecutorState:
         events: list[Event] | None = [] if self.track_changes else None
         ex = ExecutorState(
@@ -189,14 +199,18 @@ class Manager:
             num_blocks=num_blocks,
             block_size=block_size,
             model_fingerprint=fingerprint,
-            pool=BlockPool(num_blocks, events=events),
+            pool=BlockPool(num_blocks, events=events, host_blocks=num_host_blocks),
             address=address,
             model=model,
             max_model_len=max_model_len,
             last_seen=time.monotonic(),
             events=events,
+            num_host_blocks=num_host_blocks,
+            kv_block_bytes=kv_block_bytes,
         )
         ex.pool.on_evict = ex.age_at_eviction.record
+        ex.pool.on_restore = ex.age_at_restore.record
+        ex.pool.on_host_drop = ex.age_at_host_drop.record
         return ex
 
     def register(
@@ -208,6 +222,8 @@ class Manager:
         address: str = "",
         model: str = "",
         max_model_len: int = 0,
+        num_host_blocks: int = 0,
+        kv_block_bytes: int = 0,
     ) -> int:
         if not executor_id:
             raise InvalidRequest("executor_id must not be empty")
@@ -217,6 +233,12 @@ class Manager:
             raise InvalidRequest(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
         if not 1 <= num_blocks <= MAX_NUM_BLOCKS:
             raise InvalidRequest(f"num_blocks must be in [1, {MAX_NUM_BLOCKS}], got {num_blocks}")
+        if not 0 <= num_host_blocks <= MAX_NUM_BLOCKS:
+            raise InvalidRequest(
+                f"num_host_blocks must be in [0, {MAX_NUM_BLOCKS}], got {num_host_blocks}"
+            )
+        if kv_block_bytes < 0:
+            raise InvalidRequest(f"kv_block_bytes must be >= 0, got {kv_block_bytes}")
         epoch = self.last_epoch.get(executor_id, 0) + 1
         # The old epoch's state goes whole: its GPU memory is gone, so nothing of it may ever be
         # hit again.
@@ -231,6 +253,8 @@ class Manager:
             address,
             model,
             max_model_len,
+            num_host_blocks,
+            kv_block_bytes,
         )
         if self.events is not None:
             self.events.append((EXECUTOR_REGISTERED, (executor_id, old.epoch if old else 0)))
@@ -264,12 +288,14 @@ class Manager:
         extra: bytes,
         data: bytes,
         near: _Chain | None = None,
-    ) -> tuple[list[int], list[bytes]]:
+    ) -> tuple[list[int], list[bytes], list[tuple[int, int]]]:
         """Indexed blocks of the longest cached prefix of `data` (token_data's encoding), whole
         blocks only, never covering the last token (its logits are needed, so it is always
         recomputed). `near`: the chain of a prompt just allocated; its hashes serve for the
         blocks both prompts agree on (a memcmp instead of a SHA-256 a block: an admission round
-        of 48 prompts behind one 1k-token system prompt hashed 64 blocks 48 times)."""
+        of 48 prompts behind one 1k-token system prompt hashed 64 blocks 48 times).
+        The prefix spans both tiers: a block found in the host tier is (its position in the
+        prefix, its host block) in the third list, and -1 stands for it in the first."""
         bs = ex.block_size
         index = ex.pool.index
         num_full = (len(data) // 4 - 1) // bs
@@ -283,13 +309,19 @@ class Manager:
             hashes = near.hashes[:start]
             hits = [index[h] for h in hashes]  # near's hits: in use, so still indexed
         parent = hashes[-1] if hashes else hashing.ROOT
+        host_hits: list[tuple[int, int]] = []
+        host_index = ex.pool.host_index
         for h in hashing.iter_chain_data(extra, data, bs, start, num_full, parent):
             b = index.get(h)
             if b is None:
-                break
+                hb = host_index.get(h) if host_index else None
+                if hb is None:
+                    break
+                host_hits.append((len(hits), hb))
+                b = -1
             hits.append(b)
             hashes.append(h)
-        return hits, hashes
+        return hits, hashes, host_hits
 
     def allocate(
         self,
@@ -332,28 +364,46 @@ class Manager:
                 f" block size {ex.block_size}) but the pool has only {ex.num_blocks}"
             )
         extra, tenant = ex.extra_for(cache_salt)
-        hits, hashes = self._prefix_hits(ex, extra, data, near)
+        hits, hashes, host_hits = self._prefix_hits(ex, extra, data, near)
         pool = ex.pool
         ref = pool.ref
+        gpu_hits = [b for b in hits if b >= 0] if host_hits else hits
         # Cached hit blocks leave the evictable queue, so they cannot also serve as fresh ones.
-        reclaimed = sum(1 for b in hits if ref[b] == 0)
-        fresh = total - len(hits)
+        reclaimed = sum(1 for b in gpu_hits if ref[b] == 0)
+        # A host hit needs a fresh GPU block to come back into.
+        fresh = total - len(hits) + len(host_hits)
         if fresh > pool.num_available - reclaimed:
             raise OutOfBlocks(
                 f"sequence {seq_id!r} needs {fresh} fresh blocks, only"
                 f" {pool.num_available - reclaimed} free or evictable of {ex.num_blocks}"
             )
-        if hits:
+        if gpu_hits:
             now, birth = time.time(), pool.birth
-            ex.age_at_hit.record_ages([now - birth[b] for b in hits])
-            pool.take_hits(hits)
-        blocks = hits + pool.take_many(fresh)
+            ex.age_at_hit.record_ages([now - birth[b] for b in gpu_hits])
+            pool.take_hits(gpu_hits)
+        if host_hits:
+            pool.pin_host([hb for _, hb in host_hits])
+        new = pool.take_many(fresh)
+        if host_hits:
+            # Restores after this allocation's spills (pool.take_transfers keeps the order).
+            now = time.time()
+            blocks = list(hits)
+            for k, (i, hb) in enumerate(host_hits):
+                blocks[i] = new[k]
+                pool.restore_into(hb, new[k], now)
+            blocks += new[len(host_hits) :]
+        else:
+            blocks = hits + new
         ex.seqs[seq_id] = SeqState(extra, tenant, blocks, hashes)
         if ex.events is not None:
             ex.events.append((SEQ_STORED, seq_id))
         num_cached = len(hits) * ex.block_size
+        host_cached = len(host_hits) * ex.block_size
+        ex.gpu_hit_tokens += num_cached - host_cached
+        ex.host_hit_tokens += host_cached
         self.stats.record(executor_id, tenant, n, num_cached)
-        return Allocation(blocks, num_cached), _Chain(extra, data, hashes)
+        spills, restores = pool.take_transfers()
+        return Allocation(blocks, num_cached, spills, restores), _Chain(extra, data, hashes)
 
     def allocate_many(
         self,
@@ -382,6 +432,12 @@ class Manager:
             used += len(near.data) // 4 - a.num_cached_tokens
         return out, None
 
+    def take_spills(self, executor_id: str) -> list[tuple[int, int]]:
+        """The spills (gpu block, host block) recorded since the executor's last allocation or
+        take: what an `extend` evicted into the host tier, for its reply."""
+        ex = self.executors.get(executor_id)
+        return ex.pool.take_transfers()[0] if ex is not None else []
+
     def extend(
         self,
         executor_id: str,
@@ -392,7 +448,8 @@ class Manager:
     ) -> tuple[dict[str, tuple[int, list[int]]], list[tuple[int, int]]]:
         """Columnar batch (three parallel sequences, as they come off the wire). All or nothing:
         if the pool cannot satisfy the whole batch, OutOfBlocks and no change. Returns
-        ({seq_id: (first_index, table[first_index:])} for changed tables, [(src, dst)] copies)."""
+        ({seq_id: (first_index, table[first_index:])} for changed tables, [(src, dst)] copies).
+        The blocks it evicted into the host tier wait in the pool: `take_spills` right after."""
         ex = self.executor(executor_id, epoch)
         if not len(seq_ids) == len(num_computed) == len(num_tokens):
             raise InvalidRequest(
@@ -612,23 +669,50 @@ class Manager:
         return len(seq_ids)
 
     def reconcile(
-        self, executor_id: str, epoch: int, tables: Mapping[str, Sequence[int]]
+        self,
+        executor_id: str,
+        epoch: int,
+        tables: Mapping[str, Sequence[int]],
+        num_transfers: int | None = None,
     ) -> tuple[int, list[str]]:
         """After an outage (a restart that restored from Redis may have lost the calls answered
         last): `tables` is every sequence the executor holds, with its whole table. Releases the
         sequences held here that the executor does not hold (a lost release); a sequence of
         `tables` held here with another table (a lost Extend) is released too, and it is
         reported lost with those not held at all (a lost allocation): the executor drops their
-        blocks and recomputes them. Returns (number released, lost ids)."""
+        blocks and recomputes them. Returns (number released, lost ids).
+        The host tier is kept only when `num_transfers` (the spills and restores the executor
+        received) is what this side counts: otherwise an outage lost replies that carried some,
+        or a restart from Redis lost the last of them, and no host block can be trusted."""
         ex = self.executor(executor_id, epoch)
+        pool = ex.pool
+        if num_transfers != pool.num_spills + pool.num_restores:
+            pool.drop_host_tier()
         lost = [
             sid
             for sid, table in tables.items()
             if sid not in ex.seqs or ex.seqs[sid].blocks != list(table)
         ]
         gone = [sid for sid in ex.seqs if sid not in tables or sid in lost]
+        if lost and ex.num_host_blocks:
+            self._unhash_lost(ex, [sid for sid in lost if sid in ex.seqs])
         released = self.release(executor_id, epoch, gone) if gone else 0
         return released, lost
+
+    @staticmethod
+    def _unhash_lost(ex: ExecutorState, lost: list[str]) -> None:
+        """The blocks only lost sequences hold lose their hashes before they are released: a
+        block restored from the host tier is hashed when it is allocated, and the executor that
+        never got the reply never copied it in (its other blocks lose little: only what the
+        lost sequences alone held)."""
+        held: dict[int, int] = {}
+        for sid in lost:
+            for b in ex.seqs[sid].blocks:
+                held[b] = held.get(b, 0) + 1
+        pool = ex.pool
+        for b, n in held.items():
+            if pool.ref[b] == n and pool.hash[b] is not None:
+                pool.unhash(b)
 
     def cached_tokens(
         self, executors: Sequence[ExecutorState], data: bytes, cache_salt: str = ""
@@ -648,7 +732,11 @@ class Manager:
                 continue
             alive = members
             for h in hashing.iter_chain_data(extra, data, bs, 0, num_full, hashing.ROOT):
-                alive = [i for i in alive if h in executors[i].pool.index]
+                alive = [
+                    i
+                    for i in alive
+                    if h in executors[i].pool.index or h in executors[i].pool.host_index
+                ]
                 if not alive:
                     break
                 for i in alive:
@@ -669,7 +757,7 @@ class Manager:
         data = _token_data(token_ids)
         out = {}
         for ex in targets:
-            hits, _ = self._prefix_hits(ex, ex.extra_for(cache_salt)[0], data)
+            hits, _, _ = self._prefix_hits(ex, ex.extra_for(cache_salt)[0], data)
             out[ex.executor_id] = len(hits) * ex.block_size
         return out
 
@@ -693,6 +781,13 @@ class Manager:
                 "cached": list(p.cached),
                 "index": dict(p.index),
                 "evictions": p.evictions,
+                "num_host_blocks": ex.num_host_blocks,
+                "kv_block_bytes": ex.kv_block_bytes,
+                "host_hash": list(p.host_hash),
+                "host_free": list(p.host_free),
+                "host_cached": list(p.host_cached),
+                "host_index": dict(p.host_index),
+                "transfers": (p.num_spills, p.num_restores, p.host_drops),
                 "seqs": {
                     sid: (s.extra, s.tenant, list(s.blocks), list(s.hashes))
                     for sid, s in sorted(ex.seqs.items())

@@ -93,6 +93,7 @@ class KVCollector:
             seqs.add_metric([eid], len(ex.seqs))
             epoch.add_metric([eid], ex.epoch)
         yield from (blocks, ev, seqs, epoch)
+        yield from self._tiers()
         yield _histogram(
             "pagemesh_kv_block_age_at_hit_seconds",
             "Age of a block (since its hash was published) when a prefix hit reuses it",
@@ -130,6 +131,56 @@ class KVCollector:
                 ("records_written", "Records written to Redis", p.counters.written),
             ):
                 yield CounterMetricFamily(f"pagemesh_kv_redis_{name}", doc, value=v)
+
+    def _tiers(self) -> Iterator[Metric]:
+        """The host-memory tier per executor (label `executor`; those with one): hits by tier,
+        spills, restores, drops, bytes moved, host blocks by state, ages in host memory."""
+        tiered = {eid: ex for eid, ex in self.m.executors.items() if ex.num_host_blocks}
+        hits = CounterMetricFamily(
+            "pagemesh_kv_tier_hit_tokens",
+            "Prompt tokens served from the prefix cache, by the tier the blocks were found in",
+            labels=["executor", "tier"],
+        )
+        moves = CounterMetricFamily(
+            "pagemesh_kv_tier_transfers",
+            "Blocks copied between the tiers: spill (GPU to host, on eviction), restore (host"
+            " to GPU, on a hit); drop: host blocks whose contents were dropped (host LRU)",
+            labels=["executor", "kind"],
+        )
+        moved = CounterMetricFamily(
+            "pagemesh_kv_tier_bytes",
+            "Bytes copied between the tiers, by direction",
+            labels=["executor", "direction"],
+        )
+        host = GaugeMetricFamily(
+            "pagemesh_kv_host_blocks",
+            "Host-tier blocks per state",
+            labels=["executor", "state"],
+        )
+        for eid, ex in tiered.items():
+            p = ex.pool
+            hits.add_metric([eid, "gpu"], ex.gpu_hit_tokens)
+            hits.add_metric([eid, "host"], ex.host_hit_tokens)
+            moves.add_metric([eid, "spill"], p.num_spills)
+            moves.add_metric([eid, "restore"], p.num_restores)
+            moves.add_metric([eid, "drop"], p.host_drops)
+            moved.add_metric([eid, "to_host"], p.num_spills * ex.kv_block_bytes)
+            moved.add_metric([eid, "to_gpu"], p.num_restores * ex.kv_block_bytes)
+            host.add_metric([eid, "free"], p.num_host_free)
+            host.add_metric([eid, "cached"], p.num_host_cached)
+        yield from (hits, moves, moved, host)
+        yield _histogram(
+            "pagemesh_kv_host_block_age_at_restore_seconds",
+            "Time a block spent in host memory (since its spill) when a hit restores it",
+            "executor",
+            {eid: ex.age_at_restore for eid, ex in tiered.items()},
+        )
+        yield _histogram(
+            "pagemesh_kv_host_block_age_at_drop_seconds",
+            "Time a block spent in host memory (since its spill) when the host LRU drops it",
+            "executor",
+            {eid: ex.age_at_host_drop for eid, ex in tiered.items()},
+        )
 
     def _fleet(self, fleet: Fleet, router: Router) -> Iterator[Metric]:
         """Per executor (label `executor`): its registration, liveness and load, and the

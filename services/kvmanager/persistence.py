@@ -36,11 +36,13 @@ from pagemesh.services.kvmanager.redis_records import (
     Keys,
     block_records,
     decode_block,
+    decode_host_block,
     decode_seqs,
     decode_stats,
     encode_seq_meta,
     encode_stats,
     executor_record,
+    host_block_records,
     int_bytes,
     meta_record,
     seq_fields,
@@ -149,11 +151,11 @@ class Persistence:
         for eid_b, raw in executors.items():
             d = json.loads(raw)
             eid = eid_b.decode()
-            blocks, seqs, meta, tables = [
+            blocks, seqs, meta, tables, host = [
                 await self._hgetall(keys.epoch(eid, d["epoch"], w))
-                for w in ("blocks", "seqs", "meta", "tables")
+                for w in ("blocks", "seqs", "meta", "tables", "host")
             ]
-            per_ex[eid] = (d, blocks, decode_seqs(seqs, tables), meta)
+            per_ex[eid] = (d, blocks, decode_seqs(seqs, tables), meta, host)
         self.restored = True
         m = self.m
         if m.executors:
@@ -163,7 +165,7 @@ class Persistence:
             return False
         for eid_b, n in epochs.items():
             m.last_epoch[eid_b.decode()] = int(n)
-        for eid, (d, blocks, seq_states, meta) in per_ex.items():
+        for eid, (d, blocks, seq_states, meta, host) in per_ex.items():
             ex = m.new_executor(
                 eid,
                 d["epoch"],
@@ -173,8 +175,10 @@ class Persistence:
                 d.get("address", ""),
                 d.get("model", ""),
                 d.get("max_model_len", 0),
+                d.get("num_host_blocks", 0),
+                d.get("kv_block_bytes", 0),
             )
-            self._restore_executor(ex, blocks, seq_states, meta)
+            self._restore_executor(ex, blocks, seq_states, meta, host)
             m.executors[eid] = ex
             m.last_epoch[eid] = max(m.last_epoch.get(eid, 0), ex.epoch)
         m.stats.restore_totals(decode_stats(stats))
@@ -204,6 +208,7 @@ class Persistence:
         blocks: dict[bytes, bytes],
         seqs: dict[str, SeqState],
         meta: dict[bytes, bytes],
+        host: dict[bytes, bytes],
     ) -> None:
         records = []
         for b_raw, raw in blocks.items():
@@ -213,6 +218,15 @@ class Persistence:
                 records.append((b, ref, h, birth, stamp))
         ex.pool.restore(records, int(meta.get(b"next_stamp", b"0")))
         ex.pool.evictions = int(meta.get(b"evictions", b"0"))
+        ex.pool.num_spills = int(meta.get(b"spills", b"0"))
+        ex.pool.num_restores = int(meta.get(b"restores", b"0"))
+        ex.pool.host_drops = int(meta.get(b"host_drops", b"0"))
+        host_records = []
+        for hb_raw, raw in host.items():
+            hb = int(hb_raw)
+            if hb < ex.num_host_blocks:
+                host_records.append((hb, *self._host_fields(raw)))
+        ex.pool.restore_host(host_records)
         ex.seqs.update(seqs)
         # Ref counts are persisted, and they agree with the tables (each batch is atomic); if
         # they ever did not, the tables are the truth.
@@ -232,6 +246,11 @@ class Persistence:
             ex.pool.index.clear()
             ex.pool.restore(records, ex.pool.next_stamp)
             self.full_resync = True
+
+    @staticmethod
+    def _host_fields(raw: bytes) -> tuple[bytes | None, float, int]:
+        stamp, birth, h = decode_host_block(raw)
+        return h, birth, stamp
 
     # -- write-behind ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -421,10 +440,16 @@ class Persistence:
             if not ch.count:
                 continue
             blocks, hashes = ch.take_blocks()
+            host_blocks = ch.take_host_blocks()
             seqs = ch.take_seqs()
             eid, epoch = ex.executor_id, ex.epoch
             if blocks:
                 batch.hset(keys.epoch(eid, epoch, "blocks"), block_records(ex, blocks))
+            if host_blocks:
+                batch.hset(
+                    keys.epoch(ex.executor_id, ex.epoch, "host"),
+                    host_block_records(ex, host_blocks),
+                )
             if hashes:
                 index = ex.pool.index
                 key = keys.epoch(eid, epoch, "index")
@@ -479,8 +504,10 @@ class Persistence:
         for ex in m.executors.values():
             pool = ex.pool
             eid, epoch = ex.executor_id, ex.epoch
-            meta_key, blocks_key, index_key, seqs_key, tables_key = keys.epoch_keys(eid, epoch)
-            batch.delete(meta_key, blocks_key, index_key, seqs_key, tables_key)
+            meta_key, blocks_key, index_key, seqs_key, tables_key, host_key = keys.epoch_keys(
+                eid, epoch
+            )
+            batch.delete(meta_key, blocks_key, index_key, seqs_key, tables_key, host_key)
             batch.hset(keys.top("executors"), {eid.encode(): executor_record(ex)})
             batch.hset(meta_key, meta_record(ex))
             touched = (
@@ -490,6 +517,12 @@ class Persistence:
             )
             batch.hset(blocks_key, block_records(ex, touched))
             batch.hset(index_key, {h: b"%d" % b for h, b in pool.index.items()})
+            touched_host = (
+                hb
+                for hb in range(ex.num_host_blocks)
+                if pool.host_stamp[hb] >= 0 or pool.host_hash[hb] is not None
+            )
+            batch.hset(host_key, host_block_records(ex, touched_host))
             metas: dict[bytes, bytes] = {}
             fields: dict[bytes, bytes] = {}
             held = self.changes.of(ex).held

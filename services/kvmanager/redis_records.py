@@ -7,10 +7,12 @@ Keys (P = the prefix, default "pagemesh:kv:"; E = executor id; N = its epoch):
                                         in records written before the fleet: read as empty)
   P epochs             HASH  E -> highest epoch ever handed out (epochs never repeat)
   P stats              HASH  "*" | "ex:E" | "tenant:<salt digest>" -> "qtok,htok,qreq,hreq"
-  P ex:E:N:meta        HASH  next_stamp, evictions
+  P ex:E:N:meta        HASH  next_stamp, evictions, spills, restores, host_drops
   P ex:E:N:blocks      HASH  block id -> <u32 ref, i64 stamp, f64 birth> + hash (0 or 32 bytes)
   P ex:E:N:index       HASH  hash (32 bytes) -> block id: the prefix index
   P ex:E:N:seqs        HASH  seq id -> extra digest (32 bytes) + tenant digest (ASCII)
+  P ex:E:N:host        HASH  host block id -> <i64 stamp, f64 birth> + hash (0 or 32 bytes): the
+                             host tier (block_pool.py), its index rebuilt from these on restore
   P ex:E:N:tables      HASH  "<seq id>|t<k>" -> block ids [16k, 16k+16) of its table, u32 each
                              "<seq id>|h<k>" -> its chain hashes [4k, 4k+4), 32 bytes each
 Tables only grow (or have blocks replaced by copy-on-write) and hash chains only grow, so a
@@ -33,10 +35,18 @@ from pagemesh.services.kvmanager import hashing
 from pagemesh.services.kvmanager.manager import ExecutorState, SeqState
 
 DEFAULT_PREFIX = "pagemesh:kv:"
-EPOCH_KEYS = ("meta", "blocks", "index", "seqs", "tables")  # the per-epoch hashes, in that order
+EPOCH_KEYS = (
+    "meta",
+    "blocks",
+    "index",
+    "seqs",
+    "tables",
+    "host",
+)  # the per-epoch hashes, in that order
 TABLE_CHUNK = 16  # block ids per tables field (64 bytes: what an append rewrites)
 HASH_CHUNK = 4  # chain hashes per tables field (128 bytes)
 _BLOCK = struct.Struct("<Iqd")
+_HOST_BLOCK = struct.Struct("<qd")
 
 
 class Keys:
@@ -73,6 +83,21 @@ def block_records(ex: ExecutorState, blocks: Iterable[int]) -> dict[bytes, bytes
     return {b"%d" % b: encode_block(ref[b], stamp[b], birth[b], hsh[b]) for b in blocks}
 
 
+def host_block_records(ex: ExecutorState, host_blocks: Iterable[int]) -> dict[bytes, bytes]:
+    """The host fields of `host_blocks`, from their current state."""
+    p = ex.pool
+    stamp, birth, hsh = p.host_stamp, p.host_birth, p.host_hash
+    return {
+        b"%d" % hb: _HOST_BLOCK.pack(stamp[hb], birth[hb]) + (hsh[hb] or b"") for hb in host_blocks
+    }
+
+
+def decode_host_block(raw: bytes) -> tuple[int, float, bytes | None]:
+    stamp, birth = _HOST_BLOCK.unpack_from(raw)
+    h = raw[_HOST_BLOCK.size :]
+    return stamp, birth, (h if h else None)
+
+
 def executor_record(ex: ExecutorState) -> bytes:
     return json.dumps(
         {
@@ -83,6 +108,8 @@ def executor_record(ex: ExecutorState) -> bytes:
             "address": ex.address,
             "model": ex.model,
             "max_model_len": ex.max_model_len,
+            "num_host_blocks": ex.num_host_blocks,
+            "kv_block_bytes": ex.kv_block_bytes,
         }
     ).encode()
 
@@ -91,6 +118,9 @@ def meta_record(ex: ExecutorState) -> dict[bytes, bytes]:
     return {
         b"next_stamp": int_bytes(ex.pool.next_stamp),
         b"evictions": int_bytes(ex.pool.evictions),
+        b"spills": int_bytes(ex.pool.num_spills),
+        b"restores": int_bytes(ex.pool.num_restores),
+        b"host_drops": int_bytes(ex.pool.host_drops),
     }
 
 

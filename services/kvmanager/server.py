@@ -31,7 +31,7 @@ from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
 from pagemesh.services.kvmanager import fleet_service, wire
 from pagemesh.services.kvmanager.api import AllocatorError
 from pagemesh.services.kvmanager.fleet import DEFAULT_TIMEOUT, Fleet
-from pagemesh.services.kvmanager.manager import Manager
+from pagemesh.services.kvmanager.manager import ExecutorState, Manager
 from pagemesh.services.kvmanager.persistence import Persistence
 from pagemesh.services.kvmanager.router import Router
 from pagemesh.services.kvmanager.stats import HitCounts, HitWindows, Residency
@@ -69,6 +69,24 @@ def _hits(h: HitCounts) -> pb.HitStats:
 def _windows(w: HitWindows | None, now: float) -> list[pb.WindowStats]:
     w = w if w is not None else HitWindows()
     return [pb.WindowStats(name=n, hits=_hits(c)) for n, c in w.windows(now)]
+
+
+def _tier(ex: ExecutorState) -> pb.TierStats:
+    p = ex.pool
+    return pb.TierStats(
+        host_blocks=ex.num_host_blocks,
+        host_free=p.num_host_free,
+        host_cached=p.num_host_cached,
+        gpu_hit_tokens=ex.gpu_hit_tokens,
+        host_hit_tokens=ex.host_hit_tokens,
+        spills=p.num_spills,
+        restores=p.num_restores,
+        host_drops=p.host_drops,
+        bytes_spilled=p.num_spills * ex.kv_block_bytes,
+        bytes_restored=p.num_restores * ex.kv_block_bytes,
+        age_at_restore=_residency(ex.age_at_restore),
+        age_at_host_drop=_residency(ex.age_at_host_drop),
+    )
 
 
 def _residency(r: Residency) -> pb.Residency:
@@ -120,14 +138,18 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 request.address,
                 request.model,
                 request.max_model_len,
+                request.num_host_blocks,
+                request.kv_block_bytes,
             )
         except AllocatorError as e:
             await self._fail(context, e)
         log.info(
-            "executor %s registered: epoch %d, %d blocks of %d tokens, model %r at %r",
+            "executor %s registered: epoch %d, %d blocks (+%d in host memory) of %d tokens,"
+            " model %r at %r",
             request.executor_id,
             epoch,
             request.num_blocks,
+            request.num_host_blocks,
             request.block_size,
             request.model,
             request.address,
@@ -144,7 +166,9 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         wire.fill_allocation(out, a)
 
     def _extend(self, r: pb.ExtendRequest, out: pb.ExtendResponse) -> None:
-        wire.fill_extend_response(out, self.m.extend(*wire.extend_part(r)))
+        part = wire.extend_part(r)
+        changes = self.m.extend(*part)
+        wire.fill_extend_response(out, changes, self.m.take_spills(part[0]))
 
     def _commit(self, r: pb.CommitRequest, out: pb.CommitResponse) -> None:
         out.num_published = self.m.commit(*wire.commit_part(r))
@@ -223,7 +247,12 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "reconcile: a sequence id appears twice"
             )
         try:
-            released, lost = self.m.reconcile(request.executor_id, request.epoch, tables)
+            released, lost = self.m.reconcile(
+                request.executor_id,
+                request.epoch,
+                tables,
+                request.num_transfers if request.HasField("num_transfers") else None,
+            )
         except AllocatorError as e:
             await self._fail(context, e)
         finally:
@@ -318,6 +347,7 @@ class KVManagerService(pb_grpc.KVManagerServicer):
                         pb.RouteCount(policy=policy, reason=reason, count=n)
                         for (policy, reason), n in sorted(self.router.routed.get(eid, {}).items())
                     ],
+                    tier=_tier(ex),
                 )
             )
         return pb.GetStatsResponse(

@@ -43,6 +43,7 @@ class StepOutcome:
     num_published: int = 0
     num_released: int = 0
     extend: ExtendChanges | None = None  # None: no extend part, or it failed
+    extend_spills: list[tuple[int, int]] = field(default_factory=list)  # (gpu, host), see api
     commit_error: AllocatorError | None = None
     release_error: AllocatorError | None = None
     extend_error: AllocatorError | None = None
@@ -74,6 +75,7 @@ def run_step(
     if extend is not None:
         try:
             out.extend = m.extend(*extend)
+            out.extend_spills = m.take_spills(extend[0])
         except AllocatorError as e:
             out.extend_error = e
     if admit is not None:

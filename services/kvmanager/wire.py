@@ -210,13 +210,30 @@ def load_part(r: pb.LoadReport) -> LoadPart:
 def fill_allocation(out: pb.AllocateResponse, a: Allocation) -> None:
     out.block_ids.extend(a.block_ids)
     out.num_cached_tokens = a.num_cached_tokens
+    if a.spills:
+        out.spill_src.extend([g for g, _ in a.spills])
+        out.spill_dst.extend([h for _, h in a.spills])
+    if a.restores:
+        out.restore_src.extend([h for h, _ in a.restores])
+        out.restore_dst.extend([g for _, g in a.restores])
 
 
 def decode_allocation(r: pb.AllocateResponse) -> Allocation:
-    return Allocation(list(r.block_ids), r.num_cached_tokens)
+    a = Allocation(list(r.block_ids), r.num_cached_tokens)
+    if r.spill_src:
+        a.spills = list(zip(r.spill_src, r.spill_dst, strict=True))
+    if r.restore_src:
+        a.restores = list(zip(r.restore_src, r.restore_dst, strict=True))
+    return a
 
 
-def fill_extend_response(out: pb.ExtendResponse, changes: ExtendChanges) -> None:
+def fill_extend_response(
+    out: pb.ExtendResponse, changes: ExtendChanges, spills: list[tuple[int, int]]
+) -> None:
+    """`spills`: what the extend evicted into the host tier (Manager.take_spills)."""
+    if spills:
+        out.spill_src.extend([g for g, _ in spills])
+        out.spill_dst.extend([h for _, h in spills])
     updates, copies = changes
     if updates:
         ups = updates.values()
@@ -230,15 +247,16 @@ def fill_extend_response(out: pb.ExtendResponse, changes: ExtendChanges) -> None
 
 
 def decode_extend(r: pb.ExtendResponse) -> ExtendResult:
+    spills = list(zip(r.spill_src, r.spill_dst, strict=True)) if r.spill_src else []
     if not r.updated_seq_ids and not r.copy_src:
-        return ExtendResult()
+        return ExtendResult(spills=spills)
     flat = list(r.update_block_ids)
     updates = {}
     o = 0
     for sid, first, n in zip(r.updated_seq_ids, r.first_indices, r.update_counts, strict=True):
         updates[sid] = TableUpdate(first, flat[o : o + n])
         o += n
-    return ExtendResult(updates, list(zip(r.copy_src, r.copy_dst, strict=True)))
+    return ExtendResult(updates, list(zip(r.copy_src, r.copy_dst, strict=True)), spills)
 
 
 def fill_step_response(out: pb.StepResponse, request: pb.StepRequest, o: StepOutcome) -> None:
@@ -261,7 +279,7 @@ def fill_step_response(out: pb.StepResponse, request: pb.StepRequest, o: StepOut
             fill_error(out.extend_error, o.extend_error)
         else:
             out.extend.SetInParent()
-            fill_extend_response(out.extend, o.extend)
+            fill_extend_response(out.extend, o.extend, o.extend_spills)
     for a in o.allocations:
         fill_allocation(out.allocate.add(), a)
     if o.allocate_error is not None:

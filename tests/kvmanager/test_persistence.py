@@ -131,6 +131,42 @@ async def test_incremental_writes_track_every_change(redis_url: str) -> None:
     await p.stop()
 
 
+async def test_host_tier_map_round_trip_and_epoch_drop(redis_url: str) -> None:
+    """The host tier's map (which hash each host block holds, its LRU order) and its counters
+    are written behind with the rest, incrementally and in a full snapshot: a kvmanager
+    restarting now restores it exactly. A new epoch of the executor drops both tiers' keys."""
+    m = Manager(track_changes=True)
+    p = Persistence(m, redis_url)
+    await p.restore()
+    a = LocalAllocator("ex", m)
+    await a.register(12, 4, "fp", num_host_blocks=10, kv_block_bytes=4096)
+    await p.flush()
+    w = Workload(11)
+    for i in range(300):
+        await run_ops(w, [a], 1)
+        await p.flush()
+        if i % 20 == 0:
+            assert await restored_snapshot(redis_url) == m.snapshot(), i
+    pool = m.executors["ex"].pool
+    assert pool.num_spills > 0 and pool.num_restores > 0 and pool.host_drops > 0
+    assert pool.num_host_cached > 0
+    assert await restored_snapshot(redis_url) == m.snapshot()
+    p.full_resync = True  # the same state through a full rewrite
+    await p.flush()
+    assert await restored_snapshot(redis_url) == m.snapshot()
+    r = aioredis.from_url(redis_url)
+    epoch = m.executors["ex"].epoch
+    old = f"pagemesh:kv:ex:ex:{epoch}:host"
+    assert await r.hlen(old) > 0
+    await a.register(12, 4, "fp", num_host_blocks=10)  # an executor restart: a new epoch
+    await p.flush()
+    assert not await r.exists(old) and not await r.exists(f"pagemesh:kv:ex:ex:{epoch}:index")
+    snap = await restored_snapshot(redis_url)
+    assert snap["executors"]["ex"]["host_index"] == {} and snap["executors"]["ex"]["index"] == {}
+    await r.aclose()
+    await p.stop()
+
+
 async def test_keys_prefix_no_text_and_epoch_drop(redis_url: str) -> None:
     m = Manager(track_changes=True)
     p = Persistence(m, redis_url, prefix="pmtest:")

@@ -6,7 +6,11 @@
   was unreferenced before and is held by exactly one table after,
 - a failed operation (OutOfBlocks) changes nothing,
 - a prefix hit hands back blocks whose committed contents equal the prompt's (checked against a
-  model that remembers which tokens each committed block holds).
+  model of the executor's memory: what it wrote into each block, with every copy kvmanager
+  asks for, copy-on-write, spills and restores, replayed in the order it gives them),
+- with a host tier (TieredAllocatorMachine): every hashed block of either tier holds, in that
+  model, exactly the contents its hash names, after every operation; the tiers are exclusive
+  and each tier's queues and index agree (BlockPool.check).
 """
 
 from __future__ import annotations
@@ -30,14 +34,22 @@ PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]
 
 
 class AllocatorMachine(RuleBasedStateMachine):
+    host_blocks = 0  # no host tier
+    num_blocks = 12
+
     def __init__(self) -> None:
         super().__init__()
         self.m = Manager(track_changes=True)
-        self.num_blocks = 12
-        self.epoch = self.m.register(EX, self.num_blocks, BS, "fp")
+        self.epoch = self.m.register(
+            EX, self.num_blocks, BS, "fp", num_host_blocks=self.host_blocks
+        )
         self.tokens: dict[str, list[int]] = {}  # written tokens of each live sequence
         self.salt: dict[str, str] = {}
-        self.content: dict[int, list[int]] = {}  # committed block -> its full-prefix tokens
+        # The executor's memory: GPU block -> the full-prefix contents written into it (salt,
+        # then tokens), and the same for host blocks; and what each published hash names.
+        self.content: dict[int, list] = {}
+        self.host_content: dict[int, list] = {}
+        self.hash_content: dict[bytes, list] = {}
         self.n = 0
 
     @initialize(prefix=st.sampled_from(PREFIXES))
@@ -82,10 +94,16 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         nh = r.num_cached_tokens // BS
         event("allocate: prefix hit" if nh else "allocate: miss")
+        self.replay(r.spills, r.restores, [])
+        if r.restores:
+            event("allocate: restored from the host tier")
+            assert {g for _, g in r.restores} <= set(r.block_ids[:nh])
         assert r.num_cached_tokens < len(prompt) and r.num_cached_tokens % BS == 0
         for i, b in enumerate(r.block_ids[:nh]):
             # A hit block holds exactly this prompt's prefix (same salt: extra keys match).
             assert self.content[b] == [salt, *prompt[: (i + 1) * BS]]
+        restored = {g for _, g in r.restores}
+        self.fresh_ok(refs, [b for b in r.block_ids if b in restored])
         self.fresh_ok(refs, r.block_ids[nh:])
         self.tokens[sid] = list(prompt)
         self.salt[sid] = salt
@@ -106,6 +124,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.m.snapshot() == before
             event("extend: out of blocks")
             return
+        self.replay(self.m.take_spills(EX), [], copies)
         if copies:
             event("extend: copy-on-write")
         dsts = [d for _, d in copies]
@@ -128,12 +147,32 @@ class AllocatorMachine(RuleBasedStateMachine):
         toks = self.tokens[sid]
         seq = self.ex.seqs[sid]
         entries = [(sid, i, toks[i * BS : (i + 1) * BS]) for i in range(len(toks) // BS)]
-        self.m.commit(EX, self.epoch, entries)
         pool = self.ex.pool
-        for i in range(len(toks) // BS):
+        for i in range(len(toks) // BS):  # the executor writes a block before committing it
             b = seq.blocks[i]
-            if pool.hash[b] is not None:
+            if pool.hash[b] is None:  # (a hashed one is shared: it holds these contents)
                 self.content[b] = [self.salt[sid], *toks[: (i + 1) * BS]]
+        self.m.commit(EX, self.epoch, entries)
+        for i in range(len(toks) // BS):
+            h = pool.hash[seq.blocks[i]]
+            if h is not None:
+                self.hash_content.setdefault(h, [self.salt[sid], *toks[: (i + 1) * BS]])
+
+    def replay(
+        self,
+        spills: list[tuple[int, int]],
+        restores: list[tuple[int, int]],
+        copies: list[tuple[int, int]],
+    ) -> None:
+        """The executor's copies, in the order kvmanager gives them."""
+        if spills:
+            event("spill")
+        for g, h in spills:
+            self.host_content[h] = self.content.get(g)
+        for h, g in restores:
+            self.content[g] = self.host_content.get(h)
+        for s, d in copies:
+            self.content[d] = self.content.get(s)
 
     @rule(data=st.data(), n=st.integers(1, 3))
     @precondition(lambda self: self.tokens)
@@ -157,10 +196,14 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule()
     def reregister(self) -> None:
-        self.epoch = self.m.register(EX, self.num_blocks, BS, "fp")
+        self.epoch = self.m.register(
+            EX, self.num_blocks, BS, "fp", num_host_blocks=self.host_blocks
+        )
         self.tokens.clear()
         self.content.clear()
+        self.host_content.clear()
         assert self.ex.pool.num_free == self.num_blocks
+        assert self.ex.pool.num_host_free == self.host_blocks  # both tiers start empty
 
     @invariant()
     def invariants(self) -> None:
@@ -169,9 +212,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         if p.evictions:
             event("evictions happened")
         assert p.num_free + p.num_in_use + p.num_cached == self.num_blocks
-        # Forget contents of evicted blocks (they may be reused for anything).
-        for b in [b for b in self.content if p.hash[b] is None]:
-            del self.content[b]
+        # Every hashed block, in either tier, holds what its hash names.
+        for b, h in enumerate(p.hash):
+            if h is not None:
+                assert self.content.get(b) == self.hash_content[h], f"GPU block {b}"
+        for hb, h in enumerate(p.host_hash):
+            if h is not None:
+                assert self.host_content.get(hb) == self.hash_content[h], f"host block {hb}"
 
 
 AllocatorMachine.TestCase.settings = settings(
@@ -181,6 +228,58 @@ AllocatorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestAllocator = AllocatorMachine.TestCase
+
+
+class TieredAllocatorMachine(AllocatorMachine):
+    """The same machine over a pool with a host tier: evictions spill, host hits restore."""
+
+    host_blocks = 5
+    num_blocks = 8  # more eviction pressure: more spills and host hits
+
+    @rule(
+        prefix=st.sampled_from(PREFIXES),
+        tail=st.lists(st.integers(0, 3), max_size=9),
+        salt=st.sampled_from(["", "t"]),
+    )
+    def whole_request(self, prefix, tail, salt) -> None:
+        """Allocate, write and commit, release: the cache fills with released prefixes, so the
+        GPU tier evicts (spills) often and later prompts hit the host tier."""
+        sid = f"s{self.n + 1}"  # the id `allocate` gives it
+        before = len(self.tokens)
+        self.allocate(prefix, tail, 0, salt)
+        if len(self.tokens) == before:
+            return  # out of blocks
+        self.commit_seq(sid)
+        self.m.release(EX, self.epoch, [sid])
+        del self.tokens[sid]
+
+    @rule(agree=st.booleans())
+    def reconcile(self, agree: bool) -> None:
+        """After an outage: the tables agree; the host tier is kept when the executor received
+        as many transfers as kvmanager made, and dropped (no spill trusted) otherwise."""
+        tables = {sid: list(self.ex.seqs[sid].blocks) for sid in self.tokens}
+        p = self.ex.pool
+        count = p.num_spills + p.num_restores
+        cached = p.num_host_cached
+        assert self.m.reconcile(EX, self.epoch, tables, count if agree else count + 1) == (0, [])
+        if agree:
+            assert p.num_host_cached == cached
+        else:
+            assert p.num_host_cached == 0
+            self.host_content.clear()
+
+    @invariant()
+    def host_tier(self) -> None:
+        p = self.ex.pool
+        assert p.num_host_free + p.num_host_cached == self.host_blocks
+        if p.num_restores:
+            event("restores happened")
+        if p.host_drops:
+            event("host LRU dropped a block")
+
+
+TieredAllocatorMachine.TestCase.settings = AllocatorMachine.TestCase.settings
+TestTieredAllocator = TieredAllocatorMachine.TestCase
 
 
 async def test_long_random_runs_keep_invariants() -> None:

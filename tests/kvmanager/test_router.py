@@ -365,3 +365,34 @@ def test_pinned_decisions_on_a_fixed_state() -> None:
             d = r.route("m", pack(fresh + toks(20)), "", policy)
             got.append((d.executor.executor_id, d.reason, d.cached_tokens, d.pending_tokens))
     assert got == PINNED
+
+
+def test_host_tier_hits_count_weighted_below_gpu_hits() -> None:
+    """kv counts a prefix in an executor's host tier (restored by a copy, not recomputed),
+    weighted by HOST_HIT_WEIGHT: above an executor holding nothing, below one holding the
+    same prefix on its GPU; the decision reports every cached token, both tiers."""
+    m = Manager()
+    for eid in ("a", "b", "c"):
+        # 9 GPU blocks: one prompt's 9 (8 full + the last token's); c has no host tier.
+        m.register(eid, 9, BS, "fp", address=f"{eid}.local:7000", model="m", num_host_blocks=16)
+    r = Router(m, Fleet(m, timeout=60))
+    cache(m, "a", PROMPT)
+    cache(m, "b", PROMPT)
+    other = list(range(500, 533))
+    cache(m, "a", other)  # evicts PROMPT's blocks on a: they spill to its host tier
+    pool = m.executors["a"].pool
+    assert pool.num_spills == 8 and not set(pool.index) & set(pool.host_index)
+    assert route(r) == ("b", "prefix", 32)  # the GPU copy wins over the host copy
+    for eid in "abc":
+        report(m, eid)  # (forgets what was routed)
+    cache(m, "b", other)  # now both hold PROMPT in host memory only
+    assert m.executors["b"].pool.num_host_cached == 8
+    assert route(r) == ("a", "prefix", 32)  # equal: the lowest id; c (nothing cached) loses
+    for eid in "abc":
+        report(m, eid)
+    # A host hit still beats a shorter GPU hit (28 tokens on c against 0.9 x 32 on a) ...
+    cache(m, "c", PROMPT[:29])
+    assert route(r) == ("a", "prefix", 32)
+    # ... and the allocation there gets it all, restored.
+    a = m.allocate("a", m.executors["a"].epoch, "x", PROMPT)
+    assert a.num_cached_tokens == 32 and len(a.restores) == 8

@@ -1,0 +1,169 @@
+"""The executor's host-memory tier (host_tier.py) on CPU: spills and restores move a block's KV
+bit for bit between the pools (all layers of a block contiguous on the host side), batches
+merge only where the order of their copies cannot matter, and an engine whose small GPU pool
+evicted a prompt's blocks gets them back from the host tier, counted as cached and giving the
+same greedy tokens as the cold run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.host_tier import (
+    HostTier,
+    TransferBatch,
+    _merge,
+    _runs,
+    host_blocks_for,
+)
+from pagemesh.services.executor.kv_pool import KVPool
+from pagemesh.services.executor.model.config import ModelConfig
+
+from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all
+from tests.executor.test_engine_greedy import SYSTEM, _ids, greedy
+
+
+def small_pool(num_blocks: int = 6) -> KVPool:
+    # KVPool reads only these of a ModelConfig.
+    mc = cast(ModelConfig, SimpleNamespace(num_layers=3, num_kv_heads=1, head_dim=4))
+    pool = KVPool(mc, num_blocks, 4, torch.float32, torch.device("cpu"))
+    pool.storage.copy_(torch.randn_like(pool.storage))
+    return pool
+
+
+def block(pool: KVPool, b: int) -> torch.Tensor:
+    """GPU block b, all layers' K and V."""
+    return pool.storage[:, :, b].clone()
+
+
+def test_spill_then_restore_is_bit_exact_and_host_blocks_are_contiguous() -> None:
+    pool = small_pool()
+    tier = HostTier(pool, 4, torch.device("cpu"))
+    assert tier.blocks[0].is_contiguous() and tier.blocks.shape[1:3] == (3, 2)
+    before = {b: block(pool, b) for b in range(6)}
+    tier.run([TransferBatch(spills=[(1, 2), (4, 0)])])
+    assert torch.equal(tier.blocks[2], before[1]) and torch.equal(tier.blocks[0], before[4])
+    pool.storage[:, :, 1].zero_()  # the GPU block is reused for something else
+    # One reply: block 3 is evicted (to host 1) and refilled from host 2 (block 1's old KV).
+    tier.run([TransferBatch(spills=[(3, 1)], restores=[(2, 3), (0, 5)])])
+    assert torch.equal(tier.blocks[1], before[3])
+    assert torch.equal(block(pool, 3), before[1]) and torch.equal(block(pool, 5), before[4])
+    for b in (0, 2, 4):
+        assert torch.equal(block(pool, b), before[b])  # nothing else touched
+    assert tier.num_spills == 3 and tier.num_restores == 2
+    assert tier.bytes_moved == 5 * 3 * 2 * 4 * 1 * 4 * 4
+
+
+def test_batches_merge_only_when_order_cannot_matter() -> None:
+    a = TransferBatch(spills=[(1, 5)], restores=[(2, 3)])
+    independent = TransferBatch(spills=[(4, 6)], restores=[(7, 8)])
+    assert len(_merge([a, independent])) == 1
+    # A restore of what an earlier batch spilled must see the spill done first.
+    assert len(_merge([a, TransferBatch(restores=[(5, 9)])])) == 2
+    # A spill of a block an earlier batch restored into must read the restored KV.
+    assert len(_merge([a, TransferBatch(spills=[(3, 0)])])) == 2
+    # The same block written twice (host, then GPU) stays in two groups.
+    assert len(_merge([a, TransferBatch(spills=[(9, 5)])])) == 2
+    assert len(_merge([a, TransferBatch(restores=[(0, 3)])])) == 2
+    assert _merge([TransferBatch(), TransferBatch()]) == []
+    # Replayed through the tier, split groups give what the batches one by one give.
+    pool = small_pool(10)
+    tier = HostTier(pool, 10, torch.device("cpu"))
+    ref_pool = small_pool(10)
+    ref_pool.storage.copy_(pool.storage)
+    ref = HostTier(ref_pool, 10, torch.device("cpu"))
+    tier.blocks.zero_()  # (allocated empty: only spilled blocks are ever read)
+    ref.blocks.zero_()
+    batches = [
+        TransferBatch(spills=[(1, 5), (2, 6)]),
+        TransferBatch(spills=[(3, 7)], restores=[(5, 1)]),
+        TransferBatch(spills=[(1, 8)], restores=[(6, 3), (7, 2)]),
+    ]
+    tier.run(batches)
+    for b in batches:
+        ref.run([b])
+    assert torch.equal(pool.storage, ref_pool.storage) and torch.equal(tier.blocks, ref.blocks)
+
+
+def test_runs_of_consecutive_host_blocks() -> None:
+    assert _runs([]) == []
+    assert _runs([4, 5, 6, 9, 3, 4]) == [(0, 4, 3), (3, 9, 1), (4, 3, 2)]
+
+
+def test_host_tier_size() -> None:
+    assert host_blocks_for(0.0, 0, 1024) == 0
+    assert host_blocks_for(1.0, 0, 1 << 20) == 1024
+    assert host_blocks_for(1.0, 7, 1 << 20) == 7  # blocks win
+    with pytest.raises(ValueError, match="once"):
+        EngineConfig(model="m", device="cpu", host_kv_blocks=4, host_kv_gib=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        EngineConfig(model="m", device="cpu", host_kv_blocks=-1)
+
+
+QUESTIONS = [
+    "What is a prime number?",
+    "Name a famous bridge.",
+    "How do magnets work?",
+    "Why is the sky blue?",
+]
+
+
+async def test_evicted_prefix_comes_back_from_host_tier(smollm2_path: Path) -> None:
+    """A 24-block GPU pool holds about one conversation: each new prompt evicts the one before
+    it, to the host tier. The first prompt, asked again, is restored from there: its cached
+    tokens count the restored blocks, and its greedy tokens equal its cold run's."""
+    engine = await make_engine(smollm2_path, num_blocks=24, host_kv_blocks=64)
+    tier = engine.runner.host_tier
+    assert tier is not None
+    # The question first: no two prompts share a block, so each one's blocks get evicted.
+    prompts = [_ids(smollm2_path, q + " " + SYSTEM * 3) for q in QUESTIONS]
+    assert len(prompts[0]) > 8 * 16  # more than a third of the pool
+    ex = engine.allocator.manager.executors[engine.allocator.executor_id]
+    storage = engine.runner.pool.storage
+    kv: dict[bytes, torch.Tensor] = {}  # each published hash's KV, as computed cold
+
+    def record() -> None:
+        for b, h in enumerate(ex.pool.hash):
+            if h is not None:
+                kv.setdefault(h, storage[:, :, b].clone())
+
+    cold = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, greedy(8))
+        run = await run_all(engine, on_step=lambda _: record())
+        cold[i] = run.tokens[(f"r{i}", 0)]
+    assert ex.pool.num_spills > 0 and tier.num_spills == ex.pool.num_spills
+    assert ex.pool.num_host_cached > 0
+    engine.add_request("again", prompts[0], greedy(8))
+    table: list[int] = []
+
+    def hit_blocks(_) -> None:
+        for seq in engine.scheduler.running:
+            if not table and seq.request.request_id == "again":
+                table.extend(seq.block_table[: seq.num_cached_tokens // 16])
+
+    run = await run_all(engine, on_step=hit_blocks)
+    assert run.tokens[("again", 0)] == cold[0]
+    cached = run.outputs[-1].num_cached_tokens
+    full = (len(prompts[0]) - 1) // 16 * 16
+    assert cached == full  # every full block: on the GPU or restored, none recomputed
+    assert ex.host_hit_tokens > 0 and tier.num_restores == ex.pool.num_restores > 0
+    # Every block the prompt hit, restored ones included, holds its cold KV bit for bit (the
+    # blocks after them are recomputed, in another batch shape: equal only within rounding).
+    assert len(table) == full // 16
+    for b in table:
+        h = ex.pool.hash[b]
+        assert h is not None and torch.equal(storage[:, :, b], kv[h]), f"block {b}"
+    assert_all_free_or_cached(engine)
+    ex.pool.check()
+
+
+async def test_no_host_tier_by_default(smollm2_path: Path) -> None:
+    engine = await make_engine(smollm2_path, num_blocks=24)
+    assert engine.runner.host_tier is None
+    ex = engine.allocator.manager.executors[engine.allocator.executor_id]
+    assert ex.num_host_blocks == 0

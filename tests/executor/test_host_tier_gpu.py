@@ -1,0 +1,78 @@
+"""The host tier on CUDA (host_tier.py): the side stream's spills and restores are bit-exact
+once the compute stream has fenced on them, with compute work queued ahead of them; and a CUDA
+engine (graphs, async scheduling) whose small pool evicted a prompt restores it from pinned host
+memory with the same greedy tokens as its cold run. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+import torch
+from pagemesh.services.executor.config import EngineConfig
+from pagemesh.services.executor.engine import LLMEngine
+from pagemesh.services.executor.engine_api import SamplingParams
+from pagemesh.services.executor.host_tier import HostTier, TransferBatch
+from pagemesh.services.executor.kv_pool import KVPool
+from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.kvmanager.local import LocalAllocator
+
+from tests.executor.engine_support import run_all
+from tests.executor.test_engine_gpu import random_llama  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.gpu
+
+
+def test_side_stream_transfers_are_exact_after_the_fence() -> None:
+    dev = torch.device("cuda")
+    mc = cast(ModelConfig, SimpleNamespace(num_layers=4, num_kv_heads=2, head_dim=64))
+    pool = KVPool(mc, 64, 16, torch.bfloat16, dev)
+    pool.storage.copy_(torch.randn_like(pool.storage))
+    tier = HostTier(pool, 48, dev)
+    assert tier.blocks.is_pinned()
+    before = pool.storage.clone()
+    # Compute-stream work queued ahead (a step in flight) writes block 0 last: the gather must
+    # see its final value.
+    big = torch.randn(4096, 4096, device=dev)
+    for _ in range(8):
+        big = big @ big / 64
+    pool.storage[:, :, 0] = 1.5
+    tier.run([TransferBatch(spills=[(0, 10), *((b, b + 11) for b in range(1, 30))])])
+    tier.fence()
+    pool.storage[:, :, :30] = 0  # the step after the fence reuses the evicted blocks
+    tier.run([TransferBatch(restores=[(h, h + 20) for h in range(10, 40)])])
+    tier.fence()
+    got = pool.storage[:, :, 20:50].clone()  # read on the compute stream, after the fence
+    want = before[:, :, :30].clone()
+    want[:, :, 0] = 1.5
+    assert torch.equal(got, want)
+    tier.synchronize()
+
+
+async def test_cuda_engine_restores_from_pinned_host(random_llama: Path) -> None:  # noqa: F811
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4096) for _ in range(200)] for _ in range(4)]
+    config = EngineConfig(
+        model=str(random_llama),
+        device="cuda",
+        dtype="float32",
+        num_blocks=32,  # ~2 prompts: each new one evicts the oldest
+        host_kv_blocks=128,
+        async_scheduling=True,
+    )
+    engine = LLMEngine(config, LocalAllocator())
+    await engine.start()
+    cold = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=16))
+        cold[i] = (await run_all(engine)).tokens[(f"r{i}", 0)]
+    engine.add_request("again", prompts[0], SamplingParams(temperature=0.0, max_tokens=16))
+    run = await run_all(engine)
+    ex = engine.allocator.manager.executors[engine.allocator.executor_id]
+    assert ex.pool.num_restores > 0 and ex.host_hit_tokens > 0
+    assert run.outputs[-1].num_cached_tokens == (200 - 1) // 16 * 16
+    assert run.tokens[("again", 0)] == cold[0]
