@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pagemesh.services.executor.engine_api import SamplingParams
 from pagemesh.services.executor.sampler import (
@@ -15,8 +16,8 @@ V = 50
 
 
 def _sample(params, logits, draws=None, counts=None, seed=0, sampler=None):
-    st = build_sampling_tensors(params, draws or [None] * len(params), V, torch.device("cpu"))
-    sampler = sampler or Sampler(V, torch.device("cpu"), seed)
+    st = build_sampling_tensors(params, draws or [None] * len(params), V, logits.device)
+    sampler = sampler or Sampler(V, logits.device, seed)
     return sampler(logits, st, counts)
 
 
@@ -107,17 +108,19 @@ def _seeded_run(logits: torch.Tensor, seed: int, start: int, sampler: Sampler) -
     ]
 
 
-def test_a_seeded_stream_resumes_at_any_position() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_seeded_stream_resumes_at_any_position(device: str) -> None:
     """The draw at position k is the k-th draw of a fresh run, whatever ran before it in the
     sampler: a migrated continuation (seed_position = k) or a recomputed sequence samples what
     the uninterrupted run did."""
+    dev = torch.device(device)
     torch.manual_seed(0)
-    logits = torch.randn(24, V)  # flat enough that every draw matters
-    fresh = _seeded_run(logits, 11, 0, Sampler(V, torch.device("cpu")))
-    assert fresh == _seeded_run(logits, 11, 0, Sampler(V, torch.device("cpu"), seed=5))
-    busy = Sampler(V, torch.device("cpu"))
+    logits = torch.randn(24, V).to(dev)  # flat enough that every draw matters
+    fresh = _seeded_run(logits, 11, 0, Sampler(V, dev))
+    assert fresh == _seeded_run(logits, 11, 0, Sampler(V, dev, seed=5))
+    busy = Sampler(V, dev)
     for k in (1, 7, 23):
-        _sample([SamplingParams(temperature=1.0)] * 3, torch.randn(3, V), sampler=busy)
+        _sample([SamplingParams(temperature=1.0)] * 3, torch.randn(3, V).to(dev), sampler=busy)
         assert _seeded_run(logits, 11, k, busy) == fresh[k:], f"resumed at {k}"
     # The positions draw independently (not one draw repeated), and so do other seeds.
     same = logits[:1].repeat(len(logits), 1)
