@@ -235,7 +235,7 @@ class LLMEngine:
             # that nothing commits to (scheduler.commit_entries), its blocks are never found.
             cache_salt += PROMPT_LOGPROBS_SALT
         req = Request(request_id, params, cache_salt, len(prompt), prompt_data=packed)
-        seq = new_sequence(req, 0, prompt, self.config.device)
+        seq = new_sequence(req, 0, prompt)
         if params.guide is not None and not self._attach_grammar(seq, params.guide):
             self.requests[request_id] = req
             return  # scheduled once its grammar is compiled (_admit_guided)

@@ -70,6 +70,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # A seeded choice's k-th sampled token draws at position seed_position + k of its random
+    # stream (proto SamplingParams.seed_position: a migrated continuation resumes the stream).
+    seed_position: int = 0
     max_tokens: int = 16
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False

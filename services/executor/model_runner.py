@@ -38,6 +38,7 @@ from pagemesh.services.executor.sampler import (
     SamplerOutput,
     SamplingTensors,
     build_sampling_tensors,
+    draw_seed,
     token_counts,
 )
 from pagemesh.services.executor.scheduler import SchedulerOutput
@@ -442,8 +443,10 @@ class ModelRunner:
         prompt_lp = None
         if sampling_params:
             params = [q.request.params for q in sample_seqs]
-            gens = [q.generator for q in sample_seqs]
-            st = build_sampling_tensors(params, gens, self.vocab_size, dev, self.staging)
+            draws = [
+                None if q.seed is None else draw_seed(q.seed, q.draw_position) for q in sample_seqs
+            ]
+            st = build_sampling_tensors(params, draws, self.vocab_size, dev, self.staging)
             # (prompt_logprobs requests are among the not plain greedy ones: engine._special)
             if t > b:  # some sequence computes more than its one decode token
                 prompt_lp = prompt_logprobs.plan(seqs, starts, q_lens, cu, str(dev))

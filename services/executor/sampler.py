@@ -5,8 +5,12 @@ arrive as tensors (SamplingTensors, built once per step from the rows' SamplingP
 that no row needs (penalties, top-k/top-p sorting, min-p, logprobs) is skipped for the batch.
 
 Sampling is the exponential race: argmax(p / q) with q ~ Exp(1) draws from p exactly (Gumbel-max
-in another guise). A seeded row draws its q from its own torch.Generator, one [V] draw per step,
-so its output depends only on its seed and its own history, never on the batch it runs in.
+in another guise). A seeded row's q is one [V] draw from a generator seeded for that draw alone,
+by `draw_seed(stream seed, position)`: the position-th output of SplitMix64 started at the
+choice's seed. The draw of a row's k-th sampled token therefore depends on its seed and k only:
+never on the batch it runs in, nor on what ran before it in this process, so a request migrated
+after k tokens (its continuation says "start at position k", SamplingParams.seed_position) or a
+sequence recomputed after preemption samples what an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ from pagemesh.services.executor.engine_api import SamplingParams
 from pagemesh.services.executor.staging import PinnedStaging
 
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
+
+
+def draw_seed(stream_seed: int, position: int) -> int:
+    """The seed of a seeded row's draw at `position` (0 = its first sampled token) of the stream
+    `stream_seed`: SplitMix64's output number `position` from state `stream_seed`, computed
+    directly (its state after k steps is seed + (k+1) * gamma), so any position is addressable
+    without replaying the ones before it."""
+    z = (stream_seed + (position + 1) * _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 @dataclass(slots=True)
@@ -33,7 +50,7 @@ class SamplingTensors:
     # logit_bias of the rows that have one, flat: (rows [K] int64, token ids [K] int64, biases
     # [K] float32); None when no row has any.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    generators: list[tuple[int, torch.Generator]]  # seeded rows
+    seeded: list[tuple[int, int]]  # (row, draw_seed of its draw this step) of seeded rows
     all_greedy: bool
     num_top_logprobs: int  # max over rows; 0 = none
     need_logprobs: bool  # some row wants its sampled token's logprob
@@ -53,13 +70,14 @@ def is_greedy(params: SamplingParams) -> bool:
 
 def build_sampling_tensors(
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    draws: list[int | None],
     vocab_size: int,
     device: torch.device,
     staging: PinnedStaging | None = None,
 ) -> SamplingTensors:
     """One pass over the rows' params; the batch flags decide which stages run at all.
-    `staging`: the step's pinned memory for the uploads (the engine's; staging.py)."""
+    `draws`: per row, the draw_seed of its draw this step (None: unseeded, the sampler's own
+    generator). `staging`: the step's pinned memory for the uploads (the engine's; staging.py)."""
     greedy = [is_greedy(p) for p in params]
     all_greedy = all(greedy)
     any_penalty = any(
@@ -78,7 +96,7 @@ def build_sampling_tensors(
         return t.to(device, non_blocking=True)
 
     temperature = greedy_mask = top_k = top_p = min_p = None
-    seeded: list[tuple[int, torch.Generator]] = []
+    seeded: list[tuple[int, int]] = []
     if not all_greedy:
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
         temperature = tensor(temps, torch.float32)
@@ -91,9 +109,9 @@ def build_sampling_tensors(
         if any(p.min_p > 0.0 for p in params):
             min_p = tensor([p.min_p for p in params], torch.float32)
         seeded = [
-            (i, g)
-            for i, (g, gr) in enumerate(zip(generators, greedy, strict=True))
-            if g is not None and not gr
+            (i, d)
+            for i, (d, gr) in enumerate(zip(draws, greedy, strict=True))
+            if d is not None and not gr
         ]
     bias = None
     if any(p.logit_bias for p in params):
@@ -116,7 +134,7 @@ def build_sampling_tensors(
         frequency=frequency,
         repetition=repetition,
         bias=bias,
-        generators=seeded,
+        seeded=seeded,
         all_greedy=all_greedy,
         num_top_logprobs=num_top,
         need_logprobs=need_logprobs,
@@ -147,8 +165,10 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.device = device
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # unseeded rows
         self.generator.manual_seed(seed)
+        # Seeded rows: re-seeded for each draw (draw_seed), so it carries nothing between them.
+        self._draw_generator = torch.Generator(device=device)
 
     def apply_penalties(
         self,
@@ -202,8 +222,9 @@ class Sampler:
             top = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < st.min_p.unsqueeze(1) * top, 0.0)
         q = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, gen in st.generators:
-            q[row].exponential_(generator=gen)
+        for row, seed in st.seeded:
+            self._draw_generator.manual_seed(seed)
+            q[row].exponential_(generator=self._draw_generator)
         return (probs / q).argmax(dim=-1)
 
     @staticmethod
@@ -234,7 +255,7 @@ ALL_GREEDY = SamplingTensors(
     frequency=None,
     repetition=None,
     bias=None,
-    generators=[],
+    seeded=[],
     all_greedy=True,
     num_top_logprobs=0,
     need_logprobs=False,

@@ -416,8 +416,9 @@ class Scheduler:
 
     async def preempt(self, seq: Sequence) -> None:
         """Recompute later: release every block (the committed ones stay cached) and requeue at
-        the front. The token ids, outputs and generator state are kept. Only once nothing of
-        the sequence is on its way to kvmanager (after `link.settle`)."""
+        the front. The token ids and outputs are kept, and with them each seeded draw's position
+        (Sequence.draw_position). Only once nothing of the sequence is on its way to kvmanager
+        (after `link.settle`)."""
         self.running.remove(seq)
         await self.link.release_now([seq.seq_id])
         self._requeue(seq)
@@ -488,7 +489,7 @@ class Scheduler:
         self._unforked.discard(req)
         children = []
         for index in range(1, req.params.n):
-            child = new_sequence(req, index, list(parent.token_ids), self.config.device)
+            child = new_sequence(req, index, list(parent.token_ids))
             if parent.matcher is not None:  # structured output: the grammar state forks too
                 child.matcher = parent.matcher.fork()
             child.row = self.rows.take()

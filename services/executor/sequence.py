@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from pagemesh.services.executor.beam_search import BeamSearch
 from pagemesh.services.executor.engine_api import (
     FinishReason,
@@ -96,7 +95,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_synced_blocks: int = 0  # block_table[:num_synced_blocks] is in the device table row
     row: int = -1  # row in the engine's persistent device tables while running
-    generator: torch.Generator | None = None
+    # A seeded request's random stream for this choice (seed + index); None: unseeded. Each
+    # sampled token's draw derives from it and the token's position (sampler.draw_seed).
+    seed: int | None = None
     finish_reason: FinishReason = FinishReason.NONE
     # Per-step outputs, drained by the engine.
     new_token_ids: list[int] = field(default_factory=list)
@@ -133,6 +134,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def draw_position(self) -> int:
+        """Where the token sampled next draws in the choice's seeded stream: its output index,
+        plus the stream position a migrated continuation resumes at. Derived from the tokens
+        alone, so a recompute after preemption samples at the same position again."""
+        return self.request.params.seed_position + self.num_output_tokens
+
+    @property
     def packed_prompt(self) -> bytes:
         """The request's packed prompt (Request.prompt_data) while this sequence holds that
         prompt alone, no token of its own yet; b"" otherwise or when the request has none."""
@@ -156,13 +164,11 @@ class Sequence:
         self.num_synced_blocks = min(self.num_synced_blocks, first_index)
 
 
-def new_sequence(req: Request, index: int, token_ids: list[int], device: str) -> Sequence:
-    """Choice `index` of `req` (added to req.seqs), with its own generator when the request is
-    seeded: seed + index, so each choice's samples depend only on its seed and its history."""
-    gen = None
-    if req.params.seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed((req.params.seed + index) % 2**63)
+def new_sequence(req: Request, index: int, token_ids: list[int]) -> Sequence:
+    """Choice `index` of `req` (added to req.seqs), with its own random stream when the request
+    is seeded: seed + index (as vLLM seeds the children of n > 1), so each choice's samples
+    depend only on its seed and its own tokens."""
+    seed = None if req.params.seed is None else (req.params.seed + index) % 2**63
     suffix = f"#{index}" if req.params.n > 1 else ""
     seq = Sequence(
         seq_id=f"{req.request_id}{suffix}",
@@ -171,7 +177,7 @@ def new_sequence(req: Request, index: int, token_ids: list[int], device: str) ->
         token_ids=token_ids,
         num_prompt_tokens=req.num_prompt_tokens,
         arrival=0,
-        generator=gen,
+        seed=seed,
     )
     req.seqs.append(seq)
     return seq

@@ -81,6 +81,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty or 1.0,
         seed=p.seed if p.HasField("seed") else None,
+        seed_position=p.seed_position,
         max_tokens=p.max_tokens or 16,
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,

@@ -10,7 +10,8 @@ under a request does not end it: Generation migrates it (migration.py).
 
 Every response carries an `x-request-id` (the client's own when it sent a usable one); server
 errors name it in their message and the logs name it next to what really failed, so a report
-can be matched to the log without showing the client the mesh's insides.
+can be matched to the log without showing the client the mesh's insides. It also carries
+`x-pagemesh-worker`, the gateway process that answered (workers.py restarts a dead one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import re
 import time
 import uuid
@@ -80,6 +82,9 @@ DEFAULT_EXECUTOR = "127.0.0.1:50052"  # cli.DEFAULT_EXECUTOR: neither executors 
 
 RECONNECT_POLL_S = 0.1  # how often a request waiting for a restarting executor looks again
 REQUEST_ID_HEADER = "X-Request-Id"
+# The gateway process (its pid) that answered: with --workers N, which worker a response came
+# from, so that a client whose stream a worker's death cut can tell it from other failures.
+WORKER_HEADER = "X-Pagemesh-Worker"
 REQUEST_ID = web.RequestKey("request_id", str)
 # A client's own request id is echoed (as vLLM does) when it is a plain token of sane length;
 # anything else is replaced, so that a header never carries what the logs can't hold.
@@ -107,6 +112,11 @@ class GatewayConfig:
     # The tool-call syntax parsed out of `auto` outputs (tool_parsers.PARSERS); empty: the one
     # the model's chat template teaches.
     tool_call_parser: str = ""
+    # > 0: open the HTTP port only once a model can be served, or after this many seconds. A
+    # worker that replaces a dead one (workers.py) shares the port with workers that serve:
+    # listening before its tokenizer and Serve stream are up, it would take its share of new
+    # connections only to answer them 503. 0: at once (health says 503 while executors load).
+    listen_when_ready_s: float = 0.0
 
     @property
     def fleet_mode(self) -> bool:
@@ -151,8 +161,21 @@ class Gateway:
         return next(iter(self.registry.members.values())).client
 
     async def start(self) -> None:
-        # The HTTP port is open from the start (health says 503) while executors load.
+        # The HTTP port is open from the start (health says 503) while executors load, unless
+        # listen_when_ready_s holds it back (create_app's on_startup runs before the bind).
         self.fleet.start()
+        if self.config.listen_when_ready_s > 0:
+            await self._wait_ready(self.config.listen_when_ready_s)
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "no model servable after %.0fs: listening anyway (health says 503)", timeout_s
+                )
+                return
+            await asyncio.sleep(RECONNECT_POLL_S)
 
     async def stop(self) -> None:
         await self.fleet.close()
@@ -235,6 +258,7 @@ async def _send_request_id(request: web.Request, response: web.StreamResponse) -
     rid = request_id_of(request)
     if rid:
         response.headers[REQUEST_ID_HEADER] = rid
+    response.headers[WORKER_HEADER] = str(os.getpid())
 
 
 @web.middleware

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pagemesh.services.gateway.tool_parsers import PARSERS
@@ -22,6 +20,9 @@ DEFAULT_EXECUTOR = "127.0.0.1:50052"  # neither --executor nor --kvmanager: one 
 # router.POLICIES, spelled here so that parsing the command line imports no gRPC (every
 # `pagemesh` command builds this parser); tests/gateway/test_fleet.py checks they agree.
 ROUTING_POLICIES = ("kv", "least_loaded", "round_robin")
+# How long a worker that replaces a dead one may wait for a servable model before it listens
+# (GatewayConfig.listen_when_ready_s): an executor restarting at the same time fits.
+REPLACEMENT_READY_WAIT_S = 60.0
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,7 +103,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "detokenizing and writing SSE is per-token CPU work, so a busy GPU needs several",
         int,
     )
+    # A worker's own flags (run_workers): share the port; a replacement listens once ready.
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--listen-when-ready", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -156,9 +159,10 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def run_workers(args: argparse.Namespace) -> int:
-    """Starts `args.workers` copies of this command on one port and waits. Signals are passed
-    on; if one worker dies the others are stopped too, so a supervisor (pagemesh up, compose)
-    restarts the whole gateway rather than serving at reduced capacity unnoticed."""
+    """Starts `args.workers` copies of this command on one port and keeps them running: a worker
+    that dies is replaced while the others serve on (workers.py). Signals are passed on."""
+    from pagemesh.services.gateway.workers import WorkerPool
+
     from pagemesh.children import set_pdeathsig
 
     argv = [
@@ -171,26 +175,19 @@ def run_workers(args: argparse.Namespace) -> int:
         "1",
         "--reuse-port",
     ]
-    procs = [subprocess.Popen(argv, preexec_fn=set_pdeathsig) for _ in range(args.workers)]
+    pool = WorkerPool(
+        argv,
+        args.workers,
+        preexec_fn=set_pdeathsig,
+        replacement_args=["--listen-when-ready", str(REPLACEMENT_READY_WAIT_S)],
+    )
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        pool.stop(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    rc = 0
-    while procs:
-        for proc in list(procs):
-            code = proc.poll()
-            if code is None:
-                continue
-            procs.remove(proc)
-            rc = rc or code
-            forward(signal.SIGTERM, None)  # one gone: stop the rest
-        time.sleep(0.2)
-    return rc
+    return pool.run()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,16 +202,16 @@ def run(args: argparse.Namespace) -> int:
         keys = _api_keys(args)
     except ApiKeyError as exc:
         return config_error(exc)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.workers > 1:
         return run_workers(args)
     from aiohttp import web
     from pagemesh.services.gateway.app import GatewayConfig, create_app
     from pagemesh.services.gateway.migration import MigrationPolicy
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     if args.tool_call_parser and args.tool_call_parser not in PARSERS:
         raise SystemExit(
             f"--tool-call-parser must be one of {', '.join(PARSERS)}, not {args.tool_call_parser!r}"
@@ -233,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         trace_requests=args.trace_requests,
         migration=MigrationPolicy(limit=args.migration_limit, wait_s=args.migration_wait),
         tool_call_parser=args.tool_call_parser,
+        listen_when_ready_s=args.listen_when_ready,
     )
     serving = (
         f"kvmanager {args.kvmanager}'s fleet, routing policy {args.routing_policy}"

@@ -12,11 +12,13 @@ usage counts across the seam (generation.py).
 What migrates (decided here, documented in the README):
 - n = 1, sampled or greedy: at any point. With greedy decoding (and no penalty) the continuation
   is exactly what an uninterrupted run would have produced: the model sees the same tokens.
-  What is not carried over: a seeded sampler's position in its random stream (the continuation
-  draws from the start of the seed's stream again, so a seeded sampled answer is a valid sample
-  but not the one an uninterrupted run draws), and presence/frequency penalties count only the
-  tokens made after the seam (the earlier ones are prompt to the new executor). An executor
-  option to carry both would be a contract change (SamplingParams), not done here.
+  A seeded request goes on in its random stream where it stopped: the continuation's
+  `seed_position` is the number of tokens already generated, and the executor derives each
+  draw from the seed and its position (executor sampler.py), so a seeded sampled answer is the
+  one an uninterrupted run draws too (up to the last-bit differences between a prefill and
+  decode steps over the same tokens, which can tip a near tie). What is not carried over:
+  presence/frequency penalties count only the tokens made after the seam (the earlier ones are
+  prompt to the new executor).
 - n > 1 and beam search: only while no token of the request has come back (the request is sent
   again whole); after that the failure ends the request with an error, since its choices cannot
   be resumed as one request. A beam search sends its beams only at the end, so it always
@@ -78,7 +80,8 @@ def continuation(
     original: pb.GenerateRequest, prompt: list[int], generated: list[int], request_id: str
 ) -> pb.GenerateRequest:
     """`original` resumed after `generated` (its single choice's tokens so far): those tokens
-    appended to the prompt, max_tokens what is left of it, everything else the same."""
+    appended to the prompt, max_tokens what is left of it, a seeded stream resumed at the token
+    after them (seed_position), everything else the same."""
     request = pb.GenerateRequest()
     request.CopyFrom(original)
     request.request_id = request_id
@@ -86,6 +89,7 @@ def continuation(
         request.ClearField("prompt_token_ids")
         request.prompt_token_data = packed_ids.pack([*prompt, *generated])
         request.params.max_tokens = original.params.max_tokens - len(generated)
+        request.params.seed_position = original.params.seed_position + len(generated)
         # The prompt's logprobs came with the first output, before any token: not again (and
         # the continuation keeps its prefix-cache hits).
         request.params.ClearField("prompt_logprobs")

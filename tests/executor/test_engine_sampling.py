@@ -47,6 +47,39 @@ async def test_seeded_sampling_reproducible(smollm2_path: Path) -> None:
     assert_all_free_or_cached(engine)
 
 
+async def test_a_seeded_continuation_samples_what_the_uninterrupted_run_did(
+    smollm2_path: Path,
+) -> None:
+    """What a migrated request sends (the prompt plus the k tokens made, seed_position k, the
+    rest of max_tokens) draws the uninterrupted run's tokens from k on, also after preemption
+    (a recompute keeps its positions) and with async scheduling (placeholders in flight)."""
+    ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
+    other = tokenizer(smollm2_path)(OTHER)["input_ids"]
+    engine = await make_engine(smollm2_path)
+    engine.add_request("whole", ids, _sampled(1234, max_tokens=16))
+    whole = (await run_all(engine)).tokens[("whole", 0)]
+    assert len(whole) == 16
+    # Continuations at two seams, beside unseeded and greedy neighbours, in a pool small enough
+    # to preempt, steps launched before the previous one lands.
+    engine = await make_engine(
+        smollm2_path, num_blocks=5, num_lookahead_tokens=0, async_scheduling=True
+    )
+    for k in (5, 11):
+        params = _sampled(1234, max_tokens=16 - k)
+        params.seed_position = k
+        engine.add_request(f"from{k}", ids + whole[:k], params)
+    engine.add_request("x", other, _sampled(None, max_tokens=16))
+    engine.add_request("y", other + ids, greedy(16))
+    run = await run_all(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for k in (5, 11):
+        assert run.tokens[(f"from{k}", 0)] == whole[k:], f"resumed at {k}"
+    # Without the position it is the stream's start again: a different sample.
+    engine.add_request("restart", ids + whole[:5], _sampled(1234, max_tokens=11))
+    assert (await run_all(engine)).tokens[("restart", 0)] != whole[5:]
+    assert_all_free_or_cached(engine)
+
+
 async def test_parallel_sampling_with_seed(smollm2_path: Path) -> None:
     ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
     runs = []

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pagemesh.services.executor.engine_api import SamplingParams
-from pagemesh.services.executor.sampler import Sampler, build_sampling_tensors, token_counts
+from pagemesh.services.executor.sampler import (
+    Sampler,
+    build_sampling_tensors,
+    draw_seed,
+    token_counts,
+)
 
 V = 50
 
 
-def _sample(params, logits, gens=None, counts=None, seed=0):
-    st = build_sampling_tensors(params, gens or [None] * len(params), V, torch.device("cpu"))
-    return Sampler(V, torch.device("cpu"), seed)(logits, st, counts)
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
+def _sample(params, logits, draws=None, counts=None, seed=0, sampler=None):
+    st = build_sampling_tensors(params, draws or [None] * len(params), V, logits.device)
+    sampler = sampler or Sampler(V, logits.device, seed)
+    return sampler(logits, st, counts)
 
 
 def test_greedy_is_argmax() -> None:
@@ -83,12 +84,12 @@ def test_temperature_sharpens() -> None:
 def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     logits = torch.randn(5, V)
     p = SamplingParams(temperature=1.0, seed=7)
-    alone = [_sample([p], logits[2:3], [_gen(7)]).token_ids.item() for _ in range(3)]
+    alone = [_sample([p], logits[2:3], [draw_seed(7, 0)]).token_ids.item() for _ in range(3)]
     batch = [
         _sample(
             [SamplingParams(temperature=1.0)] * 2 + [p] * 3,
             logits,
-            [None, None, _gen(7), None, None],
+            [None, None, draw_seed(7, 0), draw_seed(7, 1), None],
             seed=s,
         )
         .token_ids[2]
@@ -96,11 +97,41 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
         for s in range(3)
     ]
     assert alone == batch
-    # a run of draws from one generator is reproducible too
-    g1, g2 = _gen(11), _gen(11)
-    a = [_sample([p], logits[:1], [g1]).token_ids.item() for _ in range(20)]
-    b = [_sample([p], logits[:1], [g2]).token_ids.item() for _ in range(20)]
-    assert a == b
+
+
+def _seeded_run(logits: torch.Tensor, seed: int, start: int, sampler: Sampler) -> list[int]:
+    """One seeded row sampled step by step from position `start`: step j reads logits[j]."""
+    p = SamplingParams(temperature=1.0, seed=seed)
+    return [
+        _sample([p], logits[j : j + 1], [draw_seed(seed, j)], sampler=sampler).token_ids.item()
+        for j in range(start, len(logits))
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_seeded_stream_resumes_at_any_position(device: str) -> None:
+    """The draw at position k is the k-th draw of a fresh run, whatever ran before it in the
+    sampler: a migrated continuation (seed_position = k) or a recomputed sequence samples what
+    the uninterrupted run did."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    logits = torch.randn(24, V).to(dev)  # flat enough that every draw matters
+    fresh = _seeded_run(logits, 11, 0, Sampler(V, dev))
+    assert fresh == _seeded_run(logits, 11, 0, Sampler(V, dev, seed=5))
+    busy = Sampler(V, dev)
+    for k in (1, 7, 23):
+        _sample([SamplingParams(temperature=1.0)] * 3, torch.randn(3, V).to(dev), sampler=busy)
+        assert _seeded_run(logits, 11, k, busy) == fresh[k:], f"resumed at {k}"
+    # The positions draw independently (not one draw repeated), and so do other seeds.
+    same = logits[:1].repeat(len(logits), 1)
+    assert len(set(_seeded_run(same, 11, 0, busy))) > 3
+    assert _seeded_run(logits, 12, 0, busy) != fresh
+
+
+def test_draw_seeds_are_distinct_and_in_range() -> None:
+    seeds = {draw_seed(s, k) for s in (0, 1, 2, (1 << 63) - 1) for k in range(1000)}
+    assert len(seeds) == 4000
+    assert all(0 <= d < 1 << 64 for d in seeds)
 
 
 def test_logprobs_and_top_n() -> None:

@@ -107,7 +107,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=ignore_eos)
         req = Request(rid, params, "", len(prompt), prompt_data=packed_ids.pack(prompt))
         self.requests[rid] = req
-        self.sc.add(new_sequence(req, 0, list(prompt), "cpu"))
+        self.sc.add(new_sequence(req, 0, list(prompt)))
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data())

@@ -249,8 +249,14 @@ def test_continuation_appends_the_tokens_and_leaves_the_rest() -> None:
     assert resumed.params.max_tokens == 8 and resumed.request_id == "r.m1"
     assert (resumed.params.temperature, resumed.params.seed, resumed.cache_salt) == (0.5, 3, "t")
     assert resumed.params.logprobs == 2
+    # The seeded stream goes on at the token after the two made (and after a second seam, the
+    # original's count again: each continuation is built from the original with every token).
+    assert resumed.params.seed_position == 2
+    again = continuation(original, [5, 6, 7], [8, 9, 10, 11, 12], "r.m2")
+    assert again.params.seed_position == 5 and again.params.max_tokens == 5
     whole = continuation(original, [5, 6, 7], [], "r.m1")
     assert whole.prompt_token_data == original.prompt_token_data and whole.params.max_tokens == 10
+    assert whole.params.seed_position == 0
 
 
 def test_client_safe_keeps_plain_refusals_only() -> None:

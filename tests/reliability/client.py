@@ -29,8 +29,14 @@ class StreamResult:
     done: bool = False
     usage: dict[str, Any] | None = None
     chunks: int = 0
+    started: float = 0.0  # time.monotonic() when it was sent
     elapsed: float = 0.0
     detail: str = ""
+    worker: str = ""  # the gateway process that answered (x-pagemesh-worker); "" if none did
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.elapsed
 
     @property
     def cached_tokens(self) -> int:
@@ -77,15 +83,19 @@ async def stream_request(
     headers: dict[str, str] | None = None,
     timeout: float = 60.0,
     stop_after_chunks: int | None = None,
+    progress: asyncio.Event | None = None,
+    progress_after: int = 1,
 ) -> StreamResult:
     """POST a streaming request and read its SSE events to the end (or to `stop_after_chunks`,
-    when the connection is dropped on purpose: a client disconnect)."""
+    when the connection is dropped on purpose: a client disconnect). `progress` is set once
+    `progress_after` chunks have come (a test that must act mid-stream waits on it)."""
     result = StreamResult()
-    t0 = time.monotonic()
+    t0 = result.started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
             async with session.post(url, json=body, headers=headers) as resp:
                 result.status = resp.status
+                result.worker = resp.headers.get("X-Pagemesh-Worker", "")
                 if resp.status != 200 or "text/event-stream" not in resp.headers.get(
                     "Content-Type", ""
                 ):
@@ -98,6 +108,8 @@ async def stream_request(
                     while b"\n\n" in buffer:
                         frame, buffer = buffer.split(b"\n\n", 1)
                         _read_event(result, frame)
+                    if progress is not None and result.chunks >= progress_after:
+                        progress.set()
                     if stop_after_chunks is not None and result.chunks >= stop_after_chunks:
                         resp.close()  # drop the TCP connection mid-stream
                         result.detail = "disconnected on purpose"

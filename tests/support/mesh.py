@@ -12,6 +12,7 @@ Only loopback addresses are used. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -442,6 +443,30 @@ class Mesh:
 
     def pids(self) -> dict[str, int]:
         return {name: s.pid for name, s in self.services.items() if s.alive()}
+
+    def reconfigure_gateway(self, gateway_args: Sequence[str]) -> None:
+        """The gateway stopped and started again with other arguments (`--workers 2`), on the
+        same port, its Serve streams open."""
+        service = self.services["gateway"]
+        service.stop()
+        self.config = dataclasses.replace(self.config, gateway_args=tuple(gateway_args))
+        service.argv = self._gateway_argv()
+        self.start_service("gateway")
+        self.wait_for_serve_streams()
+
+    def gateway_worker_pids(self) -> list[int]:
+        """The live gateway workers (`--workers N`: the gateway's children; else the gateway)."""
+        import psutil
+
+        parent = psutil.Process(self.services["gateway"].pid)
+        if self.gateway_workers == 1:
+            return [parent.pid]
+        children = []
+        for child in parent.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    children.append(child.pid)
+        return children
 
     def tails(self, lines: int = 40) -> str:
         return "\n".join(s.tail(lines) for s in self.services.values())
