@@ -12,7 +12,7 @@ constrained, then a mixed batch (`--mixed` of them constrained). Per step, media
 each for the engine's code (grammar.GrammarBatch) and for the previous, per-row one
 (`before`: a Python call per row to accept and fill, a fresh bitmask per step, the rows spread
 on the device before xgrammar's kernel). `fill_threads`: the batched fill at 1, 2, 4, ...
-threads. `gil`: the batched fill run in a worker thread while the main thread runs Python:
+threads. `accept_api`: a call per row against xgrammar's batch_accept_token. `gil`: the batched fill run in a worker thread while the main thread runs Python:
 the main thread's progress against running alone (1.0: the fill holds no GIL).
 
     python benchmarks/guided_host_bench.py --tokenizer .tok      # GPU host (the lead)
@@ -237,6 +237,38 @@ def fill_threads(matchers: list[Any], v: int, counts: list[int], steps: int) -> 
     return out
 
 
+def accept_api(matchers: list[Any], v: int, eos: int, steps: int, rng: random.Random) -> dict:
+    """Accepting a step's tokens: a call per row against xgrammar's batch_accept_token, on
+    forks of the same matchers (the grammar.GrammarBatch.accept choice)."""
+    n = len(matchers)
+    buf = torch.empty((n, -(-v // 32)), dtype=torch.int32)
+    bm = xgr.BatchGrammarMatcher(1)
+    per_row, batched = [], []
+    for _ in range(steps):
+        bm.batch_fill_next_token_bitmask(matchers, buf)
+        tokens = []
+        for i in range(n):
+            allowed = _allowed(buf, i, v)
+            allowed = allowed[allowed != eos]
+            if not len(allowed):
+                matchers[i].reset()
+                matchers[i].fill_next_token_bitmask(buf, i)
+                allowed = _allowed(buf, i, v)
+            tokens.append(int(allowed[rng.randrange(len(allowed))]))
+        a = [m.fork() for m in matchers]
+        b = [m.fork() for m in matchers]
+        start = time.perf_counter()
+        ok_a = [m.accept_token(t) for m, t in zip(a, tokens, strict=True)]
+        per_row.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ok_b = xgr.BatchGrammarMatcher.batch_accept_token(b, tokens)
+        batched.append(time.perf_counter() - start)
+        assert all(ok_a) and all(ok_b)
+        for m, t in zip(matchers, tokens, strict=True):
+            m.accept_token(t)
+    return {"per_row_us": _us(per_row), "batch_accept_token_us": _us(batched)}
+
+
 def gil(matchers: list[Any], v: int, threads: int) -> dict:
     """Does the batched fill leave the GIL to the main thread? The main thread counts while a
     worker fills (repeatedly); its rate over its rate alone."""
@@ -304,6 +336,7 @@ def main() -> None:
         "all_constrained": every,
         "mixed": mixed,
         "fill_threads_us": fill_threads(matchers, v, counts, args.steps),
+        "accept_api": accept_api(matchers, v, eos, args.steps, rng),
         "gil": gil(matchers, v, threads),
     }
     print(json.dumps(result))

@@ -241,15 +241,34 @@ class StepMasks:
         `vocab_size`) to -inf, in place, in one kernel. `upload`: the runner's host-to-device
         copy of a small array (pinned staging, never waiting for the device)."""
         start = time.perf_counter()
-        bitmask = self.bitmask
         if logits.is_cuda:
             # The buffer is pinned: the copy is queued on the stream, the host goes on.
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-        rows = None
-        if len(self.rows) != logits.shape[0]:
-            rows = upload(np.asarray(self.rows, np.int64))
-        kernels.apply_token_bitmask(logits, bitmask, rows, vocab_size)
+            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            rows = None
+            if len(self.rows) != logits.shape[0]:
+                rows = upload(np.asarray(self.rows, np.int64))
+            kernels.apply_token_bitmask(logits, bitmask, rows, vocab_size)
+        else:
+            _apply_cpu(logits, self.bitmask, self.rows, vocab_size)
         self.times.apply_s += time.perf_counter() - start
+
+
+def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> None:
+    """xgrammar's C++ loop on the constrained rows (a few times faster than the PyTorch
+    reference of kernels.apply_token_bitmask on CPU); it wants contiguous float32 rows."""
+    import xgrammar as xgr
+
+    index = None if len(rows) == logits.shape[0] else torch.tensor(rows)
+    work = logits if index is None else logits[index]
+    if work.dtype != torch.float32 or not work.is_contiguous():
+        work = work.float().contiguous()
+    if work.shape[1] > vocab:
+        work[:, vocab:] = float("-inf")
+    xgr.apply_token_bitmask_inplace(work, bitmask, vocab_size=vocab, backend="cpu")
+    if index is not None:
+        logits[index] = work.to(logits.dtype)
+    elif work is not logits:
+        logits.copy_(work)
 
 
 def guided_rows(sample_seqs: list[Sequence]) -> list[int]:
@@ -263,12 +282,11 @@ def default_fill_threads() -> int:
 
 
 class GrammarBatch:
-    """The per-step host work of structured output, one call per step for all its constrained
-    rows (xgrammar's batch API: no per-row call from Python):
+    """The per-step host work of structured output:
     - `accept`: a landed step's tokens advance their sequences' matchers;
-    - `fill`: the next step's masks, into one of two reused host buffers, by
-      `threads` C++ threads (xgrammar's, outside the GIL);
-    - `StepMasks.apply`: onto the logits.
+    - `fill`: the next step's masks, all rows in one xgrammar call, into one of two reused
+      host buffers, by `threads` C++ threads (xgrammar's, outside the GIL);
+    - `StepMasks.apply`: onto the logits, one upload and one kernel.
     Two buffers for alternate steps: a step's buffer is filled again two steps later, when the
     step that used it has landed (its upload and kernel long done), as in staging.py."""
 
@@ -288,31 +306,25 @@ class GrammarBatch:
         return buf.pin_memory() if self._pin and rows else buf
 
     def accept(self, seqs: list[Sequence], token_ids: list[int]) -> set[int]:
-        """Advances each constrained, unfinished sequence's matcher with its landed token, in one
-        call; returns the indices whose token the grammar refused (the mask allowed only what
-        the matcher accepts: a bug, and the caller ends that choice). A matcher that took a stop
+        """Advances each constrained, unfinished sequence's matcher with its landed token;
+        returns the indices whose token the grammar refused (the mask allowed only what the
+        matcher accepts: a bug, and the caller ends that choice). A matcher that took a stop
         token is done: dropped, its sequence is unconstrained from here on (ignore_eos goes on
-        with every token allowed)."""
-        idx = [
-            i
-            for i, s in enumerate(seqs)
-            if s.matcher is not None and not s.is_finished and s.request.beam is None
-        ]
-        if not idx:
-            return set()
-        import xgrammar as xgr
+        with every token allowed), so no per-row is_terminated() call is needed.
 
+        A call per row: xgrammar's batch_accept_token is the same serial loop in C++ behind a
+        slower conversion of its arguments and result (guided_host_bench.py measured both)."""
         start = time.perf_counter()
-        matchers = [seqs[i].matcher for i in idx]
-        tokens = [token_ids[i] for i in idx]
-        accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
         refused: set[int] = set()
         stops = self.stop_token_ids
-        for i, ok, token, matcher in zip(idx, accepted, tokens, matchers, strict=True):
-            if not ok:
+        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
+            matcher = seq.matcher
+            if matcher is None or seq.is_finished or seq.request.beam is not None:
+                continue
+            if not matcher.accept_token(token):
                 refused.add(i)
             elif token in stops and matcher.is_terminated():
-                seqs[i].matcher = None
+                seq.matcher = None
         self.times.accept_s += time.perf_counter() - start
         return refused
 
