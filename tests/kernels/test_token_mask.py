@@ -43,3 +43,17 @@ def test_apply_token_bitmask(
     apply = kernels.apply_token_bitmask if impl == "kernel" else reference.apply_token_bitmask
     apply(got, bitmask.to(device), index, vocab)
     assert torch.equal(got.cpu().float(), expected)
+
+
+@pytest.mark.gpu
+def test_apply_token_bitmask_on_the_gpu_at_a_real_vocabulary() -> None:
+    # SmolLM2's 49,152 tokens, bf16 logits, a mixed batch (16 of 64 rows constrained).
+    gen = torch.Generator().manual_seed(5)
+    vocab, rows = 49152, list(range(0, 64, 4))
+    logits = torch.randn(64, vocab, generator=gen).to(torch.bfloat16)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (16, vocab // 32), generator=gen)
+    bitmask = bitmask.to(torch.int32)
+    expected = _expected(logits, bitmask, rows, vocab)
+    got = logits.cuda()
+    kernels.apply_token_bitmask(got, bitmask.cuda(), torch.tensor(rows).cuda(), vocab)
+    assert torch.equal(got.cpu().float(), expected)
