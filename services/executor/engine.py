@@ -170,6 +170,7 @@ class LLMEngine:
             self.eos_token_ids,  # (the grammars' stop tokens: GrammarCompiler above)
             pin=self.device.type == "cuda",
             threads=cfg.grammar_fill_threads or default_fill_threads(),
+            max_rows=cfg.max_num_seqs,
         )
         if cfg.served_model_name:  # a fleet member: keep kvmanager hearing from it when idle
             self._heartbeats = asyncio.create_task(self.scheduler.link.heartbeats())

@@ -254,20 +254,24 @@ class StepMasks:
 
 
 def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> None:
-    """xgrammar's C++ loop on the constrained rows (a few times faster than the PyTorch
-    reference of kernels.apply_token_bitmask on CPU); it wants contiguous float32 rows."""
+    """xgrammar's C++ loop, in place on the constrained rows (a few times faster than the
+    PyTorch reference of kernels.apply_token_bitmask on CPU). It reads mask row r for logits
+    row r: the compact rows spread out first; it wants contiguous float32 logits."""
     import xgrammar as xgr
 
-    index = None if len(rows) == logits.shape[0] else torch.tensor(rows)
-    work = logits if index is None else logits[index]
+    work = logits
     if work.dtype != torch.float32 or not work.is_contiguous():
-        work = work.float().contiguous()
+        work = logits.float().contiguous()
+    indices = None
+    if len(rows) != logits.shape[0]:
+        full = np.full((logits.shape[0], bitmask.shape[1]), -1, np.int32)
+        full[rows] = bitmask.numpy()
+        bitmask = torch.from_numpy(full)
+        indices = rows
     if work.shape[1] > vocab:
-        work[:, vocab:] = float("-inf")
-    xgr.apply_token_bitmask_inplace(work, bitmask, vocab_size=vocab, backend="cpu")
-    if index is not None:
-        logits[index] = work.to(logits.dtype)
-    elif work is not logits:
+        work[rows, vocab:] = float("-inf")
+    xgr.apply_token_bitmask_inplace(work, bitmask, vocab_size=vocab, indices=indices, backend="cpu")
+    if work is not logits:
         logits.copy_(work)
 
 
@@ -290,12 +294,21 @@ class GrammarBatch:
     Two buffers for alternate steps: a step's buffer is filled again two steps later, when the
     step that used it has landed (its upload and kernel long done), as in staging.py."""
 
-    def __init__(self, vocab_size: int, stop_token_ids: set[int], pin: bool, threads: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        stop_token_ids: set[int],
+        pin: bool,
+        threads: int,
+        max_rows: int = 0,
+    ) -> None:
         self.words = -(-vocab_size // 32)
         self.stop_token_ids = stop_token_ids
         self.threads = threads
         self._pin = pin
-        self._buffers = [self._alloc(0), self._alloc(0)]
+        # Sized for the largest step up front (`max_rows`: 256 rows of a 49k vocabulary are
+        # 1.5 MB): pinning memory on the step path would wait for the device (staging.py).
+        self._buffers = [self._alloc(max_rows), self._alloc(max_rows)]
         self._next = 0
         self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on the first fill
         self.times = GuidedTimes()
