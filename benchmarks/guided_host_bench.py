@@ -195,9 +195,10 @@ def run(
         lnew = [new[i] for i in live]
         lold = [old[i] for i in live]
         ltok = [tokens[i] for i in live]
+        lrows = [j for j, i in enumerate(live) if i < constrained]
         if not first_new:
             _, old_accept_s = _timed(_before_accept, lold, ltok)
-        refused, accept_s = _timed(batch.accept, lnew, ltok)
+        refused, accept_s = _timed(batch.accept, lnew, ltok, lrows)
         if first_new:
             _, old_accept_s = _timed(_before_accept, lold, ltok)
         assert not refused

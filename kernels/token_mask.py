@@ -38,8 +38,8 @@ def _apply_token_bitmask_kernel(
         row = i.to(tl.int64)
     in_vocab = cols < vocab_size
     words = tl.load(bitmask_ptr + i.to(tl.int64) * stride_bitmask + cols // 32, in_vocab, other=0)
-    allowed = ((words >> (cols % 32)) & 1) != 0
-    tl.store(logits_ptr + row * stride_logits + cols, -float("inf"), (cols < num_cols) & ~allowed)
+    refused = ((words >> (cols % 32)) & 1) == 0  # (past the vocabulary: a 0 word, refused)
+    tl.store(logits_ptr + row * stride_logits + cols, -float("inf"), (cols < num_cols) & refused)
 
 
 def apply_token_bitmask(

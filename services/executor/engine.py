@@ -520,7 +520,9 @@ class LLMEngine:
                 rids = sorted({f.parent.request.request_id for f in batch.forks})
                 failed = self._fail_requests(rids, OUTAGE_ERROR)
             commits = []
-        refused = self.guided.accept(batch.sample_seqs, result.token_ids) if batch.guided else None
+        refused = None
+        if batch.guided:
+            refused = self.guided.accept(batch.sample_seqs, result.token_ids, batch.guided)
         update = sc.postprocess(
             batch.sample_seqs,
             batch.sample_pos_host,

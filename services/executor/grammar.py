@@ -318,8 +318,9 @@ class GrammarBatch:
         buf = torch.full((rows, self.words), -1, dtype=torch.int32)
         return buf.pin_memory() if self._pin and rows else buf
 
-    def accept(self, seqs: list[Sequence], token_ids: list[int]) -> set[int]:
-        """Advances each constrained, unfinished sequence's matcher with its landed token;
+    def accept(self, seqs: list[Sequence], token_ids: list[int], rows: list[int]) -> set[int]:
+        """Advances each constrained (`rows`: the step's constrained rows, guided_rows),
+        unfinished sequence's matcher with its landed token;
         returns the indices whose token the grammar refused (the mask allowed only what the
         matcher accepts: a bug, and the caller ends that choice). A matcher that took a stop
         token is done: dropped, its sequence is unconstrained from here on (ignore_eos goes on
@@ -330,7 +331,9 @@ class GrammarBatch:
         start = time.perf_counter()
         refused: set[int] = set()
         stops = self.stop_token_ids
-        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
+        for i in rows:
+            seq = seqs[i]
+            token = token_ids[i]
             matcher = seq.matcher
             if matcher is None or seq.is_finished or seq.request.beam is not None:
                 continue

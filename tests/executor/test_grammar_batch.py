@@ -79,12 +79,12 @@ def test_fill_accept_apply(setup: tuple[GrammarCompiler, Any, int]) -> None:
     # Accepted: "red" then the stop token ends row 0's grammar (its matcher is dropped); row 2
     # refuses a letter; row 3 is finished and not advanced; row 4 takes the same token.
     tokens = [red[0], 0, tok.encode("x", add_special_tokens=False)[0], 0, red[0]]
-    refused = batch.accept(seqs, tokens)
+    refused = batch.accept(seqs, tokens, rows)
     assert refused == {2}
     assert seqs[0].matcher is not None
     for t in red[1:]:
-        assert batch.accept([seqs[0]], [t]) == set()
-    assert batch.accept([seqs[0]], [eos]) == set()
+        assert batch.accept([seqs[0]], [t], [0]) == set()
+    assert batch.accept([seqs[0]], [eos], [0]) == set()
     assert seqs[0].matcher is None  # complete and stopped: unconstrained from here on
     assert seqs[2].matcher is not None  # (a refused token leaves the matcher where it was)
     assert batch.times.steps == 1 and batch.times.rows == 4
