@@ -69,7 +69,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p,
         "--grammar-fill-threads",
         0,
-        "threads filling a step's structured-output token masks (0: half the cores, at most 8)",
+        "threads filling a step's structured-output token masks (0: one)",
         int,
     )
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)

@@ -30,7 +30,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -280,9 +279,12 @@ def guided_rows(sample_seqs: list[Sequence]) -> list[int]:
 
 
 def default_fill_threads() -> int:
-    """xgrammar's own default (half the hardware threads), at most 8: a step's rows are a
-    few microseconds each, and more threads only add hand-off time."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    """One: xgrammar 0.2.9 starts its fill threads on every call (no pool is kept: the
+    process's thread count does not grow), ~40 us a call for a second thread on the 2-core
+    dev VM against ~0.5-9 us a row of fill (guided_host_bench.py, `fill_threads_us`). More
+    threads pay only for a big batch in costly grammar states on an idle host:
+    --grammar-fill-threads."""
+    return 1
 
 
 class GrammarBatch:
