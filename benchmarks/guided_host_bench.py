@@ -13,7 +13,8 @@ each for the engine's code (grammar.GrammarBatch) and for the previous, per-row 
 (`before`: a Python call per row to accept and fill, a fresh bitmask per step, the rows spread
 on the device before xgrammar's kernel). `fill_threads`: the batched fill at 1, 2, 4, ...
 threads. `accept_api`: a call per row against xgrammar's batch_accept_token. `gil`: the batched fill run in a worker thread while the main thread runs Python:
-the main thread's progress against running alone (1.0: the fill holds no GIL).
+the main thread's progress against running alone (1.0: the fill holds no GIL). `overlap`:
+the fill then some pure-Python work inline, against the fill in a worker thread meanwhile.
 
     python benchmarks/guided_host_bench.py --tokenizer .tok      # GPU host (the lead)
     python benchmarks/guided_host_bench.py --steps 20            # CPU
@@ -22,6 +23,7 @@ the main thread's progress against running alone (1.0: the fill holds no GIL).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -304,6 +306,39 @@ def gil(matchers: list[Any], v: int, threads: int) -> dict:
     return {"main_thread_rate_with_fill_over_alone": round(shared / alone, 3)}
 
 
+def overlap(matchers: list[Any], v: int, steps: int) -> dict:
+    """Would a worker thread hide the fill behind the loop's Python work? Per step: the fill
+    then ~`work` of pure Python (inline, as the engine does), against the fill submitted to a
+    worker thread, the same Python work, then waiting for the fill."""
+    n = len(matchers)
+    buf = torch.empty((n, -(-v // 32)), dtype=torch.int32)
+    bm = xgr.BatchGrammarMatcher(1)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def python_work() -> int:  # ~ a postprocess of a batch: attribute reads, small objects
+        acc = 0
+        for i in range(3000):
+            acc += len(str(i))
+        return acc
+
+    work, inline, threaded = [], [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        python_work()
+        work.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bm.batch_fill_next_token_bitmask(matchers, buf)
+        python_work()
+        inline.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        future = pool.submit(bm.batch_fill_next_token_bitmask, matchers, buf)
+        python_work()
+        future.result()
+        threaded.append(time.perf_counter() - start)
+    pool.shutdown()
+    return {"python_work_us": _us(work), "inline_us": _us(inline), "worker_us": _us(threaded)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer files")
@@ -346,6 +381,7 @@ def main() -> None:
         "fill_threads_us": fill_threads(matchers, v, counts, args.steps),
         "accept_api": accept_api(matchers, v, eos, args.steps, rng),
         "gil": gil(matchers, v, threads),
+        "overlap": overlap(matchers, v, args.steps),
     }
     print(json.dumps(result))
 
