@@ -12,16 +12,17 @@ The pieces and their owners:
   the tokenizer's vocabulary is indexed once, on the first guide (an engine that never sees one
   never loads it). The engine bounds each compile in time (LLMEngine._admit_guided).
 - `Sequence.matcher`: the sequence's position in its grammar. It advances only when a sampled
-  token lands (GrammarBatch.accept, as the step lands), so it always matches the sequence's landed tokens: a
-  preempted sequence keeps its tokens and its matcher, and its recompute samples nothing
-  until it reaches its end. An n > 1 child forks its parent's matcher with the sequence. Once
-  the grammar is complete and its stop token taken (ignore_eos going on), it is dropped.
-- `GrammarBatch` (one per engine; host, per step, one xgrammar call each for all the step's
-  constrained rows): `accept` advances the matchers with a landed step's tokens, `fill` writes
-  the next step's bitmask, after the previous step landed, while the device runs this step's
-  forward (engine.py), with xgrammar's C++ threads; `StepMasks.apply` (device): one kernel
-  (kernels/token_mask.py) sets the disallowed logits of those rows to -inf before the
-  sampler. A step without a constrained row does none of it.
+  token lands (GrammarBatch.accept, as the step lands), so it always matches the sequence's
+  landed tokens: a preempted sequence keeps its tokens and its matcher, and its recompute
+  samples nothing until it reaches its end. An n > 1 child forks its parent's matcher with the
+  sequence. Once the grammar is complete and its stop token taken (ignore_eos going on), it is
+  dropped.
+- `GrammarBatch` (one per engine; host, per step, for the step's constrained rows only):
+  `accept` advances the matchers with a landed step's tokens, `fill` writes the next step's
+  bitmask in one xgrammar call, after the previous step landed, while the device runs this
+  step's forward (engine.py); `StepMasks.apply` (device): one kernel (kernels/token_mask.py)
+  sets the disallowed logits of those rows to -inf before the sampler. A step without a
+  constrained row does none of it.
 """
 
 from __future__ import annotations
