@@ -14,6 +14,10 @@ mask: it still pays the mask's kernel, not the matcher).
     python benchmarks/structured_bench.py --tokenizer .tok
     # CPU smoke run, tiny random model, the same code path:
     python benchmarks/structured_bench.py --tiny --batch 8 --max-tokens 16 --rounds 1
+
+Besides the rates: `step_us`, each arm's wall time per engine step, and
+`guided_host_us_per_step`, the engine's own host time per step with constrained rows
+(grammar.GuidedTimes: accept, fill, apply); `--fill-threads` sets the mask fill's threads.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ async def run_arm(
         engine.add_request(f"{tag}-{i}", p, params)
     tokens = {True: 0, False: 0}
     errors = 0
+    times = engine.guided.times
+    before = (times.accept_s, times.fill_s, times.apply_s, times.steps, engine.num_steps)
     start = sync_time()
     while engine.has_unfinished_requests():
         for out in await engine.step():
@@ -96,6 +102,14 @@ async def run_arm(
             tokens[g] += len(out.token_ids)
             errors += out.finish_reason == FinishReason.ERROR
     elapsed = sync_time() - start
+    accept_s, fill_s, apply_s, guided_steps, steps = (
+        now - was
+        for now, was in zip(
+            (times.accept_s, times.fill_s, times.apply_s, times.steps, engine.num_steps),
+            before,
+            strict=True,
+        )
+    )
     # A sampled token its grammar refuses ends the choice with an error (a masking bug).
     assert not errors, f"{errors} choices left their grammar"
     n_g = sum(guided)
@@ -106,6 +120,16 @@ async def run_arm(
         # Per-sequence rates: the unconstrained part of a mixed batch against a whole batch.
         "constrained_tok_s_per_seq": tokens[True] / n_g / elapsed if n_g else None,
         "unconstrained_tok_s_per_seq": tokens[False] / n_u / elapsed if n_u else None,
+        # Where a step's time goes: its wall time, and the guided path's host time per step
+        # with constrained rows (grammar.GuidedTimes: accept, fill, apply).
+        "step_us": elapsed / steps * 1e6 if steps else None,
+        "guided_host_us_per_step": {
+            "accept": accept_s / guided_steps * 1e6,
+            "fill": fill_s / guided_steps * 1e6,
+            "apply": apply_s / guided_steps * 1e6,
+        }
+        if guided_steps
+        else None,
     }
 
 
@@ -172,6 +196,9 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mixed-share", type=float, default=0.25)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny random model)")
+    ap.add_argument(
+        "--fill-threads", type=int, default=0, help="the engine's mask fill threads (0: default)"
+    )
     args = ap.parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     tok_dir = args.tokenizer
@@ -202,6 +229,7 @@ async def main() -> None:
         num_blocks=4096 if device == "cpu" else None,
         max_num_seqs=max(256, args.batch),
         gpu_memory_utilization=0.6,
+        grammar_fill_threads=args.fill_threads,
     )
     engine = LLMEngine(config, LocalAllocator(), model=model, model_config=mconf)
     await engine.start()
@@ -243,6 +271,17 @@ async def main() -> None:
         mixed_tok_s=round(med("mixed", "tok_s"), 1),
         mixed_unconstrained_per_seq_over_unconstrained=round(mixed_u / unc_per_seq, 4),
         rounds={k: [round(x["tok_s"], 1) for x in v] for k, v in runs.items()},
+        # The median round's step time and the guided path's host time per step, us.
+        step_us={k: round(statistics.median(x["step_us"] for x in v), 1) for k, v in runs.items()},
+        guided_host_us_per_step={
+            k: {
+                part: round(statistics.median(x["guided_host_us_per_step"][part] for x in v), 1)
+                for part in ("accept", "fill", "apply")
+            }
+            for k, v in runs.items()
+            if v[0]["guided_host_us_per_step"] is not None
+        },
+        fill_threads=engine.guided.threads,
         compile=compile_times(tok_dir, mconf.vocab_size, list(mconf.eos_token_ids)),
         bounded_schemas=await valid_documents(engine, tok_dir, reqs),
         engine_grammar_cache={

@@ -106,7 +106,22 @@ def copy_blocks(
     reference.copy_blocks(key_caches, value_caches, block_mapping)
 
 
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None, vocab_size: int
+) -> None:
+    """Structured output: the logits that the packed mask rows `bitmask` [C, ceil(V / 32)]
+    int32 disallow to -inf, in place; mask row i applies to logits row rows[i] (None: row i).
+    Columns at or past `vocab_size` are disallowed (padding). One kernel on CUDA."""
+    if use_triton(logits):
+        from pagemesh.kernels import token_mask
+
+        token_mask.apply_token_bitmask(logits, bitmask, rows, vocab_size)
+        return
+    reference.apply_token_bitmask(logits, bitmask, rows, vocab_size)
+
+
 __all__ = [
+    "apply_token_bitmask",
     "copy_blocks",
     "paged_attention",
     "paged_decode_attention",

@@ -121,3 +121,22 @@ def paged_prefill_attention(
     return paged_attention(
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
     )
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None, vocab_size: int
+) -> None:
+    """Structured output: in place, the logits a mask row disallows to -inf (kernels/
+    token_mask.py describes the layout); columns at or past `vocab_size` are disallowed."""
+    c, n = bitmask.shape[0], logits.shape[1]
+    if c == 0:
+        return
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(c, -1).bool()
+    allowed = torch.zeros(c, n, dtype=torch.bool, device=logits.device)
+    width = min(n, vocab_size, bits.shape[1])
+    allowed[:, :width] = bits[:, :width]
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

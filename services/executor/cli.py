@@ -65,6 +65,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "seconds a structured-output grammar may take to compile before its request is refused",
         float,
     )
+    add_option(
+        p,
+        "--grammar-fill-threads",
+        0,
+        "threads filling a step's structured-output token masks (0: one)",
+        int,
+    )
     add_option(p, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use", float)
     add_option(
         p,
@@ -200,6 +207,7 @@ async def _main(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_beam_width=args.max_beam_width,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
+        grammar_fill_threads=args.grammar_fill_threads,
         gpu_memory_utilization=args.gpu_memory_utilization,
         host_kv_blocks=args.host_kv_blocks,
         host_kv_gib=args.host_kv_gib,

@@ -55,6 +55,8 @@ class EngineConfig:
     # refused (a pathological schema must not hold a request, or a step, hostage).
     tokenizer: str = ""
     grammar_compile_timeout_s: float = 10.0
+    # Threads filling a step's token masks (xgrammar's C++ threads; 0: grammar.py's default).
+    grammar_fill_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -71,6 +73,8 @@ class EngineConfig:
             raise ValueError("kvmanager_outage_timeout must be >= 0")
         if self.grammar_compile_timeout_s <= 0:
             raise ValueError("grammar_compile_timeout_s must be positive")
+        if self.grammar_fill_threads < 0:
+            raise ValueError("grammar_fill_threads must be >= 0")
         if self.num_lookahead_tokens < 0:
             raise ValueError("num_lookahead_tokens must be >= 0")
         if self.host_kv_blocks < 0 or self.host_kv_gib < 0:

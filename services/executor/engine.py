@@ -31,7 +31,11 @@ from pagemesh.services.executor.engine_api import (
     SamplingParams,
     SequenceOutput,
 )
-from pagemesh.services.executor.grammar import GrammarCompiler, fill_masks
+from pagemesh.services.executor.grammar import (
+    GrammarBatch,
+    GrammarCompiler,
+    default_fill_threads,
+)
 from pagemesh.services.executor.kv_pool import KVPool
 from pagemesh.services.executor.model.config import ModelConfig
 from pagemesh.services.executor.model.llama import LlamaForCausalLM
@@ -91,6 +95,7 @@ class LLMEngine:
     scheduler: Scheduler  # queues, rows, tables; kvmanager through scheduler.link
     beams: BeamSearchRunner
     grammars: GrammarCompiler  # structured output: guides -> grammars, cached
+    guided: GrammarBatch  # ... and each step's matchers and masks
 
     def __init__(
         self,
@@ -164,6 +169,13 @@ class LLMEngine:
         )
         self.grammars = GrammarCompiler(
             cfg.tokenizer or self.model_path or cfg.model, self.vocab_size, list(self.eos_token_ids)
+        )
+        self.guided = GrammarBatch(
+            self.vocab_size,
+            self.eos_token_ids,  # (the grammars' stop tokens: GrammarCompiler above)
+            pin=self.device.type == "cuda",
+            threads=cfg.grammar_fill_threads or default_fill_threads(),
+            max_rows=cfg.max_num_seqs,
         )
         if cfg.served_model_name:  # a fleet member: keep kvmanager hearing from it when idle
             self._heartbeats = asyncio.create_task(self.scheduler.link.heartbeats())
@@ -466,8 +478,7 @@ class LLMEngine:
 
     def _sample_guided(self, flight: InFlight) -> None:
         batch = flight.batch
-        masks = fill_masks(batch.sample_seqs, batch.guided, self.vocab_size)
-        self.runner.sample(flight, masks)
+        self.runner.sample(flight, self.guided.fill(batch.sample_seqs, batch.guided))
 
     async def _schedule(self) -> SchedulerOutput:
         """The scheduler's step, the start of the step's times (step_times)."""
@@ -514,6 +525,9 @@ class LLMEngine:
                 rids = sorted({f.parent.request.request_id for f in batch.forks})
                 failed = self._fail_requests(rids, OUTAGE_ERROR)
             commits = []
+        refused = None
+        if batch.guided:
+            refused = self.guided.accept(batch.sample_seqs, result.token_ids, batch.guided)
         update = sc.postprocess(
             batch.sample_seqs,
             batch.sample_pos_host,
@@ -521,6 +535,7 @@ class LLMEngine:
             result.logprobs,
             result.top_ids,
             result.top_logprobs,
+            refused,
         )
         for rid in update.finished_requests:
             self._drop(rid)

@@ -12,13 +12,17 @@ The pieces and their owners:
   the tokenizer's vocabulary is indexed once, on the first guide (an engine that never sees one
   never loads it). The engine bounds each compile in time (LLMEngine._admit_guided).
 - `Sequence.matcher`: the sequence's position in its grammar. It advances only when a sampled
-  token lands (Scheduler.postprocess), so it always matches the sequence's landed tokens: a
-  preempted sequence keeps its tokens and its matcher, and its recompute samples nothing
-  until it reaches its end. An n > 1 child forks its parent's matcher with the sequence.
-- `fill_masks` (host, per step): the bitmask of the step's constrained rows, filled after the
-  previous step landed, while the device runs this step's forward (engine.py);
-  `apply_masks` (device): one kernel sets the disallowed logits of those rows to -inf before
-  the sampler. A step without a constrained row does none of it.
+  token lands (GrammarBatch.accept, as the step lands), so it always matches the sequence's
+  landed tokens: a preempted sequence keeps its tokens and its matcher, and its recompute
+  samples nothing until it reaches its end. An n > 1 child forks its parent's matcher with the
+  sequence. Once the grammar is complete and its stop token taken (ignore_eos going on), it is
+  dropped.
+- `GrammarBatch` (one per engine; host, per step, for the step's constrained rows only):
+  `accept` advances the matchers with a landed step's tokens, `fill` writes the next step's
+  bitmask in one xgrammar call, after the previous step landed, while the device runs this
+  step's forward (engine.py); `StepMasks.apply` (device): one kernel (kernels/token_mask.py)
+  sets the disallowed logits of those rows to -inf before the sampler. A step without a
+  constrained row does none of it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from pagemesh.services.executor.engine_api import Guide, GuideKind
+
+from pagemesh import kernels
 
 if TYPE_CHECKING:
     from pagemesh.services.executor.sequence import Sequence
@@ -208,75 +214,170 @@ def _compile_guide(compiler: Any, guide: Guide) -> Any:
 
 
 @dataclass(slots=True)
+class GuidedTimes:
+    """Host seconds of the guided path, summed over steps (benchmarks read them): advancing the
+    matchers with a landed step's tokens, filling a step's masks, and applying them (on CUDA:
+    the upload and the kernel's launch)."""
+
+    accept_s: float = 0.0
+    fill_s: float = 0.0
+    apply_s: float = 0.0
+    steps: int = 0  # steps with constrained rows (their masks filled)
+    rows: int = 0  # constrained rows over those steps
+
+
+@dataclass(slots=True)
 class StepMasks:
-    """A step's grammar masks: `bitmask` [C, ceil(V / 32)] int32 of the constrained rows,
-    `rows` their indices in the step's sampled rows."""
+    """A step's grammar masks: `bitmask` [C, ceil(V / 32)] int32 of the constrained rows (a
+    view of a reused host buffer: pinned on CUDA), `rows` their indices in the step's sampled
+    rows."""
 
     bitmask: torch.Tensor
     rows: list[int]
+    times: GuidedTimes
+
+    def apply(self, logits: torch.Tensor, vocab_size: int, upload: Any) -> None:
+        """Device: the disallowed logits of the constrained rows (and the logits' padding past
+        `vocab_size`) to -inf, in place, in one kernel. `upload`: the runner's host-to-device
+        copy of a small array (pinned staging, never waiting for the device)."""
+        start = time.perf_counter()
+        if logits.is_cuda:
+            # The buffer is pinned: the copy is queued on the stream, the host goes on.
+            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            rows = None
+            if len(self.rows) != logits.shape[0]:
+                rows = upload(np.asarray(self.rows, np.int64))
+            kernels.apply_token_bitmask(logits, bitmask, rows, vocab_size)
+        else:
+            _apply_cpu(logits, self.bitmask, self.rows, vocab_size)
+        self.times.apply_s += time.perf_counter() - start
+
+
+def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> None:
+    """xgrammar's C++ loop, in place on the constrained rows (a few times faster than the
+    PyTorch reference of kernels.apply_token_bitmask on CPU). It reads mask row r for logits
+    row r: the compact rows spread out first; it wants contiguous float32 logits."""
+    import xgrammar as xgr
+
+    work = logits
+    if work.dtype != torch.float32 or not work.is_contiguous():
+        work = logits.float().contiguous()
+    indices = None
+    if len(rows) != logits.shape[0]:
+        full = np.full((logits.shape[0], bitmask.shape[1]), -1, np.int32)
+        full[rows] = bitmask.numpy()
+        bitmask = torch.from_numpy(full)
+        indices = rows
+    if work.shape[1] > vocab:
+        work[rows, vocab:] = float("-inf")
+    xgr.apply_token_bitmask_inplace(work, bitmask, vocab_size=vocab, indices=indices, backend="cpu")
+    if work is not logits:
+        logits.copy_(work)
 
 
 def guided_rows(sample_seqs: list[Sequence]) -> list[int]:
     return [i for i, s in enumerate(sample_seqs) if s.matcher is not None]
 
 
-def fill_masks(sample_seqs: list[Sequence], rows: list[int], vocab_size: int) -> StepMasks:
-    """Host: each constrained row's allowed next tokens, from its matcher (all of a step's
-    previous tokens have landed and been accepted). A row whose sequence has finished (its
-    last token ended it while this step was launched) or whose grammar is complete past its
-    stop token keeps every bit set: its token is dropped."""
-    words = -(-vocab_size // 32)
-    bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
-    for i, r in enumerate(rows):
-        seq = sample_seqs[r]
-        matcher = seq.matcher
-        if seq.is_finished or matcher is None or matcher.is_terminated():
-            continue
-        matcher.fill_next_token_bitmask(bitmask, i)
-    return StepMasks(bitmask, rows)
+def default_fill_threads() -> int:
+    """One: xgrammar 0.2.9 starts its fill threads on every call (no pool is kept: the
+    process's thread count does not grow), ~40 us a call for a second thread on the 2-core
+    dev VM against ~0.5-9 us a row of fill (guided_host_bench.py, `fill_threads_us`). More
+    threads pay only for a big batch in costly grammar states on an idle host:
+    --grammar-fill-threads."""
+    return 1
 
 
-def apply_masks(
-    logits: torch.Tensor, masks: StepMasks, vocab_size: int, upload: Any
-) -> torch.Tensor:
-    """Device: the disallowed logits of the constrained rows to -inf, in place, in one kernel
-    (xgrammar's: Triton on CUDA, its C++ loop on CPU). `upload`: the runner's host-to-device
-    copy (pinned staging, never waiting for the device). Rows past the grammar's vocabulary
-    (padding of the logits) are masked too."""
-    import xgrammar as xgr
+class GrammarBatch:
+    """The per-step host work of structured output:
+    - `accept`: a landed step's tokens advance their sequences' matchers;
+    - `fill`: the next step's masks, all rows in one xgrammar call, into one of two reused
+      host buffers, by `threads` C++ threads (xgrammar's, outside the GIL);
+    - `StepMasks.apply`: onto the logits, one upload and one kernel.
+    Two buffers for alternate steps: a step's buffer is filled again two steps later, when the
+    step that used it has landed (its upload and kernel long done), as in staging.py."""
 
-    c = len(masks.rows)
-    s = logits.shape[0]
-    if logits.shape[1] > vocab_size:
-        logits[[*masks.rows], vocab_size:] = float("-inf")
-    if logits.is_cuda:
-        compact = upload(masks.bitmask.numpy())
-        if c == s:
-            bitmask = compact
-        else:
-            # The kernel reads mask row i for logits row i: spread the compact rows out.
-            bitmask = torch.empty((s, compact.shape[1]), dtype=torch.int32, device=logits.device)
-            rows = upload(np.asarray(masks.rows, np.int64))
-            bitmask.index_copy_(0, rows, compact)
-            xgr.apply_token_bitmask_inplace(
-                logits, bitmask, vocab_size=vocab_size, indices=rows, backend="triton"
-            )
-            return logits
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, backend="triton")
-        return logits
-    bitmask = masks.bitmask
-    if c != s:
-        full = torch.full((s, bitmask.shape[1]), -1, dtype=torch.int32)
-        full[masks.rows] = bitmask
-        bitmask = full
-    if logits.dtype != torch.float32 or not logits.is_contiguous():
-        masked = logits.float().contiguous()
-        xgr.apply_token_bitmask_inplace(
-            masked, bitmask, vocab_size=vocab_size, indices=masks.rows, backend="cpu"
-        )
-        logits.copy_(masked)
-        return logits
-    xgr.apply_token_bitmask_inplace(
-        logits, bitmask, vocab_size=vocab_size, indices=masks.rows, backend="cpu"
-    )
-    return logits
+    def __init__(
+        self,
+        vocab_size: int,
+        stop_token_ids: set[int],
+        pin: bool,
+        threads: int,
+        max_rows: int = 0,
+    ) -> None:
+        self.words = -(-vocab_size // 32)
+        self.stop_token_ids = stop_token_ids
+        self.threads = threads
+        self._pin = pin
+        # Sized for the largest step up front (`max_rows`: 256 rows of a 49k vocabulary are
+        # 1.5 MB): pinning memory on the step path would wait for the device (staging.py).
+        self._buffers = [self._alloc(max_rows), self._alloc(max_rows)]
+        self._next = 0
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on the first fill
+        self.times = GuidedTimes()
+
+    def _alloc(self, rows: int) -> torch.Tensor:
+        # All ones: a row that is not filled (its sequence finished) allows every token.
+        buf = torch.full((rows, self.words), -1, dtype=torch.int32)
+        return buf.pin_memory() if self._pin and rows else buf
+
+    def accept(self, seqs: list[Sequence], token_ids: list[int], rows: list[int]) -> set[int]:
+        """Advances each constrained (`rows`: the step's constrained rows, guided_rows),
+        unfinished sequence's matcher with its landed token;
+        returns the indices whose token the grammar refused (the mask allowed only what the
+        matcher accepts: a bug, and the caller ends that choice). A matcher that took a stop
+        token is done: dropped, its sequence is unconstrained from here on (ignore_eos goes on
+        with every token allowed), so no per-row is_terminated() call is needed.
+
+        A call per row: xgrammar's batch_accept_token is the same serial loop in C++ behind a
+        slower conversion of its arguments and result (guided_host_bench.py measured both)."""
+        start = time.perf_counter()
+        refused: set[int] = set()
+        stops = self.stop_token_ids
+        for i in rows:
+            seq = seqs[i]
+            token = token_ids[i]
+            matcher = seq.matcher
+            if matcher is None or seq.is_finished or seq.request.beam is not None:
+                continue
+            if not matcher.accept_token(token):
+                refused.add(i)
+            elif token in stops and matcher.is_terminated():
+                seq.matcher = None
+        self.times.accept_s += time.perf_counter() - start
+        return refused
+
+    def fill(self, sample_seqs: list[Sequence], rows: list[int]) -> StepMasks:
+        """Host: each constrained row's allowed next tokens, from its matcher (all of a step's
+        previous tokens have landed and been accepted). A row whose sequence has finished (its
+        last token ended it while this step was launched) or whose grammar is done allows every
+        token: its token is dropped, or it is unconstrained now."""
+        start = time.perf_counter()
+        c = len(rows)
+        buf = self._buffers[self._next]
+        if buf.shape[0] < c:
+            buf = self._buffers[self._next] = self._alloc(max(c, 2 * buf.shape[0]))
+        self._next ^= 1
+        matchers = []
+        filled: list[int] | None = None
+        for i, r in enumerate(rows):
+            seq = sample_seqs[r]
+            matcher = seq.matcher
+            if matcher is not None and not seq.is_finished:
+                matchers.append(matcher)
+                if filled is not None:
+                    filled.append(i)
+            else:
+                if filled is None:  # the first row left out: the rest go by index
+                    filled = list(range(i))
+                buf[i] = -1
+        if matchers:
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher(self.threads)
+            self._batch.batch_fill_next_token_bitmask(matchers, buf, filled)
+        self.times.fill_s += time.perf_counter() - start
+        self.times.steps += 1
+        self.times.rows += c
+        return StepMasks(buf[:c], rows, self.times)

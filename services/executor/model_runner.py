@@ -26,7 +26,7 @@ import torch
 from pagemesh.services.executor import prompt_logprobs
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import SamplingParams, TokenLogprob
-from pagemesh.services.executor.grammar import StepMasks, apply_masks, guided_rows
+from pagemesh.services.executor.grammar import StepMasks, guided_rows
 from pagemesh.services.executor.host_tier import HostTier, TransferBatch, host_blocks_for
 from pagemesh.services.executor.kv_pool import KVPool, bytes_per_block, determine_num_blocks
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
@@ -585,7 +585,7 @@ class ModelRunner:
         """The step's sampling (after its masks, if any), its tokens written to token_buf and
         queued for the host."""
         if masks is not None and masks.rows:
-            apply_masks(logits, masks, self.vocab_size, self._h2d)
+            masks.apply(logits, self.vocab_size, self._h2d)
         counts = None
         if batch.st.presence is not None:
             length = max(batch.sample_pos_host, default=0) + 1

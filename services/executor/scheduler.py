@@ -602,10 +602,14 @@ class Scheduler:
         logprobs: list[float] | None,
         top_ids: list[list[int]] | None,
         top_logprobs: list[list[float]] | None,
+        refused: set[int] | None = None,
     ) -> StepUpdate:
         """A landed step's sampled tokens (beams aside: beam_engine.py): each takes its
         placeholder's place (`positions`) and makes one output; a sequence that ends (EOS, a
-        stop id, max_tokens, the context) is finished, its blocks to be released."""
+        stop id, max_tokens, the context) is finished, its blocks to be released. `refused`:
+        the indices whose token their grammar did not accept (GrammarBatch.accept, which has
+        advanced the other constrained sequences' matchers)."""
+        refused = refused or set()
         outputs: list[SequenceOutput] = []
         releases: list[str] = []
         finished: list[str] = []
@@ -619,12 +623,7 @@ class Scheduler:
             pos = positions[i]
             tokens = seq.token_ids
             tokens[pos] = token
-            matcher = seq.matcher
-            if (
-                matcher is not None
-                and not matcher.is_terminated()  # (complete, and ignore_eos went on)
-                and not matcher.accept_token(token)
-            ):
+            if i in refused:
                 # The step's mask allowed only what the matcher accepts, so this is a bug, not
                 # bad input: the choice ends here rather than leave its grammar.
                 outputs.extend(seq.request.error_outputs([seq.index], "left the output grammar"))
