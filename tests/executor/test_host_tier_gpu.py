@@ -40,12 +40,14 @@ def test_side_stream_transfers_are_exact_after_the_fence() -> None:
     for _ in range(8):
         big = big @ big / 64
     pool.storage[:, :, 0] = 1.5
-    tier.run([TransferBatch(spills=[(0, 10), *((b, b + 11) for b in range(1, 30))])])
+    # GPU blocks 0..29 -> host blocks 10..39 (one run of consecutive host blocks).
+    tier.run([TransferBatch(spills=[(b, b + 10) for b in range(30)])])
     tier.fence()
     pool.storage[:, :, :30] = 0  # the step after the fence reuses the evicted blocks
+    # Host blocks 10..39 -> GPU blocks 30..59.
     tier.run([TransferBatch(restores=[(h, h + 20) for h in range(10, 40)])])
     tier.fence()
-    got = pool.storage[:, :, 20:50].clone()  # read on the compute stream, after the fence
+    got = pool.storage[:, :, 30:60].clone()  # read on the compute stream, after the fence
     want = before[:, :, :30].clone()
     want[:, :, 0] = 1.5
     assert torch.equal(got, want)
