@@ -49,16 +49,10 @@ from pagemesh.services.executor.host_tier import TransferBatch
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
 
-MODEL = dict(
-    hidden_size=2048,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    intermediate_size=8192,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+from benchmarks.throughput import MODEL as THROUGHPUT_MODEL
+
+# throughput.py's ~1B Llama, with room for a conversation's four turns (a copy: --tiny shrinks it).
+MODEL = {**THROUGHPUT_MODEL, "max_position_embeddings": 4096}
 BLOCK_SIZE = 16
 DEVICE = "cuda"
 

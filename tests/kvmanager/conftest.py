@@ -5,6 +5,7 @@ test also checks that both behave the same. Either exposes `.manager`, the core 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from pagemesh.services.kvmanager.client import KVManagerClient
@@ -18,7 +19,7 @@ BS = 4
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
     servers, clients = [], []
 
-    async def factory(num_blocks: int = 16, executor_id: str = "ex"):
+    async def factory(num_blocks: int = 16, executor_id: str = "ex", **register: Any):
         if request.param == "local":
             a = LocalAllocator(executor_id)
         else:
@@ -31,7 +32,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
             )
             a.manager = srv.manager  # type: ignore[attr-defined]
             clients.append(a)
-        await a.register(num_blocks, BS, "model-a")
+        await a.register(num_blocks, BS, "model-a", **register)
         return a
 
     yield factory

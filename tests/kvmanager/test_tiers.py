@@ -7,43 +7,27 @@ full, an Extend's reply carries its spills too, and a new epoch starts with both
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 from pagemesh.services.kvmanager import cli
 from pagemesh.services.kvmanager.api import CommitEntry, ExtendEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
-from pagemesh.services.kvmanager.local import LocalAllocator
-from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.server import start_server
 
 BS = 4
 
 
-@pytest.fixture(params=["local", "grpc-session", "grpc-unary"])
-async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
-    servers, clients = [], []
+@pytest.fixture
+def make(make: Callable) -> Callable:
+    """conftest's allocators (in-process, gRPC Session, gRPC unary), registered with a host tier
+    of `num_host_blocks` blocks."""
 
     async def factory(num_blocks: int, num_host_blocks: int):
-        if request.param == "local":
-            a = LocalAllocator("ex", Manager())
-        else:
-            srv = await start_server(port=0)
-            servers.append(srv)
-            a = KVManagerClient(
-                f"127.0.0.1:{srv.port}", "ex", use_session=request.param == "grpc-session"
-            )
-            a.manager = srv.manager  # type: ignore[attr-defined]
-            clients.append(a)
-        await a.register(num_blocks, BS, "fp", num_host_blocks=num_host_blocks, kv_block_bytes=64)
-        return a
+        return await make(num_blocks, num_host_blocks=num_host_blocks, kv_block_bytes=64)
 
-    yield factory
-    for c in clients:
-        await c.close()
-    for s in servers:
-        await s.stop(0)
+    return factory
 
 
 def prompt(k: int, blocks: int = 2) -> list[int]:
