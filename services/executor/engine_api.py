@@ -72,6 +72,8 @@ class SamplingParams:
     seed: int | None = None
     # A seeded choice's k-th sampled token draws at position seed_position + k of its random
     # stream (proto SamplingParams.seed_position: a migrated continuation resumes the stream).
+    # It is also the count of output tokens at the prompt's end (the continuation appended
+    # them): presence/frequency penalties count those as output.
     seed_position: int = 0
     max_tokens: int = 16
     stop_token_ids: list[int] = field(default_factory=list)

@@ -590,7 +590,7 @@ class ModelRunner:
         if batch.st.presence is not None:
             length = max(batch.sample_pos_host, default=0) + 1
             tokens = self.token_buf[batch.sample_rows, :length]
-            prompt_lens = self._h2d(np.asarray([q.num_prompt_tokens for q in batch.sample_seqs]))
+            prompt_lens = self._h2d(np.asarray([q.penalty_prompt_len for q in batch.sample_seqs]))
             counts = token_counts(tokens, prompt_lens, batch.sample_pos, self.vocab_size)
         beam = None
         if batch.beam is not None:

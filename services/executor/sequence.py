@@ -134,6 +134,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def penalty_prompt_len(self) -> int:
+        """Where output starts for presence/frequency penalties: a migrated continuation's
+        prompt ends with the seed_position tokens the interrupted run already made, which that
+        run's penalties counted as output (and so must this one's)."""
+        return max(0, self.num_prompt_tokens - self.request.params.seed_position)
+
+    @property
     def draw_position(self) -> int:
         """Where the token sampled next draws in the choice's seeded stream: its output index,
         plus the stream position a migrated continuation resumes at. Derived from the tokens

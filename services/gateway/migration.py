@@ -16,9 +16,9 @@ What migrates (decided here, documented in the README):
   `seed_position` is the number of tokens already generated, and the executor derives each
   draw from the seed and its position (executor sampler.py), so a seeded sampled answer is the
   one an uninterrupted run draws too (up to the last-bit differences between a prefill and
-  decode steps over the same tokens, which can tip a near tie). What is not carried over:
-  presence/frequency penalties count only the tokens made after the seam (the earlier ones are
-  prompt to the new executor).
+  decode steps over the same tokens, which can tip a near tie). The same count tells the
+  executor that those tokens at the prompt's end are output, so presence and frequency
+  penalties go on counting them (a greedy request with penalties continues exactly too).
 - n > 1 and beam search: only while no token of the request has come back (the request is sent
   again whole); after that the failure ends the request with an error, since its choices cannot
   be resumed as one request. A beam search sends its beams only at the end, so it always

@@ -80,6 +80,27 @@ async def test_a_seeded_continuation_samples_what_the_uninterrupted_run_did(
     assert_all_free_or_cached(engine)
 
 
+async def test_a_continuation_keeps_counting_penalties_over_the_seam(smollm2_path: Path) -> None:
+    """Presence and frequency penalties count the tokens made before a migration's seam as
+    output (seed_position says how many of the prompt's last tokens they are): a greedy
+    continuation with penalties makes the uninterrupted run's tokens. Counted as prompt instead
+    (seed_position 0), the same continuation goes elsewhere."""
+    ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
+    penalties = dict(presence_penalty=1.5, frequency_penalty=1.5, ignore_eos=True)
+    engine = await make_engine(smollm2_path)
+    engine.add_request("whole", ids, greedy(24, **penalties))
+    whole = (await run_all(engine)).tokens[("whole", 0)]
+    k = 12
+    params = greedy(24 - k, **penalties)
+    params.seed_position = k
+    engine.add_request("cont", ids + whole[:k], params)
+    engine.add_request("as_prompt", ids + whole[:k], greedy(24 - k, **penalties))
+    run = await run_all(engine)
+    assert run.tokens[("cont", 0)] == whole[k:]
+    assert run.tokens[("as_prompt", 0)] != whole[k:], "the penalties never touched the seam"
+    assert_all_free_or_cached(engine)
+
+
 async def test_parallel_sampling_with_seed(smollm2_path: Path) -> None:
     ids = tokenizer(smollm2_path)(PROMPT)["input_ids"]
     runs = []
