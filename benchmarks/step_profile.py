@@ -27,7 +27,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import random
 import re
 import statistics
 import sys
@@ -44,12 +43,11 @@ import torch
 import transformers
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine import LLMEngine
-from pagemesh.services.executor.engine_api import SamplingParams
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.throughput import MODEL
+from benchmarks.throughput import MODEL, start_decode, stop_decode, timed_steps
 
 STEP = "pm::step"
 SAMPLE = "pm::sample"
@@ -255,22 +253,8 @@ def sync(device: str) -> float:
 async def profile_batch(
     engine: LLMEngine, batch: int, prompt_len: int, steps: int, device: str, tag: str
 ) -> tuple[dict, list[dict]]:
-    rng = random.Random(batch)
-    vocab = engine.model_config.vocab_size
-    for i in range(batch):
-        p = [rng.randrange(1, vocab) for _ in range(prompt_len)]
-        params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
-        engine.add_request(f"{tag}{i}", p, params, cache_salt=tag)
-    sc = engine.scheduler
-    while sc.waiting or any(s.is_prefill for s in sc.running):
-        await engine.step()
-    for _ in range(3):
-        await engine.step()
-    times = []
-    for _ in range(30):
-        t0 = sync(device)
-        await engine.step()
-        times.append(sync(device) - t0)
+    await start_decode(engine, batch, prompt_len, tag)
+    times = await timed_steps(engine, 30, lambda: sync(device))
     activities = [ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -280,12 +264,7 @@ async def profile_batch(
             with record_function(STEP):
                 await engine.step()
         sync(device)
-    ctx = sum(s.num_tokens for s in sc.running)
-    for i in range(batch):
-        engine.abort_request(f"{tag}{i}")
-    while engine.has_unfinished_requests():
-        await engine.step()
-    await engine.step()
+    ctx = await stop_decode(engine, batch, tag)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     prof.export_chrome_trace(path)

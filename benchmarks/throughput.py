@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
@@ -70,6 +71,16 @@ def sync_time() -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+# --tiny (here, tier_bench.py): the same architecture at toy sizes, for CPU smoke runs.
+TINY_MODEL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+)
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -163,32 +174,47 @@ async def run_engine(engine: LLMEngine, reqs, tag: str) -> tuple[int, float, int
     return tokens, sync_time() - start, steps
 
 
-async def decode_step_time(engine: LLMEngine, batch: int, prompt_len: int, tag: str) -> dict:
+async def start_decode(engine: LLMEngine, batch: int, prompt_len: int, tag: str) -> None:
+    """`batch` greedy requests of `prompt_len` random tokens (seeded by the batch size), run
+    until every one is decoding, then 3 warm-up decode steps (benchmarks/step_profile.py too)."""
     rng = random.Random(batch)
+    vocab = engine.model_config.vocab_size
     for i in range(batch):
-        p = [rng.randrange(1, 32000) for _ in range(prompt_len)]
-        engine.add_request(
-            f"{tag}{i}",
-            p,
-            SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True),
-            cache_salt=tag,
-        )
+        p = [rng.randrange(1, vocab) for _ in range(prompt_len)]
+        params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+        engine.add_request(f"{tag}{i}", p, params, cache_salt=tag)
     sc = engine.scheduler
     while sc.waiting or any(s.is_prefill for s in sc.running):
         await engine.step()
     for _ in range(3):
         await engine.step()
+
+
+async def timed_steps(engine: LLMEngine, n: int, sync: Callable[[], float]) -> list[float]:
+    """Seconds of each of `n` engine steps, the device synchronized around each (`sync`)."""
     times = []
-    for _ in range(30):
-        t0 = sync_time()
+    for _ in range(n):
+        t0 = sync()
         await engine.step()
-        times.append(sync_time() - t0)
-    ctx = sum(s.num_tokens for s in sc.running)
+        times.append(sync() - t0)
+    return times
+
+
+async def stop_decode(engine: LLMEngine, batch: int, tag: str) -> int:
+    """Aborts start_decode's requests and drains the engine; returns the tokens they held."""
+    ctx = sum(s.num_tokens for s in engine.scheduler.running)
     for i in range(batch):
         engine.abort_request(f"{tag}{i}")
     while engine.has_unfinished_requests():
         await engine.step()
     await engine.step()
+    return ctx
+
+
+async def decode_step_time(engine: LLMEngine, batch: int, prompt_len: int, tag: str) -> dict:
+    await start_decode(engine, batch, prompt_len, tag)
+    times = await timed_steps(engine, 30, sync_time)
+    ctx = await stop_decode(engine, batch, tag)
     return {
         "batch": batch,
         "context_tokens_total": ctx,
@@ -231,13 +257,7 @@ async def main() -> None:
     global DEVICE
     if args.tiny:
         DEVICE = "cpu"
-        MODEL.update(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-        )
+        MODEL.update(TINY_MODEL)
 
     result: dict = {
         "bench": "throughput_offline_mixed",

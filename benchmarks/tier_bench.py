@@ -50,6 +50,7 @@ from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
 
 from benchmarks.throughput import MODEL as THROUGHPUT_MODEL
+from benchmarks.throughput import TINY_MODEL
 
 # throughput.py's ~1B Llama, with room for a conversation's four turns (a copy: --tiny shrinks it).
 MODEL = {**THROUGHPUT_MODEL, "max_position_embeddings": 4096}
@@ -314,14 +315,7 @@ async def main() -> None:
     args.mixed_prompt, args.mixed_output = (128, 1024), (64, 512)
     if args.tiny:
         DEVICE = "cpu"
-        MODEL.update(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=512,
-        )
+        MODEL.update(TINY_MODEL, vocab_size=512)
         args.conversations, args.turns, args.first_prompt = 8, 3, 96
         args.user_tokens, args.output_tokens, args.concurrency = 16, 8, 2
         args.mixed_requests, args.mixed_prompt, args.mixed_output = 8, (32, 96), (8, 16)
