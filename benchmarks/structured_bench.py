@@ -94,20 +94,25 @@ async def run_arm(
     tokens = {True: 0, False: 0}
     errors = 0
     times = engine.guided.times
-    before = (times.accept_s, times.fill_s, times.apply_s, times.steps, engine.num_steps)
+    fields = ("accept_s", "fill_s", "apply_s", "upload_s", "steps")
+    before = (*(getattr(times, f) for f in fields), engine.num_steps)
+    phases = {"schedule": 0.0, "launch": 0.0, "land": 0.0}
     start = sync_time()
     while engine.has_unfinished_requests():
-        for out in await engine.step():
+        outs = await engine.step()
+        st = engine.step_times
+        phases["schedule"] += st.schedule
+        phases["launch"] += st.launch
+        phases["land"] += st.land
+        for out in outs:
             g = guided[int(out.request_id.rsplit("-", 1)[1])]
             tokens[g] += len(out.token_ids)
             errors += out.finish_reason == FinishReason.ERROR
     elapsed = sync_time() - start
-    accept_s, fill_s, apply_s, guided_steps, steps = (
+    accept_s, fill_s, apply_s, upload_s, guided_steps, steps = (
         now - was
         for now, was in zip(
-            (times.accept_s, times.fill_s, times.apply_s, times.steps, engine.num_steps),
-            before,
-            strict=True,
+            (*(getattr(times, f) for f in fields), engine.num_steps), before, strict=True
         )
     )
     # A sampled token its grammar refuses ends the choice with an error (a masking bug).
@@ -123,10 +128,14 @@ async def run_arm(
         # Where a step's time goes: its wall time, and the guided path's host time per step
         # with constrained rows (grammar.GuidedTimes: accept, fill, apply).
         "step_us": elapsed / steps * 1e6 if steps else None,
+        # The engine's step phases (trace.StepTimes), us a step: land holds the wait for the
+        # device, so a host-bound step shows a short land.
+        "phase_us": {k: round(v / steps * 1e6, 1) for k, v in phases.items()} if steps else None,
         "guided_host_us_per_step": {
             "accept": accept_s / guided_steps * 1e6,
             "fill": fill_s / guided_steps * 1e6,
             "apply": apply_s / guided_steps * 1e6,
+            "apply_upload": upload_s / guided_steps * 1e6,
         }
         if guided_steps
         else None,
@@ -249,8 +258,10 @@ async def main() -> None:
         "constrained": [True] * args.batch,
         "mixed": [True] * n_mixed + [False] * (args.batch - n_mixed),
     }
-    # Warm-up: Triton compiles, the grammar (compiled once, cached from here on), CUDA graphs.
-    await run_arm(engine, reqs[:8], [True, False] * 4, 16, "warm")
+    # Warm-up, each arm at full batch for a few tokens: Triton compiles, the grammar (compiled
+    # once, cached from here on), the batch's CUDA graphs, the grammar buffers' sizes.
+    for name, guided in arms.items():
+        await run_arm(engine, reqs, guided, 16, f"warm-{name}")
     runs: dict[str, list[dict]] = {k: [] for k in arms}
     for r in range(args.rounds):
         for name, guided in arms.items():
@@ -273,10 +284,17 @@ async def main() -> None:
         rounds={k: [round(x["tok_s"], 1) for x in v] for k, v in runs.items()},
         # The median round's step time and the guided path's host time per step, us.
         step_us={k: round(statistics.median(x["step_us"] for x in v), 1) for k, v in runs.items()},
+        phase_us={
+            k: {
+                p: round(statistics.median(x["phase_us"][p] for x in v), 1)
+                for p in v[0]["phase_us"]
+            }
+            for k, v in runs.items()
+        },
         guided_host_us_per_step={
             k: {
                 part: round(statistics.median(x["guided_host_us_per_step"][part] for x in v), 1)
-                for part in ("accept", "fill", "apply")
+                for part in ("accept", "fill", "apply", "apply_upload")
             }
             for k, v in runs.items()
             if v[0]["guided_host_us_per_step"] is not None

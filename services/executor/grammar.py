@@ -222,6 +222,7 @@ class GuidedTimes:
     accept_s: float = 0.0
     fill_s: float = 0.0
     apply_s: float = 0.0
+    upload_s: float = 0.0  # of apply_s, the mask's (and rows') upload before the kernel
     steps: int = 0  # steps with constrained rows (their masks filled)
     rows: int = 0  # constrained rows over those steps
 
@@ -247,6 +248,7 @@ class StepMasks:
             rows = None
             if len(self.rows) != logits.shape[0]:
                 rows = upload(np.asarray(self.rows, np.int64))
+            self.times.upload_s += time.perf_counter() - start
             kernels.apply_token_bitmask(logits, bitmask, rows, vocab_size)
         else:
             _apply_cpu(logits, self.bitmask, self.rows, vocab_size)
