@@ -15,6 +15,8 @@ on the device before xgrammar's kernel). `fill_threads`: the batched fill at 1, 
 threads. `accept_api`: a call per row against xgrammar's batch_accept_token. `gil`: the batched fill run in a worker thread while the main thread runs Python:
 the main thread's progress against running alone (1.0: the fill holds no GIL). `overlap`:
 the fill then some pure-Python work inline, against the fill in a worker thread meanwhile.
+`h2d_probe` (CUDA): apply's pieces alone (the mask's upload three ways, the kernel's launch, a
+torch op's launch), host us, device idle and busy.
 
     python benchmarks/guided_host_bench.py --tokenizer .tok      # GPU host (the lead)
     python benchmarks/guided_host_bench.py --steps 20            # CPU
@@ -339,6 +341,48 @@ def overlap(matchers: list[Any], v: int, steps: int) -> dict:
     return {"python_work_us": _us(work), "inline_us": _us(inline), "worker_us": _us(threaded)}
 
 
+def h2d_probe(v: int, device: torch.device, steps: int) -> dict:
+    """CUDA: the host's time for each piece of StepMasks.apply alone, medians in us over
+    `steps` calls, with the device idle and with it busy (a queued matmul of ~ms that the
+    calls queue behind, as in a step): the mask's upload as the engine makes it (a view of a
+    pinned buffer, `.to(non_blocking=True)`), the same into a preallocated device buffer
+    (`copy_`), the same from pageable memory, the mask kernel's launch, and a one-op torch
+    launch for scale."""
+    if device.type != "cuda":
+        return {}
+    words = -(-v // 32)
+    pinned = torch.full((256, words), -1, dtype=torch.int32).pin_memory()
+    pageable = torch.full((256, words), -1, dtype=torch.int32)
+    dst = torch.empty((256, words), dtype=torch.int32, device=device)
+    logits = torch.zeros(64, v, dtype=torch.float32, device=device)
+    big = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mask64 = dst[:64]
+    from pagemesh import kernels
+
+    probes = {
+        "pinned_view_to": lambda: pinned[:64].to(device, non_blocking=True),
+        "pinned_copy_into": lambda: mask64.copy_(pinned[:64], non_blocking=True),
+        "pageable_to": lambda: pageable[:64].to(device, non_blocking=True),
+        "mask_kernel_launch": lambda: kernels.apply_token_bitmask(logits, mask64, None, v),
+        "torch_op_launch": lambda: logits.add_(0.0),
+    }
+    out: dict[str, Any] = {"pinned_view_is_pinned": bool(pinned[:64].is_pinned())}
+    for busy in (False, True):
+        for name, fn in probes.items():
+            fn()
+            times = []
+            for _ in range(steps):
+                torch.cuda.synchronize()
+                if busy:
+                    big @ big  # ~1-2 ms of device work queued ahead
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            out[f"{name}{'_busy' if busy else ''}_us"] = _us(times)
+    torch.cuda.synchronize()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer files")
@@ -382,6 +426,7 @@ def main() -> None:
         "accept_api": accept_api(matchers, v, eos, args.steps, rng),
         "gil": gil(matchers, v, threads),
         "overlap": overlap(matchers, v, args.steps),
+        "h2d_probe": h2d_probe(v, device, args.steps),
     }
     print(json.dumps(result))
 
