@@ -40,23 +40,29 @@ def test_transfers_are_exact_in_stream_order_without_a_host_wait() -> None:
     staging = PinnedStaging(dev)  # the engine's index uploads (a fresh pinned block would wait)
     staging.next_step()
     # Compute-stream work queued ahead (a step in flight) writes block 0 last: the gather must
-    # see its final value, and `run` must return before that work is done (no host wait).
+    # see its final value, and `run` must not wait for it.
     big = torch.randn(4096, 4096, device=dev)
     for _ in range(16):
         big = big @ big / 64
     pool.storage[:, :, 0] = 1.5
     # GPU blocks 0..29 -> host blocks 10..39 (one run of consecutive host blocks).
-    tier.run([TransferBatch(spills=[(b, b + 10) for b in range(30)])], staging.to_device)
-    assert not torch.cuda.current_stream().query(), "run waited for the compute stream"
+    torch.cuda.set_sync_debug_mode("error")  # any host wait for the device raises
+    try:
+        tier.run([TransferBatch(spills=[(b, b + 10) for b in range(30)])], staging.to_device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     pool.storage[:, :, :30] = 0  # the next step reuses the evicted blocks
     # Host blocks 10..39 -> GPU blocks 30..59.
     tier.run([TransferBatch(restores=[(h, h + 20) for h in range(10, 40)])], staging.to_device)
+    # At once, GPU blocks 60..63 -> host blocks 10..13, which the restores may still be reading.
+    tier.run([TransferBatch(spills=[(b, b - 50) for b in range(60, 64)])], staging.to_device)
     got = pool.storage[:, :, 30:60].clone()  # read on the compute stream
     want = before[:, :, :30].clone()
     want[:, :, 0] = 1.5
     assert torch.equal(got, want)
     tier.synchronize()
-    assert tier.num_spills == 30 and tier.num_restores == 30
+    assert torch.equal(tier.blocks[10:14], before[:, :, 60:64].permute(2, 0, 1, 3, 4, 5).cpu())
+    assert tier.num_spills == 34 and tier.num_restores == 30
 
 
 def test_profiled_pool_leaves_room_for_the_staging() -> None:
