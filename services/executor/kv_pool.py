@@ -3,7 +3,8 @@ head_dim] (the layout of kernels/reference.py). kvmanager hands out indices into
 
 Sizing on CUDA (vLLM's rule): after the weights are loaded, run the largest batch the scheduler
 can form (max_num_batched_tokens tokens, max_num_seqs logits rows) with no KV cache behind it,
-take the peak memory, and give the pool gpu_memory_utilization of the device minus that peak.
+take the peak memory, and give the pool gpu_memory_utilization of the device minus that peak
+and minus the buffers allocated after the pool (the host tier's staging: host_tier.py).
 On CPU the pool has a set size (EngineConfig.num_blocks, DEFAULT_CPU_NUM_BLOCKS by default).
 """
 

@@ -146,6 +146,8 @@ def test_host_tier_size() -> None:
         EngineConfig(model="m", device="cpu", host_kv_blocks=4, host_kv_gib=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         EngineConfig(model="m", device="cpu", host_kv_blocks=-1)
+    with pytest.raises(ValueError, match="staging"):
+        EngineConfig(model="m", device="cpu", host_kv_staging_mib=0)
 
 
 QUESTIONS = [
