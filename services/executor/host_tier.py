@@ -169,8 +169,9 @@ class HostTier:
     def __init__(
         self, pool: KVPool, num_blocks: int, device: torch.device, staging_blocks: int = 0
     ) -> None:
-        """`staging_blocks`: the device staging buffer (CUDA; `staging_blocks_for`; fewer than
-        2 * NUM_SLOTS: a block a slot)."""
+        """`staging_blocks`: the device staging buffer (CUDA: `staging_blocks_for`; fewer than
+        2 * NUM_SLOTS: a block a slot). CPU has no staging; the size only cuts transfers in
+        the same pieces (tests)."""
         storage = pool.storage  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         self.num_blocks = num_blocks
         self.device = device
@@ -184,7 +185,11 @@ class HostTier:
         )
         self.block_bytes = self.blocks[0].numel() * self.blocks.element_size()
         self.nbytes = self.blocks.numel() * self.blocks.element_size()
+        # Blocks a piece (CPU, without staging: pieces of that size when asked, as tests do,
+        # else a group in one piece).
         self._slot_blocks = max(1, staging_blocks // (2 * NUM_SLOTS))
+        if not self.cuda and not staging_blocks:
+            self._slot_blocks = 1 << 62
         self.staging_bytes = 0
         if self.cuda:
             # One copy stream a direction: a restore's host-to-device copy starts at once, not
@@ -218,44 +223,43 @@ class HostTier:
         groups = _merge(batches)
         if not groups:
             return
-        if not self.cuda:
-            for g in groups:
-                self._run_cpu(g)
-            return
-        # Copies the other way that are done need no ordering any more.
-        if self._d2h_last is None or self._d2h_last.query():
-            self._spilled.clear()
-        if self._h2d_last is None or self._h2d_last.query():
-            self._restored.clear()
-        # Every GPU block index of the call goes up in one pinned copy; pieces slice it.
+        # Every GPU block index of the call goes up in one copy; the pieces slice it.
         gpu_ids = [g for grp in groups for g, _ in grp.spills]
         gpu_ids += [g for grp in groups for _, g in grp.restores]
-        ids = (to_device or _pinned_to_device(self.device))(np.asarray(gpu_ids, np.int64))
+        array = np.asarray(gpu_ids, np.int64)
+        if not self.cuda:
+            ids = torch.from_numpy(array)
+        else:
+            # Copies the other way that are done need no ordering any more.
+            if self._d2h_last is None or self._d2h_last.query():
+                self._spilled.clear()
+            if self._h2d_last is None or self._h2d_last.query():
+                self._restored.clear()
+            ids = (to_device or _pinned_to_device(self.device))(array)
         s_at, r_at = 0, sum(len(grp.spills) for grp in groups)
         step = self._slot_blocks
+        spill = self._spill_piece if self.cuda else self._spill_piece_cpu
+        restore = self._restore_piece if self.cuda else self._restore_piece_cpu
         for g in groups:
             for at in range(0, len(g.spills), step):
                 piece = g.spills[at : at + step]
-                self._spill_piece(piece, ids[s_at + at : s_at + at + len(piece)])
+                spill(piece, ids[s_at + at : s_at + at + len(piece)])
             for at in range(0, len(g.restores), step):
                 piece = g.restores[at : at + step]
-                self._restore_piece(piece, ids[r_at + at : r_at + at + len(piece)])
+                restore(piece, ids[r_at + at : r_at + at + len(piece)])
             s_at += len(g.spills)
             r_at += len(g.restores)
             self.num_spills += len(g.spills)
             self.num_restores += len(g.restores)
 
-    def _run_cpu(self, g: TransferBatch) -> None:
-        if g.spills:
-            out = self._gpu_blocks[torch.tensor([s for s, _ in g.spills])]  # contiguous copy
-            for i, h, n in _runs([h for _, h in g.spills]):
-                self.blocks[h : h + n].copy_(out[i : i + n])
-            self.num_spills += len(g.spills)
-        if g.restores:
-            host = [h for h, _ in g.restores]
-            staged = torch.cat([self.blocks[h : h + n] for _, h, n in _runs(host)])
-            self._gpu_blocks[torch.tensor([d for _, d in g.restores])] = staged
-            self.num_restores += len(g.restores)
+    def _spill_piece_cpu(self, spills: Pairs, src: torch.Tensor) -> None:
+        out = self._gpu_blocks.index_select(0, src)  # contiguous: all layers of each block
+        for at, h, k in _runs([h for _, h in spills]):
+            self.blocks[h : h + k].copy_(out[at : at + k])
+
+    def _restore_piece_cpu(self, restores: Pairs, dst: torch.Tensor) -> None:
+        runs = _runs([h for h, _ in restores])
+        self._gpu_blocks[dst] = torch.cat([self.blocks[h : h + k] for _, h, k in runs])
 
     def _spill_piece(self, spills: Pairs, src: torch.Tensor) -> None:
         """Gather on the compute stream into a slot; the slot to host on the D2H stream."""

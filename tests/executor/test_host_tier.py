@@ -111,7 +111,9 @@ def random_batches(rng: random.Random, n_gpu: int, n_host: int) -> list[Transfer
 def test_merged_groups_replay_like_batches_one_by_one() -> None:
     rng = random.Random(5)
     pool, ref_pool = small_pool(8), small_pool(8)
-    tier, ref = HostTier(pool, 8, torch.device("cpu")), HostTier(ref_pool, 8, torch.device("cpu"))
+    # Pieces of 2 blocks (the staging slots' size on CUDA), each slicing the call's indices.
+    tier = HostTier(pool, 8, torch.device("cpu"), staging_blocks=4 * NUM_SLOTS)
+    ref = HostTier(ref_pool, 8, torch.device("cpu"))
     for _ in range(200):
         ref_pool.storage.copy_(pool.storage)
         ref.blocks.copy_(tier.blocks.copy_(torch.randn_like(tier.blocks)))

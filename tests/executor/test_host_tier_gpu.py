@@ -17,7 +17,7 @@ import torch
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.engine_api import SamplingParams
-from pagemesh.services.executor.host_tier import HostTier, TransferBatch
+from pagemesh.services.executor.host_tier import NUM_SLOTS, HostTier, TransferBatch
 from pagemesh.services.executor.kv_pool import KVPool, bytes_per_block, determine_num_blocks
 from pagemesh.services.executor.model.config import ModelConfig
 from pagemesh.services.executor.staging import PinnedStaging
@@ -25,6 +25,7 @@ from pagemesh.services.kvmanager.local import LocalAllocator
 
 from tests.executor.engine_support import run_all
 from tests.executor.test_engine_gpu import random_llama  # noqa: F401  (the fixture)
+from tests.executor.test_host_tier import random_batches
 
 pytestmark = pytest.mark.gpu
 
@@ -63,6 +64,34 @@ def test_transfers_are_exact_in_stream_order_without_a_host_wait() -> None:
     tier.synchronize()
     assert torch.equal(tier.blocks[10:14], before[:, :, 60:64].permute(2, 0, 1, 3, 4, 5).cpu())
     assert tier.num_spills == 34 and tier.num_restores == 30
+
+
+def test_random_transfers_match_the_cpu_tier() -> None:
+    """Calls of several merged groups, in pieces of 2 blocks (staging slots reused within a
+    call, both copy streams ordered on shared host blocks), against the CPU tier on a copy."""
+    dev = torch.device("cuda")
+    mc = cast(ModelConfig, SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=8))
+    pool = KVPool(mc, 8, 4, torch.float32, dev)
+    pool.storage.copy_(torch.randn_like(pool.storage))
+    tier = HostTier(pool, 8, dev, staging_blocks=4 * NUM_SLOTS)
+    ref_pool = KVPool(mc, 8, 4, torch.float32, torch.device("cpu"))
+    ref = HostTier(ref_pool, 8, torch.device("cpu"))
+    ref_pool.storage.copy_(pool.storage.cpu())
+    tier.blocks.zero_()
+    ref.blocks.zero_()
+    staging = PinnedStaging(dev)
+    rng = random.Random(7)
+    for i in range(100):
+        staging.next_step()
+        batches = random_batches(rng, 8, 8)
+        tier.run(batches, staging.to_device)
+        ref.run(batches)
+        if i % 2:  # every other call lands before the next: the rest queue behind each other
+            tier.synchronize()
+    tier.synchronize()
+    assert torch.equal(pool.storage.cpu(), ref_pool.storage) and torch.equal(
+        tier.blocks, ref.blocks
+    )
 
 
 def test_profiled_pool_leaves_room_for_the_staging() -> None:
