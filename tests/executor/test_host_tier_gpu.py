@@ -120,6 +120,8 @@ async def test_cuda_engine_restores_from_pinned_host(random_llama: Path) -> None
     )
     engine = LLMEngine(config, LocalAllocator())
     await engine.start()
+    tier = engine.runner.host_tier
+    assert tier is not None and tier.staging_bytes > 0  # (the pool's sizing sets it aside)
     cold = {}
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=16))
