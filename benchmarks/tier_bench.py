@@ -16,6 +16,9 @@ workload's working set; the host tier holds the whole working set (x1.25).
 2. mixed (DESIGN.md's workload, offline): prompts uniform 128..1024, outputs 64..512, random
    ids: nothing is ever hit, but the pool evicts, so with the tier on every eviction spills.
    Output tokens/s on and off: the tier's cost where it never pays (target: under 2%).
+   --mixed-only runs just this part, the two arms' engines side by side and their runs
+   interleaved (a warm-up each, then --mixed-repeats paired repeats): the medians' change and
+   each pair's, steps and step time per arm (the pool is sized by --conversations as above).
 3. H2D restore bandwidth: restoring R blocks through the tier (host_tier.py: one pinned copy a
    block into a staging buffer, one scatter into the pool) against the ceiling, one pinned
    copy of the same bytes; and the D2H spill path the same way.
@@ -24,6 +27,7 @@ Prints one JSON line (progress on stderr). --tiny: a CPU smoke run at toy sizes 
 script, not the figures).
 
     python benchmarks/tier_bench.py [--conversations 64] [--turns 4] [--tiny]
+    python benchmarks/tier_bench.py --conversations 32 --mixed-only [--mixed-repeats 5]
 """
 
 from __future__ import annotations
@@ -209,9 +213,11 @@ async def mixed(engine: LLMEngine, args, seed: int) -> dict:
         o = rng.randint(args.mixed_output[0], args.mixed_output[1])
         jobs.append((f"m{i}", [rng.randrange(1, MODEL["vocab_size"]) for _ in range(p)], o))
     before = tier_counts(engine)
+    steps = engine.num_steps
     start = now()
     done = await Driver(engine, len(jobs)).run(jobs)  # offline: all at t=0
     seconds = now() - start
+    steps = engine.num_steps - steps
     tokens = sum(len(r["tokens"]) for r in done.values())
     after = tier_counts(engine)
     return {
@@ -219,6 +225,8 @@ async def mixed(engine: LLMEngine, args, seed: int) -> dict:
         "output_tokens": tokens,
         "seconds": round(seconds, 3),
         "output_tok_s": round(tokens / seconds, 1),
+        "steps": steps,
+        "step_ms": round(seconds / steps * 1e3, 3) if steps else 0.0,
         "hit_tokens": after["gpu_hit_tokens"]
         + after["host_hit_tokens"]
         - before["gpu_hit_tokens"]
@@ -226,6 +234,42 @@ async def mixed(engine: LLMEngine, args, seed: int) -> dict:
         "spills": after["spills"] - before["spills"],
         "evictions": after["evictions"] - before["evictions"],
     }
+
+
+async def mixed_ab(engines: dict[str, LLMEngine], args) -> dict:
+    """The mixed workload only, tier off and on interleaved: a warm-up run each (the host tier
+    fills, as after the multi-turn part), then R repeats, each a fresh seed run by both arms
+    in alternating order, so drift (clocks, heat, other tenants) falls on both alike. Reports
+    each arm's runs and the change of the medians (target: within -2%)."""
+    runs: dict[str, list[dict]] = {arm: [] for arm in engines}
+    for arm, engine in engines.items():
+        log(f"mixed warm-up, tier {arm}")
+        await mixed(engine, args, args.seed + 1000)
+    order = list(engines)
+    for r in range(args.mixed_repeats):
+        for arm in order if r % 2 == 0 else reversed(order):
+            runs[arm].append(await mixed(engines[arm], args, args.seed + 1 + r))
+            log(f"mixed repeat {r} tier {arm}: {runs[arm][-1]['output_tok_s']} tok/s")
+    out: dict = {}
+    for arm, xs in runs.items():
+        rates = [x["output_tok_s"] for x in xs]
+        out[arm] = {
+            "output_tok_s_median": statistics.median(rates),
+            "output_tok_s_runs": rates,
+            "steps": [x["steps"] for x in xs],
+            "step_ms_median": round(statistics.median(x["step_ms"] for x in xs), 3),
+            "spills": sum(x["spills"] for x in xs),
+            "evictions": sum(x["evictions"] for x in xs),
+        }
+    off, on = out["off"]["output_tok_s_median"], out["on"]["output_tok_s_median"]
+    out["change_pct_of_medians"] = round((on - off) / off * 100, 2) if off else None
+    # Paired: each repeat's two arms ran back to back on the same requests.
+    pairs = [
+        (b["output_tok_s"] - a["output_tok_s"]) / a["output_tok_s"] * 100
+        for a, b in zip(runs["off"], runs["on"], strict=True)
+    ]
+    out["change_pct_paired"] = [round(p, 2) for p in pairs]
+    return out
 
 
 def transfer_bandwidth(engine: LLMEngine, n: int) -> dict:
@@ -305,6 +349,12 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--pool-fraction", type=float, default=0.25, help="GPU pool / working set")
     ap.add_argument("--mixed-requests", type=int, default=128)
+    ap.add_argument(
+        "--mixed-only",
+        action="store_true",
+        help="only the mixed workload, tier off and on interleaved (--mixed-repeats)",
+    )
+    ap.add_argument("--mixed-repeats", type=int, default=5)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--bandwidth-blocks", type=int, default=1024)
@@ -319,6 +369,7 @@ async def main() -> None:
         args.conversations, args.turns, args.first_prompt = 8, 3, 96
         args.user_tokens, args.output_tokens, args.concurrency = 16, 8, 2
         args.mixed_requests, args.mixed_prompt, args.mixed_output = 8, (32, 96), (8, 16)
+        args.mixed_repeats = min(args.mixed_repeats, 2)
         args.max_num_seqs, args.max_num_batched_tokens = 16, 512
         args.bandwidth_blocks = 16
     # Working set: every conversation's history at its last turn, in blocks.
@@ -361,6 +412,17 @@ async def main() -> None:
     del hf
     model, mconf = load_model(tmp, DEVICE, dtype)
     log(f"model {result['params_b']}B; pool {args.gpu_blocks} blocks, host {host_blocks}")
+
+    if args.mixed_only:
+        engines = {
+            arm: await make_engine(tmp, model, mconf, dtype, args, host)
+            for arm, host in (("off", 0), ("on", host_blocks))
+        }
+        result["mixed_ab"] = await mixed_ab(engines, args)
+        for engine in engines.values():
+            await engine.close()
+        print(json.dumps(result))
+        return
 
     arms: dict[str, dict] = {}
     replies: dict[str, dict[str, list[int]]] = {}

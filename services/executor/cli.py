@@ -85,6 +85,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p, "--host-kv-blocks", 0, "the host tier's size in blocks instead of --host-kv-gib", int
     )
     add_option(
+        p,
+        "--host-kv-staging-mib",
+        256,
+        "CUDA: device memory (MiB) the host tier's copies are staged in, taken from the KV pool",
+        int,
+    )
+    add_option(
         p, "--prefix-caching", True, "share cached prompt blocks (--no-prefix-caching: A/B)", bool
     )
     add_option(
@@ -211,6 +218,7 @@ async def _main(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         host_kv_blocks=args.host_kv_blocks,
         host_kv_gib=args.host_kv_gib,
+        host_kv_staging_mib=args.host_kv_staging_mib,
         executor_id=executor_id(args),
         advertise=advertised_address(args),
         served_model_name=args.served_model_name or served_name(args.model),

@@ -23,6 +23,10 @@ class EngineConfig:
     # (pinned on CUDA) when host_kv_blocks is 0. Both 0: no tier, evicted blocks are dropped.
     host_kv_blocks: int = 0
     host_kv_gib: float = 0.0
+    # CUDA: the device staging buffer spills and restores go through (MiB, at most what one
+    # step can move; set aside from the GPU pool's budget). Smaller: a burst of spills waits
+    # for its earlier pieces' copies to host.
+    host_kv_staging_mib: int = 256
     max_num_seqs: int = 256  # sequences (choices) running at once
     max_num_batched_tokens: int = 8192  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -79,6 +83,8 @@ class EngineConfig:
             raise ValueError("num_lookahead_tokens must be >= 0")
         if self.host_kv_blocks < 0 or self.host_kv_gib < 0:
             raise ValueError("host_kv_blocks and host_kv_gib must be >= 0")
+        if self.host_kv_staging_mib <= 0:
+            raise ValueError("host_kv_staging_mib must be positive")
         if self.host_kv_blocks and self.host_kv_gib:
             raise ValueError("give the host KV tier's size once: host_kv_blocks or host_kv_gib")
 

@@ -3,7 +3,8 @@ head_dim] (the layout of kernels/reference.py). kvmanager hands out indices into
 
 Sizing on CUDA (vLLM's rule): after the weights are loaded, run the largest batch the scheduler
 can form (max_num_batched_tokens tokens, max_num_seqs logits rows) with no KV cache behind it,
-take the peak memory, and give the pool gpu_memory_utilization of the device minus that peak.
+take the peak memory, and give the pool gpu_memory_utilization of the device minus that peak
+and minus the buffers allocated after the pool (the host tier's staging: host_tier.py).
 On CPU the pool has a set size (EngineConfig.num_blocks, DEFAULT_CPU_NUM_BLOCKS by default).
 """
 
@@ -64,14 +65,23 @@ class KVPool:
         return self.num_blocks * self.block_size
 
 
+def pool_blocks_for_budget(total: int, utilization: float, used: int, per_block: int) -> int:
+    """Blocks of `per_block` bytes in `utilization` of `total` device bytes once `used` (the
+    profiled peak, memory outside PyTorch, buffers allocated after the pool) is taken off."""
+    return int((total * utilization - used) // per_block)
+
+
 def determine_num_blocks(
     config: EngineConfig,
     model_config: ModelConfig,
     dtype: torch.dtype,
     device: torch.device,
     profile_run: Callable[[], None] | None = None,
+    reserved_bytes: int = 0,
 ) -> int:
-    """The pool size in blocks: the configured one, or on CUDA what the profile leaves."""
+    """The pool size in blocks: the configured one, or on CUDA what the profile leaves once
+    `reserved_bytes` (device buffers allocated after the pool: the host tier's staging) are set
+    aside."""
     if config.num_blocks is not None:
         return config.num_blocks
     if device.type != "cuda":
@@ -86,17 +96,20 @@ def determine_num_blocks(
     # Memory outside PyTorch's allocator (CUDA context, other processes) is total - free -
     # reserved; it stays, so it comes off the budget too.
     non_torch = total - free - torch.cuda.memory_reserved(device)
-    budget = total * config.gpu_memory_utilization - peak - max(non_torch, 0)
     per_block = bytes_per_block(model_config, config.block_size, dtype)
-    num_blocks = int(budget // per_block)
+    num_blocks = pool_blocks_for_budget(
+        total, config.gpu_memory_utilization, peak + max(non_torch, 0) + reserved_bytes, per_block
+    )
     if num_blocks <= 0:
         raise RuntimeError(
-            f"no memory left for the KV cache: peak {peak / 2**30:.2f} GiB of"
+            f"no memory left for the KV cache: peak {peak / 2**30:.2f} GiB"
+            f" (+ {reserved_bytes / 2**30:.2f} GiB host-tier staging) of"
             f" {total / 2**30:.2f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}"
         )
     log.info(
-        "profiled peak %.2f GiB (weights + activations), pool gets %.2f GiB",
+        "profiled peak %.2f GiB (weights + activations), %.2f GiB reserved, pool gets %.2f GiB",
         peak / 2**30,
+        reserved_bytes / 2**30,
         num_blocks * per_block / 2**30,
     )
     torch.cuda.empty_cache()

@@ -27,7 +27,12 @@ from pagemesh.services.executor import prompt_logprobs
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine_api import SamplingParams, TokenLogprob
 from pagemesh.services.executor.grammar import StepMasks, guided_rows
-from pagemesh.services.executor.host_tier import HostTier, TransferBatch, host_blocks_for
+from pagemesh.services.executor.host_tier import (
+    HostTier,
+    TransferBatch,
+    host_blocks_for,
+    staging_blocks_for,
+)
 from pagemesh.services.executor.kv_pool import KVPool, bytes_per_block, determine_num_blocks
 from pagemesh.services.executor.model.attention_metadata import AttentionMetadata
 from pagemesh.services.executor.model.config import ModelConfig
@@ -107,7 +112,7 @@ class Batch:
     # launches its forward first and samples once the engine has filled their masks.
     guided: list[int] = field(default_factory=list)
     # Host-tier copies to run before the step (CPU: in the worker, before the copies and the
-    # forward; CUDA: issued by `launch` on the side stream, fenced before the step).
+    # forward; CUDA: queued by `launch`, ahead of the step's forward: host_tier.py).
     transfers: list[TransferBatch] = field(default_factory=list)
 
 
@@ -176,7 +181,22 @@ class ModelRunner:
         cfg = config
 
         self.sampler = Sampler(mc.vocab_size, self.device, cfg.seed)
-        num_blocks = determine_num_blocks(cfg, mc, self.dtype, self.device, self.profile_run)
+        block_bytes = bytes_per_block(mc, cfg.block_size, self.dtype)
+        num_host = host_blocks_for(cfg.host_kv_gib, cfg.host_kv_blocks, block_bytes)
+        # The host tier's device staging is allocated after the pool: its bytes come off the
+        # pool's budget, or the first burst of spills would run out of memory.
+        staging_blocks = 0
+        if num_host and self.device.type == "cuda":
+            staging_blocks = staging_blocks_for(
+                cfg.host_kv_staging_mib,
+                block_bytes,
+                cfg.max_num_batched_tokens,
+                cfg.block_size,
+                cfg.max_num_seqs,
+            )
+        num_blocks = determine_num_blocks(
+            cfg, mc, self.dtype, self.device, self.profile_run, staging_blocks * block_bytes
+        )
         self.pool = KVPool(mc, num_blocks, cfg.block_size, self.dtype, self.device)
         log.info(
             "KV pool: %d blocks x %d tokens = %d tokens (%.2f GiB, %s on %s)",
@@ -187,17 +207,17 @@ class ModelRunner:
             str(self.dtype).removeprefix("torch."),
             self.device,
         )
-        num_host = host_blocks_for(
-            cfg.host_kv_gib, cfg.host_kv_blocks, bytes_per_block(mc, cfg.block_size, self.dtype)
+        self.host_tier = (
+            HostTier(self.pool, num_host, self.device, staging_blocks) if num_host else None
         )
-        self.host_tier = HostTier(self.pool, num_host, self.device) if num_host else None
         if self.host_tier is not None:
             log.info(
-                "KV host tier: %d blocks = %d tokens (%.2f GiB%s)",
+                "KV host tier: %d blocks = %d tokens (%.2f GiB%s; device staging %.0f MiB)",
                 num_host,
                 num_host * cfg.block_size,
                 self.host_tier.nbytes / 2**30,
                 ", pinned" if self.host_tier.cuda else "",
+                self.host_tier.staging_bytes / 2**20,
             )
         rows = cfg.max_num_seqs
         self.block_tables = torch.zeros(
@@ -314,10 +334,11 @@ class ModelRunner:
             self.staging.next_step()
         tier = self.host_tier
         if tier is not None and tier.cuda and sched.transfers:
-            # First, so the side stream's copies overlap this step's preparation and the step
-            # still in flight (the forward fences on them).
+            # First, so the copy stream's copies overlap this step's preparation and the step
+            # still in flight; the gathers and scatters queue on the compute stream ahead of
+            # this step's forward (host_tier.py). Indices go up through the step's pinned slot.
             with torch.inference_mode():
-                tier.run(sched.transfers)
+                tier.run(sched.transfers, self._h2d)
         with torch.inference_mode():
             batch = self._prepare(sched, sampling_params, beams)
         if tier is not None and not tier.cuda:
@@ -568,10 +589,8 @@ class ModelRunner:
         logits [S, V]. Transfers first: a fresh block a copy writes may have been evicted (its
         spill reads it first)."""
         tier = self.host_tier
-        if tier is not None:
-            if batch.transfers:
-                tier.run(batch.transfers)
-            tier.fence()
+        if tier is not None and batch.transfers:
+            tier.run(batch.transfers)
         if copies:
             mapping = self._h2d(np.asarray(copies, np.int64).reshape(-1, 2))
             kernels.copy_blocks(self.pool.key_caches, self.pool.value_caches, mapping)

@@ -6,6 +6,7 @@ same greedy tokens as the cold run."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -14,13 +15,15 @@ import pytest
 import torch
 from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.host_tier import (
+    NUM_SLOTS,
     HostTier,
     TransferBatch,
     _merge,
     _runs,
     host_blocks_for,
+    staging_blocks_for,
 )
-from pagemesh.services.executor.kv_pool import KVPool
+from pagemesh.services.executor.kv_pool import KVPool, pool_blocks_for_budget
 from pagemesh.services.executor.model.config import ModelConfig
 
 from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all
@@ -62,8 +65,10 @@ def test_batches_merge_only_when_order_cannot_matter() -> None:
     a = TransferBatch(spills=[(1, 5)], restores=[(2, 3)])
     independent = TransferBatch(spills=[(4, 6)], restores=[(7, 8)])
     assert len(_merge([a, independent])) == 1
-    # A restore of what an earlier batch spilled must see the spill done first.
-    assert len(_merge([a, TransferBatch(restores=[(5, 9)])])) == 2
+    # A restore of what an earlier batch spilled: a group's spills run first, so it joins.
+    assert len(_merge([a, TransferBatch(restores=[(5, 9)])])) == 1
+    # A spill into the host block an earlier batch restores from must wait for that read.
+    assert len(_merge([a, TransferBatch(spills=[(8, 2)])])) == 2
     # A spill of a block an earlier batch restored into must read the restored KV.
     assert len(_merge([a, TransferBatch(spills=[(3, 0)])])) == 2
     # The same block written twice (host, then GPU) stays in two groups.
@@ -82,11 +87,41 @@ def test_batches_merge_only_when_order_cannot_matter() -> None:
         TransferBatch(spills=[(1, 5), (2, 6)]),
         TransferBatch(spills=[(3, 7)], restores=[(5, 1)]),
         TransferBatch(spills=[(1, 8)], restores=[(6, 3), (7, 2)]),
+        TransferBatch(spills=[(4, 6)], restores=[(8, 4)]),  # host 6 again, once 3 read it
     ]
     tier.run(batches)
     for b in batches:
         ref.run([b])
     assert torch.equal(pool.storage, ref_pool.storage) and torch.equal(tier.blocks, ref.blocks)
+
+
+def random_batches(rng: random.Random, n_gpu: int, n_host: int) -> list[TransferBatch]:
+    """Replies as kvmanager makes them: distinct blocks within a copy direction, and no host
+    block both a spill target and a restore source of one reply."""
+    out = []
+    for _ in range(rng.randrange(1, 6)):
+        hosts = rng.sample(range(n_host), rng.randrange(0, 5))
+        cut = rng.randrange(len(hosts) + 1)
+        spills = list(zip(rng.sample(range(n_gpu), cut), hosts[:cut], strict=True))
+        restores = list(zip(hosts[cut:], rng.sample(range(n_gpu), len(hosts) - cut), strict=True))
+        out.append(TransferBatch(spills, restores))
+    return out
+
+
+def test_merged_groups_replay_like_batches_one_by_one() -> None:
+    rng = random.Random(5)
+    pool, ref_pool = small_pool(8), small_pool(8)
+    # Pieces of 2 blocks (the staging slots' size on CUDA), each slicing the call's indices.
+    tier = HostTier(pool, 8, torch.device("cpu"), staging_blocks=4 * NUM_SLOTS)
+    ref = HostTier(ref_pool, 8, torch.device("cpu"))
+    for _ in range(200):
+        ref_pool.storage.copy_(pool.storage)
+        ref.blocks.copy_(tier.blocks.copy_(torch.randn_like(tier.blocks)))
+        batches = random_batches(rng, 8, 8)
+        tier.run(batches)
+        for b in batches:
+            ref.run([b])
+        assert torch.equal(pool.storage, ref_pool.storage) and torch.equal(tier.blocks, ref.blocks)
 
 
 def test_runs_of_consecutive_host_blocks() -> None:
@@ -98,10 +133,23 @@ def test_host_tier_size() -> None:
     assert host_blocks_for(0.0, 0, 1024) == 0
     assert host_blocks_for(1.0, 0, 1 << 20) == 1024
     assert host_blocks_for(1.0, 7, 1 << 20) == 7  # blocks win
+    # Device staging: the MiB asked for, split in two rings of NUM_SLOTS slots...
+    assert staging_blocks_for(256, 512 << 10, 8192, 16, 256) == 512
+    # ... each ring no larger than a step can move (4096 / 16 + 16 = 272 blocks) ...
+    assert staging_blocks_for(1 << 20, 512 << 10, 4096, 16, 16) == 2 * 272
+    # ... and a block a slot at least.
+    assert staging_blocks_for(1, 64 << 20, 8192, 16, 256) == 2 * NUM_SLOTS
+    # The GPU pool's budget leaves the staging out: 1000 blocks fewer for 1000 blocks' bytes.
+    full = pool_blocks_for_budget(80 << 30, 0.9, 10 << 30, 1 << 19)
+    assert (
+        full - pool_blocks_for_budget(80 << 30, 0.9, (10 << 30) + 1000 * (1 << 19), 1 << 19) == 1000
+    )
     with pytest.raises(ValueError, match="once"):
         EngineConfig(model="m", device="cpu", host_kv_blocks=4, host_kv_gib=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         EngineConfig(model="m", device="cpu", host_kv_blocks=-1)
+    with pytest.raises(ValueError, match="staging"):
+        EngineConfig(model="m", device="cpu", host_kv_staging_mib=0)
 
 
 QUESTIONS = [
