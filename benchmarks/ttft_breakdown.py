@@ -162,7 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir = str(Path(args.model).resolve())
     tok = Tokenizer.load(args.tokenizer or model_dir)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="pm-ttft-"))
+    arm = "uncached" if args.no_prefix_caching else "cached"
+    # A folder per arm: its own Redis data and traces.
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pm-ttft-")) / arm
     gw_trace, ex_trace = work / "gateway.jsonl", work / "executor.jsonl"
     for f in (gw_trace, ex_trace):
         f.unlink(missing_ok=True)
@@ -204,7 +206,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         since,
     )
     failed = sum(not e.result.ok for e in client_run.exchanges)
-    arm = "uncached" if args.no_prefix_caching else "cached"
     # With caching on, the first request (sent alone) fills the cache: the rest hit.
     measured = rows if args.no_prefix_caching else [r for r in rows if r["cached"]]
     return {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device-tool call: the TTFT breakdown at light load (benchmarks/ttft_breakdown.py) on a ~1B
+# random-weight Llama: 16 requests/s, a 1,024-token system prompt, user parts of 64..256 tokens,
+# 32 output tokens, the cached arm then the uncached one, each a fresh mesh (Redis, kvmanager,
+# executor, gateway). Here, before the call: the wheels the device image lacks in .whl/ and
+# SmolLM2's tokenizer files in .tok/ (both ignored; carry [".whl", ".tok"]). Extra arguments go
+# to ttft_breakdown.py (e.g. --executor-arg=--scheduling=sync). JSON lines and logs go to $OUT.
+source "$(dirname "$0")/device_env.sh"
+[ -d /tmp/rand1b ] || python3 benchmarks/make_random_model.py /tmp/rand1b --tokenizer .tok \
+  > "$OUT/make_model.log" 2>&1 || { tail -20 "$OUT/make_model.log"; exit 1; }
+python3 benchmarks/ttft_breakdown.py --model /tmp/rand1b --device cuda --rate 16 \
+  --num-requests 64 --both --workdir /tmp/ttft "$@" 2> "$OUT/ttft.err" | tee "$OUT/ttft.jsonl"
+for arm in cached uncached; do
+  for f in gateway executor; do cp "/tmp/ttft/$arm/$f.jsonl" "$OUT/${arm}_$f.jsonl" 2>/dev/null; done
+done
+tail -5 "$OUT/ttft.err"
