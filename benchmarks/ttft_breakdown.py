@@ -85,31 +85,25 @@ def shared_prefix(
 
 
 def join(
-    exchanges: list[Exchange], gateway_lines: list[str], executor_lines: list[str], since: float
+    exchanges: list[Exchange], gateway_lines: list[str], executor_lines: list[str]
 ) -> list[dict[str, float]]:
-    """Each request's segments (seconds), in send order. Clients and gateway records are paired
-    by order (at light load a request reaches the gateway before the next one is sent; checked:
-    each entry lies after its send); the gateway's request id names the executor's events."""
-    gw = sorted(
-        (r for r in map(json.loads, gateway_lines) if r["entry"] >= since),
-        key=lambda r: r["entry"],
-    )
-    sent = sorted(exchanges, key=lambda e: e.result.sent_at)
-    if len(gw) != len(sent):
-        raise RuntimeError(f"{len(sent)} requests sent but {len(gw)} in the gateway's trace")
+    """Each answered request's segments (seconds), in send order. The client's record finds the
+    gateway's line by the HTTP request id (X-Request-Id); the executor's events are under the
+    gateway's request id."""
+    gw = {r["http_id"]: r for r in map(json.loads, gateway_lines)}
+    sent = sorted((e for e in exchanges if e.result.ok), key=lambda e: e.result.sent_at)
+    missing = [e.result.request_id for e in sent if e.result.request_id not in gw]
+    if missing:
+        raise RuntimeError(f"{len(missing)} requests not in the gateway's trace: {missing[:3]}")
     events = [json.loads(line) for line in executor_lines]
     arrive = {e["rid"]: e["t"] for e in events if e["ev"] == "arrive"}
     first = {e["rid"]: e["t"] for e in events if e["ev"] == "first"}
     admitted = {rid: e for e in events if e["ev"] == "step" for rid in e.get("admitted_rids", ())}
     rows = []
-    for ex, g in zip(sent, gw, strict=True):
-        r, rid = ex.result, g["rid"]
-        if not r.ok:
-            continue
-        if g["entry"] < r.sent_at:
-            raise RuntimeError(
-                "a gateway record begins before its request was sent: not light load"
-            )
+    for ex in sent:
+        r = ex.result
+        g = gw[r.request_id]
+        rid = g["rid"]
         step = admitted[rid]
         scheduled = step["t"] + step["sched"]
         launched = scheduled + step["launch"]
@@ -131,6 +125,9 @@ def join(
                 "back": g["first_step"] - first[rid],
                 "sse": g["first_write"] - g["first_step"],
                 "http_out": r.sent_at + r.ttft - g["first_write"],
+                # Running sequences besides the ones this step admitted: 0 is an idle engine.
+                "others_running": float(step["running"] - step["admitted"]),
+                "admitting_step": step["end"] - step["t"],
                 "steps_to_first": float(
                     sum(1 for e in events if e["ev"] == "step" and step["t"] < e["t"] <= first[rid])
                     + 1
@@ -140,7 +137,17 @@ def join(
     return rows
 
 
-def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
+def decode_step_times(executor_lines: list[str], since: float) -> list[float]:
+    """Each decode-only step's time, from its start to its trace line (seconds)."""
+    steps = (json.loads(line) for line in executor_lines)
+    return [
+        e["end"] - e["t"]
+        for e in steps
+        if e["ev"] == "step" and e["t"] >= since and e["tokens"] == e["seqs"] > 0
+    ]
+
+
+def summarize(rows: list[dict[str, float]], decode_steps: list[float]) -> dict[str, Any]:
     def ms(v: float) -> float:
         return round(v * 1000, 3)
 
@@ -154,6 +161,14 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
     }
     out["sum_of_p50_ms"] = round(sum(out["p50_ms"][k] for k in SEGMENTS), 3)
     out["steps_to_first_p50"] = statistics.median(r["steps_to_first"] for r in rows)
+    # How the engine stood when each request came: alone (an idle engine) or beside decodes,
+    # and what one step takes (the admitting one; the decode-only ones of the run).
+    out["admitted_beside_others_fraction"] = round(
+        sum(r["others_running"] > 0 for r in rows) / len(rows), 3
+    )
+    out["admitting_step_ms_p50"] = ms(statistics.median(r["admitting_step"] for r in rows))
+    if decode_steps:
+        out["decode_step_ms_p50"] = ms(statistics.median(decode_steps))
     return out
 
 
@@ -199,12 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             drive(mesh.url, "bench", convs, args.rate, args.seed, True, clients)
         )
     # Read after the mesh stopped: the executor flushes its trace at a clean exit.
-    rows = join(
-        client_run.exchanges,
-        gw_trace.read_text().splitlines(),
-        ex_trace.read_text().splitlines(),
-        since,
-    )
+    executor_lines = ex_trace.read_text().splitlines()
+    rows = join(client_run.exchanges, gw_trace.read_text().splitlines(), executor_lines)
     failed = sum(not e.result.ok for e in client_run.exchanges)
     # With caching on, the first request (sent alone) fills the cache: the rest hit.
     measured = rows if args.no_prefix_caching else [r for r in rows if r["cached"]]
@@ -218,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "gateway_workers": args.gateway_workers,
         "failed": failed,
-        **summarize(measured),
+        **summarize(measured, decode_step_times(executor_lines, since)),
     }
 
 
