@@ -20,10 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pagemesh.services.executor.sequence import Sequence
+from typing import IO
 
 
 @dataclass(slots=True)
@@ -55,16 +52,16 @@ class StepTimes:
         self.schedule = time.perf_counter() - self.start
         self.kv_wait = kv_wait
 
-    def launched(self, num_new_tokens: list[int], admitted: list[Sequence]) -> None:
+    def launched(self, num_new_tokens: list[int], admitted_rids: list[str]) -> None:
         self.launch = time.perf_counter() - self.start - self.schedule
         self.num_seqs = len(num_new_tokens)
         self.num_tokens = sum(num_new_tokens)
         # Decode-only steps (every sequence one token) skip the count.
         if self.num_tokens > self.num_seqs:
             self.num_prefill_seqs = sum(1 for n in num_new_tokens if n > 1)
-        self.num_admitted = len(admitted)
-        if admitted:
-            self.admitted_rids = [seq.request.request_id for seq in admitted]
+        self.num_admitted = len(admitted_rids)
+        if admitted_rids:
+            self.admitted_rids = admitted_rids
 
 
 class StepTrace:
