@@ -25,7 +25,9 @@ Prints one JSON line: the client's TTFT p50 (and p10/p90) and the p50 of each se
   http_out    -> the client read its first content delta
 
 Only requests whose prompt hit the cache count in the cached figures (every request after the
-first with prefix caching on); `--no-prefix-caching` gives the uncached arm.
+first with prefix caching on). `--arms` runs several arms, each on a fresh mesh: `cached`,
+`uncached` (the executor with --no-prefix-caching) and `sync` (cached, the executor with
+--scheduling sync: what async scheduling costs or saves at light load).
 """
 
 from __future__ import annotations
@@ -172,12 +174,15 @@ def summarize(rows: list[dict[str, float]], decode_steps: list[float]) -> dict[s
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+ARMS = {"cached": [], "uncached": ["--no-prefix-caching"], "sync": ["--scheduling", "sync"]}
+
+
+def run(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     from tests.support.mesh import Mesh, MeshConfig
 
     model_dir = str(Path(args.model).resolve())
     tok = Tokenizer.load(args.tokenizer or model_dir)
-    arm = "uncached" if args.no_prefix_caching else "cached"
+    uncached = arm == "uncached"
     # A folder per arm: its own Redis data and traces.
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pm-ttft-")) / arm
     gw_trace, ex_trace = work / "gateway.jsonl", work / "executor.jsonl"
@@ -186,9 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     executor_args = ["--device", args.device, "--trace-steps", str(ex_trace)]
     if args.device.startswith("cuda"):
         executor_args += ["--num-blocks", "0", "--gpu-memory-utilization", "0.85"]
-    if args.no_prefix_caching:
-        executor_args.append("--no-prefix-caching")
-    executor_args += args.executor_arg
+    executor_args += args.executor_arg + ARMS[arm]  # the arm's flags last: they win
     config = MeshConfig(
         model=model_dir,
         model_name="bench",
@@ -218,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = join(client_run.exchanges, gw_trace.read_text().splitlines(), executor_lines)
     failed = sum(not e.result.ok for e in client_run.exchanges)
     # With caching on, the first request (sent alone) fills the cache: the rest hit.
-    measured = rows if args.no_prefix_caching else [r for r in rows if r["cached"]]
+    measured = rows if uncached else [r for r in rows if r["cached"]]
     return {
         "bench": "ttft_breakdown",
         "arm": arm,
@@ -228,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "user_tokens": list(args.user_tokens),
         "max_tokens": args.max_tokens,
         "gateway_workers": args.gateway_workers,
+        "executor_args": args.executor_arg + ARMS[arm],
         "failed": failed,
         **summarize(measured, decode_step_times(executor_lines, since)),
     }
@@ -252,15 +256,20 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-blocks", type=int, default=2048, help="KV blocks (CPU; CUDA profiles)")
     p.add_argument("--gateway-workers", type=int, default=1)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--both", action="store_true", help="the cached arm, then the uncached one")
+    p.add_argument(
+        "--arms",
+        default="cached",
+        help=f"comma-separated, in order, each on a fresh mesh: {', '.join(ARMS)}",
+    )
     p.add_argument("--executor-arg", action="append", default=[], help="one more executor argument")
     p.add_argument("--workdir", default="")
     args = p.parse_args()
-    arms = [False, True] if args.both else [args.no_prefix_caching]
-    for off in arms:
-        args.no_prefix_caching = off
-        print(json.dumps(run(args)), flush=True)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        p.error(f"--arms: choose from {', '.join(ARMS)} (got {args.arms!r})")
+    for arm in arms:
+        print(json.dumps(run(args, arm)), flush=True)
     return 0
 
 
