@@ -62,6 +62,9 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # seconds after sent_at
     error: str = ""
     text: str = ""
+    # The gateway's id of the request (its X-Request-Id response header): what its
+    # --trace-requests line is found by (benchmarks/ttft_breakdown.py).
+    request_id: str = ""
 
 
 @dataclass(slots=True)
@@ -138,6 +141,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes) -> 
         async with session.post(
             f"{url}/v1/chat/completions", data=body, headers=JSON_HEADERS
         ) as resp:
+            result.request_id = resp.headers.get("X-Request-Id", "")
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return result

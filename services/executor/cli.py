@@ -109,6 +109,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         " sequences go on meanwhile",
         float,
     )
+    add_option(
+        p,
+        "--scheduling",
+        "auto",
+        "auto (async on CUDA, sync elsewhere), async (launch step t before t-1 lands) or sync:"
+        " the CPU can run the GPU's step order, and an A/B can price async at light load",
+    )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
     add_option(p, "--trace-steps", "", "append a JSON line per step and request event here")
     p.set_defaults(func=run)
@@ -197,6 +204,14 @@ async def _start_engine(engine: LLMEngine, attempts: int = 30) -> None:
             delay = min(delay * 2, 5.0)
 
 
+def scheduling_mode(value: str) -> bool | None:
+    """--scheduling as EngineConfig.async_scheduling (None: the device decides)."""
+    modes = {"auto": None, "async": True, "sync": False}
+    if value not in modes:
+        raise SystemExit(f"--scheduling must be auto, async or sync, not {value!r}")
+    return modes[value]
+
+
 async def _main(args: argparse.Namespace) -> None:
     from pagemesh.services.executor.config import EngineConfig
     from pagemesh.services.executor.engine import LLMEngine
@@ -225,6 +240,7 @@ async def _main(args: argparse.Namespace) -> None:
         enable_prefix_caching=args.prefix_caching,
         use_prefill_cuda_graphs=args.prefill_cuda_graphs,
         kvmanager_outage_timeout=args.kvmanager_outage_timeout,
+        async_scheduling=scheduling_mode(args.scheduling),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -495,7 +495,8 @@ class LLMEngine:
         if self.beams.active and batch.beam is None:
             self.beams.prune(self.requests)
         self.scheduler.launched(sched, batch.sample_seqs, batch.lookahead_seqs)
-        self.step_times.launched(sched.num_new_tokens, len(sched.admitted))
+        admitted = [seq.request.request_id for seq in sched.admitted]
+        self.step_times.launched(sched.num_new_tokens, admitted)
         return flight
 
     async def _complete(

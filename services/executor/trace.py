@@ -8,7 +8,8 @@ host, so a client's send time and the executor's arrival time compare directly.
 
 Lines:
   {"ev": "step", "t": start, "sched": s, "kv_wait": s, "launch": s, "land": s, "end": end,
-   "seqs": n, "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n}
+   "seqs": n, "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n,
+   "admitted_rids": [id, ...]}          (only on a step that admitted requests: the ones it did)
   {"ev": "arrive", "t": t, "rid": id}     the executor read the request
   {"ev": "first", "t": t, "rid": id}      its first output came out of a step (it is queued
                                            for the gateway's stream right after)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 
@@ -36,24 +37,31 @@ class StepTimes:
     num_tokens: int = 0
     num_prefill_seqs: int = 0
     num_admitted: int = 0
+    # The request ids admitted by this step: which step took a request in (TTFT breakdowns,
+    # benchmarks/ttft_breakdown.py). Filled only when the step admits, which decode steps do not.
+    admitted_rids: list[str] = field(default_factory=list)
 
     def begin(self) -> None:
         self.start = time.perf_counter()
         self.schedule = self.launch = self.land = self.kv_wait = 0.0
         self.num_seqs = self.num_tokens = self.num_prefill_seqs = self.num_admitted = 0
+        if self.admitted_rids:
+            self.admitted_rids = []
 
     def scheduled(self, kv_wait: float) -> None:
         self.schedule = time.perf_counter() - self.start
         self.kv_wait = kv_wait
 
-    def launched(self, num_new_tokens: list[int], num_admitted: int) -> None:
+    def launched(self, num_new_tokens: list[int], admitted_rids: list[str]) -> None:
         self.launch = time.perf_counter() - self.start - self.schedule
         self.num_seqs = len(num_new_tokens)
         self.num_tokens = sum(num_new_tokens)
         # Decode-only steps (every sequence one token) skip the count.
         if self.num_tokens > self.num_seqs:
             self.num_prefill_seqs = sum(1 for n in num_new_tokens if n > 1)
-        self.num_admitted = num_admitted
+        self.num_admitted = len(admitted_rids)
+        if admitted_rids:
+            self.admitted_rids = admitted_rids
 
 
 class StepTrace:
@@ -75,24 +83,25 @@ class StepTrace:
                 self._write({"ev": "first", "t": now, "rid": rid})
 
     def step(self, times: StepTimes, end: float, waiting: int, running: int, outputs: int) -> None:
-        self._write(
-            {
-                "ev": "step",
-                "t": times.start,
-                "sched": round(times.schedule, 6),
-                "kv_wait": round(times.kv_wait, 6),
-                "launch": round(times.launch, 6),
-                "land": round(times.land, 6),
-                "end": end,
-                "seqs": times.num_seqs,
-                "tokens": times.num_tokens,
-                "prefill_seqs": times.num_prefill_seqs,
-                "admitted": times.num_admitted,
-                "waiting": waiting,
-                "running": running,
-                "outputs": outputs,
-            }
-        )
+        record = {
+            "ev": "step",
+            "t": times.start,
+            "sched": round(times.schedule, 6),
+            "kv_wait": round(times.kv_wait, 6),
+            "launch": round(times.launch, 6),
+            "land": round(times.land, 6),
+            "end": end,
+            "seqs": times.num_seqs,
+            "tokens": times.num_tokens,
+            "prefill_seqs": times.num_prefill_seqs,
+            "admitted": times.num_admitted,
+            "waiting": waiting,
+            "running": running,
+            "outputs": outputs,
+        }
+        if times.admitted_rids:
+            record["admitted_rids"] = times.admitted_rids
+        self._write(record)
 
     def forget(self, rid: str) -> None:
         self._seen.discard(rid)

@@ -469,6 +469,7 @@ async def _generate(
     finally:
         await gen.close()
         if gw.trace is not None:
+            times.http_id = http_id
             gw.trace.write(request_id, times)
         gw.in_flight -= 1
         gw.metrics.in_flight.dec()

@@ -8,7 +8,8 @@ is one write, so lines do not interleave.
    "encoded": prompt tokenized, "routed": its executor chosen (router.py),
    "submitted": handed to the executor stream, "first_step": the executor's first output read,
    "first_write": first SSE bytes written, "executor": the chosen executor's id,
-   "route_reason": why it was chosen}
+   "route_reason": why it was chosen, "http_id": the HTTP request's id (X-Request-Id, which
+   every response carries back: a client's own record finds the line by it)}
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RequestTimes:
     first_write: float = 0.0
     executor: str = ""
     route_reason: str = ""
+    http_id: str = ""
 
     @staticmethod
     def now() -> float:

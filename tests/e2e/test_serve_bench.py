@@ -1,6 +1,7 @@
 """The serving benchmark's client pool against a real mesh (SmolLM2 on CPU): a shared-prefix
 burst sent from two client processes is measured as the single-process client measured it; the
-gateway's and the executor's traces of the run (--trace-requests, --trace-steps) agree."""
+gateway's and the executor's traces of the run (--trace-requests, --trace-steps; the executor
+in async scheduling, the GPU's step order) agree."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: 
         model=str(smollm2_path),
         model_name=MODEL,
         gateway_args=["--trace-requests", str(gw_trace)],
-        executor_args=["--trace-steps", str(ex_trace)],
+        # The GPU's step order (async scheduling) on the CPU: what the traces look like there.
+        executor_args=["--trace-steps", str(ex_trace), "--scheduling", "async"],
     )
     with Mesh(tmp_path, config) as mesh, ClientPool(2) as clients:
         report = await run_workload(
@@ -78,6 +80,16 @@ async def test_two_client_processes_share_a_burst(smollm2_path: Path, tmp_path: 
         marks += [first[rid], r["first_step"], r["first_write"]]
         assert marks == sorted(marks), (rid, marks)
     assert sum(e["ev"] == "first" for e in events) == 5  # one each, however short the request
+    # Each request is admitted by exactly one step, which begins after it arrived; with async
+    # scheduling its first output comes out of the next step call, after the admitting one's
+    # line (benchmarks/ttft_breakdown.py reads the admission from it).
+    admitting = [
+        (rid, e) for e in events if e["ev"] == "step" for rid in e.get("admitted_rids", ())
+    ]
+    assert sorted(rid for rid, _ in admitting) == sorted(gw)
+    for rid, step in admitting:
+        assert arrive[rid] <= step["t"] <= step["end"] < first[rid], (rid, step)
+        assert step["admitted"] == len(step["admitted_rids"])
 
 
 async def test_offline_engine_times_each_repetition(smollm2_path: Path) -> None:

@@ -532,10 +532,13 @@ async def test_trace_names_the_executor_and_reason(tmp_path: Path, mesh: FleetMe
         registry = client.server.app[GATEWAY].registry
         await until(lambda: registry.ready, what="the second gateway to follow the fleet")
         body = {"model": "smol", "messages": [{"role": "user", "content": "q"}]}
-        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status == 200
     [line] = trace.read_text().splitlines()
     record = json.loads(line)
     assert record["executor"] == "ex-a" and record["route_reason"] == "prefix"
+    # The line is found by the id the response carried back (ttft_breakdown joins on it).
+    assert record["http_id"] == resp.headers["X-Request-Id"]
     assert record["encoded"] <= record["routed"] <= record["submitted"]
 
 
