@@ -32,14 +32,18 @@ CPU: the same code without streams (plain copies in the step's worker thread, be
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from pagemesh.services.executor.kv_pool import KVPool
 
 log = logging.getLogger(__name__)
 
 Pairs = list[tuple[int, int]]
+# Host array -> device tensor without waiting for the device (the runner's pinned staging).
+Upload = Callable[[np.ndarray], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -117,9 +121,10 @@ class HostTier:
     def bytes_moved(self) -> int:
         return (self.num_spills + self.num_restores) * self.block_bytes
 
-    def run(self, batches: list[TransferBatch]) -> None:
+    def run(self, batches: list[TransferBatch], upload: Upload | None = None) -> None:
         """Issues `batches` in order (CUDA: on the side stream, `fence` before the next step;
-        CPU: done on return)."""
+        CPU: done on return). `upload`: how block ids reach the device without a wait (the
+        runner's pinned staging, valid for the step being launched); None: pinned here."""
         groups = _merge(batches)
         if not groups:
             return
@@ -132,7 +137,7 @@ class HostTier:
         queued.record(compute)
         with torch.cuda.stream(self._stream):
             for i, g in enumerate(groups):
-                out = self._group(g, queued)
+                out = self._group(g, queued, upload)
                 if i == len(groups) - 1:
                     # The GPU pool's part is done here: the next step waits for this, not for
                     # the last copies to host (they read the staging buffer).
@@ -141,7 +146,9 @@ class HostTier:
                 self._spill_out(out, g.spills)
         self._done = done
 
-    def _group(self, g: TransferBatch, queued: torch.cuda.Event | None) -> torch.Tensor | None:
+    def _group(
+        self, g: TransferBatch, queued: torch.cuda.Event | None, upload: Upload | None = None
+    ) -> torch.Tensor | None:
         """A group's part on the GPU pool: restores staged from host, the spilled blocks
         gathered, the restores scattered in. Returns the gathered spills (`_spill_out`)."""
         dev = self.device
@@ -159,13 +166,25 @@ class HostTier:
             torch.cuda.current_stream(dev).wait_event(queued)
         out = None
         if g.spills:
-            src = torch.tensor([s for s, _ in g.spills], device=dev)
+            src = self._ids([s for s, _ in g.spills], upload)
             out = self._gpu_blocks[src]  # one gather: [n, layers, 2, ...], contiguous
         if staged is not None:
-            dst = torch.tensor([d for _, d in g.restores], device=dev)
+            dst = self._ids([d for _, d in g.restores], upload)
             self._gpu_blocks[dst] = staged  # one scatter into the pool's layout
             self.num_restores += len(g.restores)
         return out
+
+    def _ids(self, ids: list[int], upload: Upload | None) -> torch.Tensor:
+        """Block ids as a device index, copied without waiting. Not `torch.tensor(ids,
+        device=...)`: a copy from pageable memory synchronizes the stream it is queued on, so
+        the launch of the step that reads the restores waited on the host for the step in
+        flight (the gather and scatter wait for it) and for every restore copy before it."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if not self.cuda:
+            return torch.from_numpy(arr)
+        if upload is not None:
+            return upload(arr)
+        return torch.from_numpy(arr).pin_memory().to(self.device, non_blocking=True)
 
     def _spill_out(self, out: torch.Tensor | None, spills: Pairs) -> None:
         """The gathered spills to their host blocks."""

@@ -294,9 +294,10 @@ class ModelRunner:
         tier = self.host_tier
         if tier is not None and tier.cuda and sched.transfers:
             # First, so the side stream's copies overlap this step's preparation and the step
-            # still in flight (the forward fences on them).
+            # still in flight (the forward fences on them). Block ids go up through this step's
+            # pinned staging: nothing here may wait for the device.
             with torch.inference_mode():
-                tier.run(sched.transfers)
+                tier.run(sched.transfers, self._h2d)
         with torch.inference_mode():
             batch = self._prepare(sched, sampling_params, beams)
         if tier is not None and not tier.cuda:
