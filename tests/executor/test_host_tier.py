@@ -23,7 +23,7 @@ from pagemesh.services.executor.host_tier import (
 from pagemesh.services.executor.kv_pool import KVPool
 from pagemesh.services.executor.model.config import ModelConfig
 
-from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all
+from tests.executor.engine_support import Run, assert_all_free_or_cached, make_engine, run_all
 from tests.executor.test_engine_greedy import SYSTEM, _ids, greedy
 
 
@@ -104,6 +104,20 @@ def test_host_tier_size() -> None:
         EngineConfig(model="m", device="cpu", host_kv_blocks=-1)
 
 
+async def run_counting(engine, rid: str, on_step=None) -> tuple[Run, int]:
+    """run_all, and the number of steps until `rid`'s first token came out."""
+    run, steps, first = Run(), 0, 0
+    while engine.has_unfinished_requests():
+        outputs = await engine.step()
+        steps += 1
+        run.add(outputs)
+        if on_step is not None:
+            on_step(engine)
+        if not first and any(o.request_id == rid and o.token_ids for o in outputs):
+            first = steps
+    return run, first
+
+
 QUESTIONS = [
     "What is a prime number?",
     "Name a famous bridge.",
@@ -138,6 +152,11 @@ async def test_evicted_prefix_comes_back_from_host_tier(smollm2_path: Path) -> N
         cold[i] = run.tokens[(f"r{i}", 0)]
     assert ex.pool.num_spills > 0 and tier.num_spills == ex.pool.num_spills
     assert ex.pool.num_host_cached > 0
+    # The last prompt is still on the GPU: a plain GPU hit, for the step count below.
+    engine.add_request("resident", prompts[-1], greedy(8))
+    resident, resident_steps = await run_counting(engine, "resident")
+    assert resident.tokens[("resident", 0)] == cold[len(prompts) - 1]
+    assert ex.host_hit_tokens == 0 and resident_steps > 0
     engine.add_request("again", prompts[0], greedy(8))
     table: list[int] = []
 
@@ -146,8 +165,10 @@ async def test_evicted_prefix_comes_back_from_host_tier(smollm2_path: Path) -> N
             if not table and seq.request.request_id == "again":
                 table.extend(seq.block_table[: seq.num_cached_tokens // 16])
 
-    run = await run_all(engine, on_step=hit_blocks)
+    run, steps = await run_counting(engine, "again", hit_blocks)
     assert run.tokens[("again", 0)] == cold[0]
+    # A restore costs no step: the first token comes as soon as a GPU hit's does.
+    assert steps == resident_steps
     cached = run.outputs[-1].num_cached_tokens
     full = (len(prompts[0]) - 1) // 16 * 16
     assert cached == full  # every full block: on the GPU or restored, none recomputed
