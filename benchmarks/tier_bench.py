@@ -358,6 +358,54 @@ def transfer_bandwidth(engine: LLMEngine, n: int) -> dict:
     }
 
 
+def copy_queueing(engine: LLMEngine, nbytes: int) -> dict:
+    """Does a step's small copy (its inputs up, its sampled tokens down, on the compute stream)
+    wait behind a large tier copy in the same direction on the side stream (one copy engine a
+    direction), or run beside it? A 1 KiB copy's latency alone and issued right after a copy of
+    `nbytes` (a returning history's restores, or the spills of the blocks they evict), with
+    that copy's own time. CUDA only."""
+    tier = engine.runner.host_tier
+    assert tier is not None and DEVICE == "cuda"
+    side = torch.cuda.Stream()
+    big_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    big_dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    small_host = torch.empty(1024, dtype=torch.uint8, pin_memory=True)
+    small_dev = torch.empty(1024, dtype=torch.uint8, device=DEVICE)
+
+    def small(direction: str, behind: bool) -> float:
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            if behind:
+                with torch.cuda.stream(side):
+                    if direction == "d2h":
+                        big_host.copy_(big_dev, non_blocking=True)
+                    else:
+                        big_dev.copy_(big_host, non_blocking=True)
+            t0 = time.perf_counter()
+            if direction == "d2h":
+                small_host.copy_(small_dev, non_blocking=True)
+            else:
+                small_dev.copy_(small_host, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            best = min(best, time.perf_counter() - t0)
+            side.synchronize()
+        return round(best * 1e6, 1)
+
+    big_host.copy_(big_dev, non_blocking=True)  # warm-up
+    t0 = now()
+    big_host.copy_(big_dev, non_blocking=True)
+    big_ms = round((now() - t0) * 1e3, 3)
+    return {
+        "big_copy_mb": round(nbytes / 1e6, 1),
+        "big_d2h_ms": big_ms,
+        "small_d2h_alone_us": small("d2h", False),
+        "small_d2h_behind_big_us": small("d2h", True),
+        "small_h2d_alone_us": small("h2d", False),
+        "small_h2d_behind_big_us": small("h2d", True),
+    }
+
+
 async def make_engine(
     path: Path, model, mconf, dtype, args, host_blocks: int, gpu_blocks: int | None = None
 ) -> LLMEngine:
@@ -495,6 +543,9 @@ async def main() -> None:
         if host:
             log("transfer bandwidth")
             result["transfer"] = transfer_bandwidth(engine, args.bandwidth_blocks)
+            if DEVICE == "cuda":
+                block_bytes = result["transfer"]["block_bytes"]
+                result["copy_queueing"] = copy_queueing(engine, longest * block_bytes)
         await engine.close()
         release(engine)
     result["arms"] = arms
