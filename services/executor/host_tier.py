@@ -153,8 +153,17 @@ class HostTier:
         gathered, the restores scattered in. Returns the gathered spills (`_spill_out`)."""
         dev = self.device
         staged = None
-        if g.restores:
-            host = [h for h, _ in g.restores]
+        restores = g.restores
+        if restores:
+            # In host block order: the staging position of each block only has to match the
+            # scatter's index. kvmanager lists a prompt's restores in chain order, but a chain
+            # was released tail first (and evicted, and spilled to ascending host blocks, in
+            # that order), so chain order is descending host order: one copy a block (a
+            # 7k-token history: ~460 copies of 512 KiB, and as many Python iterations in the
+            # launch) where sorted runs need a few. (Within a group no two restores share a
+            # block: `_merge`.)
+            restores = sorted(restores)
+            host = [h for h, _ in restores]
             staged = torch.empty(
                 (len(host), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=dev
             )
@@ -169,9 +178,9 @@ class HostTier:
             src = self._ids([s for s, _ in g.spills], upload)
             out = self._gpu_blocks[src]  # one gather: [n, layers, 2, ...], contiguous
         if staged is not None:
-            dst = self._ids([d for _, d in g.restores], upload)
+            dst = self._ids([d for _, d in restores], upload)
             self._gpu_blocks[dst] = staged  # one scatter into the pool's layout
-            self.num_restores += len(g.restores)
+            self.num_restores += len(restores)
         return out
 
     def _ids(self, ids: list[int], upload: Upload | None) -> torch.Tensor:
