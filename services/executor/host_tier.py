@@ -99,6 +99,13 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _restore_runs(restores: Pairs) -> tuple[Pairs, list[tuple[int, int, int]]]:
+    """A group's restores in host block order, and their runs (`_runs`): the staging buffer's
+    order is free, as long as the scatter reads it in the same order."""
+    ordered = sorted(restores)
+    return ordered, _runs([h for h, _ in ordered])
+
+
 class HostTier:
     def __init__(self, pool: KVPool, num_blocks: int, device: torch.device) -> None:
         storage = pool.storage  # [layers, 2, blocks, block_size, kv_heads, head_dim]
@@ -162,14 +169,13 @@ class HostTier:
             # 7k-token history: ~460 copies of 512 KiB, and as many Python iterations in the
             # launch) where sorted runs need a few. (Within a group no two restores share a
             # block: `_merge`.)
-            restores = sorted(restores)
-            host = [h for h, _ in restores]
+            restores, runs = _restore_runs(restores)
             staged = torch.empty(
-                (len(host), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=dev
+                (len(restores), *self.blocks.shape[1:]), dtype=self.blocks.dtype, device=dev
             )
             # Host -> device, one copy per run of consecutive host blocks (a block at least:
             # all its layers are contiguous). CPU: the same copies, synchronous.
-            for i, h, n in _runs(host):
+            for i, h, n in runs:
                 staged[i : i + n].copy_(self.blocks[h : h + n], non_blocking=self.cuda)
         if queued is not None:
             torch.cuda.current_stream(dev).wait_event(queued)

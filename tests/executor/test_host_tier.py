@@ -17,11 +17,13 @@ from pagemesh.services.executor.host_tier import (
     HostTier,
     TransferBatch,
     _merge,
+    _restore_runs,
     _runs,
     host_blocks_for,
 )
 from pagemesh.services.executor.kv_pool import KVPool
 from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.kvmanager.manager import Manager
 
 from tests.executor.engine_support import Run, assert_all_free_or_cached, make_engine, run_all
 from tests.executor.test_engine_greedy import SYSTEM, _ids, greedy
@@ -92,6 +94,28 @@ def test_batches_merge_only_when_order_cannot_matter() -> None:
 def test_runs_of_consecutive_host_blocks() -> None:
     assert _runs([]) == []
     assert _runs([4, 5, 6, 9, 3, 4]) == [(0, 4, 3), (3, 9, 1), (4, 3, 2)]
+    # A chain's restores come in chain order, which is descending host order (released tail
+    # first, spilled in that order): copied in host order, they are one run, not one a block.
+    chain = [(12, 30), (11, 31), (10, 32), (4, 33)]
+    assert _restore_runs(chain) == (sorted(chain), [(0, 4, 1), (1, 10, 3)])
+
+
+def test_a_returning_chain_is_restored_in_one_copy() -> None:
+    """kvmanager's order, end to end: a chain evicted from a small pool and allocated again
+    lists its restores in descending host order (one copy a block, as listed); in host order
+    they are one run."""
+    m = Manager()
+    epoch = m.register("e", 8, 4, "fp", "", "", 0, 32, 1024)
+    chains = {name: [k * 100 + i for i in range(21)] for k, name in enumerate("ab", 1)}
+    for name, ids in chains.items():  # b's allocation evicts a's 5 full blocks to host
+        m.allocate("e", epoch, name, ids)
+        m.commit("e", epoch, [(name, i, ids[i * 4 : (i + 1) * 4]) for i in range(5)])
+        m.release("e", epoch, [name])
+    alloc = m.allocate("e", epoch, "a2", chains["a"])
+    # (a's tail went to host: its last 3 full blocks; the first 2 are still on the GPU)
+    assert alloc.num_cached_tokens == 20 and len(alloc.restores) == 3
+    assert len(_runs([h for h, _ in alloc.restores])) == 3
+    assert len(_restore_runs(alloc.restores)[1]) == 1
 
 
 def test_host_tier_size() -> None:
