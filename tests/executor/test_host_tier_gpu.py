@@ -69,7 +69,14 @@ def test_transfers_are_queued_without_waiting_for_the_step_in_flight() -> None:
     tier.run([TransferBatch(spills=[(b, b) for b in range(20)])])  # host 0..19 hold KV
     # ... and once the shape measured below: PyTorch's pinned allocator has its blocks cached
     # (a first cudaHostAlloc may wait for the device, which is no part of what is tested).
-    tier.run([TransferBatch(spills=[(40, 30)], restores=[(19, 40)])])
+    tier.run(
+        [
+            TransferBatch(
+                spills=[(40 + i, 30 + i) for i in range(10)],
+                restores=[(10 + i, 40 + i) for i in range(10)],
+            )
+        ]
+    )
     tier.fence()
     torch.cuda.synchronize()
     staging = PinnedStaging(dev)
