@@ -33,7 +33,9 @@ tier holds the whole working set (x1.25).
    first token, on returning turns whose prompt is the same in both arms.
 2. mixed (DESIGN.md's workload, offline): prompts uniform 128..1024, outputs 64..512, random
    ids: nothing is ever hit, but the pool evicts, so with the tier on every eviction spills.
-   Output tokens/s on and off: the tier's cost where it never pays (target: under 2%).
+   Output tokens/s on and off: the tier's cost where it never pays (target: under 2%). On an
+   engine of its own, run V's (840-block pool, 4,160-block host tier, max_model_len 4,096;
+   --mixed-gpu-blocks 0: on the multi-turn engine).
 3. H2D restore bandwidth: restoring R blocks through the tier (host_tier.py: one pinned copy a
    block into a staging buffer, one scatter into the pool) against the ceiling, one pinned
    copy of the same bytes; and the D2H spill path the same way.
@@ -75,6 +77,11 @@ from benchmarks.throughput import TINY_MODEL
 MODEL = {**THROUGHPUT_MODEL, "max_position_embeddings": 4096}
 BLOCK_SIZE = 16
 DEVICE = "cuda"
+# The mixed part's engine, as in run V (benchmarks/RESULTS.md), whose pool the multi-turn
+# workload of then sized: since the multi-turn workload changed, the mixed part has its own.
+MIXED_GPU_BLOCKS = 840
+MIXED_HOST_BLOCKS = 4160
+MIXED_MAX_MODEL_LEN = 4096
 
 
 def log(msg: str) -> None:
@@ -411,7 +418,14 @@ def copy_queueing(engine: LLMEngine, nbytes: int) -> dict:
 
 
 async def make_engine(
-    path: Path, model, mconf, dtype, args, host_blocks: int, gpu_blocks: int | None = None
+    path: Path,
+    model,
+    mconf,
+    dtype,
+    args,
+    host_blocks: int,
+    gpu_blocks: int | None = None,
+    max_model_len: int | None = None,
 ) -> LLMEngine:
     config = EngineConfig(
         model=str(path),
@@ -419,6 +433,7 @@ async def make_engine(
         dtype=str(dtype).removeprefix("torch."),
         block_size=BLOCK_SIZE,
         num_blocks=gpu_blocks or args.gpu_blocks,
+        max_model_len=max_model_len,
         host_kv_blocks=host_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -455,6 +470,12 @@ async def main() -> None:
     )
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bf16 on CUDA")
     ap.add_argument("--mixed-requests", type=int, default=128)
+    ap.add_argument(
+        "--mixed-gpu-blocks",
+        type=int,
+        default=MIXED_GPU_BLOCKS,
+        help="the mixed part's GPU pool, on an engine of its own (0: the multi-turn engine's)",
+    )
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--bandwidth-blocks", type=int, default=1024)
@@ -471,7 +492,7 @@ async def main() -> None:
         args.user_tokens, args.output_tokens, args.concurrency = 16, 8, 1
         args.mixed_requests, args.mixed_prompt, args.mixed_output = 8, (32, 96), (8, 16)
         args.max_num_seqs, args.max_num_batched_tokens = 16, 512
-        args.bandwidth_blocks = 16
+        args.bandwidth_blocks, args.mixed_gpu_blocks = 16, 0
     # Working set: every conversation's history at its last turn, in blocks.
     per_conv = [
         -(
@@ -541,7 +562,7 @@ async def main() -> None:
         log(f"tier {arm}: multi-turn")
         mt, recs[arm] = await multi_turn(engine, args, args.seed)
         arms[arm] = {"multi_turn": mt}
-        if arm != "resident":
+        if arm != "resident" and not args.mixed_gpu_blocks:
             log(f"tier {arm}: mixed")
             arms[arm]["mixed"] = await mixed(engine, args, args.seed + 1)
         if host:
@@ -552,6 +573,23 @@ async def main() -> None:
                 result["copy_queueing"] = copy_queueing(engine, longest * block_bytes)
         await engine.close()
         release(engine)
+        if arm != "resident" and args.mixed_gpu_blocks:
+            # The mixed part on an engine of its own, as run V ran it (module docstring, 2.).
+            engine = await make_engine(
+                tmp,
+                model,
+                mconf,
+                dtype,
+                args,
+                MIXED_HOST_BLOCKS if host else 0,
+                args.mixed_gpu_blocks,
+                MIXED_MAX_MODEL_LEN,
+            )
+            await Driver(engine, 4).run([(f"w{i}", [7 + i] * 512, 4) for i in range(4)])
+            log(f"tier {arm}: mixed")
+            arms[arm]["mixed"] = await mixed(engine, args, args.seed + 1)
+            await engine.close()
+            release(engine)
     result["arms"] = arms
     result["agreement"] = agreement(recs)
     off, on = arms["off"]["multi_turn"], arms["on"]["multi_turn"]
