@@ -66,8 +66,9 @@ class BlockPool:
     next_stamp: int = 0
     # -- the host tier (module docstring); 0 blocks: none, evicted blocks are dropped
     host_blocks: int = 0
-    # Called with a host block's age (seconds since its spill) when it is restored / dropped.
-    on_restore: Callable[[float], None] | None = None
+    # Called with the ages (seconds since their spills) of the host blocks an allocation
+    # restores, and with a host block's age when it is dropped.
+    on_restore: Callable[[list[float]], None] | None = None
     on_host_drop: Callable[[float], None] | None = None
     host_hash: list[bytes | None] = field(init=False)
     host_birth: list[float] = field(init=False)  # wall-clock time of the spill
@@ -218,33 +219,43 @@ class BlockPool:
 
     def pin_host(self, host_blocks: list[int]) -> None:
         """Host hits of an allocation leave the host LRU first, so that the spills of the same
-        allocation's fresh blocks cannot drop them (`restore_into` follows in the same call)."""
+        allocation's fresh blocks cannot drop them (`restore_many` follows in the same call)."""
         cached = self.host_cached
         for hb in host_blocks:
             del cached[hb]
 
-    def restore_into(self, hb: int, b: int, now: float) -> None:
-        """Host block `hb` (pinned) comes back into fresh GPU block `b` (ref 1, unhashed): the
-        hash moves to `b`, `hb` is free again. The executor copies hb -> b before any step
-        reads `b` (the transfers are replayed in order, so a later spill into `hb` comes after
-        this copy)."""
-        h = self.host_hash[hb]
-        assert h is not None and self.hash[b] is None and self.ref[b] > 0
-        if self.on_restore is not None:
-            self.on_restore(now - self.host_birth[hb])
-        del self.host_index[h]
-        self.host_hash[hb] = None
-        self.host_stamp[hb] = self.next_stamp
-        self.next_stamp += 1
-        self.host_free.append(hb)
-        self.index[h] = b
-        self.hash[b] = h
-        self.birth[b] = now
-        self.restores.append((hb, b))
-        self.num_restores += 1
-        if self.events is not None:
-            self.events.append((BLOCK_STORED, (b, h)))
-            self.events.append((HOST_BLOCKS, [hb]))
+    def restore_many(self, pairs: list[tuple[int, int]], now: float) -> None:
+        """Each (host block hb, GPU block b): hb (pinned) comes back into fresh block b (ref 1,
+        unhashed): the hash moves to b, hb is free again. The executor copies hb -> b before
+        any step reads b (the transfers are replayed in order, so a later spill into hb comes
+        after this copy). One call for an allocation's restores: a returning conversation
+        restores hundreds of blocks on the allocation path, in its time to first token."""
+        host_hash, host_index, host_birth = self.host_hash, self.host_index, self.host_birth
+        host_stamp, host_free = self.host_stamp, self.host_free
+        index, hashes, birth, ref = self.index, self.hash, self.birth, self.ref
+        events = self.events
+        ages: list[float] = []
+        stamp = self.next_stamp
+        for hb, b in pairs:
+            h = host_hash[hb]
+            assert h is not None and hashes[b] is None and ref[b] > 0
+            ages.append(now - host_birth[hb])
+            del host_index[h]
+            host_hash[hb] = None
+            host_stamp[hb] = stamp
+            stamp += 1
+            host_free.append(hb)
+            index[h] = b
+            hashes[b] = h
+            birth[b] = now
+            if events is not None:
+                events.append((BLOCK_STORED, (b, h)))
+                events.append((HOST_BLOCKS, [hb]))
+        self.next_stamp = stamp
+        self.restores.extend(pairs)
+        self.num_restores += len(pairs)
+        if self.on_restore is not None and ages:
+            self.on_restore(ages)
 
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The spills and restores recorded since the last call, leaving none."""

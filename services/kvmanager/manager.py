@@ -209,7 +209,7 @@ class Manager:
             kv_block_bytes=kv_block_bytes,
         )
         ex.pool.on_evict = ex.age_at_eviction.record
-        ex.pool.on_restore = ex.age_at_restore.record
+        ex.pool.on_restore = ex.age_at_restore.record_ages
         ex.pool.on_host_drop = ex.age_at_host_drop.record
         return ex
 
@@ -386,11 +386,10 @@ class Manager:
         new = pool.take_many(fresh)
         if host_hits:
             # Restores after this allocation's spills (pool.take_transfers keeps the order).
-            now = time.time()
             blocks = list(hits)
-            for k, (i, hb) in enumerate(host_hits):
+            for k, (i, _) in enumerate(host_hits):
                 blocks[i] = new[k]
-                pool.restore_into(hb, new[k], now)
+            pool.restore_many([(hb, new[k]) for k, (_, hb) in enumerate(host_hits)], time.time())
             blocks += new[len(host_hits) :]
         else:
             blocks = hits + new

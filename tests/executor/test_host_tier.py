@@ -18,6 +18,7 @@ from pagemesh.services.executor.host_tier import (
     NUM_SLOTS,
     HostTier,
     TransferBatch,
+    _in_host_order,
     _merge,
     _runs,
     host_blocks_for,
@@ -25,8 +26,9 @@ from pagemesh.services.executor.host_tier import (
 )
 from pagemesh.services.executor.kv_pool import KVPool, pool_blocks_for_budget
 from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.kvmanager.manager import Manager
 
-from tests.executor.engine_support import assert_all_free_or_cached, make_engine, run_all
+from tests.executor.engine_support import Run, assert_all_free_or_cached, make_engine, run_all
 from tests.executor.test_engine_greedy import SYSTEM, _ids, greedy
 
 
@@ -127,6 +129,30 @@ def test_merged_groups_replay_like_batches_one_by_one() -> None:
 def test_runs_of_consecutive_host_blocks() -> None:
     assert _runs([]) == []
     assert _runs([4, 5, 6, 9, 3, 4]) == [(0, 4, 3), (3, 9, 1), (4, 3, 2)]
+    # A chain's restores come in chain order, which is descending host order (released tail
+    # first, spilled in that order): copied in host order, they are one run, not one a block.
+    chain = [(12, 30), (11, 31), (10, 32), (4, 33)]
+    ordered = _in_host_order(TransferBatch(restores=list(chain))).restores
+    assert ordered == sorted(chain) and _runs([h for h, _ in ordered]) == [(0, 4, 1), (1, 10, 3)]
+
+
+def test_a_returning_chain_is_restored_in_one_copy() -> None:
+    """kvmanager's order, end to end: a chain evicted from a small pool and allocated again
+    lists its restores in descending host order (one copy a block, as listed); in host order
+    they are one run."""
+    m = Manager()
+    epoch = m.register("e", 8, 4, "fp", "", "", 0, 32, 1024)
+    chains = {name: [k * 100 + i for i in range(21)] for k, name in enumerate("ab", 1)}
+    for name, ids in chains.items():  # b's allocation evicts a's 5 full blocks to host
+        m.allocate("e", epoch, name, ids)
+        m.commit("e", epoch, [(name, i, ids[i * 4 : (i + 1) * 4]) for i in range(5)])
+        m.release("e", epoch, [name])
+    alloc = m.allocate("e", epoch, "a2", chains["a"])
+    # (a's tail went to host: its last 3 full blocks; the first 2 are still on the GPU)
+    assert alloc.num_cached_tokens == 20 and len(alloc.restores) == 3
+    assert len(_runs([h for h, _ in alloc.restores])) == 3
+    ordered = _in_host_order(TransferBatch(restores=list(alloc.restores))).restores
+    assert len(_runs([h for h, _ in ordered])) == 1
 
 
 def test_host_tier_size() -> None:
@@ -150,6 +176,20 @@ def test_host_tier_size() -> None:
         EngineConfig(model="m", device="cpu", host_kv_blocks=-1)
     with pytest.raises(ValueError, match="staging"):
         EngineConfig(model="m", device="cpu", host_kv_staging_mib=0)
+
+
+async def run_counting(engine, rid: str, on_step=None) -> tuple[Run, int]:
+    """run_all, and the number of steps until `rid`'s first token came out."""
+    run, steps, first = Run(), 0, 0
+    while engine.has_unfinished_requests():
+        outputs = await engine.step()
+        steps += 1
+        run.add(outputs)
+        if on_step is not None:
+            on_step(engine)
+        if not first and any(o.request_id == rid and o.token_ids for o in outputs):
+            first = steps
+    return run, first
 
 
 QUESTIONS = [
@@ -186,6 +226,11 @@ async def test_evicted_prefix_comes_back_from_host_tier(smollm2_path: Path) -> N
         cold[i] = run.tokens[(f"r{i}", 0)]
     assert ex.pool.num_spills > 0 and tier.num_spills == ex.pool.num_spills
     assert ex.pool.num_host_cached > 0
+    # The last prompt is still on the GPU: a plain GPU hit, for the step count below.
+    engine.add_request("resident", prompts[-1], greedy(8))
+    resident, resident_steps = await run_counting(engine, "resident")
+    assert resident.tokens[("resident", 0)] == cold[len(prompts) - 1]
+    assert ex.host_hit_tokens == 0 and resident_steps > 0
     engine.add_request("again", prompts[0], greedy(8))
     table: list[int] = []
 
@@ -194,8 +239,10 @@ async def test_evicted_prefix_comes_back_from_host_tier(smollm2_path: Path) -> N
             if not table and seq.request.request_id == "again":
                 table.extend(seq.block_table[: seq.num_cached_tokens // 16])
 
-    run = await run_all(engine, on_step=hit_blocks)
+    run, steps = await run_counting(engine, "again", hit_blocks)
     assert run.tokens[("again", 0)] == cold[0]
+    # A restore costs no step: the first token comes as soon as a GPU hit's does.
+    assert steps == resident_steps
     cached = run.outputs[-1].num_cached_tokens
     full = (len(prompts[0]) - 1) // 16 * 16
     assert cached == full  # every full block: on the GPU or restored, none recomputed

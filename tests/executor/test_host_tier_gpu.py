@@ -106,6 +106,60 @@ def test_profiled_pool_leaves_room_for_the_staging() -> None:
     assert plain - less in (99, 100, 101)
 
 
+def test_transfers_are_queued_without_waiting_for_the_step_in_flight() -> None:
+    """`run` only queues: its block ids go up without a stream sync (a pageable index copy
+    synchronized the side stream, which waits for the compute stream's step in flight, so the
+    launch of the step that reads the restores stalled the host for that step and the
+    restores). Through the default path and through the runner's pinned staging."""
+    from pagemesh.services.executor.staging import PinnedStaging
+
+    dev = torch.device("cuda")
+    mc = cast(ModelConfig, SimpleNamespace(num_layers=4, num_kv_heads=2, head_dim=64))
+    pool = KVPool(mc, 64, 16, torch.bfloat16, dev)
+    pool.storage.copy_(torch.randn_like(pool.storage))
+    tier = HostTier(pool, 48, dev)
+    tier.run([TransferBatch(spills=[(b, b) for b in range(20)])])  # host 0..19 hold KV
+    # ... and once the shape measured below: PyTorch's pinned allocator has its blocks cached
+    # (a first cudaHostAlloc may wait for the device, which is no part of what is tested).
+    tier.run(
+        [
+            TransferBatch(
+                spills=[(40 + i, 30 + i) for i in range(10)],
+                restores=[(10 + i, 40 + i) for i in range(10)],
+            )
+        ]
+    )
+    torch.cuda.synchronize()
+    staging = PinnedStaging(dev)
+    for upload in (None, staging.to_device):
+        staging.next_step()
+        before = pool.storage.clone()
+        big = torch.randn(8192, 8192, device=dev)
+        for _ in range(12):  # a step in flight: far longer than queueing a few copies
+            big = big @ big / 90
+        busy = torch.cuda.Event()
+        busy.record()
+        # One reply: GPU blocks 40..49 evicted to host 20..29, host 0..9 restored into them.
+        tier.run(
+            [
+                TransferBatch(
+                    spills=[(40 + i, 20 + i) for i in range(10)],
+                    restores=[(i, 40 + i) for i in range(10)],
+                )
+            ],
+            upload,
+        )
+        assert not busy.query(), "run() waited for the compute stream"
+        got = pool.storage[:, :, 40:50].clone()
+        tier.synchronize()
+        assert torch.equal(got, tier.blocks[0:10].to(dev).permute(1, 2, 0, 3, 4, 5))
+        assert torch.equal(
+            tier.blocks[20:30].to(dev).permute(1, 2, 0, 3, 4, 5), before[:, :, 40:50]
+        )
+        tier.run([TransferBatch(spills=[(40 + i, i) for i in range(10)])])  # host 0..9 again
+        torch.cuda.synchronize()
+
+
 async def test_cuda_engine_restores_from_pinned_host(random_llama: Path) -> None:  # noqa: F811
     torch.backends.cuda.matmul.allow_tf32 = False
     rng = random.Random(3)
