@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Run X (benchmarks/RESULTS.md), one device-tool call: the host tier's GPU tests and its cost on
-# the mixed workload (tier_bench --mixed-only: this tree, then .base/'s engine), apply's pieces
+# the mixed workload (tier_bench --mixed-only: this tree, then .base/'s engine), the multi-turn
+# TTFT (tier_bench: off, on, resident), apply's pieces
 # on CUDA (guided_host_bench's h2d_probe), the TTFT breakdown at light load (ttft_breakdown.py,
 # cached and sync arms). Here, before the call: .whl/, .tok/ and .base/ (git archive of the
 # session's first commit); carry [".whl", ".tok", ".base"].
 source "$(dirname "$0")/device_env.sh"
 LOG="$OUT/logs.txt"
 echo "== host tier gpu tests"
-timeout 100 python3 -P -m pytest -m gpu tests/executor/test_host_tier_gpu.py tests/kernels/test_token_mask.py -q -p no:cacheprovider 2>&1 | tail -4
+timeout 120 python3 -P -m pytest -m gpu tests/executor/test_host_tier_gpu.py tests/kernels/test_token_mask.py -q -p no:cacheprovider 2>&1 | tail -4
 echo "== mixed, this tree"
 timeout 200 python3 benchmarks/tier_bench.py --conversations 32 --mixed-only 2>>"$LOG" | tail -1 | tee "$OUT/mixed_new.jsonl"
+echo "== tier, multi-turn (off / on / resident) and mixed"
+timeout 330 python3 benchmarks/tier_bench.py 2>>"$LOG" | tail -1 | tee "$OUT/tier.jsonl"
 echo "== guided host + h2d probe"
 timeout 90 python3 benchmarks/guided_host_bench.py --tokenizer .tok --steps 50 2>>"$LOG" | tail -1 | tee "$OUT/guided_host.jsonl"
 echo "== ttft"
