@@ -93,6 +93,7 @@ class Batch:
     sample_seqs: list[Sequence]  # [S]
     sample_rows: torch.Tensor  # [S] token_buf rows
     sample_pos: torch.Tensor  # [S] where each sampled token goes in its row
+    sample_flat: torch.Tensor  # [S] ... as an index of token_buf.view(-1)
     forks: list[Fork]
     st: SamplingTensors
     lookahead_seqs: list[Sequence]  # short of the look-ahead target: AllocatorLink.issue_lookahead
@@ -144,11 +145,20 @@ class InFlight:
     """A launched step, until `ModelRunner.result` lands it."""
 
     batch: Batch
-    # CPU: the StepResult; CUDA: the device is done. None while the sampling waits for its
-    # masks (`ModelRunner.sample` sets it).
+    # CPU: the StepResult (the worker thread runs the step). None on CUDA, and while the
+    # sampling waits for its masks (`ModelRunner.sample` sets it).
     future: asyncio.Future[Any] | None
     pending: _Pending | None  # CUDA: the sampler's device outputs
     forward: _Forward | None = None  # the forward whose sampling waits for `sample`
+    # CUDA: recorded after the step's last work (its tokens' copy to the host included).
+    done: torch.cuda.Event | None = None
+
+
+def _recorded_event() -> torch.cuda.Event:
+    """A CUDA event recorded on the current stream after the work queued so far."""
+    done = torch.cuda.Event()
+    done.record()
+    return done
 
 
 class ModelRunner:
@@ -302,8 +312,6 @@ class ModelRunner:
         if tier is not None and not tier.cuda:
             batch.transfers = sched.transfers
         loop = asyncio.get_running_loop()
-        pending = None
-        future: asyncio.Future[Any]
         if batch.guided:
             fwd = _Forward()
             if self.device.type == "cuda":
@@ -312,15 +320,11 @@ class ModelRunner:
                 loop.run_in_executor(self._worker, self._forward_into, fwd, batch, sched.copies)
             return InFlight(batch, None, None, fwd)
         if self.device.type == "cuda":
-            # Launch from this thread (a graph replay is one call), then wait for the device in
-            # the worker, which holds no GIL meanwhile: nothing contends with the bookkeeping.
+            # Launch from this thread (a graph replay is one call); `result` waits for `done`.
             pending = self._launch(batch, sched.copies)
-            done = torch.cuda.Event()
-            done.record()
-            future = loop.run_in_executor(self._worker, done.synchronize)
-        else:
-            future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
-        return InFlight(batch, future, pending)
+            return InFlight(batch, None, pending, done=_recorded_event())
+        future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
+        return InFlight(batch, future, None)
 
     def sample(self, flight: InFlight, masks: StepMasks) -> None:
         """Submit the sampling of a step launched without it (`launch`), its constrained rows
@@ -329,20 +333,28 @@ class ModelRunner:
         assert fwd is not None and flight.future is None, "sample() once, after launch()"
         flight.forward = None
         batch = flight.batch
-        loop = asyncio.get_running_loop()
         if self.device.type == "cuda":
             with torch.inference_mode():
                 assert fwd.logits is not None
                 flight.pending = self._sample(batch, fwd.logits, masks)
-            done = torch.cuda.Event()
-            done.record()
-            flight.future = loop.run_in_executor(self._worker, done.synchronize)
+            flight.done = _recorded_event()
         else:
+            loop = asyncio.get_running_loop()
             flight.future = loop.run_in_executor(self._worker, self._sample_cpu, batch, fwd, masks)
 
     async def result(self, flight: InFlight) -> StepResult:
         """Waits for a launched step and brings its tokens to the host."""
-        assert flight.future is not None, "a step launched without sampling: sample() first"
+        assert flight.forward is None, "a step launched without sampling: sample() first"
+        if flight.done is not None:
+            assert flight.pending is not None
+            # Host-bound steps (the device idles waiting for the host) find the step done:
+            # no thread hop, no wait on the event loop. Otherwise the worker waits for the
+            # device, holding no GIL, while the loop serves on.
+            if not flight.done.query():
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._worker, flight.done.synchronize)
+            return self._collect(flight.pending)
+        assert flight.future is not None
         result = await flight.future
         if flight.pending is not None:
             result = self._collect(flight.pending)
@@ -403,40 +415,54 @@ class ModelRunner:
             sample_pos = np.fromiter((len(q.token_ids) for q in sample_seqs), np.int64, n_s)
         s = len(sample_seqs)
 
+        # One upload, as few device ops as can be: every index is made flat on the host
+        # (numpy, a few us) so that each gather is one index_select, and the int32 metadata
+        # travels as raw bytes inside the int64 upload (a view on the device, no cast kernel).
+        width, max_blocks = self.token_buf.shape[1], self.block_tables.shape[1]
+        flat_tokens = token_rows * width + positions  # token_buf.view(-1) index of each input
+        blocks = token_rows * max_blocks + positions // bs  # block_tables.view(-1) index
+        offsets = positions % bs
+        flat_samples = sample_rows * width + sample_pos  # where the sampled tokens go
+        meta32 = np.zeros(2 * b + 2, np.int32)  # (seq_lens, cu) as int32, an even count
+        meta32[:b] = seq_lens
+        meta32[b : 2 * b + 1] = cu
         packed = np.concatenate(
             [
-                token_rows,
+                flat_tokens,
                 positions,
+                blocks,
+                offsets,
                 rows,
-                seq_lens,
-                cu,
                 logits_idx,
                 sample_rows,
                 sample_pos,
+                flat_samples,
+                meta32.view(np.int64),
             ]
         )
         dev_packed = self._h2d(packed)
         o = 0
-        token_rows_d, o = dev_packed[o : o + t], o + t
+        flat_tokens_d, o = dev_packed[o : o + t], o + t
         positions_d, o = dev_packed[o : o + t], o + t
+        blocks_d, o = dev_packed[o : o + t], o + t
+        offsets_d, o = dev_packed[o : o + t], o + t
         rows_d, o = dev_packed[o : o + b], o + b
-        seq_lens_d, o = dev_packed[o : o + b], o + b
-        cu_d, o = dev_packed[o : o + b + 1], o + b + 1
         logits_idx_d, o = dev_packed[o : o + s], o + s
         sample_rows_d, o = dev_packed[o : o + s], o + s
-        sample_pos_d = dev_packed[o : o + s]
+        sample_pos_d, o = dev_packed[o : o + s], o + s
+        flat_samples_d, o = dev_packed[o : o + s], o + s
+        meta32_d = dev_packed[o:].view(torch.int32)
 
         for f in forks:
             child_rows = self._h2d(np.asarray([c.row for c in f.children], np.int64))
             self.token_buf[child_rows] = self.token_buf[f.parent.row].clone()
-        input_ids = self.token_buf[token_rows_d, positions_d]
-        block_idx = self.block_tables[token_rows_d, positions_d // bs].long()
-        slot_mapping = block_idx * bs + positions_d % bs
+        input_ids = self.token_buf.view(-1).index_select(0, flat_tokens_d)
+        block_ids = self.block_tables.view(-1).index_select(0, blocks_d)  # int32
         attn = AttentionMetadata(
-            slot_mapping=slot_mapping,
+            slot_mapping=torch.add(offsets_d, block_ids, alpha=bs),  # int64: block * bs + offset
             block_tables=self.block_tables.index_select(0, rows_d),
-            seq_lens=seq_lens_d.to(torch.int32),
-            query_start_loc=cu_d.to(torch.int32),
+            seq_lens=meta32_d[:b],
+            query_start_loc=meta32_d[b : 2 * b + 1],
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
@@ -462,6 +488,7 @@ class ModelRunner:
             sample_seqs=sample_seqs,
             sample_rows=sample_rows_d,
             sample_pos=sample_pos_d,
+            sample_flat=flat_samples_d,
             forks=forks,
             st=st,
             lookahead_seqs=lookahead_seqs,
@@ -596,7 +623,7 @@ class ModelRunner:
         if batch.beam is not None:
             beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
-        self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
+        self.token_buf.view(-1).index_copy_(0, batch.sample_flat, out.token_ids)
         if out.token_ids.is_cuda:
             # Queue the copies to (pinned) host memory now, ahead of whatever is launched next:
             # landing this step must not wait for the next one.
