@@ -20,7 +20,10 @@ component's time excludes the components it calls):
   commit       Scheduler.commit_entries: the blocks this step filled
   other        the rest of LLMEngine.step (engine bookkeeping, the event loop's hops)
 `host_us` is the median step (the common pure decode step: no block boundary, no Extend);
-`host_us_mean` counts the steps that cross a block boundary or send a look-ahead Extend too.
+`host_us_mean` counts the steps that cross a block boundary or send a look-ahead Extend too;
+`components_us` are per-component medians, `components_us_mean` means; `gc_us_mean` the
+collector's time (inside the components; the heap is frozen after start-up, as the executor's
+service does).
 Prints one JSON line; `--profile` adds cProfile's top functions (by own time) to stderr.
 
     python benchmarks/host_step.py [--batches 64,256] [--prompt 512] [--steps 150] [--profile]
@@ -54,10 +57,9 @@ from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
 
-from pagemesh.heap import freeze_startup_heap
-
 from benchmarks.step_profile import InlineExecutor
 from benchmarks.throughput import MODEL, start_decode, stop_decode
+from pagemesh.heap import freeze_startup_heap
 
 # The forward costs little at these sizes and is timed apart anyway.
 HOST_MODEL = dict(
@@ -186,7 +188,7 @@ async def measure(
     await start_decode(engine, batch, prompt, f"h{batch}_")
     timer.take()
     host: list[float] = []
-    parts: dict[str, float] = defaultdict(float)
+    parts: dict[str, list[float]] = defaultdict(list)
     profiler = cProfile.Profile() if profile else None
     sort = profile
     if profiler is not None:
@@ -201,12 +203,11 @@ async def measure(
             profiler.disable()
         took = timer.take()
         forward = took.pop(FORWARD, 0.0)
-        collecting = took.pop(GC, 0.0)
-        parts[GC] += collecting
+        parts[GC].append(took.pop(GC, 0.0))
         host.append(wall - forward)
-        for name, seconds in took.items():
-            parts[name] += seconds
-        parts["other"] += wall - forward - sum(took.values())
+        for name in COMPONENTS:
+            parts[name].append(took.get(name, 0.0))
+        parts["other"].append(wall - forward - sum(took.values()))
     ctx = await stop_decode(engine, batch, f"h{batch}_")
     if profiler is not None:
         print(f"\n-- batch {batch}: cProfile, {steps} steps, by own time --", file=sys.stderr)
@@ -220,10 +221,15 @@ async def measure(
         "host_us": round(statistics.median(host) * us, 1),
         "host_us_mean": round(statistics.fmean(host) * us, 1),
         "host_us_p90": round(statistics.quantiles(host, n=10)[-1] * us, 1),
-        "components_us_mean": {
-            name: round(parts.get(name, 0.0) / steps * us, 1) for name in (*COMPONENTS, "other")
+        # Medians (the machine is shared: a mean takes every other job's interruptions) and
+        # means (the periodic work: block boundaries, look-ahead Extends, commits).
+        "components_us": {
+            name: round(statistics.median(parts[name]) * us, 1) for name in (*COMPONENTS, "other")
         },
-        "gc_us_mean": round(parts[GC] / steps * us, 1),
+        "components_us_mean": {
+            name: round(statistics.fmean(parts[name]) * us, 1) for name in (*COMPONENTS, "other")
+        },
+        "gc_us_mean": round(statistics.fmean(parts[GC]) * us, 1),
     }
 
 
