@@ -384,6 +384,7 @@ class ModelRunner:
             positions = np.repeat(starts - cu[:-1], q_lens) + np.arange(t)
         sampling = seq_lens == totals
         sample_idx = np.flatnonzero(sampling)
+        all_sample = len(sample_idx) == b
         # Sampling sequences whose tables fall short of the look-ahead target after this step.
         covered = np.fromiter((len(q.block_table) for q in seqs), np.int64, b) * bs
         target = np.minimum(seq_lens + 1 + self.config.num_lookahead_tokens, self.max_model_len)
@@ -391,7 +392,8 @@ class ModelRunner:
 
         forks = sched.forks
         if not forks:
-            sample_seqs = [seqs[i] for i in sample_idx.tolist()]
+            # (a decode step: every sequence samples, the list is copied whole)
+            sample_seqs = list(seqs) if all_sample else [seqs[i] for i in sample_idx.tolist()]
             logits_idx = cu[sample_idx + 1] - 1
             sample_rows = rows[sample_idx]
             sample_pos = totals[sample_idx]
