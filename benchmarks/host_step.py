@@ -56,6 +56,7 @@ from pagemesh.services.executor.config import EngineConfig
 from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.step_profile import InlineExecutor
 from benchmarks.throughput import MODEL, start_decode, stop_decode
@@ -82,6 +83,23 @@ COMPONENTS = (
     "commit",
 )
 FORWARD = "forward"
+# Ops that make a view or a tensor over existing memory (no device work).
+METADATA_OPS = {
+    "aten.view",
+    "aten.slice",
+    "aten.select",
+    "aten.split",
+    "aten.split_with_sizes",
+    "aten.alias",
+    "aten.as_strided",
+    "aten.detach",
+    "aten.lift_fresh",
+    "aten.resolve_conj",
+    "aten.resolve_neg",
+    "aten.unsqueeze",
+    "aten.squeeze",
+}
+OP_COUNT_STEPS = 20  # decode steps whose torch ops are counted (after the timed ones)
 GC = "gc"  # reported apart: it runs inside the components
 
 
@@ -167,6 +185,54 @@ def instrument(engine: LLMEngine, timer: ExclusiveTimer) -> None:
         setattr(obj, attr, timer.wrap(name, getattr(obj, attr)))
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops a step dispatches outside the forward (views and in-place ops
+    included). Device-independent: on CUDA each is a launch or at least a dispatch (~5-20 us
+    of host time each), so this is the figure the GPU's host path follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.compute = 0  # of which ops that are no view or alias: a kernel each on CUDA
+        self.by_op: dict[str, int] = defaultdict(int)
+        self.paused = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not self.paused:
+            name = str(func.overloadpacket)
+            self.count += 1
+            self.compute += name not in METADATA_OPS
+            self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def uncounted_forward(engine: LLMEngine, counter: OpCounter) -> None:
+    """The forward's ops are not counted (on the GPU it is one graph replay)."""
+    runner = engine.runner
+    forward = runner._forward
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        counter.paused = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    runner._forward = paused  # type: ignore[method-assign]
+
+
+async def count_ops(engine: LLMEngine, counter: OpCounter, steps: int) -> list[tuple[int, int]]:
+    """(torch ops, of which compute ops) of each of `steps` decode steps (after the timed
+    ones: the counting mode slows every op)."""
+    counts = []
+    for _ in range(steps):
+        counter.count = counter.compute = 0
+        with counter:
+            await engine.step()
+        counts.append((counter.count, counter.compute))
+    return counts
+
+
 def pause_during_forward(engine: LLMEngine, profiler: cProfile.Profile) -> None:
     """cProfile sees the host's work only: it is off during the forward."""
     runner = engine.runner
@@ -183,7 +249,13 @@ def pause_during_forward(engine: LLMEngine, profiler: cProfile.Profile) -> None:
 
 
 async def measure(
-    engine: LLMEngine, timer: ExclusiveTimer, batch: int, prompt: int, steps: int, profile: str
+    engine: LLMEngine,
+    timer: ExclusiveTimer,
+    counter: OpCounter,
+    batch: int,
+    prompt: int,
+    steps: int,
+    profile: str,
 ) -> dict[str, Any]:
     await start_decode(engine, batch, prompt, f"h{batch}_")
     timer.take()
@@ -208,6 +280,10 @@ async def measure(
         for name in COMPONENTS:
             parts[name].append(took.get(name, 0.0))
         parts["other"].append(wall - forward - sum(took.values()))
+    counter.by_op.clear()
+    ops = await count_ops(engine, counter, OP_COUNT_STEPS)
+    top = sorted(counter.by_op.items(), key=lambda kv: -kv[1])[:12]
+    log(f"batch {batch}: torch ops per step: {[(k, v / OP_COUNT_STEPS) for k, v in top]}")
     ctx = await stop_decode(engine, batch, f"h{batch}_")
     if profiler is not None:
         print(f"\n-- batch {batch}: cProfile, {steps} steps, by own time --", file=sys.stderr)
@@ -221,6 +297,8 @@ async def measure(
         "host_us": round(statistics.median(host) * us, 1),
         "host_us_mean": round(statistics.fmean(host) * us, 1),
         "host_us_p90": round(statistics.quantiles(host, n=10)[-1] * us, 1),
+        "torch_ops_per_step": statistics.median(n for n, _ in ops),
+        "compute_ops_per_step": statistics.median(c for _, c in ops),
         # Medians (the machine is shared: a mean takes every other job's interruptions) and
         # means (the periodic work: block boundaries, look-ahead Extends, commits).
         "components_us": {
@@ -248,7 +326,7 @@ async def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     # start_decode's requests make 256 tokens; 3 warm-up steps and the timed ones must fit.
-    assert args.steps <= 240, "--steps: at most 240 (start_decode's requests stop at 256)"
+    assert args.steps <= 220, "--steps: at most 220 (start_decode's requests stop at 256)"
     torch.manual_seed(0)
     torch.set_num_threads(1)  # host work is one thread's; the tiny forward needs no more
     cfg = transformers.LlamaConfig(
@@ -274,6 +352,8 @@ async def main() -> None:
     engine.runner._worker = InlineExecutor()  # the forward inline: one thread, timed apart
     timer = ExclusiveTimer()
     instrument(engine, timer)
+    counter = OpCounter()
+    uncounted_forward(engine, counter)
     freeze_startup_heap()  # as the executor's service does once it has started (cli.py)
     gc.callbacks.append(timer.gc_callback)
     result: dict[str, Any] = {
@@ -286,7 +366,7 @@ async def main() -> None:
     }
     for batch in batches:
         log(f"batch {batch}: prefill, then {args.steps} timed decode steps")
-        row = await measure(engine, timer, batch, args.prompt, args.steps, args.profile)
+        row = await measure(engine, timer, counter, batch, args.prompt, args.steps, args.profile)
         result["decode"].append(row)
         log(f"batch {batch}: {json.dumps(row)}")
     print(json.dumps(result), flush=True)

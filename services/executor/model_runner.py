@@ -216,6 +216,9 @@ class ModelRunner:
         self.token_buf = torch.zeros(
             rows, self.max_model_len + 1, dtype=torch.int64, device=self.device
         )
+        # Flat views of both (same storage), made once: a step gathers from them by flat index.
+        self._token_flat = self.token_buf.view(-1)
+        self._tables_flat = self.block_tables.view(-1)
         self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
@@ -425,7 +428,7 @@ class ModelRunner:
         blocks = token_rows * max_blocks + positions // bs  # block_tables.view(-1) index
         offsets = positions % bs
         flat_samples = sample_rows * width + sample_pos  # where the sampled tokens go
-        meta32 = np.zeros(2 * b + 2, np.int32)  # (seq_lens, cu) as int32, an even count
+        meta32 = np.zeros(2 * b + 2, np.int32)  # (seq_lens, cu) as int32: b + 1 int64s
         meta32[:b] = seq_lens
         meta32[b : 2 * b + 1] = cu
         packed = np.concatenate(
@@ -442,29 +445,30 @@ class ModelRunner:
                 meta32.view(np.int64),
             ]
         )
-        dev_packed = self._h2d(packed)
-        o = 0
-        flat_tokens_d, o = dev_packed[o : o + t], o + t
-        positions_d, o = dev_packed[o : o + t], o + t
-        blocks_d, o = dev_packed[o : o + t], o + t
-        offsets_d, o = dev_packed[o : o + t], o + t
-        rows_d, o = dev_packed[o : o + b], o + b
-        logits_idx_d, o = dev_packed[o : o + s], o + s
-        sample_rows_d, o = dev_packed[o : o + s], o + s
-        sample_pos_d, o = dev_packed[o : o + s], o + s
-        flat_samples_d, o = dev_packed[o : o + s], o + s
-        meta32_d = dev_packed[o:].view(torch.int32)
+        (
+            flat_tokens_d,
+            positions_d,
+            blocks_d,
+            offsets_d,
+            rows_d,
+            logits_idx_d,
+            sample_rows_d,
+            sample_pos_d,
+            flat_samples_d,
+            meta_d,
+        ) = self._h2d(packed).split([t, t, t, t, b, s, s, s, s, b + 1])
+        seq_lens_d, cu_d, _ = meta_d.view(torch.int32).split([b, b + 1, 1])
 
         for f in forks:
             child_rows = self._h2d(np.asarray([c.row for c in f.children], np.int64))
             self.token_buf[child_rows] = self.token_buf[f.parent.row].clone()
-        input_ids = self.token_buf.view(-1).index_select(0, flat_tokens_d)
-        block_ids = self.block_tables.view(-1).index_select(0, blocks_d)  # int32
+        input_ids = self._token_flat.index_select(0, flat_tokens_d)
+        block_ids = self._tables_flat.index_select(0, blocks_d)  # int32
         attn = AttentionMetadata(
             slot_mapping=torch.add(offsets_d, block_ids, alpha=bs),  # int64: block * bs + offset
             block_tables=self.block_tables.index_select(0, rows_d),
-            seq_lens=meta32_d[:b],
-            query_start_loc=meta32_d[b : 2 * b + 1],
+            seq_lens=seq_lens_d,
+            query_start_loc=cu_d,
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
@@ -625,7 +629,7 @@ class ModelRunner:
         if batch.beam is not None:
             beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
-        self.token_buf.view(-1).index_copy_(0, batch.sample_flat, out.token_ids)
+        self._token_flat.index_copy_(0, batch.sample_flat, out.token_ids)
         if out.token_ids.is_cuda:
             # Queue the copies to (pinned) host memory now, ahead of whatever is launched next:
             # landing this step must not wait for the next one.
