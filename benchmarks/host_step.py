@@ -23,12 +23,15 @@ component's time excludes the components it calls):
 `host_us_mean` counts the steps that cross a block boundary or send a look-ahead Extend too;
 `components_us` are per-component medians, `components_us_mean` means; `gc_us_mean` the
 collector's time (inside the components; the heap is frozen after start-up, as the executor's
-service does).
-Prints one JSON line; `--profile` adds cProfile's top functions (by own time) to stderr.
+service does). Then 20 more steps count the torch ops dispatched outside the forward
+(`torch_ops_per_step`; `compute_ops_per_step`: those that are not a view, i.e. a kernel or a
+copy on CUDA): device-independent, and on the GPU each costs host time.
+Prints one JSON line; `--profile [tottime|cumulative]` adds cProfile's top functions to stderr.
 
     python benchmarks/host_step.py [--batches 64,256] [--prompt 512] [--steps 150] [--profile]
 
-On a shared machine run it a few times, interleaved with the tree it is compared against.
+On a shared machine run it a few times, interleaved with the tree it is compared against (an
+older tree: its package laid out as installed, first on PYTHONPATH; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
