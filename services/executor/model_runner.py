@@ -535,7 +535,7 @@ class ModelRunner:
             starts = np.repeat(rows * self.token_buf.shape[1] - np.cumsum(lens) + lens, lens)
             flat = starts + np.arange(int(lens.sum()))
             vals = np.concatenate([_ids_array(q) for q in sched.admitted])
-            self.token_buf.view(-1)[self._h2d(flat)] = self._h2d(vals)
+            self._token_flat[self._h2d(flat)] = self._h2d(vals)
         changed = [s for s in sched.seqs if s.num_synced_blocks != len(s.block_table)]
         if not changed:
             return
