@@ -428,11 +428,15 @@ class ModelRunner:
         blocks = token_rows * max_blocks + positions // bs  # block_tables.view(-1) index
         offsets = positions % bs
         flat_samples = sample_rows * width + sample_pos  # where the sampled tokens go
-        meta32 = np.zeros(2 * b + 2, np.int32)  # (seq_lens, cu) as int32: b + 1 int64s
+        # (seq_lens, cu) as int32, first in the upload, each at a 16-byte boundary as a tensor
+        # of its own would be (Triton specializes its kernels on their pointers' alignment).
+        cu_at = -(-b // 4) * 4
+        meta32 = np.zeros(cu_at + -(-(b + 1) // 4) * 4, np.int32)
         meta32[:b] = seq_lens
-        meta32[b : 2 * b + 1] = cu
+        meta32[cu_at : cu_at + b + 1] = cu
         packed = np.concatenate(
             [
+                meta32.view(np.int64),
                 flat_tokens,
                 positions,
                 blocks,
@@ -442,10 +446,10 @@ class ModelRunner:
                 sample_rows,
                 sample_pos,
                 flat_samples,
-                meta32.view(np.int64),
             ]
         )
         (
+            meta_d,
             flat_tokens_d,
             positions_d,
             blocks_d,
@@ -455,9 +459,10 @@ class ModelRunner:
             sample_rows_d,
             sample_pos_d,
             flat_samples_d,
-            meta_d,
-        ) = self._h2d(packed).split([t, t, t, t, b, s, s, s, s, b + 1])
-        seq_lens_d, cu_d, _ = meta_d.view(torch.int32).split([b, b + 1, 1])
+        ) = self._h2d(packed).split([len(meta32) // 2, t, t, t, t, b, s, s, s, s])
+        seq_lens_d, _, cu_d, _ = meta_d.view(torch.int32).split(
+            [b, cu_at - b, b + 1, len(meta32) - cu_at - b - 1]
+        )
 
         for f in forks:
             child_rows = self._h2d(np.asarray([c.row for c in f.children], np.int64))
