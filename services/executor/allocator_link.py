@@ -286,23 +286,52 @@ class AllocatorLink:
         sampling sequences; num_computed_tokens already counts this step) is about to run short,
         reserving for every one of them within the look-ahead window, or if commits and releases
         have waited FLUSH_STEPS steps. Its result is applied by a later `land` or `settle`."""
-        entries: list[tuple[Sequence, ExtendEntry]] = []
-        urgent = False
-        bs = self.block_size
-        for seq in seqs:
-            end = seq.num_computed_tokens  # the next step writes the sampled token here
-            if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
-                continue  # finishes this step
-            if end + 1 >= self.max_model_len:
-                continue
-            target = self.lookahead_target(seq, end + 1)
-            covered = max(len(seq.block_table) * bs, seq.lookahead_sent)
-            if covered < target:
-                entries.append((seq, ExtendEntry(seq.seq_id, end, target)))
-                urgent = urgent or covered < min(end + 1 + URGENT_TOKENS, target)
         self._steps_since_call += 1
-        if urgent or (self._steps_since_call >= FLUSH_STEPS and (self._commits or self._releases)):
-            self._send(entries if urgent else [])
+        if self._lookahead_urgent(seqs):
+            self._send(self._lookahead_entries(seqs))
+        elif self._steps_since_call >= FLUSH_STEPS and (self._commits or self._releases):
+            self._send([])
+
+    def _wants_lookahead(self, seq: Sequence) -> tuple[int, int] | None:
+        """(table coverage it has or has asked for, the coverage to ask for) when `seq` (a
+        sampling sequence, num_computed_tokens counting this step) is short of its look-ahead
+        target; None when it is not, or when it will not write again."""
+        end = seq.num_computed_tokens  # the next step writes the sampled token here
+        target = self.lookahead_target(seq, end + 1)
+        covered = max(len(seq.block_table) * self.block_size, seq.lookahead_sent)
+        if covered >= target:
+            return None  # covered, or asked for already: most sequences, most steps
+        if len(seq.token_ids) - seq.num_prompt_tokens + 1 >= seq.request.params.max_tokens:
+            return None  # finishes this step
+        if end + 1 >= self.max_model_len:
+            return None
+        return covered, target
+
+    def _lookahead_urgent(self, seqs: list[Sequence]) -> bool:
+        """Some table of `seqs` covers fewer than URGENT_TOKENS beyond its next write. Every
+        step asks this; only a step that answers yes builds the entries (most steps do not)."""
+        bs = self.block_size
+        ahead = min(URGENT_TOKENS, self.num_lookahead_tokens)
+        max_len = self.max_model_len
+        for seq in seqs:
+            # Tested first, inline: does the table (or the reservation on its way) cover the
+            # next writes? Most sequences short of their target are not short of these.
+            soon = min(seq.num_computed_tokens + 1 + ahead, max_len)
+            if len(seq.block_table) * bs >= soon or seq.lookahead_sent >= soon:
+                continue
+            if self._wants_lookahead(seq) is not None:
+                return True
+        return False
+
+    def _lookahead_entries(self, seqs: list[Sequence]) -> list[tuple[Sequence, ExtendEntry]]:
+        """An Extend entry for every sequence of `seqs` short of its look-ahead target."""
+        entries = []
+        for seq in seqs:
+            wants = self._wants_lookahead(seq)
+            if wants is not None:
+                end = seq.num_computed_tokens
+                entries.append((seq, ExtendEntry(seq.seq_id, end, wants[1])))
+        return entries
 
     def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
         """Commits and releases for the next Step call (a sequence's commits before its

@@ -470,7 +470,7 @@ class LLMEngine:
             sc = self.scheduler
             # t-1's tokens are known now: commit what step t fills (its KV is queued ahead of
             # any later reader on the stream).
-            sc.link.defer(sc.commit_entries([q for q in sched.seqs if not q.is_finished]), [])
+            sc.link.defer(sc.commit_entries(sched.seqs), [])
             self.num_steps += 1
         if not self.requests and self._inflight is None:
             await self.scheduler.drain()

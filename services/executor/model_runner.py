@@ -98,6 +98,7 @@ class Batch:
     sample_seqs: list[Sequence]  # [S]
     sample_rows: torch.Tensor  # [S] token_buf rows
     sample_pos: torch.Tensor  # [S] where each sampled token goes in its row
+    sample_flat: torch.Tensor  # [S] ... as an index of token_buf.view(-1)
     forks: list[Fork]
     st: SamplingTensors
     lookahead_seqs: list[Sequence]  # short of the look-ahead target: AllocatorLink.issue_lookahead
@@ -149,11 +150,20 @@ class InFlight:
     """A launched step, until `ModelRunner.result` lands it."""
 
     batch: Batch
-    # CPU: the StepResult; CUDA: the device is done. None while the sampling waits for its
-    # masks (`ModelRunner.sample` sets it).
+    # CPU: the StepResult (the worker thread runs the step). None on CUDA, and while the
+    # sampling waits for its masks (`ModelRunner.sample` sets it).
     future: asyncio.Future[Any] | None
     pending: _Pending | None  # CUDA: the sampler's device outputs
     forward: _Forward | None = None  # the forward whose sampling waits for `sample`
+    # CUDA: recorded after the step's last work (its tokens' copy to the host included).
+    done: torch.cuda.Event | None = None
+
+
+def _recorded_event() -> torch.cuda.Event:
+    """A CUDA event recorded on the current stream after the work queued so far."""
+    done = torch.cuda.Event()
+    done.record()
+    return done
 
 
 class ModelRunner:
@@ -226,6 +236,9 @@ class ModelRunner:
         self.token_buf = torch.zeros(
             rows, self.max_model_len + 1, dtype=torch.int64, device=self.device
         )
+        # Flat views of both (same storage), made once: a step gathers from them by flat index.
+        self._token_flat = self.token_buf.view(-1)
+        self._tables_flat = self.block_tables.view(-1)
         self.staging = PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and cfg.use_cuda_graphs:
@@ -344,8 +357,6 @@ class ModelRunner:
         if tier is not None and not tier.cuda:
             batch.transfers = sched.transfers
         loop = asyncio.get_running_loop()
-        pending = None
-        future: asyncio.Future[Any]
         if batch.guided:
             fwd = _Forward()
             if self.device.type == "cuda":
@@ -354,15 +365,11 @@ class ModelRunner:
                 loop.run_in_executor(self._worker, self._forward_into, fwd, batch, sched.copies)
             return InFlight(batch, None, None, fwd)
         if self.device.type == "cuda":
-            # Launch from this thread (a graph replay is one call), then wait for the device in
-            # the worker, which holds no GIL meanwhile: nothing contends with the bookkeeping.
+            # Launch from this thread (a graph replay is one call); `result` waits for `done`.
             pending = self._launch(batch, sched.copies)
-            done = torch.cuda.Event()
-            done.record()
-            future = loop.run_in_executor(self._worker, done.synchronize)
-        else:
-            future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
-        return InFlight(batch, future, pending)
+            return InFlight(batch, None, pending, done=_recorded_event())
+        future = loop.run_in_executor(self._worker, self._execute, batch, sched.copies)
+        return InFlight(batch, future, None)
 
     def sample(self, flight: InFlight, masks: StepMasks) -> None:
         """Submit the sampling of a step launched without it (`launch`), its constrained rows
@@ -371,20 +378,28 @@ class ModelRunner:
         assert fwd is not None and flight.future is None, "sample() once, after launch()"
         flight.forward = None
         batch = flight.batch
-        loop = asyncio.get_running_loop()
         if self.device.type == "cuda":
             with torch.inference_mode():
                 assert fwd.logits is not None
                 flight.pending = self._sample(batch, fwd.logits, masks)
-            done = torch.cuda.Event()
-            done.record()
-            flight.future = loop.run_in_executor(self._worker, done.synchronize)
+            flight.done = _recorded_event()
         else:
+            loop = asyncio.get_running_loop()
             flight.future = loop.run_in_executor(self._worker, self._sample_cpu, batch, fwd, masks)
 
     async def result(self, flight: InFlight) -> StepResult:
         """Waits for a launched step and brings its tokens to the host."""
-        assert flight.future is not None, "a step launched without sampling: sample() first"
+        assert flight.forward is None, "a step launched without sampling: sample() first"
+        if flight.done is not None:
+            assert flight.pending is not None
+            # Host-bound steps (the device idles waiting for the host) find the step done:
+            # no thread hop, no wait on the event loop. Otherwise the worker waits for the
+            # device, holding no GIL, while the loop serves on.
+            if not flight.done.query():
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._worker, flight.done.synchronize)
+            return self._collect(flight.pending)
+        assert flight.future is not None
         result = await flight.future
         if flight.pending is not None:
             result = self._collect(flight.pending)
@@ -414,6 +429,7 @@ class ModelRunner:
             positions = np.repeat(starts - cu[:-1], q_lens) + np.arange(t)
         sampling = seq_lens == totals
         sample_idx = np.flatnonzero(sampling)
+        all_sample = len(sample_idx) == b
         # Sampling sequences whose tables fall short of the look-ahead target after this step.
         covered = np.fromiter((len(q.block_table) for q in seqs), np.int64, b) * bs
         target = np.minimum(seq_lens + 1 + self.config.num_lookahead_tokens, self.max_model_len)
@@ -421,7 +437,8 @@ class ModelRunner:
 
         forks = sched.forks
         if not forks:
-            sample_seqs = [seqs[i] for i in sample_idx.tolist()]
+            # (a decode step: every sequence samples, the list is copied whole)
+            sample_seqs = list(seqs) if all_sample else [seqs[i] for i in sample_idx.tolist()]
             logits_idx = cu[sample_idx + 1] - 1
             sample_rows = rows[sample_idx]
             sample_pos = totals[sample_idx]
@@ -445,40 +462,60 @@ class ModelRunner:
             sample_pos = np.fromiter((len(q.token_ids) for q in sample_seqs), np.int64, n_s)
         s = len(sample_seqs)
 
+        # One upload, as few device ops as can be: every index is made flat on the host
+        # (numpy, a few us) so that each gather is one index_select, and the int32 metadata
+        # travels as raw bytes inside the int64 upload (a view on the device, no cast kernel).
+        width, max_blocks = self.token_buf.shape[1], self.block_tables.shape[1]
+        flat_tokens = token_rows * width + positions  # token_buf.view(-1) index of each input
+        blocks = token_rows * max_blocks + positions // bs  # block_tables.view(-1) index
+        offsets = positions % bs
+        flat_samples = sample_rows * width + sample_pos  # where the sampled tokens go
+        # (seq_lens, cu) as int32, first in the upload, each at a 16-byte boundary as a tensor
+        # of its own would be (Triton specializes its kernels on their pointers' alignment).
+        cu_at = -(-b // 4) * 4
+        meta32 = np.zeros(cu_at + -(-(b + 1) // 4) * 4, np.int32)
+        meta32[:b] = seq_lens
+        meta32[cu_at : cu_at + b + 1] = cu
         packed = np.concatenate(
             [
-                token_rows,
+                meta32.view(np.int64),
+                flat_tokens,
                 positions,
+                blocks,
+                offsets,
                 rows,
-                seq_lens,
-                cu,
                 logits_idx,
                 sample_rows,
                 sample_pos,
+                flat_samples,
             ]
         )
-        dev_packed = self._h2d(packed)
-        o = 0
-        token_rows_d, o = dev_packed[o : o + t], o + t
-        positions_d, o = dev_packed[o : o + t], o + t
-        rows_d, o = dev_packed[o : o + b], o + b
-        seq_lens_d, o = dev_packed[o : o + b], o + b
-        cu_d, o = dev_packed[o : o + b + 1], o + b + 1
-        logits_idx_d, o = dev_packed[o : o + s], o + s
-        sample_rows_d, o = dev_packed[o : o + s], o + s
-        sample_pos_d = dev_packed[o : o + s]
+        (
+            meta_d,
+            flat_tokens_d,
+            positions_d,
+            blocks_d,
+            offsets_d,
+            rows_d,
+            logits_idx_d,
+            sample_rows_d,
+            sample_pos_d,
+            flat_samples_d,
+        ) = self._h2d(packed).split([len(meta32) // 2, t, t, t, t, b, s, s, s, s])
+        seq_lens_d, _, cu_d, _ = meta_d.view(torch.int32).split(
+            [b, cu_at - b, b + 1, len(meta32) - cu_at - b - 1]
+        )
 
         for f in forks:
             child_rows = self._h2d(np.asarray([c.row for c in f.children], np.int64))
             self.token_buf[child_rows] = self.token_buf[f.parent.row].clone()
-        input_ids = self.token_buf[token_rows_d, positions_d]
-        block_idx = self.block_tables[token_rows_d, positions_d // bs].long()
-        slot_mapping = block_idx * bs + positions_d % bs
+        input_ids = self._token_flat.index_select(0, flat_tokens_d)
+        block_ids = self._tables_flat.index_select(0, blocks_d)  # int32
         attn = AttentionMetadata(
-            slot_mapping=slot_mapping,
+            slot_mapping=torch.add(offsets_d, block_ids, alpha=bs),  # int64: block * bs + offset
             block_tables=self.block_tables.index_select(0, rows_d),
-            seq_lens=seq_lens_d.to(torch.int32),
-            query_start_loc=cu_d.to(torch.int32),
+            seq_lens=seq_lens_d,
+            query_start_loc=cu_d,
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
@@ -504,6 +541,7 @@ class ModelRunner:
             sample_seqs=sample_seqs,
             sample_rows=sample_rows_d,
             sample_pos=sample_pos_d,
+            sample_flat=flat_samples_d,
             forks=forks,
             st=st,
             lookahead_seqs=lookahead_seqs,
@@ -544,7 +582,7 @@ class ModelRunner:
             starts = np.repeat(rows * self.token_buf.shape[1] - np.cumsum(lens) + lens, lens)
             flat = starts + np.arange(int(lens.sum()))
             vals = np.concatenate([_ids_array(q) for q in sched.admitted])
-            self.token_buf.view(-1)[self._h2d(flat)] = self._h2d(vals)
+            self._token_flat[self._h2d(flat)] = self._h2d(vals)
         changed = [s for s in sched.seqs if s.num_synced_blocks != len(s.block_table)]
         if not changed:
             return
@@ -636,7 +674,7 @@ class ModelRunner:
         if batch.beam is not None:
             beam = candidates(logits, batch.beam, self.vocab_size)
         out: SamplerOutput = self.sampler(logits, batch.st, counts)
-        self.token_buf[batch.sample_rows, batch.sample_pos] = out.token_ids
+        self._token_flat.index_copy_(0, batch.sample_flat, out.token_ids)
         if out.token_ids.is_cuda:
             # Queue the copies to (pinned) host memory now, ahead of whatever is launched next:
             # landing this step must not wait for the next one.

@@ -172,29 +172,35 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         need: list[tuple[Sequence, int]] = []
         seqs, num_new = out.seqs, out.num_new_tokens
+        bs, max_len = self.block_size, self.max_model_len
+        # Every running sequence, every step: the checks are inlined (`_short` among them), a
+        # method call or a property per sequence costs more than the check itself.
         for seq in self.running:
             if budget == 0:
                 break
             tokens = seq.token_ids
+            total = len(tokens)
             if tokens[-1] == PLACEHOLDER and (
-                len(tokens) - seq.num_prompt_tokens >= seq.request.params.max_tokens
-                or len(tokens) >= self.max_model_len
+                total - seq.num_prompt_tokens >= seq.request.params.max_tokens or total >= max_len
             ):
                 continue  # its last token is in flight and ends it (async scheduling)
             start = seq.num_computed_tokens
-            n = min(len(tokens) - start, budget)
-            if n == 0:
+            n = total - start
+            if n > budget:
+                n = budget
+            elif n == 0:
                 continue  # a beam parked until its siblings' logits are in (beam_engine.py)
+            short = seq.needs_extend or len(seq.block_table) * bs < start + n  # (_short)
             if cut_off and (
-                self._short(seq, n)
+                short
                 or seq.request.beam is not None  # (beams fork every round)
-                or (seq.request in self._unforked and start + n == seq.num_tokens)
+                or (seq.request in self._unforked and start + n == total)
             ):
                 continue  # waits for a block, or for its fork, until kvmanager is back
             seqs.append(seq)
             num_new.append(n)
             budget -= n
-            if self._short(seq, n):
+            if short:
                 need.append((seq, n))
         if need:
             await link.settle()  # the look-ahead in flight may cover them
@@ -572,19 +578,24 @@ class Scheduler:
                 seq.token_ids.append(PLACEHOLDER)
 
     def commit_entries(self, seqs: list[Sequence]) -> list[CommitEntry]:
-        """Blocks that became full with their KV written (num_computed_tokens already advanced)."""
+        """Blocks that became full with their KV written (num_computed_tokens already advanced),
+        of the sequences not finished meanwhile (async scheduling: the step before landed)."""
         bs = self.block_size
         entries = []
+        done = SeqStatus.FINISHED
         for seq in seqs:
+            full = seq.num_computed_tokens // bs
+            if full <= seq.num_committed_blocks:
+                continue  # no block filled: most sequences, most steps (checked first)
+            if seq.status is done:
+                continue
             if seq.request.params.prompt_logprobs is not None:
                 continue  # never published: nothing may hit it (engine.add_request)
-            full = seq.num_computed_tokens // bs
-            if full > seq.num_committed_blocks:
-                for i in range(seq.num_committed_blocks, full):
-                    entries.append(CommitEntry(seq.seq_id, i, seq.token_ids[i * bs : (i + 1) * bs]))
-                if self.inflight is not None:
-                    self.inflight.known_cached(seq, seq.num_committed_blocks, full)
-                seq.num_committed_blocks = full
+            for i in range(seq.num_committed_blocks, full):
+                entries.append(CommitEntry(seq.seq_id, i, seq.token_ids[i * bs : (i + 1) * bs]))
+            if self.inflight is not None:
+                self.inflight.known_cached(seq, seq.num_committed_blocks, full)
+            seq.num_committed_blocks = full
         return entries
 
     def add_prompt_logprobs(self, chunks: list[tuple[Sequence, int, list[TokenLogprob]]]) -> None:
@@ -615,25 +626,28 @@ class Scheduler:
         finished: list[str] = []
         eos = self.eos_token_ids
         max_len = self.max_model_len
-        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
-            if seq.request.beam is not None:
+        # The loop runs for every sampled sequence of every step: what is the same for the
+        # whole step is looked up once, and the rare cases (logprobs, prompt logprobs, a
+        # refused token, a stop) are tested with one check each.
+        done, not_done = SeqStatus.FINISHED, FinishReason.NONE
+        for i, (seq, token, pos) in enumerate(zip(seqs, token_ids, positions, strict=True)):
+            req = seq.request
+            if req.beam is not None:
                 continue  # beams: beam_engine.py
-            if seq.is_finished:
+            if seq.status is done:
                 continue  # aborted, or finished by an earlier token while this one computed
-            pos = positions[i]
             tokens = seq.token_ids
             tokens[pos] = token
-            if i in refused:
+            if refused and i in refused:
                 # The step's mask allowed only what the matcher accepts, so this is a bug, not
                 # bad input: the choice ends here rather than leave its grammar.
-                outputs.extend(seq.request.error_outputs([seq.index], "left the output grammar"))
+                outputs.extend(req.error_outputs([seq.index], "left the output grammar"))
                 if seq.status == SeqStatus.RUNNING:
                     releases.append(seq.seq_id)
                 self.finish(seq, FinishReason.ERROR)
-                if all(q.is_finished for q in seq.request.seqs):
-                    finished.append(seq.request.request_id)
+                if all(q.is_finished for q in req.seqs):
+                    finished.append(req.request_id)
                 continue
-            req = seq.request
             p = req.params
             lps: list[TokenLogprob] = []
             if logprobs is not None and (p.return_logprobs or p.logprobs):
@@ -648,7 +662,7 @@ class Scheduler:
             if seq.prompt_logprobs and not seq.prompt_logprobs_done:
                 prompt_lps, seq.prompt_logprobs = seq.prompt_logprobs, []
                 seq.prompt_logprobs_done = True
-            reason = FinishReason.NONE
+            reason = not_done
             if (token in eos and not p.ignore_eos) or (
                 p.stop_token_ids and token in p.stop_token_ids
             ):
@@ -669,7 +683,7 @@ class Scheduler:
                     prompt_lps,
                 )
             )
-            if reason != FinishReason.NONE:
+            if reason is not not_done:
                 del tokens[pos + 1 :]  # a placeholder of a step that ran past the end
                 if seq.status == SeqStatus.RUNNING:  # (a preempted one holds no blocks)
                     releases.append(seq.seq_id)
