@@ -18,7 +18,7 @@ KEEPALIVE_MS = 1000  # gRPC clients ping at most once a second
 IDLE_S = 8.0  # pings the default policy answers with GOAWAY after three strikes
 
 CLIENT = r"""
-import asyncio, sys, time
+import asyncio, os, sys, time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -46,6 +46,9 @@ async def main(mode: str, idle: float) -> None:
         states.append(channel.get_state().name)
     await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
     print("STATES", " ".join(states), flush=True)
+    # gRPC's core logs to fd 2 unbuffered: the marker splits the idle window's log from the
+    # shutdown's, whose "Cancelling all calls" GOAWAY the client may log as the server stops.
+    os.write(2, b"\nIDLE_WINDOW_END\n")
     await channel.close()
     await server.stop(None)
 
@@ -69,7 +72,9 @@ def _run(mode: str) -> tuple[list[str], str]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("STATES"))
-    return line.split()[1:], result.stderr
+    idle_log, marker, _ = result.stderr.partition("IDLE_WINDOW_END")
+    assert marker, result.stderr[-3000:]
+    return line.split()[1:], idle_log
 
 
 @pytest.mark.parametrize("mode", ["kvmanager", "default_policy"])
