@@ -14,6 +14,7 @@ from pagemesh.services.executor.engine_api import SequenceOutput
 from pagemesh.services.executor.server import serve
 from pagemesh.services.gateway.app import GatewayConfig, create_app
 from pagemesh.services.gateway.chat import Tokenizer
+from pagemesh.services.gateway.migration import MigrationPolicy
 from pagemesh.services.gateway.served_models import FAILING_AFTER
 
 from pagemesh.redis_process import free_port
@@ -56,7 +57,10 @@ async def test_health_is_503_while_the_executor_fails_and_when_it_is_gone(
     info = scripted_info(len(tokenizer.hf), str(smollm2_path))
     stop = asyncio.Event()
     server = asyncio.create_task(serve(engine, info, "127.0.0.1", port, stop))
-    app = create_app(GatewayConfig(executors=[f"127.0.0.1:{port}"]))
+    # A request waits migration.wait_s for an executor to come back before its 503 (60 s by
+    # default, to ride through a restart); 2 s here, the 503 after it is what is tested.
+    config = GatewayConfig(executors=[f"127.0.0.1:{port}"], migration=MigrationPolicy(wait_s=2.0))
+    app = create_app(config)
     try:
         async with TestClient(TestServer(app)) as client:
             assert (await _health_until(client, 200))["status"] == "ok"
