@@ -231,15 +231,9 @@ class HostTier:
         streams, without waiting for the device; the next work on the compute stream sees every
         restore in and every spilled block read. `to_device`: uploads the block indices (the
         engine's pinned step staging). CPU: done on return."""
-        groups = _merge(batches)
+        groups, array = self.plan(batches)
         if not groups:
             return
-        for g in groups:
-            _in_host_order(g)
-        # Every GPU block index of the call goes up in one copy; the pieces slice it.
-        gpu_ids = [g for grp in groups for g, _ in grp.spills]
-        gpu_ids += [g for grp in groups for _, g in grp.restores]
-        array = np.asarray(gpu_ids, np.int64)
         if not self.cuda:
             ids = torch.from_numpy(array)
         else:
@@ -264,6 +258,18 @@ class HostTier:
             r_at += len(g.restores)
             self.num_spills += len(g.spills)
             self.num_restores += len(g.restores)
+
+    @staticmethod
+    def plan(batches: list[TransferBatch]) -> tuple[list[TransferBatch], np.ndarray]:
+        """`run`'s host-side preparation: the groups (merged, in host order) and every GPU block
+        index of the call in one array (spills' first, then restores'), which goes up in one
+        copy that the pieces slice."""
+        groups = _merge(batches)
+        for g in groups:
+            _in_host_order(g)
+        gpu_ids = [g for grp in groups for g, _ in grp.spills]
+        gpu_ids += [g for grp in groups for _, g in grp.restores]
+        return groups, np.asarray(gpu_ids, np.int64)
 
     def _spill_piece_cpu(self, spills: Pairs, src: torch.Tensor) -> None:
         out = self._gpu_blocks.index_select(0, src)  # contiguous: all layers of each block
