@@ -51,8 +51,9 @@ from pagemesh.services.kvmanager.events import (
 @dataclass(slots=True)
 class BlockPool:
     num_blocks: int
-    # Called with a block's age (seconds since its hash was published) when it is evicted.
-    on_evict: Callable[[float], None] | None = None
+    # Called with the ages (seconds since their hashes were published) of the blocks one
+    # allocation evicts.
+    on_evict: Callable[[list[float]], None] | None = None
     # Change events for a consumer to take (events.py); None: not recorded.
     events: list[Event] | None = None
     ref: list[int] = field(init=False)
@@ -67,9 +68,9 @@ class BlockPool:
     # -- the host tier (module docstring); 0 blocks: none, evicted blocks are dropped
     host_blocks: int = 0
     # Called with the ages (seconds since their spills) of the host blocks an allocation
-    # restores, and with a host block's age when it is dropped.
+    # restores, and of those it drops.
     on_restore: Callable[[list[float]], None] | None = None
-    on_host_drop: Callable[[float], None] | None = None
+    on_host_drop: Callable[[list[float]], None] | None = None
     host_hash: list[bytes | None] = field(init=False)
     host_birth: list[float] = field(init=False)  # wall-clock time of the spill
     host_stamp: list[int] = field(init=False)  # queue order, as `stamp`
@@ -138,7 +139,7 @@ class BlockPool:
             b = self.free.popleft()
         else:
             b = self.cached.popitem(last=False)[0]
-            self._evict(b)
+            self._evict_many([b])
         self.ref[b] = 1
         if self.events is not None:
             self.events.append((BLOCK, b))
@@ -150,10 +151,11 @@ class BlockPool:
         k = n if n <= len(free) else len(free)
         popleft = free.popleft
         out = [popleft() for _ in range(k)]
-        for _ in range(n - k):
-            b = self.cached.popitem(last=False)[0]
-            self._evict(b)
-            out.append(b)
+        if n > k:
+            popitem = self.cached.popitem
+            evicted = [popitem(last=False)[0] for _ in range(n - k)]
+            self._evict_many(evicted)
+            out += evicted
         ref = self.ref
         for b in out:
             ref[b] = 1
@@ -161,50 +163,80 @@ class BlockPool:
             self.events.append((BLOCKS, out[:]))  # a copy: `out` is the caller's
         return out
 
-    def _evict(self, b: int) -> None:
-        h = self.hash[b]
-        assert h is not None and self.index[h] == b
-        del self.index[h]
-        self.hash[b] = None
-        self.evictions += 1
-        if self.on_evict is not None:
-            self.on_evict(time.time() - self.birth[b])
-        if self.events is not None:
-            self.events.append((HASH_REMOVED, h))
-        if self.host_blocks:
-            self._spill(b, h)
-
-    def _spill(self, b: int, h: bytes) -> None:
-        """Evicted GPU block `b` (hash `h`) goes on in a host block: a free one, else the host
-        LRU's oldest, whose hash is dropped. None to take (every host block is being restored
-        by the allocation that evicts): dropped, as without a tier."""
-        if self.host_free:
-            hb = self.host_free.popleft()
-        elif self.host_cached:
-            hb = self.host_cached.popitem(last=False)[0]
-            self._host_drop(hb)
-        else:
-            return
+    def _evict_many(self, blocks: list[int]) -> None:
+        """Cached blocks just taken off the LRU lose their hashes (oldest first), which spill
+        to the host tier. One pass and one stats call for the lot: an allocation of a long
+        prompt evicts hundreds of blocks on the executor's critical path (issue 26: per-block
+        stats calls were most of a restored turn's admission time)."""
+        hashes, index, birth = self.hash, self.index, self.birth
         now = time.time()
-        self.host_hash[hb] = h
-        self.host_index[h] = hb
-        self.host_birth[hb] = now
-        self.host_stamp[hb] = self.next_stamp
-        self.next_stamp += 1
-        self.host_cached[hb] = None  # most recently used end
-        self.spills.append((b, hb))
-        self.num_spills += 1
+        evicted: list[bytes] = []
+        ages: list[float] = []
+        for b in blocks:
+            h = hashes[b]
+            assert h is not None and index[h] == b
+            del index[h]
+            hashes[b] = None
+            evicted.append(h)
+            ages.append(now - birth[b])
+        self.evictions += len(blocks)
+        if self.on_evict is not None:
+            self.on_evict(ages)
         if self.events is not None:
-            self.events.append((HOST_BLOCKS, [hb]))
+            self.events.extend([(HASH_REMOVED, h) for h in evicted])
+        if self.host_blocks:
+            self._spill_many(blocks, evicted, now)
 
-    def _host_drop(self, hb: int) -> None:
-        h = self.host_hash[hb]
-        assert h is not None and self.host_index[h] == hb
-        del self.host_index[h]
-        self.host_hash[hb] = None
-        self.host_drops += 1
+    def _spill_many(self, blocks: list[int], hashes: list[bytes], now: float) -> None:
+        """Evicted GPU blocks (oldest first) and their hashes go on in host blocks: free ones,
+        then the host LRU's oldest, whose hashes are dropped. More blocks than the host tier can
+        take (every other host block is being restored by the allocation that evicts): the
+        oldest are dropped, as without a tier (block by block, they would have been spilled and
+        then dropped again by the newer ones)."""
+        host_free, host_cached = self.host_free, self.host_cached
+        room = len(host_free) + len(host_cached)
+        if len(blocks) > room:
+            blocks, hashes = blocks[len(blocks) - room :], hashes[len(hashes) - room :]
+        n = len(blocks)
+        if not n:
+            return
+        k = n if n <= len(host_free) else len(host_free)
+        popleft = host_free.popleft
+        targets = [popleft() for _ in range(k)]
+        if n > k:
+            popitem = host_cached.popitem
+            dropped = [popitem(last=False)[0] for _ in range(n - k)]
+            self._host_drop_many(dropped, now)
+            targets += dropped
+        host_hash, host_index = self.host_hash, self.host_index
+        host_birth, host_stamp = self.host_birth, self.host_stamp
+        stamp = self.next_stamp
+        for hb, h in zip(targets, hashes, strict=True):
+            host_hash[hb] = h
+            host_index[h] = hb
+            host_birth[hb] = now
+            host_stamp[hb] = stamp
+            stamp += 1
+            host_cached[hb] = None  # most recently used end
+        self.next_stamp = stamp
+        self.spills.extend(zip(blocks, targets, strict=True))
+        self.num_spills += n
+        if self.events is not None:
+            self.events.append((HOST_BLOCKS, targets))
+
+    def _host_drop_many(self, host_blocks: list[int], now: float) -> None:
+        """Host blocks just taken off the host LRU lose their hashes."""
+        host_hash, host_index, host_birth = self.host_hash, self.host_index, self.host_birth
+        ages: list[float] = []
+        for hb in host_blocks:
+            h = host_hash[hb]
+            assert h is not None and host_index[h] == hb
+            del host_index[h]
+            host_hash[hb] = None
+            ages.append(now - host_birth[hb])
+        self.host_drops += len(host_blocks)
         if self.on_host_drop is not None:
-            self.on_host_drop(time.time() - self.host_birth[hb])
+            self.on_host_drop(ages)
 
     def unhash(self, b: int) -> None:
         """An in-use block's hash leaves the index (its contents cannot be trusted): it goes
@@ -267,12 +299,13 @@ class BlockPool:
     def drop_host_tier(self) -> None:
         """Forgets every host-resident block (their hashes leave the index): after an outage
         kvmanager cannot know which spills the executor really made."""
-        for hb in list(self.host_cached):
-            self._host_drop(hb)
+        dropped = list(self.host_cached)
+        self.host_cached.clear()
+        self._host_drop_many(dropped, time.time())
+        for hb in dropped:
             self.host_stamp[hb] = self.next_stamp
             self.next_stamp += 1
             self.host_free.append(hb)
-        self.host_cached.clear()
         if self.events is not None and self.host_blocks:
             self.events.append((HOST_BLOCKS, list(range(self.host_blocks))))
 

@@ -208,9 +208,9 @@ class Manager:
             num_host_blocks=num_host_blocks,
             kv_block_bytes=kv_block_bytes,
         )
-        ex.pool.on_evict = ex.age_at_eviction.record
+        ex.pool.on_evict = ex.age_at_eviction.record_ages
         ex.pool.on_restore = ex.age_at_restore.record_ages
-        ex.pool.on_host_drop = ex.age_at_host_drop.record
+        ex.pool.on_host_drop = ex.age_at_host_drop.record_ages
         return ex
 
     def register(
