@@ -372,7 +372,7 @@ class LoadReport(_message.Message):
     def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error", "load_error")
+    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error", "load_error", "ahead_src", "ahead_dst")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +382,8 @@ class StepResponse(_message.Message):
     ALLOCATE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_SRC_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_DST_FIELD_NUMBER: _ClassVar[int]
     commit: CommitResponse
     release: ReleaseResponse
     extend: ExtendResponse
@@ -391,7 +393,9 @@ class StepResponse(_message.Message):
     allocate: _containers.RepeatedCompositeFieldContainer[AllocateResponse]
     allocate_error: CallError
     load_error: CallError
-    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ..., load_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    ahead_src: _containers.RepeatedScalarFieldContainer[int]
+    ahead_dst: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ..., load_error: _Optional[_Union[CallError, _Mapping]] = ..., ahead_src: _Optional[_Iterable[int]] = ..., ahead_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("id", "allocate", "extend", "commit", "fork", "release", "step")

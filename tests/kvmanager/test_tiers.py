@@ -12,7 +12,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from pagemesh.services.kvmanager import cli
-from pagemesh.services.kvmanager.api import CommitEntry, ExtendEntry
+from pagemesh.services.kvmanager.api import AdmitEntry, CommitEntry, ExtendEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
 from pagemesh.services.kvmanager.server import start_server
 
@@ -99,6 +99,35 @@ async def test_extend_reply_carries_its_spills(make) -> None:
     assert {g for g, _ in r.spills} <= set(r.updates["y"].block_ids)
     assert alloc.block_ids[0] not in {g for g, _ in r.spills}
     a.manager.check()
+
+
+async def test_step_spills_ahead_within_budget_and_eviction_moves_nothing(make) -> None:
+    """A Step call that changes blocks ends by copying the oldest cached blocks out (while free
+    and copied ones are below the watermark, at most its budget): they stay cached and hit on
+    the GPU; evicting one later moves no bytes, and its hash goes on in its host copy."""
+    a = await make(8, 8)
+    m = a.manager
+    m.spill_ahead_watermark = 0.5  # 4 of 8 GPU blocks free or copied
+    m.spill_ahead_mib = 64 / 2**20  # one 64-byte block a call
+    for k in (1, 2, 3):
+        await served(a, f"p{k}", prompt(k))  # 6 cached blocks (2 a prompt), 2 free
+    pool = m.executors["ex"].pool
+    oldest = list(pool.cached)
+    r = await a.step([], [], [], [AdmitEntry("x", [9] * 9, "", 0)])  # 3 blocks: 1 evicted
+    (alloc,) = r.allocations
+    assert [g for g, _ in alloc.spills] == oldest[:1]  # the eviction's own spill
+    assert [g for g, _ in r.spills_ahead] == oldest[1:2]  # the budget: one block
+    r = await a.step([], ["x"], [])  # (x's blocks come back free: 3 free + 1 copied)
+    assert r.num_released == 1 and not r.spills_ahead  # at the watermark: nothing to copy
+    r = await a.step([], [], [], [AdmitEntry("y", [8] * 17, "", 0)])  # 5 blocks: 2 evicted
+    (alloc,) = r.allocations
+    # oldest[1] had its copy: only oldest[2] is spilled.
+    assert [g for g, _ in alloc.spills] == oldest[2:3]
+    assert pool.num_evicted_ahead == 1 and pool.num_spills_ahead == 1 + len(r.spills_ahead)
+    # Prompt 1's two blocks are both in the host tier now (one by spill, one by its copy).
+    again = await a.allocate("p1b", prompt(1))
+    assert again.num_cached_tokens == 2 * BS and len(again.restores) == 2
+    m.check()
 
 
 async def test_new_epoch_drops_both_tiers(make) -> None:
