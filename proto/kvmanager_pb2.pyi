@@ -244,7 +244,7 @@ class PoolStats(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., free: _Optional[int] = ..., in_use: _Optional[int] = ..., cached: _Optional[int] = ..., evictions: _Optional[int] = ..., live_sequences: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("host_blocks", "host_free", "host_cached", "gpu_hit_tokens", "host_hit_tokens", "spills", "restores", "host_drops", "bytes_spilled", "bytes_restored", "age_at_restore", "age_at_host_drop")
+    __slots__ = ("host_blocks", "host_free", "host_cached", "gpu_hit_tokens", "host_hit_tokens", "spills", "restores", "host_drops", "bytes_spilled", "bytes_restored", "age_at_restore", "age_at_host_drop", "host_copies", "spills_ahead", "evicted_ahead")
     HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HOST_FREE_FIELD_NUMBER: _ClassVar[int]
     HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,9 @@ class TierStats(_message.Message):
     BYTES_RESTORED_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_RESTORE_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_HOST_DROP_FIELD_NUMBER: _ClassVar[int]
+    HOST_COPIES_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     host_blocks: int
     host_free: int
     host_cached: int
@@ -269,7 +272,10 @@ class TierStats(_message.Message):
     bytes_restored: int
     age_at_restore: Residency
     age_at_host_drop: Residency
-    def __init__(self, host_blocks: _Optional[int] = ..., host_free: _Optional[int] = ..., host_cached: _Optional[int] = ..., gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., host_drops: _Optional[int] = ..., bytes_spilled: _Optional[int] = ..., bytes_restored: _Optional[int] = ..., age_at_restore: _Optional[_Union[Residency, _Mapping]] = ..., age_at_host_drop: _Optional[_Union[Residency, _Mapping]] = ...) -> None: ...
+    host_copies: int
+    spills_ahead: int
+    evicted_ahead: int
+    def __init__(self, host_blocks: _Optional[int] = ..., host_free: _Optional[int] = ..., host_cached: _Optional[int] = ..., gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., host_drops: _Optional[int] = ..., bytes_spilled: _Optional[int] = ..., bytes_restored: _Optional[int] = ..., age_at_restore: _Optional[_Union[Residency, _Mapping]] = ..., age_at_host_drop: _Optional[_Union[Residency, _Mapping]] = ..., host_copies: _Optional[int] = ..., spills_ahead: _Optional[int] = ..., evicted_ahead: _Optional[int] = ...) -> None: ...
 
 class WindowStats(_message.Message):
     __slots__ = ("name", "hits")

@@ -404,10 +404,12 @@ class BlockPool:
             self.on_restore(ages)
 
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """The spills and restores recorded since the last call, leaving none."""
+        """The spills and restores recorded since the last call, leaving none. Always lists of
+        the caller's own: handing out the pool's (empty) ones would let a later transfer land
+        in a reply already given (an admission round's first allocation, with none, got the
+        second's spills too, and the executor ran them twice)."""
         out = self.spills, self.restores
-        if out[0] or out[1]:
-            self.spills, self.restores = [], []
+        self.spills, self.restores = [], []
         return out
 
     def drop_host_tier(self) -> None:

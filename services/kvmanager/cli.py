@@ -385,11 +385,12 @@ def format_stats(r, address: str) -> str:
                 str(e.tier.restores),
                 str(e.tier.host_drops),
                 _bytes(e.tier.bytes_spilled + e.tier.bytes_restored),
+                f"{e.tier.spills_ahead}/{e.tier.evicted_ahead}",
             ]
             for e in tiered
         ]
         head = ["host tier", "blocks", "free", "cached", "gpu hit tok", "host hit tok"]
-        head += ["spills", "restores", "dropped", "moved"]
+        head += ["spills", "restores", "dropped", "moved", "ahead/evicted"]
         out += ["", _table(head, rows, left=1)]
         for e in tiered:
             t = e.tier

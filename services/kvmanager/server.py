@@ -91,6 +91,9 @@ def _tier(ex: ExecutorState) -> pb.TierStats:
         bytes_restored=p.num_restores * ex.kv_block_bytes,
         age_at_restore=_residency(ex.age_at_restore),
         age_at_host_drop=_residency(ex.age_at_host_drop),
+        host_copies=p.num_host_copies,
+        spills_ahead=p.num_spills_ahead,
+        evicted_ahead=p.num_evicted_ahead,
     )
 
 

@@ -124,6 +124,10 @@ async def test_step_spills_ahead_within_budget_and_eviction_moves_nothing(make) 
     # oldest[1] had its copy: only oldest[2] is spilled.
     assert [g for g, _ in alloc.spills] == oldest[2:3]
     assert pool.num_evicted_ahead == 1 and pool.num_spills_ahead == 1 + len(r.spills_ahead)
+    if hasattr(a, "get_stats"):  # (gRPC: the counters in GetStats)
+        t = (await a.get_stats()).executors[0].tier
+        assert (t.spills_ahead, t.evicted_ahead) == (pool.num_spills_ahead, 1)
+        assert t.host_copies == pool.num_host_copies
     # Prompt 1's two blocks are both in the host tier now (one by spill, one by its copy).
     again = await a.allocate("p1b", prompt(1))
     assert again.num_cached_tokens == 2 * BS and len(again.restores) == 2
@@ -194,6 +198,9 @@ async def test_tier_stats_in_get_stats_metrics_and_cli(capsys) -> None:
         assert 'pagemesh_kv_tier_hit_tokens_total{executor="ex",tier="host"} 8.0' in text
         assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="spill"} 8.0' in text
         assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="drop"} 2.0' in text
+        # (no Step call here: nothing spilled ahead; test_step_spills_ahead_... does)
+        assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="spill_ahead"} 0.0' in text
+        assert 'pagemesh_kv_host_blocks{executor="ex",state="copy"} 0.0' in text
         assert 'pagemesh_kv_tier_bytes_total{direction="to_gpu",executor="ex"} 2000.0' in text
         assert 'pagemesh_kv_host_blocks{executor="ex",state="cached"} 4.0' in text
         assert 'pagemesh_kv_host_block_age_at_restore_seconds_count{executor="ex"} 2.0' in text
