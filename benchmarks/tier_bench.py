@@ -43,12 +43,19 @@ tier holds the whole working set (x1.25).
    block into a staging buffer, one scatter into the pool) against the ceiling, one pinned
    copy of the same bytes; and the D2H spill path the same way.
 
+kvmanager (in process) spills ahead of eviction with its defaults (--spill-ahead-watermark,
+--spill-ahead-mib; mib 0: off). --mixed-ab: the mixed part as --mixed-only runs it, after the
+multi-turn arms (one command for both); --no-ahead-arm adds a third mixed arm, the tier without
+spill ahead, for the spill ahead's own effect. Counts: spills_ahead (of spills) and
+evicted_ahead (evictions that found their copy made: no bytes moved).
+
 Prints one JSON line (progress on stderr). --tiny: a CPU smoke run at toy sizes (checks the
 script, not the figures).
 
     python benchmarks/tier_bench.py [--first-prompt 6144,8192] [--conversations 24]
         [--turns 4] [--concurrency 1] [--no-resident] [--dtype float32] [--tiny]
-    python benchmarks/tier_bench.py --mixed-only [--mixed-repeats 5]
+    python benchmarks/tier_bench.py --mixed-only [--mixed-repeats 5] [--no-ahead-arm]
+    python benchmarks/tier_bench.py --no-resident --mixed-ab --no-ahead-arm --mixed-repeats 3
 """
 
 from __future__ import annotations

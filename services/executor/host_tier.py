@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -74,6 +75,9 @@ def _merge(batches: list[TransferBatch]) -> list[TransferBatch]:
     new one), and no block would be written twice in one group (the order of one indexed write
     with duplicates is undefined). A later restore of what the group spilled is fine: spills
     come first."""
+    if len(batches) == 1:  # (the common launch: one reply's transfers; no sets to build)
+        b = batches[0]
+        return [TransferBatch(list(b.spills), list(b.restores))] if b.spills or b.restores else []
     out: list[TransferBatch] = []
     host_read: set[int] = set()  # the group's restore sources
     host_written: set[int] = set()  # the group's spill targets
@@ -109,7 +113,7 @@ def _in_host_order(g: TransferBatch) -> TransferBatch:
     in chain order, but a chain released tail first was spilled to ascending host blocks, so
     chain order is descending host order: one copy a block (a 7k-token history: ~460 copies of
     512 KiB, and as many Python iterations in the step's launch) where sorted runs need a few."""
-    g.spills.sort(key=lambda p: p[1])
+    g.spills.sort(key=itemgetter(1))
     g.restores.sort()
     return g
 
