@@ -11,7 +11,10 @@ a contiguous device staging buffer first, a restore scatters one back.
 
 Order. Transfers come in batches, one per kvmanager reply that took blocks (an allocation, an
 Extend), each "spills, then restores" (within a reply the restored host blocks were never spill
-targets, and a GPU block may be both evicted and refilled). Consecutive batches are merged when
+targets, and a GPU block may be both evicted and refilled), and one more of spills only for a
+Step call's spills ahead of eviction (cached blocks copied out before kvmanager evicts them, so
+that the eviction moves nothing: a burst of spills larger than the staging ring makes the
+compute stream's gathers wait for the ring's device-to-host copies). Consecutive batches are merged when
 running the group's spills before its restores gives what running them batch by batch gives
 (`_merge`). A group runs as: gather of its spills' GPU blocks into staging, staging -> host;
 then host -> staging for its restores, scatter into the GPU pool.
