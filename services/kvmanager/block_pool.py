@@ -512,6 +512,8 @@ class BlockPool:
         """Rebuilds the host tier from (host block, hash, birth, stamp) records (after
         `restore`); blocks without a record stay free."""
         self.ahead = {}
+        self.host_index = {}
+        self.host_hash = [None] * self.host_blocks
         for hb, h, birth, stamp in records:
             if h is not None and h in self.index:
                 # A copy spilled ahead of its GPU block's eviction; without an idle GPU block
