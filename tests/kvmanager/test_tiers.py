@@ -14,6 +14,7 @@ import pytest
 from pagemesh.services.kvmanager import cli
 from pagemesh.services.kvmanager.api import AdmitEntry, CommitEntry, ExtendEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.server import start_server
 
 BS = 4
@@ -212,3 +213,15 @@ async def test_tier_stats_in_get_stats_metrics_and_cli(capsys) -> None:
     finally:
         await a.close()
         await srv.stop(0)
+
+
+async def test_spill_ahead_options_are_checked() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["kvmanager"])
+    assert (args.spill_ahead_watermark, args.spill_ahead_mib) == (0.25, 32.0)
+    for bad in (["--spill-ahead-watermark", "1.5"], ["--spill-ahead-mib", "-1"]):
+        args = parser.parse_args(["kvmanager", "--port", "0", *bad])
+        assert await cli._serve(args) == 78  # EX_CONFIG, before anything starts
+    with pytest.raises(ValueError, match="spill_ahead_watermark"):
+        Manager(spill_ahead_watermark=-0.1)
