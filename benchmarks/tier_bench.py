@@ -43,12 +43,19 @@ tier holds the whole working set (x1.25).
    block into a staging buffer, one scatter into the pool) against the ceiling, one pinned
    copy of the same bytes; and the D2H spill path the same way.
 
+kvmanager (in process) spills ahead of eviction with its defaults (--spill-ahead-watermark,
+--spill-ahead-mib; mib 0: off). --mixed-ab: the mixed part as --mixed-only runs it, after the
+multi-turn arms (one command for both); --no-ahead-arm adds a third mixed arm, the tier without
+spill ahead, for the spill ahead's own effect. Counts: spills_ahead (of spills) and
+evicted_ahead (evictions that found their copy made: no bytes moved).
+
 Prints one JSON line (progress on stderr). --tiny: a CPU smoke run at toy sizes (checks the
 script, not the figures).
 
     python benchmarks/tier_bench.py [--first-prompt 6144,8192] [--conversations 24]
         [--turns 4] [--concurrency 1] [--no-resident] [--dtype float32] [--tiny]
-    python benchmarks/tier_bench.py --mixed-only [--mixed-repeats 5]
+    python benchmarks/tier_bench.py --mixed-only [--mixed-repeats 5] [--no-ahead-arm]
+    python benchmarks/tier_bench.py --no-resident --mixed-ab --no-ahead-arm --mixed-repeats 3
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ from pagemesh.services.executor.engine_api import SamplingParams
 from pagemesh.services.executor.host_tier import TransferBatch
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.kvmanager.local import LocalAllocator
+from pagemesh.services.kvmanager.manager import SPILL_AHEAD_MIB, SPILL_AHEAD_WATERMARK, Manager
 
 from benchmarks.throughput import MODEL as THROUGHPUT_MODEL
 from benchmarks.throughput import TINY_MODEL
@@ -185,6 +193,8 @@ def tier_counts(engine: LLMEngine) -> dict:
         "restores": p.num_restores,
         "host_drops": p.host_drops,
         "evictions": p.evictions,
+        "spills_ahead": p.num_spills_ahead,
+        "evicted_ahead": p.num_evicted_ahead,
     }
 
 
@@ -331,6 +341,8 @@ async def mixed(engine: LLMEngine, args, seed: int) -> dict:
         - before["host_hit_tokens"],
         "spills": after["spills"] - before["spills"],
         "evictions": after["evictions"] - before["evictions"],
+        "spills_ahead": after["spills_ahead"] - before["spills_ahead"],
+        "evicted_ahead": after["evicted_ahead"] - before["evicted_ahead"],
     }
 
 
@@ -345,7 +357,8 @@ async def mixed_ab(engines: dict[str, LLMEngine], args) -> dict:
         await mixed(engine, args, args.seed + 1000)
     order = list(engines)
     for r in range(args.mixed_repeats):
-        for arm in order if r % 2 == 0 else reversed(order):
+        # (rotated: each arm runs first, in the middle and last alike over the repeats)
+        for arm in order[r % len(order) :] + order[: r % len(order)]:
             runs[arm].append(await mixed(engines[arm], args, args.seed + 1 + r))
             log(f"mixed repeat {r} tier {arm}: {runs[arm][-1]['output_tok_s']} tok/s")
     out: dict = {}
@@ -358,15 +371,20 @@ async def mixed_ab(engines: dict[str, LLMEngine], args) -> dict:
             "step_ms_median": round(statistics.median(x["step_ms"] for x in xs), 3),
             "spills": sum(x["spills"] for x in xs),
             "evictions": sum(x["evictions"] for x in xs),
+            "spills_ahead": sum(x["spills_ahead"] for x in xs),
+            "evicted_ahead": sum(x["evicted_ahead"] for x in xs),
         }
-    off, on = out["off"]["output_tok_s_median"], out["on"]["output_tok_s_median"]
-    out["change_pct_of_medians"] = round((on - off) / off * 100, 2) if off else None
-    # Paired: each repeat's two arms ran back to back on the same requests.
-    pairs = [
-        (b["output_tok_s"] - a["output_tok_s"]) / a["output_tok_s"] * 100
-        for a, b in zip(runs["off"], runs["on"], strict=True)
-    ]
-    out["change_pct_paired"] = [round(p, 2) for p in pairs]
+    off = out["off"]["output_tok_s_median"]
+    for arm in [a for a in runs if a != "off"]:
+        on = out[arm]["output_tok_s_median"]
+        key = "" if arm == "on" else f"_{arm}"
+        out[f"change_pct_of_medians{key}"] = round((on - off) / off * 100, 2) if off else None
+        # Paired: each repeat's arms ran back to back on the same requests.
+        pairs = [
+            (b["output_tok_s"] - a["output_tok_s"]) / a["output_tok_s"] * 100
+            for a, b in zip(runs["off"], runs[arm], strict=True)
+        ]
+        out[f"change_pct_paired{key}"] = [round(p, 2) for p in pairs]
     return out
 
 
@@ -470,6 +488,7 @@ async def make_engine(
     host_blocks: int,
     gpu_blocks: int | None = None,
     max_model_len: int | None = None,
+    no_ahead: bool = False,
 ) -> LLMEngine:
     config = EngineConfig(
         model=str(path),
@@ -484,9 +503,32 @@ async def make_engine(
         use_cuda_graphs=DEVICE == "cuda",
         async_scheduling=True,  # (the CUDA default; on CPU too, so --tiny counts steps alike)
     )
-    engine = LLMEngine(config, LocalAllocator(), model=model, model_config=mconf)
+    ahead = (args.spill_ahead_watermark, 0.0 if no_ahead else args.spill_ahead_mib)
+    allocator = LocalAllocator(
+        manager=Manager(spill_ahead_watermark=ahead[0], spill_ahead_mib=ahead[1])
+    )
+    engine = LLMEngine(config, allocator, model=model, model_config=mconf)
     await engine.start()
     return engine
+
+
+async def mixed_ab_engines(
+    tmp: Path, model, mconf, dtype, args, host_blocks: int, sizes: tuple
+) -> dict:
+    """The mixed part's A/B (mixed_ab) on engines of its own, side by side: tier off, on, and
+    with --no-ahead-arm on without spill ahead."""
+    plan = [("off", 0, False), ("on", host_blocks, False)]
+    if args.no_ahead_arm:
+        plan.append(("on_noahead", host_blocks, True))
+    engines = {
+        arm: await make_engine(tmp, model, mconf, dtype, args, host, *sizes, no_ahead=no_ahead)
+        for arm, host, no_ahead in plan
+    }
+    out = await mixed_ab(engines, args)
+    for engine in engines.values():
+        await engine.close()
+        release(engine)
+    return out
 
 
 def release(engine: LLMEngine) -> None:
@@ -525,6 +567,30 @@ async def main() -> None:
         type=int,
         default=MIXED_GPU_BLOCKS,
         help="the mixed part's GPU pool, on an engine of its own (0: the multi-turn engine's)",
+    )
+    ap.add_argument(
+        "--mixed-ab",
+        action="store_true",
+        help="after the multi-turn arms, the mixed part as --mixed-only runs it (interleaved"
+        " repeats on engines of their own) instead of one run an arm",
+    )
+    ap.add_argument(
+        "--spill-ahead-watermark",
+        type=float,
+        default=SPILL_AHEAD_WATERMARK,
+        help="kvmanager's spill ahead of eviction: fraction of the pool kept free or copied",
+    )
+    ap.add_argument(
+        "--spill-ahead-mib",
+        type=float,
+        default=SPILL_AHEAD_MIB,
+        help="kvmanager's spill ahead: MiB a Step call (0: off, spills only on eviction)",
+    )
+    ap.add_argument(
+        "--no-ahead-arm",
+        action="store_true",
+        help="the mixed A/B (--mixed-only, --mixed-ab) also runs the tier with spill ahead off"
+        " (arm on_noahead): the spill ahead's own effect",
     )
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -602,13 +668,9 @@ async def main() -> None:
         # Run V's mixed engine (module docstring, 2.), or the multi-turn one's sizes.
         own = bool(args.mixed_gpu_blocks)
         sizes = (args.mixed_gpu_blocks, MIXED_MAX_MODEL_LEN) if own else (None, None)
-        engines = {
-            arm: await make_engine(tmp, model, mconf, dtype, args, host, *sizes)
-            for arm, host in (("off", 0), ("on", MIXED_HOST_BLOCKS if own else host_blocks))
-        }
-        result["mixed_ab"] = await mixed_ab(engines, args)
-        for engine in engines.values():
-            await engine.close()
+        result["mixed_ab"] = await mixed_ab_engines(
+            tmp, model, mconf, dtype, args, MIXED_HOST_BLOCKS if own else host_blocks, sizes
+        )
         print(json.dumps(result))
         return
 
@@ -627,7 +689,7 @@ async def main() -> None:
         log(f"tier {arm}: multi-turn")
         mt, recs[arm] = await multi_turn(engine, args, args.seed)
         arms[arm] = {"multi_turn": mt}
-        if arm != "resident" and not args.mixed_gpu_blocks:
+        if arm != "resident" and not args.mixed_gpu_blocks and not args.mixed_ab:
             log(f"tier {arm}: mixed")
             arms[arm]["mixed"] = await mixed(engine, args, args.seed + 1)
         if host:
@@ -638,7 +700,7 @@ async def main() -> None:
                 result["copy_queueing"] = copy_queueing(engine, longest * block_bytes)
         await engine.close()
         release(engine)
-        if arm != "resident" and args.mixed_gpu_blocks:
+        if arm != "resident" and args.mixed_gpu_blocks and not args.mixed_ab:
             # The mixed part on an engine of its own, as run V ran it (module docstring, 2.).
             engine = await make_engine(
                 tmp,
@@ -678,8 +740,15 @@ async def main() -> None:
         result["ttft_returning_p50_on_over_resident"] = ratio(
             on["ttft_returning_ms"]["p50"], res["ttft_returning_ms"]["p50"]
         )
-    moff, mon = arms["off"]["mixed"]["output_tok_s"], arms["on"]["mixed"]["output_tok_s"]
-    result["mixed_tok_s_change_pct"] = round((mon - moff) / moff * 100, 2) if moff else None
+    if args.mixed_ab:
+        own = bool(args.mixed_gpu_blocks)
+        sizes = (args.mixed_gpu_blocks, MIXED_MAX_MODEL_LEN) if own else (None, None)
+        result["mixed_ab"] = await mixed_ab_engines(
+            tmp, model, mconf, dtype, args, MIXED_HOST_BLOCKS if own else host_blocks, sizes
+        )
+    else:
+        moff, mon = arms["off"]["mixed"]["output_tok_s"], arms["on"]["mixed"]["output_tok_s"]
+        result["mixed_tok_s_change_pct"] = round((mon - moff) / moff * 100, 2) if moff else None
     print(json.dumps(result))
 
 

@@ -244,7 +244,7 @@ class PoolStats(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., free: _Optional[int] = ..., in_use: _Optional[int] = ..., cached: _Optional[int] = ..., evictions: _Optional[int] = ..., live_sequences: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("host_blocks", "host_free", "host_cached", "gpu_hit_tokens", "host_hit_tokens", "spills", "restores", "host_drops", "bytes_spilled", "bytes_restored", "age_at_restore", "age_at_host_drop")
+    __slots__ = ("host_blocks", "host_free", "host_cached", "gpu_hit_tokens", "host_hit_tokens", "spills", "restores", "host_drops", "bytes_spilled", "bytes_restored", "age_at_restore", "age_at_host_drop", "host_copies", "spills_ahead", "evicted_ahead")
     HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HOST_FREE_FIELD_NUMBER: _ClassVar[int]
     HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,9 @@ class TierStats(_message.Message):
     BYTES_RESTORED_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_RESTORE_FIELD_NUMBER: _ClassVar[int]
     AGE_AT_HOST_DROP_FIELD_NUMBER: _ClassVar[int]
+    HOST_COPIES_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     host_blocks: int
     host_free: int
     host_cached: int
@@ -269,7 +272,10 @@ class TierStats(_message.Message):
     bytes_restored: int
     age_at_restore: Residency
     age_at_host_drop: Residency
-    def __init__(self, host_blocks: _Optional[int] = ..., host_free: _Optional[int] = ..., host_cached: _Optional[int] = ..., gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., host_drops: _Optional[int] = ..., bytes_spilled: _Optional[int] = ..., bytes_restored: _Optional[int] = ..., age_at_restore: _Optional[_Union[Residency, _Mapping]] = ..., age_at_host_drop: _Optional[_Union[Residency, _Mapping]] = ...) -> None: ...
+    host_copies: int
+    spills_ahead: int
+    evicted_ahead: int
+    def __init__(self, host_blocks: _Optional[int] = ..., host_free: _Optional[int] = ..., host_cached: _Optional[int] = ..., gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., host_drops: _Optional[int] = ..., bytes_spilled: _Optional[int] = ..., bytes_restored: _Optional[int] = ..., age_at_restore: _Optional[_Union[Residency, _Mapping]] = ..., age_at_host_drop: _Optional[_Union[Residency, _Mapping]] = ..., host_copies: _Optional[int] = ..., spills_ahead: _Optional[int] = ..., evicted_ahead: _Optional[int] = ...) -> None: ...
 
 class WindowStats(_message.Message):
     __slots__ = ("name", "hits")
@@ -372,7 +378,7 @@ class LoadReport(_message.Message):
     def __init__(self, executor_id: _Optional[str] = ..., epoch: _Optional[int] = ..., load: _Optional[_Union[_fleet_pb2.ExecutorLoad, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error", "load_error")
+    __slots__ = ("commit", "release", "extend", "commit_error", "release_error", "extend_error", "allocate", "allocate_error", "load_error", "ahead_src", "ahead_dst")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     EXTEND_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +388,8 @@ class StepResponse(_message.Message):
     ALLOCATE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_SRC_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_DST_FIELD_NUMBER: _ClassVar[int]
     commit: CommitResponse
     release: ReleaseResponse
     extend: ExtendResponse
@@ -391,7 +399,9 @@ class StepResponse(_message.Message):
     allocate: _containers.RepeatedCompositeFieldContainer[AllocateResponse]
     allocate_error: CallError
     load_error: CallError
-    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ..., load_error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    ahead_src: _containers.RepeatedScalarFieldContainer[int]
+    ahead_dst: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, commit: _Optional[_Union[CommitResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., commit_error: _Optional[_Union[CallError, _Mapping]] = ..., release_error: _Optional[_Union[CallError, _Mapping]] = ..., extend_error: _Optional[_Union[CallError, _Mapping]] = ..., allocate: _Optional[_Iterable[_Union[AllocateResponse, _Mapping]]] = ..., allocate_error: _Optional[_Union[CallError, _Mapping]] = ..., load_error: _Optional[_Union[CallError, _Mapping]] = ..., ahead_src: _Optional[_Iterable[int]] = ..., ahead_dst: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("id", "allocate", "extend", "commit", "fork", "release", "step")

@@ -84,11 +84,12 @@ class AllocatorLink:
         allocator: BlockAllocator,
         config: EngineConfig,
         max_model_len: int,
-        apply: Callable[[ExtendResult], None],
+        apply: Callable[[StepResult], None],
         load: Callable[[], LoadReport],
     ) -> None:
-        """`apply`: the scheduler's hook for a landed look-ahead's Extend result (table updates
-        and copy-on-write copies), called in the order the calls were sent. `load`: the
+        """`apply`: the scheduler's hook for a landed look-ahead's Step result (its Extend's
+        table updates, copy-on-write copies and spills, and the call's spills ahead of
+        eviction), called in the order the calls were sent. `load`: the
         scheduler's load now, sent with every Step call for kvmanager's router."""
         # Prefix caching off: nothing is ever published to the index (see prefix_caching.py).
         self.allocator: BlockAllocator = (
@@ -415,8 +416,8 @@ class AllocatorLink:
     def _land(self, result: StepResult | None, seqs: list[Sequence]) -> None:
         for seq in seqs:
             seq.lookahead_sent = 0  # covered now, or to be asked again
-        if result is not None and result.extend is not None:
-            self._apply(result.extend)
+        if result is not None and (result.extend is not None or result.spills_ahead):
+            self._apply(result)
 
     def _requeue(self, commits: list[CommitEntry], releases: list[str]) -> None:
         """A call kvmanager was unreachable for: its commits and releases wait for the next

@@ -11,7 +11,10 @@ a contiguous device staging buffer first, a restore scatters one back.
 
 Order. Transfers come in batches, one per kvmanager reply that took blocks (an allocation, an
 Extend), each "spills, then restores" (within a reply the restored host blocks were never spill
-targets, and a GPU block may be both evicted and refilled). Consecutive batches are merged when
+targets, and a GPU block may be both evicted and refilled), and one more of spills only for a
+Step call's spills ahead of eviction (cached blocks copied out before kvmanager evicts them, so
+that the eviction moves nothing: a burst of spills larger than the staging ring makes the
+compute stream's gathers wait for the ring's device-to-host copies). Consecutive batches are merged when
 running the group's spills before its restores gives what running them batch by batch gives
 (`_merge`). A group runs as: gather of its spills' GPU blocks into staging, staging -> host;
 then host -> staging for its restores, scatter into the GPU pool.
@@ -42,6 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -74,6 +78,9 @@ def _merge(batches: list[TransferBatch]) -> list[TransferBatch]:
     new one), and no block would be written twice in one group (the order of one indexed write
     with duplicates is undefined). A later restore of what the group spilled is fine: spills
     come first."""
+    if len(batches) == 1:  # (the common launch: one reply's transfers; no sets to build)
+        b = batches[0]
+        return [TransferBatch(list(b.spills), list(b.restores))] if b.spills or b.restores else []
     out: list[TransferBatch] = []
     host_read: set[int] = set()  # the group's restore sources
     host_written: set[int] = set()  # the group's spill targets
@@ -109,7 +116,7 @@ def _in_host_order(g: TransferBatch) -> TransferBatch:
     in chain order, but a chain released tail first was spilled to ascending host blocks, so
     chain order is descending host order: one copy a block (a 7k-token history: ~460 copies of
     512 KiB, and as many Python iterations in the step's launch) where sorted runs need a few."""
-    g.spills.sort(key=lambda p: p[1])
+    g.spills.sort(key=itemgetter(1))
     g.restores.sort()
     return g
 
@@ -231,15 +238,9 @@ class HostTier:
         streams, without waiting for the device; the next work on the compute stream sees every
         restore in and every spilled block read. `to_device`: uploads the block indices (the
         engine's pinned step staging). CPU: done on return."""
-        groups = _merge(batches)
+        groups, array = self.plan(batches)
         if not groups:
             return
-        for g in groups:
-            _in_host_order(g)
-        # Every GPU block index of the call goes up in one copy; the pieces slice it.
-        gpu_ids = [g for grp in groups for g, _ in grp.spills]
-        gpu_ids += [g for grp in groups for _, g in grp.restores]
-        array = np.asarray(gpu_ids, np.int64)
         if not self.cuda:
             ids = torch.from_numpy(array)
         else:
@@ -264,6 +265,18 @@ class HostTier:
             r_at += len(g.restores)
             self.num_spills += len(g.spills)
             self.num_restores += len(g.restores)
+
+    @staticmethod
+    def plan(batches: list[TransferBatch]) -> tuple[list[TransferBatch], np.ndarray]:
+        """`run`'s host-side preparation: the groups (merged, in host order) and every GPU block
+        index of the call in one array (spills' first, then restores'), which goes up in one
+        copy that the pieces slice."""
+        groups = _merge(batches)
+        for g in groups:
+            _in_host_order(g)
+        gpu_ids = [g for grp in groups for g, _ in grp.spills]
+        gpu_ids += [g for grp in groups for _, g in grp.restores]
+        return groups, np.asarray(gpu_ids, np.int64)
 
     def _spill_piece_cpu(self, spills: Pairs, src: torch.Tensor) -> None:
         out = self._gpu_blocks.index_select(0, src)  # contiguous: all layers of each block

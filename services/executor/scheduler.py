@@ -60,6 +60,7 @@ from pagemesh.services.kvmanager.api import (
     LoadReport,
     OutOfBlocks,
     StaleEpoch,
+    StepResult,
 )
 
 # How far past the token budget (at the estimated hit rate) an admission round offers.
@@ -123,7 +124,7 @@ class Scheduler:
         self.pending_transfers: list[TransferBatch] = []
         self._arrival = itertools.count()
         self.link = AllocatorLink(
-            allocator, config, max_model_len, self._land_extend, self.load_report
+            allocator, config, max_model_len, self._land_step, self.load_report
         )
         self.num_preemptions = 0
         # Fraction of the prompts found cached in the last admission round: how far past the
@@ -268,6 +269,8 @@ class Scheduler:
             for alloc in result.allocations:
                 if alloc.spills or alloc.restores:
                     self._transfers(TransferBatch(alloc.spills, alloc.restores))
+            if result.spills_ahead:  # (after the allocations' transfers, as kvmanager made them)
+                self._transfers(TransferBatch(result.spills_ahead))
             tokens = cached = 0
             for seq, alloc in zip(batch, result.allocations, strict=False):
                 budget = self._admit_one(seq, alloc, out, budget)
@@ -462,6 +465,14 @@ class Scheduler:
         """A reply's spills and restores: for the next step, and counted (Reconcile)."""
         self.pending_transfers.append(batch)
         self.link.num_transfers += len(batch.spills) + len(batch.restores)
+
+    def _land_step(self, result: StepResult) -> None:
+        """A look-ahead Step call's result, from the link (as `_land_extend`): its Extend's,
+        then its spills ahead of eviction."""
+        if result.extend is not None:
+            self._land_extend(result.extend)
+        if result.spills_ahead:
+            self._transfers(TransferBatch(result.spills_ahead))
 
     def _land_extend(self, result: ExtendResult) -> None:
         """A look-ahead's result, from the link (at the start of a schedule or while settling:

@@ -108,6 +108,9 @@ class StepResult:
     # Why the load report was not taken (StaleEpoch: kvmanager does not know this executor's
     # epoch, e.g. it restarted without Redis: re-register). Set only for a call with a load.
     load_error: AllocatorError | None = None
+    # Host tier: cached GPU blocks to copy out ahead of their eviction, (gpu block, host block),
+    # after every other transfer of the call (its extend's and allocations'): they stay cached.
+    spills_ahead: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -29,6 +29,22 @@ The tiers are exclusive, so one more invariant holds:
   host_index[h] == hb  <=>  host_hash[hb] == h, and no hash is in both `index` and `host_index`.
 The transfers are listed in the order they happened: replayed in that order (each batch's
 spills, then its restores), no copy reads a block a copy before it overwrote.
+
+Spill ahead (`spill_ahead`): the oldest cached GPU blocks may be copied out before they are
+evicted, a bounded number per call, so that the eviction itself moves no bytes (a burst of
+hundreds of spills at once queues the step's own device-to-host copies behind it: issue 26).
+Such a block is *cached with a host copy*: `ahead[b] == hb`, and host block hb is a third
+host state besides free and cached:
+  host copy    host_hash[hb] == hash[b] -> in no host queue, not in `host_index` (the hash is
+               indexed on the GPU: the indexes stay exclusive)
+  ahead[b] == hb  =>  ref[b] == 0, b in `cached`, hash[b] == host_hash[hb]; the blocks of
+  `ahead` are the oldest of `cached` (copies are made oldest first; a block leaves `cached` from
+  anywhere, and joins at its newest end), so eviction meets them first.
+Evicting b then only moves its hash into host block hb (host cached, newest end), no spill. A
+hit on b (it is in use again) frees its copy: a block in use never has one, so publishing,
+unhashing and copy-on-write never need to know about copies, and the hit made b the most
+recently used, the farthest from eviction; the host block is better spent on a block that is
+not on the GPU at all. If b drifts back to the oldest end, it is copied again.
 """
 
 from __future__ import annotations
@@ -51,8 +67,9 @@ from pagemesh.services.kvmanager.events import (
 @dataclass(slots=True)
 class BlockPool:
     num_blocks: int
-    # Called with a block's age (seconds since its hash was published) when it is evicted.
-    on_evict: Callable[[float], None] | None = None
+    # Called with the ages (seconds since their hashes were published) of the blocks one
+    # allocation evicts.
+    on_evict: Callable[[list[float]], None] | None = None
     # Change events for a consumer to take (events.py); None: not recorded.
     events: list[Event] | None = None
     ref: list[int] = field(init=False)
@@ -67,9 +84,9 @@ class BlockPool:
     # -- the host tier (module docstring); 0 blocks: none, evicted blocks are dropped
     host_blocks: int = 0
     # Called with the ages (seconds since their spills) of the host blocks an allocation
-    # restores, and with a host block's age when it is dropped.
+    # restores, and of those it drops.
     on_restore: Callable[[list[float]], None] | None = None
-    on_host_drop: Callable[[float], None] | None = None
+    on_host_drop: Callable[[list[float]], None] | None = None
     host_hash: list[bytes | None] = field(init=False)
     host_birth: list[float] = field(init=False)  # wall-clock time of the spill
     host_stamp: list[int] = field(init=False)  # queue order, as `stamp`
@@ -79,8 +96,12 @@ class BlockPool:
     # Transfers since the caller last took them (take_transfers): (gpu, host) and (host, gpu).
     spills: list[tuple[int, int]] = field(init=False)
     restores: list[tuple[int, int]] = field(init=False)
-    num_spills: int = 0
+    # Cached GPU blocks with a copy in the host tier: block -> host block (module docstring).
+    ahead: dict[int, int] = field(init=False)
+    num_spills: int = 0  # spills recorded, those made ahead of eviction included
     num_restores: int = 0
+    num_spills_ahead: int = 0  # spills made ahead of eviction
+    num_evicted_ahead: int = 0  # evictions that moved no bytes: the block had its copy
     host_drops: int = 0  # host blocks whose hash was dropped to make room (the host LRU)
 
     def __post_init__(self) -> None:
@@ -102,6 +123,7 @@ class BlockPool:
         self.host_index = {}
         self.spills = []
         self.restores = []
+        self.ahead = {}
 
     # -- counts ---------------------------------------------------------------------------------
     @property
@@ -125,6 +147,10 @@ class BlockPool:
         return len(self.host_free)
 
     @property
+    def num_host_copies(self) -> int:
+        return len(self.ahead)
+
+    @property
     def num_available(self) -> int:
         """Blocks a fresh allocation can get: free ones, then cached ones by eviction."""
         return len(self.free) + len(self.cached)
@@ -138,7 +164,7 @@ class BlockPool:
             b = self.free.popleft()
         else:
             b = self.cached.popitem(last=False)[0]
-            self._evict(b)
+            self._evict_many([b])
         self.ref[b] = 1
         if self.events is not None:
             self.events.append((BLOCK, b))
@@ -150,10 +176,11 @@ class BlockPool:
         k = n if n <= len(free) else len(free)
         popleft = free.popleft
         out = [popleft() for _ in range(k)]
-        for _ in range(n - k):
-            b = self.cached.popitem(last=False)[0]
-            self._evict(b)
-            out.append(b)
+        if n > k:
+            popitem = self.cached.popitem
+            evicted = [popitem(last=False)[0] for _ in range(n - k)]
+            self._evict_many(evicted)
+            out += evicted
         ref = self.ref
         for b in out:
             ref[b] = 1
@@ -161,50 +188,169 @@ class BlockPool:
             self.events.append((BLOCKS, out[:]))  # a copy: `out` is the caller's
         return out
 
-    def _evict(self, b: int) -> None:
-        h = self.hash[b]
-        assert h is not None and self.index[h] == b
-        del self.index[h]
-        self.hash[b] = None
-        self.evictions += 1
-        if self.on_evict is not None:
-            self.on_evict(time.time() - self.birth[b])
-        if self.events is not None:
-            self.events.append((HASH_REMOVED, h))
-        if self.host_blocks:
-            self._spill(b, h)
-
-    def _spill(self, b: int, h: bytes) -> None:
-        """Evicted GPU block `b` (hash `h`) goes on in a host block: a free one, else the host
-        LRU's oldest, whose hash is dropped. None to take (every host block is being restored
-        by the allocation that evicts): dropped, as without a tier."""
-        if self.host_free:
-            hb = self.host_free.popleft()
-        elif self.host_cached:
-            hb = self.host_cached.popitem(last=False)[0]
-            self._host_drop(hb)
-        else:
-            return
+    def _evict_many(self, blocks: list[int]) -> None:
+        """Cached blocks just taken off the LRU lose their hashes (oldest first), which spill
+        to the host tier. One pass and one stats call for the lot: an allocation of a long
+        prompt evicts hundreds of blocks on the executor's critical path (issue 26: per-block
+        stats calls were most of a restored turn's admission time)."""
+        hashes, index, birth = self.hash, self.index, self.birth
         now = time.time()
-        self.host_hash[hb] = h
-        self.host_index[h] = hb
-        self.host_birth[hb] = now
-        self.host_stamp[hb] = self.next_stamp
-        self.next_stamp += 1
-        self.host_cached[hb] = None  # most recently used end
-        self.spills.append((b, hb))
-        self.num_spills += 1
+        evicted: list[bytes] = []
+        ages: list[float] = []
+        for b in blocks:
+            h = hashes[b]
+            assert h is not None and index[h] == b
+            del index[h]
+            hashes[b] = None
+            evicted.append(h)
+            ages.append(now - birth[b])
+        self.evictions += len(blocks)
+        if self.on_evict is not None:
+            self.on_evict(ages)
         if self.events is not None:
-            self.events.append((HOST_BLOCKS, [hb]))
+            self.events.extend([(HASH_REMOVED, h) for h in evicted])
+        if not self.host_blocks:
+            return
+        if self.ahead:
+            blocks, evicted = self._evict_copied(blocks, evicted, now)
+        self._spill_many(blocks, evicted, now)
 
-    def _host_drop(self, hb: int) -> None:
-        h = self.host_hash[hb]
-        assert h is not None and self.host_index[h] == hb
-        del self.host_index[h]
-        self.host_hash[hb] = None
-        self.host_drops += 1
+    def _evict_copied(
+        self, blocks: list[int], hashes: list[bytes], now: float
+    ) -> tuple[list[int], list[bytes]]:
+        """Evicted blocks whose host copy exists (spilled ahead) go on in it, no copy made;
+        returns the others, to spill."""
+        ahead = self.ahead
+        host_hash, host_index, host_cached = self.host_hash, self.host_index, self.host_cached
+        rest: list[int] = []
+        rest_hashes: list[bytes] = []
+        moved: list[int] = []
+        stamp = self.next_stamp
+        for b, h in zip(blocks, hashes, strict=True):
+            hb = ahead.pop(b, -1)
+            if hb < 0:
+                rest.append(b)
+                rest_hashes.append(h)
+                continue
+            assert host_hash[hb] == h
+            host_index[h] = hb
+            self.host_birth[hb] = now
+            self.host_stamp[hb] = stamp
+            stamp += 1
+            host_cached[hb] = None  # most recently used end
+            moved.append(hb)
+        self.next_stamp = stamp
+        if moved:
+            self.num_evicted_ahead += len(moved)
+            if self.events is not None:
+                self.events.append((HOST_BLOCKS, moved))
+        return rest, rest_hashes
+
+    def spill_ahead(self, n: int) -> int:
+        """Copies up to `n` of the oldest cached GPU blocks without a host copy out to the host
+        tier (free host blocks first, then the host LRU's oldest, dropped), recorded as spills
+        for the executor; the GPU blocks stay cached (module docstring). Returns how many."""
+        if n <= 0 or not self.host_blocks:
+            return 0
+        ahead, host_free, host_cached = self.ahead, self.host_free, self.host_cached
+        n = min(n, len(host_free) + len(host_cached))
+        picked: list[int] = []
+        if n > 0:
+            for b in self.cached:  # oldest first; the copied ones are its oldest (docstring)
+                if b not in ahead:
+                    picked.append(b)
+                    if len(picked) == n:
+                        break
+        if not picked:
+            return 0
+        n = len(picked)
+        now = time.time()
+        k = n if n <= len(host_free) else len(host_free)
+        popleft = host_free.popleft
+        targets = [popleft() for _ in range(k)]
+        if n > k:
+            popitem = host_cached.popitem
+            dropped = [popitem(last=False)[0] for _ in range(n - k)]
+            self._host_drop_many(dropped, now)
+            targets += dropped
+        hashes, host_hash, host_birth = self.hash, self.host_hash, self.host_birth
+        for b, hb in zip(picked, targets, strict=True):
+            host_hash[hb] = hashes[b]
+            host_birth[hb] = now
+            ahead[b] = hb
+        self.spills.extend(zip(picked, targets, strict=True))
+        self.num_spills += n
+        self.num_spills_ahead += n
+        if self.events is not None:
+            self.events.append((HOST_BLOCKS, targets))
+        return n
+
+    def _free_copies(self, blocks: list[int]) -> None:
+        """The host copies of `blocks` (those that have one) are freed."""
+        ahead = self.ahead
+        freed = [hb for hb in (ahead.pop(b, -1) for b in blocks) if hb >= 0]
+        if not freed:
+            return
+        stamp = self.next_stamp
+        for hb in freed:
+            self.host_hash[hb] = None
+            self.host_stamp[hb] = stamp
+            stamp += 1
+            self.host_free.append(hb)
+        self.next_stamp = stamp
+        if self.events is not None:
+            self.events.append((HOST_BLOCKS, freed))
+
+    def _spill_many(self, blocks: list[int], hashes: list[bytes], now: float) -> None:
+        """Evicted GPU blocks (oldest first) and their hashes go on in host blocks: free ones,
+        then the host LRU's oldest, whose hashes are dropped. More blocks than the host tier can
+        take (every other host block is being restored by the allocation that evicts): the
+        oldest are dropped, as without a tier (block by block, they would have been spilled and
+        then dropped again by the newer ones)."""
+        host_free, host_cached = self.host_free, self.host_cached
+        room = len(host_free) + len(host_cached)
+        if len(blocks) > room:
+            blocks, hashes = blocks[len(blocks) - room :], hashes[len(hashes) - room :]
+        n = len(blocks)
+        if not n:
+            return
+        k = n if n <= len(host_free) else len(host_free)
+        popleft = host_free.popleft
+        targets = [popleft() for _ in range(k)]
+        if n > k:
+            popitem = host_cached.popitem
+            dropped = [popitem(last=False)[0] for _ in range(n - k)]
+            self._host_drop_many(dropped, now)
+            targets += dropped
+        host_hash, host_index = self.host_hash, self.host_index
+        host_birth, host_stamp = self.host_birth, self.host_stamp
+        stamp = self.next_stamp
+        for hb, h in zip(targets, hashes, strict=True):
+            host_hash[hb] = h
+            host_index[h] = hb
+            host_birth[hb] = now
+            host_stamp[hb] = stamp
+            stamp += 1
+            host_cached[hb] = None  # most recently used end
+        self.next_stamp = stamp
+        self.spills.extend(zip(blocks, targets, strict=True))
+        self.num_spills += n
+        if self.events is not None:
+            self.events.append((HOST_BLOCKS, targets))
+
+    def _host_drop_many(self, host_blocks: list[int], now: float) -> None:
+        """Host blocks just taken off the host LRU lose their hashes."""
+        host_hash, host_index, host_birth = self.host_hash, self.host_index, self.host_birth
+        ages: list[float] = []
+        for hb in host_blocks:
+            h = host_hash[hb]
+            assert h is not None and host_index[h] == hb
+            del host_index[h]
+            host_hash[hb] = None
+            ages.append(now - host_birth[hb])
+        self.host_drops += len(host_blocks)
         if self.on_host_drop is not None:
-            self.on_host_drop(time.time() - self.host_birth[hb])
+            self.on_host_drop(ages)
 
     def unhash(self, b: int) -> None:
         """An in-use block's hash leaves the index (its contents cannot be trusted): it goes
@@ -258,21 +404,28 @@ class BlockPool:
             self.on_restore(ages)
 
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """The spills and restores recorded since the last call, leaving none."""
+        """The spills and restores recorded since the last call, leaving none. Always lists of
+        the caller's own: handing out the pool's (empty) ones would let a later transfer land
+        in a reply already given (an admission round's first allocation, with none, got the
+        second's spills too, and the executor ran them twice)."""
         out = self.spills, self.restores
-        if out[0] or out[1]:
-            self.spills, self.restores = [], []
+        self.spills, self.restores = [], []
         return out
 
     def drop_host_tier(self) -> None:
         """Forgets every host-resident block (their hashes leave the index): after an outage
         kvmanager cannot know which spills the executor really made."""
-        for hb in list(self.host_cached):
-            self._host_drop(hb)
+        dropped = list(self.host_cached)
+        self.host_cached.clear()
+        self._host_drop_many(dropped, time.time())
+        copies = list(self.ahead.values())
+        self.ahead.clear()
+        for hb in copies:
+            self.host_hash[hb] = None
+        for hb in dropped + copies:
             self.host_stamp[hb] = self.next_stamp
             self.next_stamp += 1
             self.host_free.append(hb)
-        self.host_cached.clear()
         if self.events is not None and self.host_blocks:
             self.events.append((HOST_BLOCKS, list(range(self.host_blocks))))
 
@@ -284,6 +437,8 @@ class BlockPool:
             if r == 0:
                 del cached[b]
             ref[b] = r + 1
+        if self.ahead:
+            self._free_copies(blocks)  # in use again: no copy (module docstring)
         if self.events is not None:
             self.events.append((BLOCKS, blocks[:]))  # a copy: `blocks` is the caller's
 
@@ -356,17 +511,29 @@ class BlockPool:
     def restore_host(self, records: Iterable[tuple[int, bytes | None, float, int]]) -> None:
         """Rebuilds the host tier from (host block, hash, birth, stamp) records (after
         `restore`); blocks without a record stay free."""
+        self.ahead = {}
+        self.host_index = {}
+        self.host_hash = [None] * self.host_blocks
         for hb, h, birth, stamp in records:
             if h is not None and h in self.index:
-                h = None  # (cannot happen with a consistent snapshot: the tiers are exclusive)
+                # A copy spilled ahead of its GPU block's eviction; without an idle GPU block
+                # to belong to (cannot happen with a consistent snapshot), a free block.
+                b = self.index[h]
+                if self.ref[b] == 0 and b not in self.ahead:
+                    self.ahead[b] = hb
+                else:
+                    h = None
+            elif h is not None:
+                self.host_index[h] = hb
             self.host_hash[hb] = h
             self.host_birth[hb] = birth
             self.host_stamp[hb] = stamp
-            if h is not None:
-                self.host_index[h] = hb
+        copies = set(self.ahead.values())
         order = sorted(range(self.host_blocks), key=self.host_stamp.__getitem__)
         self.host_free = deque(hb for hb in order if self.host_hash[hb] is None)
-        self.host_cached = OrderedDict((hb, None) for hb in order if self.host_hash[hb] is not None)
+        self.host_cached = OrderedDict(
+            (hb, None) for hb in order if self.host_hash[hb] is not None and hb not in copies
+        )
 
     def check(self) -> None:
         """Asserts every invariant of the module docstring (tests; O(num_blocks))."""
@@ -388,14 +555,26 @@ class BlockPool:
         for h, b in self.index.items():
             assert self.hash[b] == h
         assert self.num_free + self.num_in_use + self.num_cached == self.num_blocks
-        # The host tier: every host block free xor cached, its index exact, exclusive of GPU's.
+        # The host tier: every host block free xor cached xor a copy, its index exact,
+        # exclusive of GPU's.
         host_free = set(self.host_free)
+        copies = set(self.ahead.values())
+        assert len(copies) == len(self.ahead), "two GPU blocks share a host copy"
         assert len(host_free) == len(self.host_free), "a host block is twice in the free queue"
         assert not host_free & set(self.host_cached), "a host block is both free and cached"
-        assert len(host_free) + len(self.host_cached) == self.host_blocks
+        assert not copies & (host_free | set(self.host_cached)), "a host copy is also queued"
+        assert len(host_free) + len(self.host_cached) + len(copies) == self.host_blocks
+        for b, hb in self.ahead.items():
+            h = self.hash[b]
+            assert self.ref[b] == 0 and b in cached, f"block {b} has a host copy but is not cached"
+            assert h is not None and self.host_hash[hb] == h, f"host copy {hb} of {b} differs"
+        oldest = list(self.cached)[: len(self.ahead)]
+        assert set(oldest) == set(self.ahead), "copied blocks are not the oldest cached ones"
         for hb in range(self.host_blocks):
             h = self.host_hash[hb]
-            if h is None:
+            if hb in copies:
+                assert h is not None and h not in self.host_index
+            elif h is None:
                 assert hb in host_free, f"unhashed host block {hb} is not free"
             else:
                 assert hb in self.host_cached, f"hashed host block {hb} is not cached"

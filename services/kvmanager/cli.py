@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from pagemesh.services.kvmanager.manager import SPILL_AHEAD_MIB, SPILL_AHEAD_WATERMARK
+
 from pagemesh.env import add_option
 
 DEFAULT_PORT = 50051
@@ -32,6 +34,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--executor-timeout",
         10.0,
         "seconds without a call after which an executor is down (routed around)",
+        float,
+    )
+    add_option(
+        p,
+        "--spill-ahead-watermark",
+        SPILL_AHEAD_WATERMARK,
+        "host tier: fraction of an executor's GPU pool kept free or already copied to host"
+        " memory, so that evictions move no bytes (0: spill only on eviction)",
+        float,
+    )
+    add_option(
+        p,
+        "--spill-ahead-mib",
+        SPILL_AHEAD_MIB,
+        "host tier: MiB at most copied ahead of eviction per Step call (0: none)",
         float,
     )
     add_option(p, "--log-level", "info", "debug, info, warning or error")
@@ -73,6 +90,12 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.port and port_in_use(args.host, args.port):  # permanent: not retried (exits.py)
         return config_error(port_taken_message("kvmanager", args.host, args.port, "--port"))
 
+    if not 0.0 <= args.spill_ahead_watermark <= 1.0:
+        return config_error(
+            f"--spill-ahead-watermark must be in [0, 1], got {args.spill_ahead_watermark}"
+        )
+    if args.spill_ahead_mib < 0:
+        return config_error(f"--spill-ahead-mib must be >= 0, got {args.spill_ahead_mib}")
     server = await start_server(
         host=args.host,
         port=args.port,
@@ -81,6 +104,8 @@ async def _serve(args: argparse.Namespace) -> int:
         redis_prefix=args.redis_prefix,
         flush_interval=args.flush_interval_ms / 1000,
         executor_timeout=args.executor_timeout,
+        spill_ahead_watermark=args.spill_ahead_watermark,
+        spill_ahead_mib=args.spill_ahead_mib,
     )
     freeze_startup_heap()
     # Printed for whoever started us (tests, `pagemesh up`): the port actually bound.
@@ -360,11 +385,12 @@ def format_stats(r, address: str) -> str:
                 str(e.tier.restores),
                 str(e.tier.host_drops),
                 _bytes(e.tier.bytes_spilled + e.tier.bytes_restored),
+                f"{e.tier.spills_ahead}/{e.tier.evicted_ahead}",
             ]
             for e in tiered
         ]
         head = ["host tier", "blocks", "free", "cached", "gpu hit tok", "host hit tok"]
-        head += ["spills", "restores", "dropped", "moved"]
+        head += ["spills", "restores", "dropped", "moved", "ahead/evicted"]
         out += ["", _table(head, rows, left=1)]
         for e in tiered:
             t = e.tier

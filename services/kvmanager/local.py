@@ -137,6 +137,7 @@ class LocalAllocator:
             allocations=o.allocations,
             allocate_error=o.allocate_error,
             load_error=o.load_error,
+            spills_ahead=o.spills_ahead,
         )
 
     async def reconcile(

@@ -143,8 +143,10 @@ class KVCollector:
         )
         moves = CounterMetricFamily(
             "pagemesh_kv_tier_transfers",
-            "Blocks copied between the tiers: spill (GPU to host, on eviction), restore (host"
-            " to GPU, on a hit); drop: host blocks whose contents were dropped (host LRU)",
+            "Blocks copied between the tiers: spill (GPU to host, on eviction or ahead of it),"
+            " restore (host to GPU, on a hit); drop: host blocks whose contents were dropped"
+            " (host LRU); spill_ahead: the spills made ahead of eviction (of spill);"
+            " evicted_ahead: evictions that found their copy made, moving no bytes",
             labels=["executor", "kind"],
         )
         moved = CounterMetricFamily(
@@ -154,7 +156,7 @@ class KVCollector:
         )
         host = GaugeMetricFamily(
             "pagemesh_kv_host_blocks",
-            "Host-tier blocks per state",
+            "Host-tier blocks per state (copy: a copy of a GPU block still cached there)",
             labels=["executor", "state"],
         )
         for eid, ex in tiered.items():
@@ -164,10 +166,13 @@ class KVCollector:
             moves.add_metric([eid, "spill"], p.num_spills)
             moves.add_metric([eid, "restore"], p.num_restores)
             moves.add_metric([eid, "drop"], p.host_drops)
+            moves.add_metric([eid, "spill_ahead"], p.num_spills_ahead)
+            moves.add_metric([eid, "evicted_ahead"], p.num_evicted_ahead)
             moved.add_metric([eid, "to_host"], p.num_spills * ex.kv_block_bytes)
             moved.add_metric([eid, "to_gpu"], p.num_restores * ex.kv_block_bytes)
             host.add_metric([eid, "free"], p.num_host_free)
             host.add_metric([eid, "cached"], p.num_host_cached)
+            host.add_metric([eid, "copy"], p.num_host_copies)
         yield from (hits, moves, moved, host)
         yield _histogram(
             "pagemesh_kv_host_block_age_at_restore_seconds",

@@ -245,6 +245,7 @@ class Persistence:
             ]
             ex.pool.index.clear()
             ex.pool.restore(records, ex.pool.next_stamp)
+            ex.pool.restore_host(host_records)  # (a copy made ahead needs its block idle)
             self.full_resync = True
 
     @staticmethod

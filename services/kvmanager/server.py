@@ -31,7 +31,12 @@ from pagemesh.proto import kvmanager_pb2_grpc as pb_grpc
 from pagemesh.services.kvmanager import fleet_service, wire
 from pagemesh.services.kvmanager.api import AllocatorError
 from pagemesh.services.kvmanager.fleet import DEFAULT_TIMEOUT, Fleet
-from pagemesh.services.kvmanager.manager import ExecutorState, Manager
+from pagemesh.services.kvmanager.manager import (
+    SPILL_AHEAD_MIB,
+    SPILL_AHEAD_WATERMARK,
+    ExecutorState,
+    Manager,
+)
 from pagemesh.services.kvmanager.persistence import Persistence
 from pagemesh.services.kvmanager.router import Router
 from pagemesh.services.kvmanager.stats import HitCounts, HitWindows, Residency
@@ -86,6 +91,9 @@ def _tier(ex: ExecutorState) -> pb.TierStats:
         bytes_restored=p.num_restores * ex.kv_block_bytes,
         age_at_restore=_residency(ex.age_at_restore),
         age_at_host_drop=_residency(ex.age_at_host_drop),
+        host_copies=p.num_host_copies,
+        spills_ahead=p.num_spills_ahead,
+        evicted_ahead=p.num_evicted_ahead,
     )
 
 
@@ -403,11 +411,18 @@ async def start_server(
     flush_interval: float = 0.002,
     restore_timeout: float = 5.0,
     executor_timeout: float = DEFAULT_TIMEOUT,
+    spill_ahead_watermark: float = SPILL_AHEAD_WATERMARK,
+    spill_ahead_mib: float = SPILL_AHEAD_MIB,
 ) -> KVManagerServer:
     """Restores state from Redis (waiting up to `restore_timeout` for it), then serves.
     port 0 picks a free port; metrics_port None disables /metrics, 0 picks a free port.
-    An executor not heard from for `executor_timeout` seconds is down (fleet.py)."""
-    manager = Manager(track_changes=redis_url is not None)
+    An executor not heard from for `executor_timeout` seconds is down (fleet.py). The spill
+    ahead settings: Manager's."""
+    manager = Manager(
+        track_changes=redis_url is not None,
+        spill_ahead_watermark=spill_ahead_watermark,
+        spill_ahead_mib=spill_ahead_mib,
+    )
     persistence = None
     if redis_url:
         persistence = Persistence(manager, redis_url, prefix=redis_prefix, interval=flush_interval)

@@ -9,7 +9,8 @@ calls were sent back to back. An absent part (None) is not run at all; a present
 is (it still checks the executor and epoch). Admission allocates its entries in order while the
 uncached tokens of those allocated so far stay below the budget (0: no limit), stopping at the
 first that fails (Manager.allocate_many). The load report, when present, comes last
-(Manager.report_load): a step with nothing but a load is an idle executor's heartbeat.
+(Manager.report_load): a step with nothing but a load is an idle executor's heartbeat. A step
+with any other part ends with the executor's spills ahead of eviction (Manager.spill_ahead).
 
 Each part is the arguments of the Manager call it stands for, executor id and epoch first (on
 the wire each part names its own executor and epoch).
@@ -50,6 +51,8 @@ class StepOutcome:
     allocations: list[Allocation] = field(default_factory=list)  # a prefix of the admissions
     allocate_error: AllocatorError | None = None  # why the next admission failed, if it did
     load_error: AllocatorError | None = None
+    # Spills ahead of eviction (Manager.spill_ahead), after every other transfer of the call.
+    spills_ahead: list[tuple[int, int]] = field(default_factory=list)
 
 
 def run_step(
@@ -80,6 +83,16 @@ def run_step(
             out.extend_error = e
     if admit is not None:
         out.allocations, out.allocate_error = m.allocate_many(*admit, admit_token_budget)
+    # A call that changed blocks spills ahead (a heartbeat, with nothing but a load, does not:
+    # its reply is not ordered with the executor's other calls).
+    part = commit or release or extend or admit
+    if part is not None:
+        try:
+            m.executor(part[0], part[1])  # the epoch the parts named, still current
+        except AllocatorError:
+            pass
+        else:
+            out.spills_ahead = m.spill_ahead(part[0])
     if load is not None:
         try:
             m.report_load(*load)

@@ -286,6 +286,9 @@ def fill_step_response(out: pb.StepResponse, request: pb.StepRequest, o: StepOut
         fill_error(out.allocate_error, o.allocate_error)
     if o.load_error is not None:
         fill_error(out.load_error, o.load_error)
+    if o.spills_ahead:
+        out.ahead_src.extend([g for g, _ in o.spills_ahead])
+        out.ahead_dst.extend([h for _, h in o.spills_ahead])
 
 
 def decode_step(r: pb.StepResponse, had_extend: bool, had_load: bool = False) -> StepResult:
@@ -309,4 +312,6 @@ def decode_step(r: pb.StepResponse, had_extend: bool, had_load: bool = False) ->
         result.allocate_error = error_from_reply(r.allocate_error)
     if had_load and r.HasField("load_error"):
         result.load_error = error_from_reply(r.load_error)
+    if r.ahead_src:
+        result.spills_ahead = list(zip(r.ahead_src, r.ahead_dst, strict=True))
     return result

@@ -4,7 +4,8 @@ process, SmolLM2 on CPU. Everything is seen as a client and an operator see it: 
 `cached_tokens` and kvmanager's GetStats.
 
 - A conversation evicted from the GPU pool by later ones comes back from the host tier: its
-  cached tokens count the restored blocks, and its greedy reply equals its cold run's.
+  cached tokens count the restored blocks, and its greedy reply equals its cold run's, with
+  some of its blocks copied out ahead of their eviction (kvmanager's spill ahead).
 - A kvmanager killed and restarted restores the tier map from Redis (the executor reconciles
   with the same count of transfers, so the tier is kept) and serves a host hit after it.
 - The host tier is an LRU: conversations pushed through it drop the oldest, which then runs
@@ -107,6 +108,9 @@ def test_restore_lru_and_restarts(mesh: Mesh) -> None:
         cold[k] = ask(mesh, k)[0]
     t = tier(mesh)
     assert t.host_blocks == 20 and t.spills > 0 and t.host_cached > 0  # story 1 went to host
+    # kvmanager spilled ahead of eviction (its default watermark: a quarter of the pool), and
+    # some evictions found their copy made (no bytes moved); the restore below reads them.
+    assert 0 < t.spills_ahead <= t.spills and t.evicted_ahead > 0
 
     # kvmanager dies and comes back from Redis with the tier map; the executor's reconcile
     # agrees on the transfers, so the map stands.
@@ -114,8 +118,9 @@ def test_restore_lru_and_restarts(mesh: Mesh) -> None:
     before = tier(mesh)
     mesh.restart("kvmanager")
     after = tier(mesh)
-    assert (after.host_cached, after.spills, after.restores) == (
+    assert (after.host_cached, after.host_copies, after.spills, after.restores) == (
         before.host_cached,
+        before.host_copies,
         before.spills,
         before.restores,
     )

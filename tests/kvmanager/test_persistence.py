@@ -132,24 +132,32 @@ async def test_incremental_writes_track_every_change(redis_url: str) -> None:
 
 
 async def test_host_tier_map_round_trip_and_epoch_drop(redis_url: str) -> None:
-    """The host tier's map (which hash each host block holds, its LRU order) and its counters
-    are written behind with the rest, incrementally and in a full snapshot: a kvmanager
-    restarting now restores it exactly. A new epoch of the executor drops both tiers' keys."""
-    m = Manager(track_changes=True)
+    """The host tier's map (which hash each host block holds, its LRU order, the copies spilled
+    ahead of eviction) and its counters are written behind with the rest, incrementally and in
+    a full snapshot: a kvmanager restarting now restores it exactly. A new epoch of the executor
+    drops both tiers' keys."""
+    m = Manager(track_changes=True, spill_ahead_watermark=0.5)
     p = Persistence(m, redis_url)
     await p.restore()
     a = LocalAllocator("ex", m)
     await a.register(12, 4, "fp", num_host_blocks=10, kv_block_bytes=4096)
     await p.flush()
     w = Workload(11)
+    copies = 0
     for i in range(300):
         await run_ops(w, [a], 1)
+        if i % 3 == 0:
+            m.spill_ahead("ex")  # (what a Step call does after its parts)
         await p.flush()
         if i % 20 == 0:
-            assert await restored_snapshot(redis_url) == m.snapshot(), i
+            snap = m.snapshot()
+            copies += bool(snap["executors"]["ex"]["host_copies"])
+            assert await restored_snapshot(redis_url) == snap, i
+    assert copies > 0  # some of the restored snapshots had copies made ahead
     pool = m.executors["ex"].pool
     assert pool.num_spills > 0 and pool.num_restores > 0 and pool.host_drops > 0
     assert pool.num_host_cached > 0
+    assert pool.num_spills_ahead > 0 and pool.num_evicted_ahead > 0
     assert await restored_snapshot(redis_url) == m.snapshot()
     p.full_resync = True  # the same state through a full rewrite
     await p.flush()

@@ -36,12 +36,18 @@ PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]
 class AllocatorMachine(RuleBasedStateMachine):
     host_blocks = 0  # no host tier
     num_blocks = 12
+    kv_block_bytes = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.m = Manager(track_changes=True)
         self.epoch = self.m.register(
-            EX, self.num_blocks, BS, "fp", num_host_blocks=self.host_blocks
+            EX,
+            self.num_blocks,
+            BS,
+            "fp",
+            num_host_blocks=self.host_blocks,
+            kv_block_bytes=self.kv_block_bytes,
         )
         self.tokens: dict[str, list[int]] = {}  # written tokens of each live sequence
         self.salt: dict[str, str] = {}
@@ -86,6 +92,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         sid = self.new_id()
         before = self.m.snapshot()
         refs = list(self.ex.pool.ref)
+        copied = set(self.ex.pool.ahead)  # blocks spilled ahead of eviction
         try:
             r = self.m.allocate(EX, self.epoch, sid, prompt, salt, lookahead)
         except OutOfBlocks:
@@ -94,6 +101,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         nh = r.num_cached_tokens // BS
         event("allocate: prefix hit" if nh else "allocate: miss")
+        assert not copied & {g for g, _ in r.spills}, "an eviction of a copied block moved bytes"
         self.replay(r.spills, r.restores, [])
         if r.restores:
             event("allocate: restored from the host tier")
@@ -197,7 +205,12 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule()
     def reregister(self) -> None:
         self.epoch = self.m.register(
-            EX, self.num_blocks, BS, "fp", num_host_blocks=self.host_blocks
+            EX,
+            self.num_blocks,
+            BS,
+            "fp",
+            num_host_blocks=self.host_blocks,
+            kv_block_bytes=self.kv_block_bytes,
         )
         self.tokens.clear()
         self.content.clear()
@@ -235,6 +248,7 @@ class TieredAllocatorMachine(AllocatorMachine):
 
     host_blocks = 5
     num_blocks = 8  # more eviction pressure: more spills and host hits
+    kv_block_bytes = 1 << 20  # a spill-ahead budget of N MiB is N blocks
 
     @rule(
         prefix=st.sampled_from(PREFIXES),
@@ -253,6 +267,25 @@ class TieredAllocatorMachine(AllocatorMachine):
         self.m.release(EX, self.epoch, [sid])
         del self.tokens[sid]
 
+    @rule(watermark=st.sampled_from([0.0, 0.25, 0.5, 1.0]), mib=st.integers(0, 3))
+    def spill_ahead(self, watermark: float, mib: int) -> None:
+        """A Step call's spill ahead of eviction: at most `mib` blocks (the budget) of the
+        oldest cached blocks without a copy, while free and copied blocks are below the
+        watermark; they stay cached on the GPU, and a later eviction of one moves no bytes."""
+        self.m.spill_ahead_watermark, self.m.spill_ahead_mib = watermark, mib
+        p = self.ex.pool
+        short = int(watermark * self.num_blocks) - p.num_free - p.num_host_copies
+        oldest = [b for b in p.cached if b not in p.ahead]
+        cached_before = list(p.cached)
+        spills = self.m.spill_ahead(EX)
+        assert len(spills) <= max(0, min(mib, short))
+        assert [g for g, _ in spills] == oldest[: len(spills)]  # the oldest first
+        assert list(p.cached) == cached_before  # still cached, in the same order
+        assert all(p.ahead[g] == h for g, h in spills)
+        if spills:
+            event("spilled ahead")
+        self.replay(spills, [], [])
+
     @rule(agree=st.booleans())
     def reconcile(self, agree: bool) -> None:
         """After an outage: the tables agree; the host tier is kept when the executor received
@@ -265,13 +298,15 @@ class TieredAllocatorMachine(AllocatorMachine):
         if agree:
             assert p.num_host_cached == cached
         else:
-            assert p.num_host_cached == 0
+            assert p.num_host_cached == 0 and p.num_host_copies == 0
             self.host_content.clear()
 
     @invariant()
     def host_tier(self) -> None:
         p = self.ex.pool
-        assert p.num_host_free + p.num_host_cached == self.host_blocks
+        assert p.num_host_free + p.num_host_cached + p.num_host_copies == self.host_blocks
+        if p.num_evicted_ahead:
+            event("an eviction found its copy made ahead")
         if p.num_restores:
             event("restores happened")
         if p.host_drops:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from pagemesh.services.kvmanager import cli
-from pagemesh.services.kvmanager.api import CommitEntry, ExtendEntry
+from pagemesh.services.kvmanager.api import AdmitEntry, CommitEntry, ExtendEntry
 from pagemesh.services.kvmanager.client import KVManagerClient
+from pagemesh.services.kvmanager.manager import Manager
 from pagemesh.services.kvmanager.server import start_server
 
 BS = 4
@@ -101,6 +102,39 @@ async def test_extend_reply_carries_its_spills(make) -> None:
     a.manager.check()
 
 
+async def test_step_spills_ahead_within_budget_and_eviction_moves_nothing(make) -> None:
+    """A Step call that changes blocks ends by copying the oldest cached blocks out (while free
+    and copied ones are below the watermark, at most its budget): they stay cached and hit on
+    the GPU; evicting one later moves no bytes, and its hash goes on in its host copy."""
+    a = await make(8, 8)
+    m = a.manager
+    m.spill_ahead_watermark = 0.5  # 4 of 8 GPU blocks free or copied
+    m.spill_ahead_mib = 64 / 2**20  # one 64-byte block a call
+    for k in (1, 2, 3):
+        await served(a, f"p{k}", prompt(k))  # 6 cached blocks (2 a prompt), 2 free
+    pool = m.executors["ex"].pool
+    oldest = list(pool.cached)
+    r = await a.step([], [], [], [AdmitEntry("x", [9] * 9, "", 0)])  # 3 blocks: 1 evicted
+    (alloc,) = r.allocations
+    assert [g for g, _ in alloc.spills] == oldest[:1]  # the eviction's own spill
+    assert [g for g, _ in r.spills_ahead] == oldest[1:2]  # the budget: one block
+    r = await a.step([], ["x"], [])  # (x's blocks come back free: 3 free + 1 copied)
+    assert r.num_released == 1 and not r.spills_ahead  # at the watermark: nothing to copy
+    r = await a.step([], [], [], [AdmitEntry("y", [8] * 17, "", 0)])  # 5 blocks: 2 evicted
+    (alloc,) = r.allocations
+    # oldest[1] had its copy: only oldest[2] is spilled.
+    assert [g for g, _ in alloc.spills] == oldest[2:3]
+    assert pool.num_evicted_ahead == 1 and pool.num_spills_ahead == 1 + len(r.spills_ahead)
+    if hasattr(a, "get_stats"):  # (gRPC: the counters in GetStats)
+        t = (await a.get_stats()).executors[0].tier
+        assert (t.spills_ahead, t.evicted_ahead) == (pool.num_spills_ahead, 1)
+        assert t.host_copies == pool.num_host_copies
+    # Prompt 1's two blocks are both in the host tier now (one by spill, one by its copy).
+    again = await a.allocate("p1b", prompt(1))
+    assert again.num_cached_tokens == 2 * BS and len(again.restores) == 2
+    m.check()
+
+
 async def test_new_epoch_drops_both_tiers(make) -> None:
     a = await make(3, 4)
     await served(a, "p1", prompt(1))
@@ -165,6 +199,9 @@ async def test_tier_stats_in_get_stats_metrics_and_cli(capsys) -> None:
         assert 'pagemesh_kv_tier_hit_tokens_total{executor="ex",tier="host"} 8.0' in text
         assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="spill"} 8.0' in text
         assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="drop"} 2.0' in text
+        # (no Step call here: nothing spilled ahead; test_step_spills_ahead_... does)
+        assert 'pagemesh_kv_tier_transfers_total{executor="ex",kind="spill_ahead"} 0.0' in text
+        assert 'pagemesh_kv_host_blocks{executor="ex",state="copy"} 0.0' in text
         assert 'pagemesh_kv_tier_bytes_total{direction="to_gpu",executor="ex"} 2000.0' in text
         assert 'pagemesh_kv_host_blocks{executor="ex",state="cached"} 4.0' in text
         assert 'pagemesh_kv_host_block_age_at_restore_seconds_count{executor="ex"} 2.0' in text
@@ -176,3 +213,15 @@ async def test_tier_stats_in_get_stats_metrics_and_cli(capsys) -> None:
     finally:
         await a.close()
         await srv.stop(0)
+
+
+async def test_spill_ahead_options_are_checked() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["kvmanager"])
+    assert (args.spill_ahead_watermark, args.spill_ahead_mib) == (0.25, 32.0)
+    for bad in (["--spill-ahead-watermark", "1.5"], ["--spill-ahead-mib", "-1"]):
+        args = parser.parse_args(["kvmanager", "--port", "0", *bad])
+        assert await cli._serve(args) == 78  # EX_CONFIG, before anything starts
+    with pytest.raises(ValueError, match="spill_ahead_watermark"):
+        Manager(spill_ahead_watermark=-0.1)
