@@ -505,7 +505,9 @@ class LLMEngine:
         landing = time.perf_counter()
         result = await self.runner.result(flight)
         outputs = await self._postprocess(flight.batch, result, commits or [])
-        self.step_times.land = time.perf_counter() - landing
+        times = self.step_times
+        times.landed = time.perf_counter()
+        times.land = times.landed - landing
         return outputs
 
     async def _postprocess(

@@ -371,6 +371,7 @@ class EngineLoop:
         if load is None:
             return  # (tracing needs the engine's step times)
         self.trace.first([o.request_id for o in outputs if o.token_ids])
+        self.trace.last([o.request_id for o in outputs if o.finish_reason])
         self.trace.step(
             load.step_times,
             time.perf_counter(),
