@@ -115,11 +115,14 @@ def join(
     steps = sorted((e for e in events if e["ev"] == "step"), key=lambda e: e["end"])
     ends = [e["end"] for e in steps]
 
+    def step_of(t: float) -> dict[str, Any]:
+        """The step whose trace line followed `t` (a first/last event, written just before)."""
+        return steps[bisect.bisect_left(ends, t)]
+
     def out_wait(t: float) -> float:
-        """From the landing of the outputs of the step whose trace line followed `t` (its
-        first/last event, written just before the step's line) to `t`."""
-        step = steps[bisect.bisect_left(ends, t)]
-        return t - step["landed"] if step.get("landed") else float("nan")
+        """From the landing of that step's outputs to `t` (their hand-over to the stream)."""
+        landed = step_of(t).get("landed")
+        return t - landed if landed else float("nan")
 
     rows = []
     for ex in sent:
@@ -149,6 +152,8 @@ def join(
                 "http_out": r.sent_at + r.ttft - g["first_write"],
                 "out_wait_first": out_wait(first[rid]),
                 "out_wait_last": out_wait(last[rid]) if rid in last else float("nan"),
+                # Its last step left nothing running: the engine went idle with it.
+                "ended_alone": float(rid in last and step_of(last[rid])["running"] == 0),
                 **_client_gaps(r.token_times),
                 # Running sequences besides the ones this step admitted: 0 is an idle engine.
                 "others_running": float(step["running"] - step["admitted"]),
@@ -202,6 +207,14 @@ def summarize(rows: list[dict[str, float]], decode_steps: list[float]) -> dict[s
         known = [r[k] for r in rows if r[k] == r[k]]
         if known:
             out["p50_ms"][k] = ms(statistics.median(known))
+    # out_wait_last split by how the request ended: alone (the engine idle after its last step)
+    # or beside others still running.
+    for name, alone in (("out_wait_last_alone", 1.0), ("out_wait_last_beside", 0.0)):
+        known = [r["out_wait_last"] for r in rows if r["ended_alone"] == alone]
+        known = [v for v in known if v == v]
+        if known:
+            out["p50_ms"][name] = ms(statistics.median(known))
+    out["ended_alone_fraction"] = round(sum(r["ended_alone"] for r in rows) / len(rows), 3)
     out["steps_to_first_p50"] = statistics.median(r["steps_to_first"] for r in rows)
     # How the engine stood when each request came: alone (an idle engine) or beside decodes,
     # and what one step takes (the admitting one; the decode-only ones of the run).
