@@ -333,6 +333,15 @@ class AllocatorLink:
                 entries.append((seq, ExtendEntry(seq.seq_id, end, wants[1])))
         return entries
 
+    @property
+    def has_unsettled(self) -> bool:
+        """Something for `settle` to do: calls in flight (their results to apply), or commits
+        and releases waiting while kvmanager can take them (during an outage or with a stale
+        epoch they wait for `reconnect` or `reregister`)."""
+        if self._calls:
+            return True
+        return bool(self._commits or self._releases) and not (self.riding or self.stale)
+
     def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
         """Commits and releases for the next Step call (a sequence's commits before its
         release: they go in one call, commits first, or in calls sent in order)."""
