@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import itertools
 import json
 import random
 import statistics
@@ -171,7 +172,7 @@ def _client_gaps(times: list[float]) -> dict[str, float]:
     """The client's end of the request: its last inter-delta gap, the median of the ones before
     and its last delta's time after the send (nan where there are too few deltas)."""
     nan = float("nan")
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     return {
         "last_gap": gaps[-1] if gaps else nan,
         "mid_gap": statistics.median(gaps[:-1]) if len(gaps) > 1 else nan,
