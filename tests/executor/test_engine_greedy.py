@@ -65,7 +65,7 @@ async def test_chunked_prefill_equals_transformers(smollm2_path: Path) -> None:
 
 
 async def test_prefix_hit_equals_cold(smollm2_path: Path) -> None:
-    """"b" comes right after "a"'s last token, before the engine has told kvmanager that "a"
+    """Request b comes right after a's last token, before the engine has told kvmanager that a
     ended (the step that ends the last request returns its outputs first): b's admission call
     carries a's commits and release, so b hits a's blocks in one round trip. Once b ends with
     nothing after it, the next step() settles with kvmanager and the engine is idle."""
