@@ -362,7 +362,9 @@ class EngineLoop:
                 self._trace_step(outputs)
             if outputs:
                 self._route(outputs)
-            # Let gRPC write this step's messages and read new requests/aborts before the next.
+            # Let gRPC write this step's messages and read new requests/aborts before the next
+            # (after the step that ended the last request, the next one is the engine's
+            # settling with kvmanager: the last tokens are on their way before it).
             await asyncio.sleep(0)
 
     def _trace_step(self, outputs: list[SequenceOutput]) -> None:
