@@ -24,6 +24,15 @@ Prints one JSON line: the client's TTFT p50 (and p10/p90) and the p50 of each se
   sse         -> first SSE bytes written (detokenize, format)
   http_out    -> the client read its first content delta
 
+and, for the request's end (issue 24: what its last token waits for on the host):
+
+  out_wait_first, out_wait_last   the step that made its first (last) output: from that
+                 output's landing (postprocess done) to its hand-over to the gateway's stream
+  last_gap       the client's gap between its last two content deltas (mid_gap: the gaps
+                 before; last_gap - mid_gap is what the last token costs more than the others)
+  e2e            client send -> its last content delta
+With --max-tokens 1 the first token is the last: its TTFT carries whatever the end costs.
+
 Only requests whose prompt hit the cache count in the cached figures (every request after the
 first with prefix caching on). `--arms` runs several arms, each on a fresh mesh: `cached`,
 `uncached` (the executor with --no-prefix-caching) and `sync` (cached, the executor with
@@ -34,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import itertools
 import json
 import random
 import statistics
@@ -100,7 +111,20 @@ def join(
     events = [json.loads(line) for line in executor_lines]
     arrive = {e["rid"]: e["t"] for e in events if e["ev"] == "arrive"}
     first = {e["rid"]: e["t"] for e in events if e["ev"] == "first"}
+    last = {e["rid"]: e["t"] for e in events if e["ev"] == "last"}
     admitted = {rid: e for e in events if e["ev"] == "step" for rid in e.get("admitted_rids", ())}
+    steps = sorted((e for e in events if e["ev"] == "step"), key=lambda e: e["end"])
+    ends = [e["end"] for e in steps]
+
+    def step_of(t: float) -> dict[str, Any]:
+        """The step whose trace line followed `t` (a first/last event, written just before)."""
+        return steps[bisect.bisect_left(ends, t)]
+
+    def out_wait(t: float) -> float:
+        """From the landing of that step's outputs to `t` (their hand-over to the stream)."""
+        landed = step_of(t).get("landed")
+        return t - landed if landed else float("nan")
+
     rows = []
     for ex in sent:
         r = ex.result
@@ -127,6 +151,11 @@ def join(
                 "back": g["first_step"] - first[rid],
                 "sse": g["first_write"] - g["first_step"],
                 "http_out": r.sent_at + r.ttft - g["first_write"],
+                "out_wait_first": out_wait(first[rid]),
+                "out_wait_last": out_wait(last[rid]) if rid in last else float("nan"),
+                # Its last step left nothing running: the engine went idle with it.
+                "ended_alone": float(rid in last and step_of(last[rid])["running"] == 0),
+                **_client_gaps(r.token_times),
                 # Running sequences besides the ones this step admitted: 0 is an idle engine.
                 "others_running": float(step["running"] - step["admitted"]),
                 "admitting_step": step["end"] - step["t"],
@@ -137,6 +166,18 @@ def join(
             }
         )
     return rows
+
+
+def _client_gaps(times: list[float]) -> dict[str, float]:
+    """The client's end of the request: its last inter-delta gap, the median of the ones before
+    and its last delta's time after the send (nan where there are too few deltas)."""
+    nan = float("nan")
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return {
+        "last_gap": gaps[-1] if gaps else nan,
+        "mid_gap": statistics.median(gaps[:-1]) if len(gaps) > 1 else nan,
+        "e2e": times[-1] if times else nan,
+    }
 
 
 def decode_step_times(executor_lines: list[str], since: float) -> list[float]:
@@ -162,6 +203,19 @@ def summarize(rows: list[dict[str, float]], decode_steps: list[float]) -> dict[s
         k: ms(statistics.median(r[k] for r in rows)) for k in (*SEGMENTS, "admit_kv_wait")
     }
     out["sum_of_p50_ms"] = round(sum(out["p50_ms"][k] for k in SEGMENTS), 3)
+    # The request's end: known values only (nan: too few deltas, no trace line).
+    for k in ("out_wait_first", "out_wait_last", "last_gap", "mid_gap", "e2e"):
+        known = [r[k] for r in rows if r[k] == r[k]]
+        if known:
+            out["p50_ms"][k] = ms(statistics.median(known))
+    # out_wait_last split by how the request ended: alone (the engine idle after its last step)
+    # or beside others still running.
+    for name, alone in (("out_wait_last_alone", 1.0), ("out_wait_last_beside", 0.0)):
+        known = [r["out_wait_last"] for r in rows if r["ended_alone"] == alone]
+        known = [v for v in known if v == v]
+        if known:
+            out["p50_ms"][name] = ms(statistics.median(known))
+    out["ended_alone_fraction"] = round(sum(r["ended_alone"] for r in rows) / len(rows), 3)
     out["steps_to_first_p50"] = statistics.median(r["steps_to_first"] for r in rows)
     # How the engine stood when each request came: alone (an idle engine) or beside decodes,
     # and what one step takes (the admitting one; the decode-only ones of the run).

@@ -8,7 +8,8 @@ Most traffic rides on batched `Step` calls, overlapped with the steps:
   table is about to run short (URGENT_TOKENS), and then reserves for every one of them within the
   look-ahead window: a call every ~(num_lookahead_tokens - URGENT_TOKENS) steps at most, whatever
   the batch size. Commits and releases ride along (or go after FLUSH_STEPS steps, or before
-  anything that must see them: an admission, a synchronous Extend, idling, a fork).
+  anything that must see them: an admission, a synchronous Extend, idling (the engine's next
+  step once the last request's outputs are out), a fork).
 - Calls are chained (a sequence's commits land before its release; a later call never overtakes
   an earlier one). Their Extend results are handed to the scheduler (`apply`) only from `land`
   (the start of a step's schedule) or `settle`, never mid-step: a table changes only where no
@@ -333,6 +334,15 @@ class AllocatorLink:
                 end = seq.num_computed_tokens
                 entries.append((seq, ExtendEntry(seq.seq_id, end, wants[1])))
         return entries
+
+    @property
+    def has_unsettled(self) -> bool:
+        """Something for `settle` to do: calls in flight (their results to apply), or commits
+        and releases waiting while kvmanager can take them (during an outage or with a stale
+        epoch they wait for `reconnect` or `reregister`)."""
+        if self._calls:
+            return True
+        return bool(self._commits or self._releases) and not (self.riding or self.stale)
 
     def defer(self, commits: list[CommitEntry], releases: list[str]) -> None:
         """Commits and releases for the next Step call (a sequence's commits before its

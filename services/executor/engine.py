@@ -124,6 +124,10 @@ class LLMEngine:
         self._aborts: list[str] = []
         self._choice_aborts: list[tuple[str, list[int]]] = []  # (request id, choice indices)
         self._inflight: InFlight | None = None  # async scheduling: the step not landed yet
+        # The step that ended the last request left kvmanager business behind (the last
+        # commits and releases, calls in flight): the next step() settles it before anything
+        # else, so that step's outputs went to the gateway without waiting for a round trip.
+        self._drain_owed = False
         self.started = False
         self._heartbeats: asyncio.Task[None] | None = None
         self.epoch = 0
@@ -338,9 +342,10 @@ class LLMEngine:
             self._choice_aborts.append((request_id, list(indices)))
 
     def has_unfinished_requests(self) -> bool:
-        """Requests, a step in flight, or kvmanager business of its own (an outage to
-        reconcile, a stale epoch to re-register): the loop steps while this holds."""
-        if self.requests or self._inflight is not None:
+        """Requests, a step in flight, or kvmanager business of its own (what the last request
+        left to send, an outage to reconcile, a stale epoch to re-register): the loop steps
+        while this holds."""
+        if self.requests or self._inflight is not None or self._drain_owed:
             return True
         link = self.scheduler.link if self.started else None
         return link is not None and (link.riding or link.stale)
@@ -363,6 +368,15 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     async def step(self) -> list[SequenceOutput]:
+        if self._drain_owed:
+            self._drain_owed = False
+            if not self.scheduler.waiting:
+                await self._drain()
+                return []
+            # A request came meanwhile: its admission round carries what waits in the same
+            # call (kvmanager applies a Step call's commits and releases before its
+            # admissions, and the calls in flight land first), so its prefix hits the blocks
+            # just committed at the cost of one round trip, not two.
         outputs = await self._kvmanager_news()
         outputs += await self._admit_guided()
         try:
@@ -378,6 +392,22 @@ class LLMEngine:
             # what can be resumed, so every request ends, retryably (the link noted the outage
             # or the stale epoch; their blocks go back with the reconcile).
             return outputs + self._fail_requests(list(self.requests), OUTAGE_ERROR, True)
+
+    async def _drain(self) -> None:
+        """The owed drain, a step of its own (no sequences) in the step times: its schedule
+        time is the wait for kvmanager."""
+        link = self.scheduler.link
+        self.step_times.begin()
+        link.kv_wait = 0.0
+        await self.scheduler.drain()
+        self.step_times.scheduled(link.kv_wait)
+
+    def _owe_drain(self) -> None:
+        """The engine has gone idle: what it still owes kvmanager is sent by the next step(),
+        once this one's outputs are on their way. Like vLLM's and SGLang's frees, the release
+        still comes before the next schedule; being a kvmanager round trip here (~1 ms over
+        gRPC), it no longer comes before the last token."""
+        self._drain_owed = self.scheduler.link.has_unsettled
 
     async def _kvmanager_news(self) -> list[SequenceOutput]:
         """Before a step: re-registers after a stale epoch (the running requests end,
@@ -437,7 +467,7 @@ class LLMEngine:
             outputs.extend(await self._complete(flight, commits))
             self.num_steps += 1
         if not self.requests:
-            await self.scheduler.drain()  # nothing in flight once idle (commits and releases)
+            self._owe_drain()  # nothing in flight once idle (commits and releases)
         return outputs
 
     async def _step_async(self) -> list[SequenceOutput]:
@@ -473,7 +503,7 @@ class LLMEngine:
             sc.link.defer(sc.commit_entries(sched.seqs), [])
             self.num_steps += 1
         if not self.requests and self._inflight is None:
-            await self.scheduler.drain()
+            self._owe_drain()
         return outputs
 
     def _sample_guided(self, flight: InFlight) -> None:
@@ -505,7 +535,9 @@ class LLMEngine:
         landing = time.perf_counter()
         result = await self.runner.result(flight)
         outputs = await self._postprocess(flight.batch, result, commits or [])
-        self.step_times.land = time.perf_counter() - landing
+        times = self.step_times
+        times.landed = time.perf_counter()
+        times.land = times.landed - landing
         return outputs
 
     async def _postprocess(

@@ -362,7 +362,9 @@ class EngineLoop:
                 self._trace_step(outputs)
             if outputs:
                 self._route(outputs)
-            # Let gRPC write this step's messages and read new requests/aborts before the next.
+            # Let gRPC write this step's messages and read new requests/aborts before the next
+            # (after the step that ended the last request, the next one is the engine's
+            # settling with kvmanager: the last tokens are on their way before it).
             await asyncio.sleep(0)
 
     def _trace_step(self, outputs: list[SequenceOutput]) -> None:
@@ -371,6 +373,7 @@ class EngineLoop:
         if load is None:
             return  # (tracing needs the engine's step times)
         self.trace.first([o.request_id for o in outputs if o.token_ids])
+        self.trace.last([o.request_id for o in outputs if o.finish_reason])
         self.trace.step(
             load.step_times,
             time.perf_counter(),

@@ -7,12 +7,15 @@ flushed when full and at a clean exit. Times are
 host, so a client's send time and the executor's arrival time compare directly.
 
 Lines:
-  {"ev": "step", "t": start, "sched": s, "kv_wait": s, "launch": s, "land": s, "end": end,
-   "seqs": n, "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n,
+  {"ev": "step", "t": start, "sched": s, "kv_wait": s, "launch": s, "land": s, "landed": t,
+   "end": end, "seqs": n, "tokens": n, "prefill_seqs": n, "admitted": n, "waiting": n, "running": n, "outputs": n,
    "admitted_rids": [id, ...]}          (only on a step that admitted requests: the ones it did)
   {"ev": "arrive", "t": t, "rid": id}     the executor read the request
   {"ev": "first", "t": t, "rid": id}      its first output came out of a step (it is queued
                                            for the gateway's stream right after)
+  {"ev": "last", "t": t, "rid": id}       an output of it that ends a choice came out of a step
+`landed` is when the outputs the step returns had landed (0: it landed none): `end - landed`
+is what they waited for on the host before routing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class StepTimes:
     kv_wait: float = 0.0  # of which awaiting kvmanager (admission rounds, extends, settling)
     launch: float = 0.0  # batch build + launching the device work (eager prefill: the kernels)
     land: float = 0.0  # waiting for and post-processing the step that lands
+    landed: float = 0.0  # when that ended (perf_counter; 0: no step landed)
     num_seqs: int = 0
     num_tokens: int = 0
     num_prefill_seqs: int = 0
@@ -43,7 +47,7 @@ class StepTimes:
 
     def begin(self) -> None:
         self.start = time.perf_counter()
-        self.schedule = self.launch = self.land = self.kv_wait = 0.0
+        self.schedule = self.launch = self.land = self.kv_wait = self.landed = 0.0
         self.num_seqs = self.num_tokens = self.num_prefill_seqs = self.num_admitted = 0
         if self.admitted_rids:
             self.admitted_rids = []
@@ -82,6 +86,11 @@ class StepTrace:
                 self._seen.add(rid)
                 self._write({"ev": "first", "t": now, "rid": rid})
 
+    def last(self, rids: list[str]) -> None:
+        now = time.perf_counter()
+        for rid in rids:
+            self._write({"ev": "last", "t": now, "rid": rid})
+
     def step(self, times: StepTimes, end: float, waiting: int, running: int, outputs: int) -> None:
         record = {
             "ev": "step",
@@ -90,6 +99,7 @@ class StepTrace:
             "kv_wait": round(times.kv_wait, 6),
             "launch": round(times.launch, 6),
             "land": round(times.land, 6),
+            "landed": times.landed,
             "end": end,
             "seqs": times.num_seqs,
             "tokens": times.num_tokens,

@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.engine_api import FinishReason
 
 from tests.executor.engine_support import (
+    Run,
     assert_all_free_or_cached,
     blocks_in_use,
     greedy,
@@ -63,17 +65,53 @@ async def test_chunked_prefill_equals_transformers(smollm2_path: Path) -> None:
 
 
 async def test_prefix_hit_equals_cold(smollm2_path: Path) -> None:
+    """Request b comes right after a's last token, before the engine has told kvmanager that a
+    ended (the step that ends the last request returns its outputs first): b's admission call
+    carries a's commits and release, so b hits a's blocks in one round trip. Once b ends with
+    nothing after it, the next step() settles with kvmanager and the engine is idle."""
     engine = await make_engine(smollm2_path)
+    calls = _record_step_calls(engine)
+    ex = engine.allocator.manager.executors[engine.allocator.executor_id]
     first = _ids(smollm2_path, SYSTEM + "What is a prime number?")
     second = _ids(smollm2_path, SYSTEM + "Name a famous bridge.")
     engine.add_request("a", first, greedy(16))
-    await run_all(engine)
+    await _until_finished(engine, "a")
+    assert "a" in ex.seqs and engine.has_unfinished_requests()  # the release waits
     engine.add_request("b", second, greedy(16))
-    run = await run_all(engine)
+    run = await _until_finished(engine, "b")
     cached = {o.num_cached_tokens for o in run.outputs}
     assert len(cached) == 1 and cached.pop() >= 48, "the shared prefix must be served cached"
     assert run.tokens[("b", 0)] == hf_greedy(smollm2_path, tuple(second), 16)
+    released_a = [i for i, (releases, _) in enumerate(calls) if "a" in releases]
+    admitted_b = [i for i, (_, admits) in enumerate(calls) if "b" in admits]
+    assert released_a == admitted_b, calls  # one call: a's release, then b's admission
+    assert "b" in ex.seqs and engine.has_unfinished_requests()
+    assert await engine.step() == []  # no request comes: the owed release goes now
+    assert not engine.has_unfinished_requests()
     assert_all_free_or_cached(engine)
+
+
+def _record_step_calls(engine: LLMEngine) -> list[tuple[list[str], list[str]]]:
+    """(releases, admitted sequence ids) of every Step call the engine makes from now on."""
+    calls: list[tuple[list[str], list[str]]] = []
+    real = engine.allocator.step
+
+    async def step(commits, releases, extends, admits=None, budget=0, *, load=None):
+        calls.append((list(releases), [a.seq_id for a in admits or []]))
+        return await real(commits, releases, extends, admits, budget, load=load)
+
+    engine.allocator.step = step
+    return calls
+
+
+async def _until_finished(engine: LLMEngine, rid: str) -> Run:
+    """Steps until request `rid`'s final output, and not one step more."""
+    run = Run()
+    for _ in range(1000):
+        run.add(await engine.step())
+        if (rid, 0) in run.finish:
+            return run
+    raise AssertionError(f"{rid} did not finish")
 
 
 async def test_preemption_recompute_equals_transformers(smollm2_path: Path) -> None:
