@@ -74,7 +74,7 @@ def paged_attention(
 
 
 def paged_decode_attention(
-    q: torch.Tensor,
+    q: torch.Tensor,  # [B, Hq, D]: one query token per sequence
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -82,7 +82,23 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-    return paged_attention(
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
-    )
+    """Per sequence, one SDPA over its gathered context, as few ops as can be: this runs once per
+    layer per step, and at batch 1 its fixed costs are most of the attention's time.
+
+    A sequence's query heads sharing one KV head go in as that head's query rows
+    ([1, Hkv, group, D]): decode sees its whole context, so no mask, no GQA expansion, and the
+    output [1, Hkv, group, D] is already the row's [Hq, D] layout (no transpose copy)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    # (an int32 table indexes index_select as it is: no cast per layer)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size]
+        k = key_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        v = value_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        qb = q[b].reshape(1, num_kv_heads, group, head_dim).to(k.dtype)
+        ob = F.scaled_dot_product_attention(qb, k, v, scale=scale)
+        out[b].view(1, num_kv_heads, group, head_dim).copy_(ob)
+    return out
