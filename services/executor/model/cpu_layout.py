@@ -35,7 +35,9 @@ from torch import nn
 
 def wants_column_major(weight: torch.Tensor) -> bool:
     """A float32 [out, in] weight whose output is at least as wide as its input (the table)."""
-    return weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] >= weight.shape[1]
+    return (
+        weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] >= weight.shape[1]
+    )
 
 
 def to_column_major(weight: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from pagemesh.services.executor.model.cache import file_sha256
-from pagemesh.services.executor.model.cpu_layout import use_cpu_decode_layout
 from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.cpu_layout import use_cpu_decode_layout
 from pagemesh.services.executor.model.llama import STACKED_PARAMS, LlamaForCausalLM
 from pagemesh.services.executor.model.resolve import DEFAULT_MODEL, resolve_model
 from safetensors import safe_open
