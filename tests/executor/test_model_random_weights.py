@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from torch import nn
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.executor.model.rope import rope_inv_freq
+from torch import nn
 
 from tests.support.model import PagedRunner, PagedSequence
 
