@@ -73,8 +73,16 @@ def paged_attention(
     return out
 
 
+# Below this many gathered key elements per layer (all sequences), the decode attention runs on
+# one thread: waking the intra-op team costs more than it saves on so little work. Measured on the
+# 2-core VM (SmolLM2-135M's 3 KV heads x 64, batch 1, 2 threads against 1): 59 -> 46 us at 64
+# tokens, 100 -> 82 at 256, 142 -> 131 at 512, even at 1,024 (228 / 229) and 2 threads ahead at
+# 2,048 (382 against 440); under load from other processes 2 threads cost several times more.
+SERIAL_DECODE_ELEMENTS = 1 << 17
+
+
 def paged_decode_attention(
-    q: torch.Tensor,
+    q: torch.Tensor,  # [B, Hq, D]: one query token per sequence
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -82,7 +90,45 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-    return paged_attention(
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out
-    )
+    """Per sequence, one SDPA over its gathered context, as few ops as can be: this runs once per
+    layer per step, and at batch 1 its fixed costs are most of the attention's time.
+
+    A sequence's query heads sharing one KV head go in as that head's query rows
+    ([1, Hkv, group, D]): decode sees its whole context, so no mask, no GQA expansion, and the
+    output [1, Hkv, group, D] is already the row's [Hq, D] layout (no transpose copy)."""
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    if out is None:
+        out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    threads = torch.get_num_threads()
+    serial = threads > 1 and sum(lens) * num_kv_heads * head_dim <= SERIAL_DECODE_ELEMENTS
+    if serial:
+        torch.set_num_threads(1)  # (this thread's setting: the engine's worker thread on CPU)
+    try:
+        _decode_rows(q, key_cache, value_cache, block_tables, lens, scale, out)
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+    return out
+
+
+def _decode_rows(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    # (an int32 table indexes index_select as it is: no cast per layer)
+    for b, seq_len in enumerate(seq_lens):
+        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size]
+        k = key_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        v = value_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        qb = q[b].reshape(1, num_kv_heads, group, head_dim).to(k.dtype)
+        ob = F.scaled_dot_product_attention(qb, k, v, scale=scale)
+        out[b].view(1, num_kv_heads, group, head_dim).copy_(ob)

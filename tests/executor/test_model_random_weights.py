@@ -13,6 +13,7 @@ import torch
 import transformers
 from pagemesh.services.executor.model.loader import load_model
 from pagemesh.services.executor.model.rope import rope_inv_freq
+from torch import nn
 
 from tests.support.model import PagedRunner, PagedSequence
 
@@ -122,11 +123,31 @@ def test_logits_match_transformers(models) -> None:
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
 
     # 3. decode steps: one token per sequence (the decode kernel path)
-    for step in range(3):
+    for step in range(2):
         new = [[t[a + b + step]] for t, (a, b) in zip(tokens, lengths, strict=True)]
         logits = runner.step(seqs, new)
         expected = torch.stack([r[a + b + step] for r, (a, b) in zip(refs, lengths, strict=True)])
         torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+    # 4. one sequence alone: the batch-1 decode (matrix-vector products on the weights that
+    #    load_model stored column-major on CPU: model/cpu_layout.py)
+    last = sum(lengths[0]) + 2
+    logits = runner.step(seqs[:1], [[tokens[0][last]]])
+    torch.testing.assert_close(logits[0], refs[0][last], atol=2e-4, rtol=1e-4)
+
+
+def test_cpu_decode_layout(models) -> None:
+    """Column-major exactly where the output is at least as wide as the input; the embedding
+    only when it also computes the logits (tied)."""
+    _, ours, config = models
+    for name, module in ours.named_modules():
+        if isinstance(module, nn.Linear):
+            out_f, in_f = module.weight.shape
+            column_major = module.weight.stride() == (1, out_f)
+            assert column_major == (out_f >= in_f), name
+            assert module.weight.is_contiguous() == (not column_major), name
+    embed = ours.model.embed_tokens.weight
+    assert embed.is_contiguous() == (not config.tie_word_embeddings)
 
 
 def test_rope_frequencies_equal_transformers(models) -> None:

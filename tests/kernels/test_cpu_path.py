@@ -44,12 +44,16 @@ def test_cpu_attention_matches_reference(group: int, dtype: torch.dtype, tol: fl
     assert _rel(out, ref) < tol
 
 
-def test_cpu_decode_matches_reference() -> None:
-    ctx_lens = [1, 15, 16, 17, 100]
-    q, kc, vc, tables, seq_lens, _ = _setup(ctx_lens, [1] * 5, 8, 2, 64, torch.float32, 7)
+# Short contexts run on one thread (cpu.SERIAL_DECODE_ELEMENTS), long ones on the team: both.
+@pytest.mark.parametrize("ctx_lens", [[1, 15, 16, 17, 100], [3, 1100]])
+def test_cpu_decode_matches_reference(ctx_lens: list[int]) -> None:
+    b = len(ctx_lens)
+    q, kc, vc, tables, seq_lens, _ = _setup(ctx_lens, [1] * b, 8, 2, 64, torch.float32, 7)
     ref = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125)
     out = torch.full_like(q, float("nan"))
+    threads = torch.get_num_threads()
     cpu.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, out=out)
+    assert torch.get_num_threads() == threads, "the caller's thread count is restored"
     assert _rel(out, ref) < 1e-5
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pagemesh.services.executor.model.cache import file_sha256
 from pagemesh.services.executor.model.config import ModelConfig
+from pagemesh.services.executor.model.cpu_layout import use_cpu_decode_layout
 from pagemesh.services.executor.model.llama import STACKED_PARAMS, LlamaForCausalLM
 from pagemesh.services.executor.model.resolve import DEFAULT_MODEL, resolve_model
 from safetensors import safe_open
@@ -44,6 +45,8 @@ def load_model(
     model.init_non_persistent_buffers()
     _load_weights(model, path, device)
     model.eval().requires_grad_(False)
+    if device.type == "cpu":
+        use_cpu_decode_layout(model)  # batch-1 decode streams its weights ~1.4x faster
     log.info(
         "loaded %s (%s, %.1fM params, %s on %s) in %.1f s",
         path.name,
