@@ -51,6 +51,18 @@ async def ours_time(engine: LLMEngine, ids: list[int], n: int, tag: str) -> floa
     return time.perf_counter() - start
 
 
+async def cpu_engine(path, model, config) -> LLMEngine:
+    """The engine both CPU benchmarks time: in-process allocator, float32 on the CPU."""
+    engine = LLMEngine(
+        EngineConfig(model=str(path), device="cpu", num_blocks=1024),
+        LocalAllocator(),
+        model=model,
+        model_config=config,
+    )
+    await engine.start()
+    return engine
+
+
 def decode_rate(t_n: list[float], t_1: list[float], n: int) -> float:
     return (n - 1) / (statistics.median(t_n) - statistics.median(t_1))
 
@@ -70,14 +82,7 @@ async def main() -> None:
     n = args.tokens
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model, config = load_model(path, "cpu", torch.float32)
-    engine = LLMEngine(
-        EngineConfig(model=str(path), device="cpu", num_blocks=1024),
-        LocalAllocator(),
-        model=model,
-        model_config=config,
-    )
-    await engine.start()
+    engine = await cpu_engine(path, *load_model(path, "cpu", torch.float32))
     hf_ids = torch.tensor([ids])
     # Warm-up both, then interleave the timed runs so that load on the machine hits both alike.
     hf_time(hf, hf_ids, 4)

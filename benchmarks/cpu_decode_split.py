@@ -35,16 +35,13 @@ from typing import Any
 
 import _repo  # noqa: F401  (first: the checkout's benchmarks/ and tests/ by name)
 import torch
-from pagemesh.services.executor.config import EngineConfig
-from pagemesh.services.executor.engine import LLMEngine
 from pagemesh.services.executor.engine_api import SamplingParams
 from pagemesh.services.executor.model.loader import DEFAULT_MODEL, load_model, resolve_model
-from pagemesh.services.kvmanager.local import LocalAllocator
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.cpu_decode_bench import PROMPT
+from benchmarks.cpu_decode_bench import PROMPT, cpu_engine
 from benchmarks.step_profile import InlineExecutor
 
 
@@ -147,13 +144,7 @@ async def pagemesh_side(path: Any, ids: list[int], steps: int) -> dict:
         "lm_head", llama.LlamaForCausalLM.compute_logits
     )
     label_linears(model, config.vocab_size)
-    engine = LLMEngine(
-        EngineConfig(model=str(path), device="cpu", num_blocks=1024),
-        LocalAllocator(),
-        model=model,
-        model_config=config,
-    )
-    await engine.start()
+    engine = await cpu_engine(path, model, config)
     runner = engine.runner
     runner._worker = InlineExecutor()
     runner._forward = labelled("forward", runner._forward)  # type: ignore[method-assign]

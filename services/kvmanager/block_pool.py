@@ -265,14 +265,7 @@ class BlockPool:
             return 0
         n = len(picked)
         now = time.time()
-        k = n if n <= len(host_free) else len(host_free)
-        popleft = host_free.popleft
-        targets = [popleft() for _ in range(k)]
-        if n > k:
-            popitem = host_cached.popitem
-            dropped = [popitem(last=False)[0] for _ in range(n - k)]
-            self._host_drop_many(dropped, now)
-            targets += dropped
+        targets = self._take_host_blocks(n, now)
         hashes, host_hash, host_birth = self.hash, self.host_hash, self.host_birth
         for b, hb in zip(picked, targets, strict=True):
             host_hash[hb] = hashes[b]
@@ -284,6 +277,20 @@ class BlockPool:
         if self.events is not None:
             self.events.append((HOST_BLOCKS, targets))
         return n
+
+    def _take_host_blocks(self, n: int, now: float) -> list[int]:
+        """`n` host blocks to copy into (n <= free + cached): free ones first, then the host
+        LRU's oldest, whose hashes are dropped."""
+        host_free = self.host_free
+        k = n if n <= len(host_free) else len(host_free)
+        popleft = host_free.popleft
+        targets = [popleft() for _ in range(k)]
+        if n > k:
+            popitem = self.host_cached.popitem
+            dropped = [popitem(last=False)[0] for _ in range(n - k)]
+            self._host_drop_many(dropped, now)
+            targets += dropped
+        return targets
 
     def _free_copies(self, blocks: list[int]) -> None:
         """The host copies of `blocks` (those that have one) are freed."""
@@ -311,17 +318,9 @@ class BlockPool:
         room = len(host_free) + len(host_cached)
         if len(blocks) > room:
             blocks, hashes = blocks[len(blocks) - room :], hashes[len(hashes) - room :]
-        n = len(blocks)
-        if not n:
+        if not blocks:
             return
-        k = n if n <= len(host_free) else len(host_free)
-        popleft = host_free.popleft
-        targets = [popleft() for _ in range(k)]
-        if n > k:
-            popitem = host_cached.popitem
-            dropped = [popitem(last=False)[0] for _ in range(n - k)]
-            self._host_drop_many(dropped, now)
-            targets += dropped
+        targets = self._take_host_blocks(len(blocks), now)
         host_hash, host_index = self.host_hash, self.host_index
         host_birth, host_stamp = self.host_birth, self.host_stamp
         stamp = self.next_stamp
@@ -334,7 +333,7 @@ class BlockPool:
             host_cached[hb] = None  # most recently used end
         self.next_stamp = stamp
         self.spills.extend(zip(blocks, targets, strict=True))
-        self.num_spills += n
+        self.num_spills += len(blocks)
         if self.events is not None:
             self.events.append((HOST_BLOCKS, targets))
 

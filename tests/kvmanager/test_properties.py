@@ -41,14 +41,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.m = Manager(track_changes=True)
-        self.epoch = self.m.register(
-            EX,
-            self.num_blocks,
-            BS,
-            "fp",
-            num_host_blocks=self.host_blocks,
-            kv_block_bytes=self.kv_block_bytes,
-        )
+        self.epoch = self._register()
         self.tokens: dict[str, list[int]] = {}  # written tokens of each live sequence
         self.salt: dict[str, str] = {}
         # The executor's memory: GPU block -> the full-prefix contents written into it (salt,
@@ -67,6 +60,16 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.commit_seq("w")
         self.m.release(EX, self.epoch, ["w"])
         del self.tokens["w"]
+
+    def _register(self) -> int:
+        return self.m.register(
+            EX,
+            self.num_blocks,
+            BS,
+            "fp",
+            num_host_blocks=self.host_blocks,
+            kv_block_bytes=self.kv_block_bytes,
+        )
 
     @property
     def ex(self):
@@ -204,14 +207,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule()
     def reregister(self) -> None:
-        self.epoch = self.m.register(
-            EX,
-            self.num_blocks,
-            BS,
-            "fp",
-            num_host_blocks=self.host_blocks,
-            kv_block_bytes=self.kv_block_bytes,
-        )
+        self.epoch = self._register()
         self.tokens.clear()
         self.content.clear()
         self.host_content.clear()
