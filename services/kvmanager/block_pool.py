@@ -64,6 +64,39 @@ from pagemesh.services.kvmanager.events import (
 )
 
 
+def _free_then_oldest(
+    free: deque[int], lru: OrderedDict[int, None], n: int
+) -> tuple[list[int], list[int]]:
+    """`n` blocks of one tier (n <= free + lru): free ones first, then the LRU's oldest, popped;
+    returns (the free ones, the LRU's), for the caller to drop the latter's hashes."""
+    k = n if n <= len(free) else len(free)
+    popleft = free.popleft
+    taken = [popleft() for _ in range(k)]
+    popitem = lru.popitem
+    return taken, [popitem(last=False)[0] for _ in range(n - k)]
+
+
+def _unhash(
+    blocks: list[int],
+    hashes: list[bytes | None],
+    index: dict[bytes, int],
+    birth: list[float],
+    now: float,
+) -> tuple[list[bytes], list[float]]:
+    """Blocks of one tier lose their hashes (out of `hashes` and the tier's `index`); returns
+    the hashes and the blocks' ages (seconds since `birth`), in the blocks' order."""
+    removed: list[bytes] = []
+    ages: list[float] = []
+    for b in blocks:
+        h = hashes[b]
+        assert h is not None and index[h] == b
+        del index[h]
+        hashes[b] = None
+        removed.append(h)
+        ages.append(now - birth[b])
+    return removed, ages
+
+
 @dataclass(slots=True)
 class BlockPool:
     num_blocks: int
@@ -172,13 +205,8 @@ class BlockPool:
 
     def take_many(self, n: int) -> list[int]:
         """`n` x take(), same blocks in the same order, without a call per block."""
-        free = self.free
-        k = n if n <= len(free) else len(free)
-        popleft = free.popleft
-        out = [popleft() for _ in range(k)]
-        if n > k:
-            popitem = self.cached.popitem
-            evicted = [popitem(last=False)[0] for _ in range(n - k)]
+        out, evicted = _free_then_oldest(self.free, self.cached, n)
+        if evicted:
             self._evict_many(evicted)
             out += evicted
         ref = self.ref
@@ -193,17 +221,8 @@ class BlockPool:
         to the host tier. One pass and one stats call for the lot: an allocation of a long
         prompt evicts hundreds of blocks on the executor's critical path (issue 26: per-block
         stats calls were most of a restored turn's admission time)."""
-        hashes, index, birth = self.hash, self.index, self.birth
         now = time.time()
-        evicted: list[bytes] = []
-        ages: list[float] = []
-        for b in blocks:
-            h = hashes[b]
-            assert h is not None and index[h] == b
-            del index[h]
-            hashes[b] = None
-            evicted.append(h)
-            ages.append(now - birth[b])
+        evicted, ages = _unhash(blocks, self.hash, self.index, self.birth, now)
         self.evictions += len(blocks)
         if self.on_evict is not None:
             self.on_evict(ages)
@@ -281,13 +300,8 @@ class BlockPool:
     def _take_host_blocks(self, n: int, now: float) -> list[int]:
         """`n` host blocks to copy into (n <= free + cached): free ones first, then the host
         LRU's oldest, whose hashes are dropped."""
-        host_free = self.host_free
-        k = n if n <= len(host_free) else len(host_free)
-        popleft = host_free.popleft
-        targets = [popleft() for _ in range(k)]
-        if n > k:
-            popitem = self.host_cached.popitem
-            dropped = [popitem(last=False)[0] for _ in range(n - k)]
+        targets, dropped = _free_then_oldest(self.host_free, self.host_cached, n)
+        if dropped:
             self._host_drop_many(dropped, now)
             targets += dropped
         return targets
@@ -339,14 +353,7 @@ class BlockPool:
 
     def _host_drop_many(self, host_blocks: list[int], now: float) -> None:
         """Host blocks just taken off the host LRU lose their hashes."""
-        host_hash, host_index, host_birth = self.host_hash, self.host_index, self.host_birth
-        ages: list[float] = []
-        for hb in host_blocks:
-            h = host_hash[hb]
-            assert h is not None and host_index[h] == hb
-            del host_index[h]
-            host_hash[hb] = None
-            ages.append(now - host_birth[hb])
+        _, ages = _unhash(host_blocks, self.host_hash, self.host_index, self.host_birth, now)
         self.host_drops += len(host_blocks)
         if self.on_host_drop is not None:
             self.on_host_drop(ages)
